@@ -1,0 +1,74 @@
+import pytest
+import yaml
+
+from tq_vllm.config import CONFIG_DIR, ConfigError, TurboQuantConfig, load_config
+
+PRESETS = ["k4v4", "k3v3", "k4v3", "k2v2"]
+
+
+def test_default_and_presets_load():
+    assert (CONFIG_DIR / "default.yaml").is_file()
+    for name in PRESETS:
+        cfg = load_config({"turboquant": {"config": name}})
+        assert f"k{cfg.key_bits}v{cfg.value_bits}" == name
+
+
+def test_sources_override_in_order(tmp_path, monkeypatch):
+    env_file = tmp_path / "env.yaml"
+    env_file.write_text("key_bits: 2\nvalue_bits: 2\nseed: 5\n")
+    monkeypatch.setenv("TQ_VLLM_CONFIG", str(env_file))
+    cfg = load_config({"turboquant": {"config": str(CONFIG_DIR / "k4v4.yaml"), "value_bits": 3}})
+    assert (cfg.key_bits, cfg.value_bits) == (4, 3)
+    assert cfg.seed == 0  # k4v4.yaml sets it, after the environment's file
+    assert load_config().seed == 5
+
+
+def test_layer_overrides_and_padding():
+    cfg = TurboQuantConfig(
+        key_bits=3,
+        value_bits=3,
+        keep_first_layers=1,
+        keep_last_layers=1,
+        keep_key_bits=4,
+        keep_value_bits=4,
+        layers={5: {"value_bits": 2}},
+    )
+    bits = [cfg.layer_bits(i, 30) for i in range(30)]
+    assert (bits[0].key_bits, bits[29].value_bits, bits[1].key_bits) == (4, 4, 3)
+    assert bits[5].value_bits == 2
+    layouts = cfg.layouts(64, 30)
+    assert {layout.record_bytes for layout in layouts} == {68}
+    assert layouts[1].size == 52
+    assert "padded from 52 to 68" in cfg.describe(64, 30)
+    assert TurboQuantConfig(layers={-1: {"key_bits": 8}}).layer_bits(29, 30).key_bits == 8
+
+
+@pytest.mark.parametrize(
+    "inline,field",
+    [
+        ({"key_bits": 9}, "key_bits"),
+        ({"value_bits": 0}, "value_bits"),
+        ({"key_mode": "exact"}, "key_mode"),
+        ({"keybits": 3}, "keybits"),
+        ({"layers": {"3": {"bits": 2}}}, "bits"),
+        ({"layers": {"x": {"key_bits": 2}}}, "'x'"),
+        ({"seed": -3}, "seed"),
+        ({"key_mode": "prod", "key_bits": 1}, "key_bits"),
+        ({"config": "/nonexistent/file.yaml"}, "config"),
+    ],
+)
+def test_bad_configs_name_the_field(inline, field):
+    with pytest.raises(ConfigError, match=field):
+        load_config({"turboquant": inline})
+
+
+def test_bad_yaml_and_layer_range(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("key_bits: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config({"turboquant": {"config": str(bad)}})
+    bad.write_text(yaml.safe_dump([1, 2]))
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config({"turboquant": {"config": str(bad)}})
+    with pytest.raises(ConfigError, match=r"layers\[40\]"):
+        TurboQuantConfig(layers={40: {"key_bits": 2}}).layouts(64, 30)

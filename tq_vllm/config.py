@@ -1,0 +1,219 @@
+"""Per-deployment TurboQuant config: which bits each layer's keys and values get.
+
+Sources, later ones overriding earlier ones key by key:
+  1. configs/default.yaml (the recommended config),
+  2. the file named by the environment variable TQ_VLLM_CONFIG,
+  3. --additional-config '{"turboquant": {"config": "<file or preset name>", ...inline keys}}'.
+
+Fields (all optional):
+  key_bits, value_bits   bits per coordinate, 1..8
+  key_mode               "mse" (all bits to the Lloyd-Max stage) or "prod" (one bit to QJL)
+  seed                   rotation / QJL seed; every process derives identical matrices from it
+  keep_first_layers, keep_last_layers, keep_key_bits, keep_value_bits
+                         the first / last N attention layers use keep_*_bits instead
+  layers                 per-layer overrides {layer_index: {key_bits, value_bits, key_mode}};
+                         negative indices count from the end
+
+One KV-cache group has one page size, so every layer's record is padded to the largest
+layer's record: higher precision on a few layers costs bytes on all of them (the log says how
+many). To store a layer in the model dtype instead, use vLLM's --kv-cache-dtype-skip-layers.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tq_vllm.centroids import MIN_HEAD_DIM, check_bits
+from tq_vllm.layout import RecordLayout
+from tq_vllm.quantizer import MODES
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+ENV_VAR = "TQ_VLLM_CONFIG"
+LAYER_FIELDS = ("key_bits", "value_bits", "key_mode")
+
+
+class ConfigError(ValueError):
+    """A TurboQuant config that cannot be used; the message names the field."""
+
+
+@dataclass(frozen=True)
+class LayerBits:
+    key_bits: int
+    value_bits: int
+    key_mode: str
+
+    def layout(self, head_dim: int) -> RecordLayout:
+        return RecordLayout(head_dim, self.key_bits, self.key_mode, self.value_bits)
+
+
+@dataclass(frozen=True)
+class TurboQuantConfig:
+    key_bits: int = 3
+    value_bits: int = 3
+    key_mode: str = "mse"
+    seed: int = 0
+    keep_first_layers: int = 0
+    keep_last_layers: int = 0
+    keep_key_bits: int = 8
+    keep_value_bits: int = 8
+    layers: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
+    source: str = "defaults"
+
+    def __post_init__(self) -> None:
+        for name in ("key_bits", "value_bits", "keep_key_bits", "keep_value_bits"):
+            _check_bits_field(getattr(self, name), name)
+        _check_mode_field(self.key_mode, "key_mode")
+        if self.key_mode == "prod" and self.key_bits < 2:
+            raise ConfigError("key_bits must be >= 2 with key_mode 'prod' (one bit goes to QJL)")
+        for name in ("seed", "keep_first_layers", "keep_last_layers"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ConfigError(f"{name} must be a non-negative integer, got {value!r}")
+        if not isinstance(self.layers, Mapping):
+            raise ConfigError(
+                f"layers must be a mapping of layer index to fields, got {self.layers!r}"
+            )
+        for index, override in self.layers.items():
+            where = f"layers[{index!r}]"
+            if isinstance(index, bool) or not isinstance(index, int):
+                raise ConfigError(f"{where}: layer index must be an integer")
+            if not isinstance(override, Mapping):
+                raise ConfigError(f"{where} must be a mapping, got {override!r}")
+            for key, value in override.items():
+                if key not in LAYER_FIELDS:
+                    raise ConfigError(f"{where}.{key}: unknown field (known: {LAYER_FIELDS})")
+                if key == "key_mode":
+                    _check_mode_field(value, f"{where}.key_mode")
+                else:
+                    _check_bits_field(value, f"{where}.{key}")
+
+    def layer_bits(self, layer: int, num_layers: int) -> LayerBits:
+        """Bits of attention layer `layer` (0-based) in a model with num_layers of them."""
+        bits = LayerBits(self.key_bits, self.value_bits, self.key_mode)
+        if layer < self.keep_first_layers or layer >= num_layers - self.keep_last_layers:
+            bits = replace(bits, key_bits=self.keep_key_bits, value_bits=self.keep_value_bits)
+        for index, override in self.layers.items():
+            if index % num_layers == layer and -num_layers <= index < num_layers:
+                bits = replace(bits, **override)
+        if bits.key_mode == "prod" and bits.key_bits < 2:
+            raise ConfigError(f"layer {layer}: key_bits must be >= 2 with key_mode 'prod'")
+        return bits
+
+    def layouts(self, head_dim: int, num_layers: int) -> list[RecordLayout]:
+        """Every layer's record layout, padded to one common record size."""
+        if head_dim < MIN_HEAD_DIM:
+            raise ConfigError(f"head_dim {head_dim} is below the supported minimum {MIN_HEAD_DIM}")
+        for index in self.layers:
+            if not -num_layers <= index < num_layers:
+                raise ConfigError(f"layers[{index}]: the model has {num_layers} attention layers")
+        raw = [self.layer_bits(i, num_layers).layout(head_dim) for i in range(num_layers)]
+        size = max(layout.size for layout in raw)
+        return [layout.padded(size) for layout in raw]
+
+    def describe(self, head_dim: int, num_layers: int, model_bytes_per_value: int = 2) -> str:
+        layouts = self.layouts(head_dim, num_layers)
+        record = layouts[0].record_bytes
+        base = LayerBits(self.key_bits, self.value_bits, self.key_mode).layout(head_dim)
+        text = (
+            f"TurboQuant KV cache ({self.source}): K{self.key_bits} ({self.key_mode}) "
+            f"V{self.value_bits}, seed {self.seed}, head_dim {head_dim}: {record} bytes per "
+            f"token per KV head (model dtype: {2 * head_dim * model_bytes_per_value}), "
+            f"{layouts[0].compression_ratio(model_bytes_per_value):.2f}x"
+        )
+        if record > base.size:
+            text += (
+                f"; records padded from {base.size} to {record} bytes for the "
+                "higher-precision layers"
+            )
+        return text
+
+
+def _check_bits_field(value: Any, name: str) -> None:
+    try:
+        check_bits(value, name)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _check_mode_field(value: Any, name: str) -> None:
+    if value not in MODES:
+        raise ConfigError(f"{name} must be one of {MODES}, got {value!r}")
+
+
+def resolve_config_path(name: str) -> Path:
+    """A file path, or the name of a preset in configs/ (with or without .yaml)."""
+    path = Path(name).expanduser()
+    if path.is_file():
+        return path
+    for candidate in (CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise ConfigError(f"config: cannot read {name!r} (no such file, and no preset of that name)")
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as err:
+        raise ConfigError(f"config: cannot read {str(path)!r}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config: {str(path)!r} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: {str(path)!r} must hold a mapping of fields")
+    return data
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any], source: str) -> dict[str, Any]:
+    known = {f.name for f in fields(TurboQuantConfig)} - {"source"}
+    for key in extra:
+        if key not in known:
+            raise ConfigError(f"{source}: unknown field {key!r} (known: {sorted(known)})")
+    merged = {**base, **extra}
+    if "layers" in extra:
+        merged["layers"] = {**base.get("layers", {}), **_layer_keys(extra["layers"], source)}
+    return merged
+
+
+def _layer_keys(layers: Any, source: str) -> dict[int, Any]:
+    if not isinstance(layers, Mapping):
+        raise ConfigError(f"{source}: layers must be a mapping of layer index to fields")
+    out = {}
+    for key, value in layers.items():
+        try:
+            out[int(key)] = value
+        except (TypeError, ValueError):
+            raise ConfigError(f"{source}: layers key {key!r} is not a layer index") from None
+    return out
+
+
+def load_config(additional_config: Mapping[str, Any] | None = None) -> TurboQuantConfig:
+    """The effective config from the default, TQ_VLLM_CONFIG and vLLM's additional_config."""
+    sources = ["default"]
+    data = _merge({}, read_config_file(CONFIG_DIR / "default.yaml"), "configs/default.yaml")
+    env_path = os.environ.get(ENV_VAR)
+    if env_path:
+        path = resolve_config_path(env_path)
+        data = _merge(data, read_config_file(path), f"{ENV_VAR}={env_path}")
+        sources.append(str(path))
+    section = (additional_config or {}).get("turboquant")
+    if section is not None:
+        if not isinstance(section, Mapping):
+            raise ConfigError("additional_config.turboquant must be a mapping")
+        section = dict(section)
+        if "config" in section:
+            path = resolve_config_path(str(section.pop("config")))
+            data = _merge(data, read_config_file(path), str(path))
+            sources.append(str(path))
+        if section:
+            data = _merge(data, section, "additional_config.turboquant")
+            sources.append("inline")
+    data["layers"] = _layer_keys(data.get("layers", {}), "config")
+    return TurboQuantConfig(**data, source=" + ".join(sources))

@@ -1,0 +1,138 @@
+"""The per-token, per-KV-head record stored in vLLM's paged blocks. The byte layout lives here.
+
+vLLM gives each layer a uint8 tensor [num_blocks, num_kv_heads, block_size, record_bytes]. One
+record, byte offsets from its start (all fields little-endian, no alignment needed):
+
+    0                      key norm, float16
+    2                      key residual norm, float16              (prod mode only)
+    value_norm             value norm, float16
+    key_indices            key indices, ceil(d * key_index_bits / 8) bytes, packed (packing.py)
+    key_signs              QJL sign bits of the key residual, ceil(d / 8) bytes (prod mode only)
+    value_indices          value indices, ceil(d * value_bits / 8) bytes, packed
+    size                   end of the used bytes; the record may be padded up to `padded_size`
+                           so that every layer in one KV-cache group has the same page size
+
+Norms come first so that a kernel finds them at fixed offsets whatever the bit widths are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tq_vllm.packing import packed_bytes
+from tq_vllm.quantizer import TurboCodes
+
+
+@dataclass(frozen=True)
+class RecordLayout:
+    head_dim: int
+    key_bits: int
+    key_mode: str
+    value_bits: int
+    padded_size: int = 0  # 0: no padding
+
+    @property
+    def key_index_bits(self) -> int:
+        return self.key_bits if self.key_mode == "mse" else self.key_bits - 1
+
+    @property
+    def prod(self) -> bool:
+        return self.key_mode == "prod"
+
+    @property
+    def key_norm(self) -> int:
+        return 0
+
+    @property
+    def key_residual_norm(self) -> int:
+        return 2  # meaningful in prod mode only
+
+    @property
+    def value_norm(self) -> int:
+        return 4 if self.prod else 2
+
+    @property
+    def key_indices(self) -> int:
+        return self.value_norm + 2
+
+    @property
+    def key_index_bytes(self) -> int:
+        return packed_bytes(self.head_dim, self.key_index_bits)
+
+    @property
+    def key_signs(self) -> int:
+        return self.key_indices + self.key_index_bytes
+
+    @property
+    def key_sign_bytes(self) -> int:
+        return packed_bytes(self.head_dim, 1) if self.prod else 0
+
+    @property
+    def value_indices(self) -> int:
+        return self.key_signs + self.key_sign_bytes
+
+    @property
+    def value_index_bytes(self) -> int:
+        return packed_bytes(self.head_dim, self.value_bits)
+
+    @property
+    def size(self) -> int:
+        """Bytes the record uses."""
+        return self.value_indices + self.value_index_bytes
+
+    @property
+    def record_bytes(self) -> int:
+        """Bytes the record occupies in the paged cache (padding included)."""
+        return max(self.size, self.padded_size)
+
+    def padded(self, record_bytes: int) -> RecordLayout:
+        if record_bytes < self.size:
+            raise ValueError(f"cannot pad a {self.size}-byte record to {record_bytes} bytes")
+        return RecordLayout(
+            self.head_dim, self.key_bits, self.key_mode, self.value_bits, record_bytes
+        )
+
+    def compression_ratio(self, model_bytes_per_value: int = 2) -> float:
+        """Bytes of K and V in the model dtype over the record's bytes (padding included)."""
+        return 2 * self.head_dim * model_bytes_per_value / self.record_bytes
+
+
+def _put_fp16(out: torch.Tensor, offset: int, value: torch.Tensor) -> None:
+    out[..., offset : offset + 2] = (
+        value.to(torch.float16).contiguous().view(torch.uint8).view(*value.shape, 2)
+    )
+
+
+def _get_fp16(records: torch.Tensor, offset: int) -> torch.Tensor:
+    return records[..., offset : offset + 2].contiguous().view(torch.float16).squeeze(-1)
+
+
+def encode_records(layout: RecordLayout, key: TurboCodes, value: TurboCodes) -> torch.Tensor:
+    """Key and value codes of the same leading shape [...] -> records uint8 [..., record_bytes]."""
+    out = torch.zeros(*key.shape, layout.record_bytes, dtype=torch.uint8, device=key.norms.device)
+    _put_fp16(out, layout.key_norm, key.norms)
+    if layout.prod:
+        _put_fp16(out, layout.key_residual_norm, key.residual_norms)
+        out[..., layout.key_signs : layout.value_indices] = key.signs
+    _put_fp16(out, layout.value_norm, value.norms)
+    out[..., layout.key_indices : layout.key_signs] = key.indices
+    out[..., layout.value_indices : layout.size] = value.indices
+    return out
+
+
+def decode_records(layout: RecordLayout, records: torch.Tensor) -> tuple[TurboCodes, TurboCodes]:
+    """records uint8 [..., >= size] -> (key codes, value codes)."""
+    key = TurboCodes(
+        indices=records[..., layout.key_indices : layout.key_signs],
+        norms=_get_fp16(records, layout.key_norm),
+    )
+    if layout.prod:
+        key.residual_norms = _get_fp16(records, layout.key_residual_norm)
+        key.signs = records[..., layout.key_signs : layout.value_indices]
+    value = TurboCodes(
+        indices=records[..., layout.value_indices : layout.size],
+        norms=_get_fp16(records, layout.value_norm),
+    )
+    return key, value
