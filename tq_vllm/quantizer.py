@@ -125,9 +125,13 @@ class TurboQuantizer:
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         return x @ self.rotation.T
 
-    def quantize(self, x: torch.Tensor) -> TurboCodes:
-        """Codes for x [..., head_dim]."""
-        x = self._check_vectors(x, "x")
+    def quantize(self, x: torch.Tensor, check: bool = True) -> TurboCodes:
+        """Codes for x [..., head_dim].
+
+        check=False skips the input checks (the serving path: a non-finite vector then only
+        spoils its own code, which holds a NaN/inf norm).
+        """
+        x = self._check_vectors(x, "x") if check else x.float()
         y = self.rotate(x)
         norms = to_fp16_norm(torch.linalg.vector_norm(x, dim=-1))
         u = y / torch.linalg.vector_norm(y, dim=-1, keepdim=True).clamp_min(1e-30)
@@ -139,6 +143,14 @@ class TurboQuantizer:
             codes.signs = pack_signs(residual @ self.qjl.T)
             codes.residual_norms = to_fp16_norm(torch.linalg.vector_norm(residual, dim=-1))
         return codes
+
+    def dequantize_rotated(self, codes: TurboCodes) -> torch.Tensor:
+        """R x_hat: the reconstruction in the rotated domain, float32 [..., head_dim]."""
+        y = self._mse_rotated(codes)
+        if self.mode == "prod":
+            signs = unpack_signs(codes.signs.to(self.rotation.device), self.head_dim)
+            y = y + self._qjl_scale(codes).unsqueeze(-1) * (signs @ self.qjl)
+        return y
 
     def _mse_rotated(self, codes: TurboCodes) -> torch.Tensor:
         """n c[idx] in the rotated domain, float32 [..., head_dim]."""
@@ -153,11 +165,7 @@ class TurboQuantizer:
 
     def dequantize(self, codes: TurboCodes) -> torch.Tensor:
         """Reconstruction [..., head_dim] in self.dtype (unbiased in prod mode)."""
-        y = self._mse_rotated(codes)
-        if self.mode == "prod":
-            signs = unpack_signs(codes.signs.to(self.rotation.device), self.head_dim)
-            y = y + self._qjl_scale(codes).unsqueeze(-1) * (signs @ self.qjl)
-        return (y @ self.rotation).to(self.dtype)
+        return (self.dequantize_rotated(codes) @ self.rotation).to(self.dtype)
 
     def inner_product(self, q: torch.Tensor, codes: TurboCodes) -> torch.Tensor:
         """Estimated <q_i, x_j>: [num_queries, num_vectors] for q [num_queries, head_dim]."""

@@ -1,0 +1,97 @@
+"""PyTorch attention over the compressed paged cache: the reference for the Triton kernels
+and the CPU serving path (same contracts).
+
+Layout conventions (vLLM's): query head h reads KV head h // (Hq // Hk); block_table[b, i] is
+the i-th block of sequence b; a sequence's token j sits at block_table[b, j // BS], offset
+j % BS. Attention runs in the rotated domain (codec.py) and is rotated back once per output.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from tq_vllm.codec import LayerCodec
+
+
+def gather_context(
+    kv_cache: torch.Tensor, block_row: torch.Tensor, length: int, codec: LayerCodec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `length` cached tokens of one sequence: (R k_hat, R v_hat) [Hk, length, d]."""
+    block_size = kv_cache.shape[2]
+    num_blocks = (length + block_size - 1) // block_size
+    blocks = kv_cache[block_row[:num_blocks].long()]  # [n, Hk, BS, C]
+    records = blocks.transpose(0, 1).reshape(kv_cache.shape[1], -1, kv_cache.shape[3])
+    return codec.decode_rotated(records[:, :length])
+
+
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: int, scale: float
+) -> torch.Tensor:
+    """q [Hq, L, d] over k, v [Hk, S, d], S = context + L, causal after the context."""
+    groups = q.shape[0] // k.shape[0]
+    if groups > 1:
+        k, v = k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0)
+    length, total = q.shape[1], k.shape[1]
+    mask = None
+    if length > 1:
+        rows = torch.arange(length, device=q.device).unsqueeze(1) + (total - length)
+        mask = torch.arange(total, device=q.device) <= rows
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+def context_attention_reference(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    codec: LayerCodec,
+    scale: float,
+) -> torch.Tensor:
+    """Attention of query [T, Hq, d] for a batch of sequences with new tokens.
+
+    Sequence b owns query rows query_start_loc[b]:query_start_loc[b+1] (q_len of them): its
+    tokens at positions seq_lens[b] - q_len .. seq_lens[b] - 1. Earlier tokens (the context:
+    chunked prefill, prefix-cache hits, decode history) are read from kv_cache; the new ones
+    from key/value [T, Hk, d] in full precision. Causal. Returns [T, Hq, d] in query's dtype.
+    """
+    out = torch.empty_like(query)
+    starts = query_start_loc.tolist()
+    lens = seq_lens.tolist()
+    for b, total in enumerate(lens):
+        lo, hi = starts[b], starts[b + 1]
+        if hi == lo:
+            continue
+        context = total - (hi - lo)
+        q = query[lo:hi].transpose(0, 1)  # [Hq, L, d]
+        k, v = key[lo:hi].transpose(0, 1), value[lo:hi].transpose(0, 1)
+        if context == 0:  # a fresh prefill: nothing compressed to read, no rotation needed
+            out[lo:hi] = _attend(q, k, v, 0, scale).transpose(0, 1).to(out.dtype)
+            continue
+        k_ctx, v_ctx = gather_context(kv_cache, block_table[b], context, codec)
+        k = torch.cat([k_ctx, codec.rotate(k)], dim=1)
+        v = torch.cat([v_ctx, codec.rotate(v)], dim=1)
+        o = _attend(codec.rotate(q), k, v, context, scale)
+        out[lo:hi] = codec.unrotate(o).transpose(0, 1).to(out.dtype)
+    return out
+
+
+def decode_attention_reference(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    codec: LayerCodec,
+    scale: float,
+) -> torch.Tensor:
+    """One query per sequence, query [B, Hq, d], over all seq_lens[b] cached tokens (the new
+    token already stored). Returns [B, Hq, d] in query's dtype."""
+    out = torch.empty_like(query)
+    for b, total in enumerate(seq_lens.tolist()):
+        k, v = gather_context(kv_cache, block_table[b], total, codec)
+        o = _attend(codec.rotate(query[b]).unsqueeze(1), k, v, total - 1, scale)
+        out[b] = codec.unrotate(o.squeeze(1)).to(out.dtype)
+    return out
