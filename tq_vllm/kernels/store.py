@@ -1,10 +1,19 @@
-"""Store: quantize a step's new keys and values into the paged cache at slot_mapping."""
+"""Store: quantize a step's new keys and values into the paged cache at slot_mapping.
+
+store_kv_reference is the contract (PyTorch); store_kv is the fused Triton kernel that writes
+the same bytes (see tests/test_kernels_store.py for where float rounding may differ).
+"""
 
 from __future__ import annotations
 
 import torch
+import triton
+import triton.language as tl
 
 from tq_vllm.codec import LayerCodec
+
+SUPPORTED_HEAD_DIMS = (64, 128, 256)
+FP16_MAX = tl.constexpr(65504.0)  # a constexpr: jit code may read it
 
 
 def store_kv_reference(
@@ -30,3 +39,278 @@ def store_kv_reference(
     blocks, offsets = slot_mapping // block_size, slot_mapping % block_size
     # kv_cache[blocks, :, offsets] is [T, Hk, C]: advanced indices around a slice.
     kv_cache[blocks, :, offsets, :size] = records[..., :size]
+
+
+# -- argument checks shared by the Triton wrappers -------------------------------------------
+
+
+def check_kernel_head_dim(head_dim: int) -> None:
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(
+            f"head_dim {head_dim} not supported by the Triton kernels (supported: "
+            f"{SUPPORTED_HEAD_DIMS}); use the PyTorch reference path"
+        )
+
+
+def check_tensor(
+    name: str,
+    t: object,
+    dim: int,
+    dtypes: tuple[torch.dtype, ...],
+    device: torch.device | None = None,
+) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != dim:
+        raise ValueError(f"{name} must be {dim}-D, got shape {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        raise ValueError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {t.dtype}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device} (the kv_cache's device)")
+    return t
+
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def check_cache(kv_cache: object, codec: LayerCodec) -> torch.Tensor:
+    """kv_cache uint8 [num_blocks, num_kv_heads, block_size, record_bytes], contiguous."""
+    check_tensor("kv_cache", kv_cache, 4, (torch.uint8,))
+    if not kv_cache.is_contiguous():
+        raise ValueError("kv_cache must be contiguous [num_blocks, num_kv_heads, block_size, C]")
+    if kv_cache.shape[3] < codec.layout.size:
+        raise ValueError(
+            f"kv_cache records have {kv_cache.shape[3]} bytes; the codec's layout needs "
+            f"{codec.layout.size}"
+        )
+    check_kernel_head_dim(codec.head_dim)
+    for name, t in codec_tensors(codec).items():
+        if t.device != kv_cache.device:
+            raise ValueError(f"codec {name} is on {t.device}, kv_cache on {kv_cache.device}")
+    return kv_cache
+
+
+def codec_tensors(codec: LayerCodec) -> dict[str, torch.Tensor]:
+    tensors = {
+        "rotation": codec.rotation,
+        "key centroids": codec.key.centroids,
+        "key boundaries": codec.key.boundaries,
+        "value centroids": codec.value.centroids,
+        "value boundaries": codec.value.boundaries,
+    }
+    if codec.layout.prod:
+        tensors["key qjl"] = codec.key.qjl
+    return tensors
+
+
+# -- Triton helpers shared with the attention kernels ----------------------------------------
+
+
+@triton.jit
+def store_fp16(ptr, x, mask):
+    # Records have any byte length, so a 2-byte field may be unaligned: write it bytewise.
+    bits = x.to(tl.float16).to(tl.uint16, bitcast=True)
+    tl.store(ptr, (bits & 0xFF).to(tl.uint8), mask=mask)
+    tl.store(ptr + 1, (bits >> 8).to(tl.uint8), mask=mask)
+
+
+@triton.jit
+def load_fp16(ptr, mask):
+    lo = tl.load(ptr, mask=mask, other=0).to(tl.uint16)
+    hi = tl.load(ptr + 1, mask=mask, other=0).to(tl.uint16)
+    return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _pack_store(idx, ptr, mask, ROWS: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr):
+    """idx [ROWS, N] (< 2^BITS) -> N*BITS/8 packed bytes at ptr [ROWS] (packing.py's layout).
+
+    Eight BITS-bit indices fill exactly BITS bytes: assemble them as one little-endian int64
+    word, then split the word into bytes.
+    """
+    groups = tl.reshape(idx.to(tl.int64), [ROWS, N // 8, 8])
+    shifts = (tl.arange(0, 8) * BITS).to(tl.int64)
+    word = tl.sum(groups << shifts[None, None, :], axis=2)  # disjoint bits: sum == or
+    k = tl.arange(0, 8)
+    out = (word[:, :, None] >> (k * 8).to(tl.int64)[None, None, :]) & 0xFF
+    offs = (tl.arange(0, N // 8) * BITS)[None, :, None] + k[None, None, :]
+    tl.store(
+        ptr[:, None, None] + offs,
+        out.to(tl.uint8),
+        mask=mask[:, None, None] & (k < BITS)[None, None, :],
+    )
+
+
+@triton.jit
+def _rotate_chunk(x, rot_ptr, c0, D: tl.constexpr, NC: tl.constexpr):
+    """Columns c0..c0+NC of x @ R^T. Chunked so that R's tile fits in shared memory at d=256;
+    fp32 'ieee' so that the indices match the float32 reference (TF32 would flip many)."""
+    k = tl.arange(0, D)
+    c = c0 + tl.arange(0, NC)
+    rt = tl.load(rot_ptr + c[None, :] * D + k[:, None])
+    return tl.dot(x, rt, input_precision="ieee")
+
+
+@triton.jit
+def _quantize_store(
+    x,
+    tmask,
+    rec,
+    rot_ptr,
+    cent_ptr,
+    bnd_ptr,
+    qjl_ptr,
+    NORM_OFF: tl.constexpr,
+    IDX_OFF: tl.constexpr,
+    RNORM_OFF: tl.constexpr,
+    SIGN_OFF: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    D: tl.constexpr,
+    NC: tl.constexpr,
+    BITS: tl.constexpr,
+    PROD: tl.constexpr,
+):
+    """Quantize x [BLOCK_T, D] (float32) as quantizer.TurboQuantizer.quantize does and write
+    the fields into the records at rec [BLOCK_T]. BITS are the mse stage's (0: 1-bit prod)."""
+    norm = tl.minimum(tl.sqrt_rn(tl.sum(x * x, axis=1)), FP16_MAX).to(tl.float16)
+    store_fp16(rec + NORM_OFF, norm, tmask)
+    # ||R x|| differs from ||x|| in the last bits; the reference divides by the former.
+    ysq = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for c0 in tl.static_range(0, D, NC):
+        y = _rotate_chunk(x, rot_ptr, c0, D, NC)
+        ysq += tl.sum(y * y, axis=1)
+    ynorm = tl.maximum(tl.sqrt_rn(ysq), 1e-30)
+    rsq = tl.zeros([BLOCK_T], dtype=tl.float32)
+    proj = tl.zeros([BLOCK_T, D], dtype=tl.float32)
+    for c0 in tl.static_range(0, D, NC):
+        y = _rotate_chunk(x, rot_ptr, c0, D, NC)
+        r = y
+        if BITS > 0:
+            u = tl.div_rn(y, ynorm[:, None])
+            # Binary search over the sorted midpoints: idx = #{boundaries < u}, as bucketize.
+            idx = tl.zeros([BLOCK_T, NC], dtype=tl.int32)
+            for s in tl.static_range(BITS):
+                cand = idx + (1 << (BITS - 1 - s))
+                idx = tl.where(u > tl.load(bnd_ptr + cand - 1), cand, idx)
+            _pack_store(idx, rec + IDX_OFF + c0 * BITS // 8, tmask, BLOCK_T, NC, BITS)
+            if PROD:
+                r = y - norm.to(tl.float32)[:, None] * tl.load(cent_ptr + idx)
+        if PROD:
+            rsq += tl.sum(r * r, axis=1)
+            i = tl.arange(0, D)
+            k = c0 + tl.arange(0, NC)
+            st = tl.load(qjl_ptr + i[None, :] * D + k[:, None])  # S^T rows c0..c0+NC
+            proj += tl.dot(r, st, input_precision="ieee")
+    if PROD:
+        rnorm = tl.minimum(tl.sqrt_rn(rsq), FP16_MAX)
+        store_fp16(rec + RNORM_OFF, rnorm, tmask)
+        _pack_store((proj >= 0).to(tl.int32), rec + SIGN_OFF, tmask, BLOCK_T, D, 1)
+
+
+@triton.jit
+def _store_kv_kernel(
+    key_ptr,
+    value_ptr,
+    cache_ptr,
+    slot_ptr,
+    rot_ptr,
+    kcent_ptr,
+    kbnd_ptr,
+    qjl_ptr,
+    vcent_ptr,
+    vbnd_ptr,
+    num_tokens,
+    key_st,
+    key_sh,
+    value_st,
+    value_sh,
+    cache_sb,
+    cache_sh,
+    cache_ss,
+    block_size,
+    KEY_BITS: tl.constexpr,
+    PROD: tl.constexpr,
+    VALUE_BITS: tl.constexpr,
+    KEY_RNORM_OFF: tl.constexpr,
+    VALUE_NORM_OFF: tl.constexpr,
+    KEY_IDX_OFF: tl.constexpr,
+    KEY_SIGN_OFF: tl.constexpr,
+    VALUE_IDX_OFF: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    D: tl.constexpr,
+    NC: tl.constexpr,
+):
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    h = tl.program_id(1)
+    slot = tl.load(slot_ptr + t, mask=t < num_tokens, other=-1).to(tl.int64)
+    tmask = slot >= 0
+    slot = tl.maximum(slot, 0)
+    rec = (
+        cache_ptr
+        + (slot // block_size) * cache_sb
+        + h.to(tl.int64) * cache_sh
+        + (slot % block_size) * cache_ss
+    )
+    d = tl.arange(0, D)
+    t64 = t.to(tl.int64)
+    x = tl.load(key_ptr + t64[:, None] * key_st + h * key_sh + d[None, :], mask=tmask[:, None])
+    _quantize_store(
+        x.to(tl.float32), tmask, rec, rot_ptr, kcent_ptr, kbnd_ptr, qjl_ptr,
+        0, KEY_IDX_OFF, KEY_RNORM_OFF, KEY_SIGN_OFF, BLOCK_T, D, NC, KEY_BITS, PROD,
+    )  # fmt: skip
+    x = tl.load(
+        value_ptr + t64[:, None] * value_st + h * value_sh + d[None, :], mask=tmask[:, None]
+    )
+    _quantize_store(
+        x.to(tl.float32), tmask, rec, rot_ptr, vcent_ptr, vbnd_ptr, qjl_ptr,
+        VALUE_NORM_OFF, VALUE_IDX_OFF, 0, 0, BLOCK_T, D, NC, VALUE_BITS, False,
+    )  # fmt: skip
+
+
+def store_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    codec: LayerCodec,
+    block_t: int = 16,
+) -> None:
+    """Triton store_kv_reference: one launch quantizes and writes every token's record.
+
+    block_t: tokens per program (>= 16, a power of two: the rotation is a tl.dot).
+    """
+    check_cache(kv_cache, codec)
+    device = kv_cache.device
+    check_tensor("key", key, 3, FLOAT_DTYPES, device)
+    check_tensor("value", value, 3, FLOAT_DTYPES, device)
+    check_tensor("slot_mapping", slot_mapping, 1, INDEX_DTYPES, device)
+    num_tokens, num_heads, head_dim = key.shape
+    if value.shape != key.shape:
+        raise ValueError(f"value shape {tuple(value.shape)} != key shape {tuple(key.shape)}")
+    if head_dim != codec.head_dim or num_heads != kv_cache.shape[1]:
+        raise ValueError(
+            f"key is [T, {num_heads}, {head_dim}]; kv_cache has {kv_cache.shape[1]} KV heads "
+            f"and the codec head_dim {codec.head_dim}"
+        )
+    if slot_mapping.shape[0] != num_tokens:
+        raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} slots for {num_tokens} tokens")
+    if block_t < 16 or block_t & (block_t - 1):
+        raise ValueError(f"block_t must be a power of two >= 16, got {block_t}")
+    if num_tokens == 0:
+        return
+    key = key if key.stride(2) == 1 else key.contiguous()
+    value = value if value.stride(2) == 1 else value.contiguous()
+    layout = codec.layout
+    _store_kv_kernel[(triton.cdiv(num_tokens, block_t), num_heads)](
+        key, value, kv_cache, slot_mapping.contiguous(),
+        codec.rotation, codec.key.centroids, codec.key.boundaries,
+        codec.key.qjl if layout.prod else codec.rotation,  # unread in mse mode
+        codec.value.centroids, codec.value.boundaries,
+        num_tokens, key.stride(0), key.stride(1), value.stride(0), value.stride(1),
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.shape[2],
+        KEY_BITS=layout.key_index_bits, PROD=layout.prod, VALUE_BITS=layout.value_bits,
+        KEY_RNORM_OFF=layout.key_residual_norm, VALUE_NORM_OFF=layout.value_norm,
+        KEY_IDX_OFF=layout.key_indices, KEY_SIGN_OFF=layout.key_signs,
+        VALUE_IDX_OFF=layout.value_indices, BLOCK_T=block_t, D=head_dim, NC=64,
+    )  # fmt: skip

@@ -1,0 +1,64 @@
+"""Device dispatch: Triton kernels on CUDA, the PyTorch path (same contracts) elsewhere."""
+
+from __future__ import annotations
+
+import torch
+
+from tq_vllm.codec import LayerCodec
+from tq_vllm.kernels.attention_reference import (
+    context_attention_reference,
+    decode_attention_reference,
+)
+from tq_vllm.kernels.store import store_kv_reference
+
+
+def _triton(t: torch.Tensor) -> bool:
+    return t.is_cuda
+
+
+def store_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    codec: LayerCodec,
+) -> None:
+    if _triton(kv_cache):
+        from tq_vllm.kernels.store import store_kv as kernel
+
+        return kernel(key, value, kv_cache, slot_mapping, codec)
+    return store_kv_reference(key, value, kv_cache, slot_mapping, codec)
+
+
+def decode_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    codec: LayerCodec,
+    scale: float,
+) -> torch.Tensor:
+    if _triton(kv_cache):
+        from tq_vllm.kernels.decode import decode_attention as kernel
+
+        return kernel(query, kv_cache, block_table, seq_lens, codec, scale)
+    return decode_attention_reference(query, kv_cache, block_table, seq_lens, codec, scale)
+
+
+def context_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    codec: LayerCodec,
+    scale: float,
+) -> torch.Tensor:
+    args = (query, key, value, kv_cache, block_table, query_start_loc, seq_lens, codec, scale)
+    if _triton(kv_cache):
+        from tq_vllm.kernels.context import context_attention as kernel
+
+        return kernel(*args)
+    return context_attention_reference(*args)
