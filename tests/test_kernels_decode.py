@@ -16,10 +16,12 @@ from tq_vllm.layout import RecordLayout
 TOL = dict(atol=2e-3, rtol=2e-3)
 
 
-def make_cache(codec, lens, block_size, hk, seed):
-    """Every sequence's tokens stored in a 0xFF-filled cache (NaN norms wherever nothing was
-    written) with shuffled blocks; unused block-table entries point at block 0, never written,
-    so reading past a sequence's end poisons the output with NaN."""
+def make_cache(codec, lens, block_size, hk, seed, stored=None):
+    """Sequences of `lens` tokens (random keys and values returned in full), of which the
+    first `stored` (default: all) are written into a 0xFF-filled cache (NaN norms wherever
+    nothing was written) with shuffled blocks. Unused block-table entries point at block 0,
+    never written, so reading past a sequence's stored tokens poisons the output with NaN."""
+    stored = lens if stored is None else stored
     gen = torch.Generator().manual_seed(seed)
     per_seq = [max(1, -(-n // block_size)) for n in lens]
     num_blocks = sum(per_seq) + 2
