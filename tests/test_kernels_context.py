@@ -84,3 +84,18 @@ def test_context_argument_errors():
         context_attention(q, k, k, cache, table, qsl, lens, codec, 0.1, rows=8)
     with pytest.raises(ValueError, match="value"):
         context_attention(q, k, k.to(torch.int8), cache, table, qsl, lens, codec, 0.1)
+
+
+@pytest.mark.parametrize(
+    "d,mode,hq,hk,lens,q_lens",
+    [(64, "prod", 3, 1, [20, 33, 1], [4, 33, 1]), (128, "mse", 8, 2, [40], [17])],
+)
+def test_new_tokens_from_cache(d, mode, hq, hk, lens, q_lens):
+    """key = value = None: the chunk's own tokens come back from the cache, causally."""
+    codec = LayerCodec(RecordLayout(d, 3, mode, 2), seed=4)
+    cache, table, _, _ = make_cache(codec, lens, 16, hk, seed=7)
+    qsl = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
+    query = torch.randn(int(qsl[-1]), hq, d, generator=torch.Generator().manual_seed(8))
+    args = (None, None, cache, table, qsl, torch.tensor(lens, dtype=torch.int32), codec, 0.1)
+    out = context_attention(query, *args)
+    torch.testing.assert_close(out, context_attention_reference(query, *args), **TOL)

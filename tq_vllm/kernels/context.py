@@ -6,7 +6,8 @@ the decode kernel's tile code (decode.py: scores and values straight from the pa
 records) over the sequence's earlier, compressed tokens, then flash-attends causally over the
 chunk's own fresh keys and values in full precision, all under one online softmax. Everything
 is in the rotated domain: queries and fresh keys/values are rotated in PyTorch first, the
-output rotated back once. No workspace, no host sync (given max_query_len).
+output rotated back once. No workspace, no host sync (given max_query_len). With key and
+value None, the chunk's own tokens are read back from the cache like the context (causal).
 
 Precision: compressed tokens are scored with fp16 tensor-core dots as in decode.py. Fresh
 tokens take fp16 dots for fp16/bf16 queries (their rounding is below the inputs' own) and
@@ -65,6 +66,7 @@ def _context_kernel(
     VALUE_IDX_OFF: tl.constexpr,
     QJL_COEF: tl.constexpr,
     FRESH_FP32: tl.constexpr,
+    ALL_CACHED: tl.constexpr,
 ):
     tile_m = tl.program_id(0)
     b = tl.program_id(1)
@@ -96,15 +98,20 @@ def _context_kernel(
     m = tl.full([BLOCK_M * GP], float("-inf"), dtype=tl.float32)
     lsum = tl.zeros([BLOCK_M * GP], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M * GP, D], dtype=tl.float32)
-    for n0 in range(0, context, BLOCK_N):  # compressed context: before every query, no mask
+    # The context precedes every query: no mask. With ALL_CACHED the chunk's own tokens are
+    # read back compressed too, causally.
+    cached_end = context + fresh_end if ALL_CACHED else context
+    for n0 in range(0, cached_end, BLOCK_N):
         t = n0 + tl.arange(0, BLOCK_N)
-        tmask = t < context
+        tmask = t < cached_end
         rec = tile_records(
             cache_ptr, table_row, h, t, tmask, block_size, cache_sb, cache_sh, cache_ss
         )
         s = score_tile(
             q, qs, rec, tmask, kcent_ptr, KEY_IDX_OFF, KEY_SIGN_OFF, D, KEY_BITS, PROD, QJL_COEF
         )
+        if ALL_CACHED:
+            s = tl.where(t[None, :] <= (context + pos)[:, None], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
@@ -115,7 +122,7 @@ def _context_kernel(
         m = m_new
     if FRESH_FP32:
         qf = tl.load(q_ptr + rows[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
-    for n0 in range(0, fresh_end, BLOCK_N):  # the chunk's own tokens, causal
+    for n0 in range(0, 0 if ALL_CACHED else fresh_end, BLOCK_N):  # the chunk's tokens, causal
         j = n0 + tl.arange(0, BLOCK_N)
         jmask = j < fresh_end
         fresh = ((start + j).to(tl.int64) * num_kv_heads + h)[:, None] * D + d[None, :]
@@ -143,8 +150,8 @@ def _context_kernel(
 
 def context_attention(
     query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
+    key: torch.Tensor | None,
+    value: torch.Tensor | None,
     kv_cache: torch.Tensor,
     block_table: torch.Tensor,
     query_start_loc: torch.Tensor,
@@ -159,6 +166,8 @@ def context_attention(
 ) -> torch.Tensor:
     """Triton context_attention_reference: query [T, Hq, d] -> [T, Hq, d] in query's dtype.
 
+    key, value: the chunk's tokens [T, Hk, d] in full precision, or both None to read them
+    back from kv_cache (stored before attention), as a later decode step would see them.
     max_query_len: the longest chunk (vLLM's metadata has it on the host); None reads it from
     query_start_loc, a device sync. rows: query rows per program (positions x heads of a GQA
     group, a power of two >= 16); block_n: keys per tile (a power of two >= 16).
@@ -166,8 +175,10 @@ def context_attention(
     check_cache(kv_cache, codec)
     device = kv_cache.device
     check_tensor("query", query, 3, FLOAT_DTYPES, device)
-    check_tensor("key", key, 3, FLOAT_DTYPES, device)
-    check_tensor("value", value, 3, FLOAT_DTYPES, device)
+    all_cached = key is None and value is None
+    if not all_cached:
+        check_tensor("key", key, 3, FLOAT_DTYPES, device)
+        check_tensor("value", value, 3, FLOAT_DTYPES, device)
     check_tensor("block_table", block_table, 2, INDEX_DTYPES, device)
     check_tensor("query_start_loc", query_start_loc, 1, INDEX_DTYPES, device)
     check_tensor("seq_lens", seq_lens, 1, INDEX_DTYPES, device)
@@ -175,7 +186,8 @@ def context_attention(
     num_tokens, num_q_heads, head_dim = query.shape
     num_kv_heads, block_size = kv_cache.shape[1], kv_cache.shape[2]
     expected = (num_tokens, num_kv_heads, head_dim)
-    for name, t in (("key", key), ("value", value)):
+    fresh = () if all_cached else (("key", key), ("value", value))
+    for name, t in fresh:
         if tuple(t.shape) != expected:
             raise ValueError(f"{name} must be [T, Hk, d] = {list(expected)}, got {list(t.shape)}")
     batch = seq_lens.shape[0]
@@ -195,8 +207,8 @@ def context_attention(
         return torch.empty_like(query)
 
     q, qs = rotated_queries(query, codec, scale)
-    k = codec.rotate(key).contiguous()
-    v = codec.rotate(value).contiguous()
+    k = q if all_cached else codec.rotate(key).contiguous()  # q: a placeholder, never read
+    v = q if all_cached else codec.rotate(value).contiguous()
     block_table = block_table if block_table.stride(1) == 1 else block_table.contiguous()
     group_pad = triton.next_power_of_2(group)
     block_m = max(1, rows // group_pad)
@@ -208,7 +220,7 @@ def context_attention(
         num_q_heads, num_kv_heads, block_table.stride(0),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), block_size,
         G=group, GP=group_pad, BLOCK_M=block_m, D=head_dim, BLOCK_N=block_n,
-        FRESH_FP32=query.dtype == torch.float32, num_warps=num_warps, num_stages=num_stages,
-        **layout_constexprs(codec),
+        FRESH_FP32=query.dtype == torch.float32, ALL_CACHED=all_cached,
+        num_warps=num_warps, num_stages=num_stages, **layout_constexprs(codec),
     )  # fmt: skip
     return (out @ codec.rotation).to(query.dtype)
