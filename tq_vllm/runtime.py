@@ -60,9 +60,7 @@ def check_vllm_config(vllm_config: Any) -> Settings:
         raise ConfigError("--kv-cache-dtype turboquant: " + "; ".join(reasons))
     settings = settings_from(vllm_config)
     model_bytes = vllm_config.model_config.dtype.itemsize
-    logger.warning(
-        "%s", settings.config.describe(settings.head_dim, settings.num_layers, model_bytes)
-    )
+    logger.info("%s", settings.config.describe(settings.head_dim, settings.num_layers, model_bytes))
     return settings
 
 

@@ -25,9 +25,7 @@ def gather_context(
     return codec.decode_rotated(records[:, :length])
 
 
-def _attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, context: int, scale: float
-) -> torch.Tensor:
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """q [Hq, L, d] over k, v [Hk, S, d], S = context + L, causal after the context."""
     groups = q.shape[0] // k.shape[0]
     if groups > 1:
@@ -42,8 +40,8 @@ def _attend(
 
 def context_attention_reference(
     query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
+    key: torch.Tensor | None,
+    value: torch.Tensor | None,
     kv_cache: torch.Tensor,
     block_table: torch.Tensor,
     query_start_loc: torch.Tensor,
@@ -56,7 +54,9 @@ def context_attention_reference(
     Sequence b owns query rows query_start_loc[b]:query_start_loc[b+1] (q_len of them): its
     tokens at positions seq_lens[b] - q_len .. seq_lens[b] - 1. Earlier tokens (the context:
     chunked prefill, prefix-cache hits, decode history) are read from kv_cache; the new ones
-    from key/value [T, Hk, d] in full precision. Causal. Returns [T, Hq, d] in query's dtype.
+    from key/value [T, Hk, d] in full precision, or, when key and value are None, from
+    kv_cache too (they are stored before attention runs), so that every query sees exactly what
+    a later decode step sees. Causal. Returns [T, Hq, d] in query's dtype.
     """
     out = torch.empty_like(query)
     starts = query_start_loc.tolist()
@@ -67,14 +67,19 @@ def context_attention_reference(
             continue
         context = total - (hi - lo)
         q = query[lo:hi].transpose(0, 1)  # [Hq, L, d]
+        if key is None:
+            k, v = gather_context(kv_cache, block_table[b], total, codec)
+            o = _attend(codec.rotate(q), k, v, scale)
+            out[lo:hi] = codec.unrotate(o).transpose(0, 1).to(out.dtype)
+            continue
         k, v = key[lo:hi].transpose(0, 1), value[lo:hi].transpose(0, 1)
         if context == 0:  # a fresh prefill: nothing compressed to read, no rotation needed
-            out[lo:hi] = _attend(q, k, v, 0, scale).transpose(0, 1).to(out.dtype)
+            out[lo:hi] = _attend(q, k, v, scale).transpose(0, 1).to(out.dtype)
             continue
         k_ctx, v_ctx = gather_context(kv_cache, block_table[b], context, codec)
         k = torch.cat([k_ctx, codec.rotate(k)], dim=1)
         v = torch.cat([v_ctx, codec.rotate(v)], dim=1)
-        o = _attend(codec.rotate(q), k, v, context, scale)
+        o = _attend(codec.rotate(q), k, v, scale)
         out[lo:hi] = codec.unrotate(o).transpose(0, 1).to(out.dtype)
     return out
 
@@ -92,6 +97,6 @@ def decode_attention_reference(
     out = torch.empty_like(query)
     for b, total in enumerate(seq_lens.tolist()):
         k, v = gather_context(kv_cache, block_table[b], total, codec)
-        o = _attend(codec.rotate(query[b]).unsqueeze(1), k, v, total - 1, scale)
+        o = _attend(codec.rotate(query[b]).unsqueeze(1), k, v, scale)
         out[b] = codec.unrotate(o.squeeze(1)).to(out.dtype)
     return out

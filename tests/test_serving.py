@@ -1,0 +1,177 @@
+"""The plugin end to end: real vLLM engine, real model, real OpenAI server on loopback."""
+
+import concurrent.futures
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+vllm = pytest.importorskip("vllm")
+openai = pytest.importorskip("openai")
+
+from tq_vllm.cli import measure_capacity  # noqa: E402
+from tq_vllm.model import MODEL_NAME  # noqa: E402
+from tq_vllm.server import Server, run_until_exit  # noqa: E402
+
+pytestmark = pytest.mark.server
+ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
+FACTS = {
+    "The capital of France is": "Paris",
+    "The largest planet in the solar system is": "Jupiter",
+    "Water is made of hydrogen and": "oxygen",
+}
+
+
+@pytest.fixture(scope="module")
+def server():
+    flags = ["--enforce-eager", "--max-model-len", "4096", "--max-num-seqs", "32"]
+    with Server(flags, env=ENV) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server.url, api_key="none", timeout=300)
+
+
+def test_our_backend_serves(server, client):
+    client.completions.create(model=MODEL_NAME, prompt="Hello", max_tokens=2)
+    log = server.log
+    assert "TurboQuant KV cache (default): K" in log
+    assert "TurboQuant attention backend serving model.layers.0.self_attn.attn" in log
+    assert "kv_cache_dtype=turboquant" in log
+
+
+def test_completion_facts(client):
+    for prompt, fact in FACTS.items():
+        r = client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=12, temperature=0)
+        assert fact in r.choices[0].text, (prompt, r.choices[0].text)
+
+
+def test_chat(client):
+    r = client.chat.completions.create(
+        model=MODEL_NAME,
+        messages=[{"role": "user", "content": "What is the capital of France?"}],
+        max_tokens=30,
+        temperature=0,
+    )
+    assert "Paris" in r.choices[0].message.content
+
+
+def test_streaming_matches_non_streaming(client):
+    prompt = "List three colors of the rainbow:"
+    full = (
+        client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=20, temperature=0)
+        .choices[0]
+        .text
+    )
+    chunks = client.completions.create(
+        model=MODEL_NAME, prompt=prompt, max_tokens=20, temperature=0, stream=True
+    )
+    streamed = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert streamed == full and len(full.strip()) > 0
+
+
+def test_n_samples(client):
+    r = client.completions.create(
+        model=MODEL_NAME, prompt="Once upon a time", max_tokens=16, n=3, temperature=0.9, seed=1
+    )
+    assert len(r.choices) == 3
+    assert all(len(c.text.strip()) > 0 for c in r.choices)
+
+
+def test_16_concurrent_requests(client):
+    def ask(i):
+        r = client.completions.create(
+            model=MODEL_NAME, prompt=f"Count from {i} to {i + 5}:", max_tokens=24, temperature=0
+        )
+        return r.choices[0].text
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        texts = list(pool.map(ask, range(16)))
+    assert len(texts) == 16
+    assert all(len(t.strip()) > 0 for t in texts)
+    assert sum(str(i + 1) in t for i, t in enumerate(texts)) >= 12  # they do count
+
+
+def generate(tmp_path: Path, llm_kwargs: dict, prompts: list[str], repeat: int = 1):
+    out = tmp_path / f"out{len(list(tmp_path.iterdir()))}.json"
+    spec = {"llm": llm_kwargs, "prompts": prompts, "repeat": repeat, "max_tokens": 24}
+    script = Path(__file__).parent / "scripts" / "generate.py"
+    subprocess.run(
+        [sys.executable, str(script), str(out), json.dumps(spec)],
+        check=True,
+        timeout=900,
+        capture_output=True,
+    )
+    return json.loads(out.read_text())
+
+
+LONG_PROMPT = (
+    "The history of the Roman Empire spans many centuries. It began when Augustus became "
+    "the first emperor in 27 BC, and in the West it ended in AD 476. "
+    * 6
+    + "In summary, the first Roman emperor was"
+)
+
+
+def test_chunked_prefill_and_prefix_caching_give_the_same_text(tmp_path):
+    prompts = [LONG_PROMPT, "The capital of France is", LONG_PROMPT + " a man named"]
+    base = {"kv_cache_dtype": "turboquant", "max_model_len": 1024, "kv_cache_memory_bytes": 1 << 28}
+    plain = generate(
+        tmp_path, {**base, "enable_chunked_prefill": False, "enable_prefix_caching": False}, prompts
+    )
+    chunked = generate(
+        tmp_path,
+        {
+            **base,
+            "enable_chunked_prefill": True,
+            "max_num_batched_tokens": 64,
+            "enable_prefix_caching": True,
+        },
+        prompts,
+        repeat=2,
+    )
+    assert chunked[0] == plain[0]  # chunks of 64 tokens
+    assert chunked[1] == plain[0]  # prefix-cache hits on the second pass
+    assert "Augustus" in plain[0][0]
+
+
+def test_agrees_with_bf16_on_facts(tmp_path):
+    prompts = list(FACTS)
+    args = {"max_model_len": 1024, "kv_cache_memory_bytes": 1 << 28}
+    bf16 = generate(tmp_path, {**args, "kv_cache_dtype": "auto"}, prompts)[0]
+    ours = generate(tmp_path, {**args, "kv_cache_dtype": "turboquant"}, prompts)[0]
+    for (prompt, fact), a, b in zip(FACTS.items(), bf16, ours):
+        assert fact in a and fact in b, (prompt, a, b)
+
+
+def test_capacity_k3v3_at_least_4_5x_bf16():
+    tokens = measure_capacity(["auto", "k3v3", "default"])
+    print(tokens)
+    assert tokens["k3v3"] >= 4.5 * tokens["auto"]
+    assert tokens["default"] > 3.5 * tokens["auto"]
+
+
+@pytest.mark.parametrize(
+    "extra,field",
+    [
+        ({"turboquant": {"key_bits": 9}}, "key_bits"),
+        ({"turboquant": {"value_bits": 0}}, "value_bits"),
+        ({"turboquant": {"key_mode": "fast"}}, "key_mode"),
+        ({"turboquant": {"kee_bits": 3}}, "'kee_bits'"),
+        ({"turboquant": {"config": "/nonexistent.yaml"}}, "/nonexistent.yaml"),
+        ({"turboquant": {"layers": {"99": {"key_bits": 2}}}}, r"layers\[99\]"),
+    ],
+)
+def test_bad_config_refused_at_startup(extra, field):
+    code, log = run_until_exit(
+        ["--enforce-eager", "--additional-config", json.dumps(extra)], env=ENV, timeout=240
+    )
+    assert code not in (0, None), log[-3000:]
+    import re
+
+    assert re.search(field, log), log[-3000:]
+    assert "ConfigError" in log or "TurboQuant" in log
