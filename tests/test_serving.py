@@ -20,8 +20,9 @@ ENV = {"VLLM_CPU_KVCACHE_SPACE": "1"}
 FACTS = {
     "The capital of France is": "Paris",
     "The largest planet in the solar system is": "Jupiter",
-    "Water is made of hydrogen and": "oxygen",
-}
+    "The capital of Japan is": "Tokyo",
+    "The chemical symbol for gold is": "Au",
+}  # bf16 gets these right; a 135M model misses many others
 
 
 @pytest.fixture(scope="module")
@@ -117,13 +118,15 @@ LONG_PROMPT = (
 )
 
 
-def test_chunked_prefill_and_prefix_caching_give_the_same_text(tmp_path):
+def test_chunked_prefill_and_prefix_caching_give_the_same_results(tmp_path):
+    """Every query reads the compressed cache, its own chunk included, so the schedule does not
+    change what attention sees: same greedy tokens, same prompt logprobs to float noise."""
     prompts = [LONG_PROMPT, "The capital of France is", LONG_PROMPT + " a man named"]
     base = {"kv_cache_dtype": "turboquant", "max_model_len": 1024, "kv_cache_memory_bytes": 1 << 28}
     plain = generate(
         tmp_path, {**base, "enable_chunked_prefill": False, "enable_prefix_caching": False}, prompts
-    )
-    chunked = generate(
+    )[0]
+    chunked, cached = generate(
         tmp_path,
         {
             **base,
@@ -134,9 +137,12 @@ def test_chunked_prefill_and_prefix_caching_give_the_same_text(tmp_path):
         prompts,
         repeat=2,
     )
-    assert chunked[0] == plain[0]  # chunks of 64 tokens
-    assert chunked[1] == plain[0]  # prefix-cache hits on the second pass
-    assert "Augustus" in plain[0][0]
+    assert "Augustus" in plain[0]["text"]
+    for other in (chunked, cached):  # chunks of 64 tokens; then prefix-cache hits
+        for a, b in zip(plain, other):
+            assert a["token_ids"] == b["token_ids"], (a["text"], b["text"])
+            diff = max(abs(x - y) for x, y in zip(a["prompt_logprobs"], b["prompt_logprobs"]))
+            assert diff < 1e-3, diff
 
 
 def test_agrees_with_bf16_on_facts(tmp_path):
@@ -145,7 +151,7 @@ def test_agrees_with_bf16_on_facts(tmp_path):
     bf16 = generate(tmp_path, {**args, "kv_cache_dtype": "auto"}, prompts)[0]
     ours = generate(tmp_path, {**args, "kv_cache_dtype": "turboquant"}, prompts)[0]
     for (prompt, fact), a, b in zip(FACTS.items(), bf16, ours):
-        assert fact in a and fact in b, (prompt, a, b)
+        assert fact in a["text"] and fact in b["text"], (prompt, a["text"], b["text"])
 
 
 def test_capacity_k3v3_at_least_4_5x_bf16():
