@@ -77,7 +77,7 @@ def convert_model(_: argparse.Namespace) -> int:
 CAPACITY_CONFIGS = ["auto", "fp8", "default", "k4v4", "k4v3", "k3v3", "k2v2"]
 
 
-def measure_capacity(configs: list[str], kv_gib: float = 1.0) -> dict[str, int]:
+def measure_capacity(configs: list[str], kv_gib: int = 1) -> dict[str, int]:
     """KV-cache tokens vLLM reports for each config (a dtype, or a TurboQuant preset name)."""
     import json
 
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     cap = sub.add_parser("capacity", help="start vLLM per config and print its KV capacity")
     cap.add_argument("configs", nargs="*", default=CAPACITY_CONFIGS)
-    cap.add_argument("--kv-gib", type=float, default=1.0)
+    cap.add_argument("--kv-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE (GiB)")
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:
         return serve(argv[1:])
