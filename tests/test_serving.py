@@ -158,7 +158,7 @@ def test_capacity_k3v3_at_least_4_5x_bf16():
     tokens = measure_capacity(["auto", "k3v3", "default"])
     print(tokens)
     assert tokens["k3v3"] >= 4.5 * tokens["auto"]
-    assert tokens["default"] > 3.5 * tokens["auto"]
+    assert tokens["default"] > 2.9 * tokens["auto"]
 
 
 @pytest.mark.parametrize(
