@@ -96,14 +96,18 @@ def measure_capacity(configs: list[str], kv_gib: int = 1) -> dict[str, int]:
     return tokens
 
 
+def capacity_table(tokens: dict[str, int]) -> str:
+    base = tokens.get("auto")
+    lines = ["| config | KV cache tokens | vs bf16 |", "|---|---:|---:|"]
+    for name, n in tokens.items():
+        lines.append(f"| {name} | {n:,} | {f'{n / base:.2f}x' if base else '-'} |")
+    return "\n".join(lines)
+
+
 def capacity(args: argparse.Namespace) -> int:
     tokens = measure_capacity(args.configs, args.kv_gib)
-    base = tokens.get("auto")
-    print(f"KV cache capacity reported by vLLM, {args.kv_gib:g} GiB, SmolLM2-135M (head_dim 64)")
-    print("| config | tokens | vs bf16 |\n|---|---:|---:|")
-    for name, n in tokens.items():
-        ratio = f"{n / base:.2f}x" if base else "-"
-        print(f"| {name} | {n:,} | {ratio} |")
+    print(f"KV cache capacity reported by vLLM, {args.kv_gib} GiB, embedded SmolLM2-135M")
+    print(capacity_table(tokens))
     return 0
 
 
