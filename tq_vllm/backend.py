@@ -74,12 +74,20 @@ class TurboQuantBackend(AttentionBackend):
             "use_mm_prefix": "multimodal prefix attention",
             "use_dcp": "decode context parallelism",
             "use_pcp": "prefill context parallelism",
+            "use_rswa": "restricted sliding-window attention",
+            "use_kv_connector": "KV connectors (they move pages as model-dtype K/V)",
+            "use_batch_invariant": "batch-invariant mode",
         }
         reasons = [f"{what} is not supported" for key, what in checks.items() if c.get(key)]
         if c.get("attn_type", AttentionType.DECODER) != AttentionType.DECODER:
             reasons.append(f"attention type {c['attn_type']!r} is not supported (decoder only)")
-        if c.get("head_size", 0) < 16:
-            reasons.append(f"head_size {c.get('head_size')} is below 16")
+        head_size = c.get("head_size", 0)
+        if head_size < 16:
+            reasons.append(f"head_size {head_size} is below 16")
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cuda_alike() and head_size not in TRITON_HEAD_DIMS:
+            reasons.append(f"head_size {head_size}: the CUDA kernels support {TRITON_HEAD_DIMS}")
         return reasons
 
 
@@ -157,6 +165,11 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         from vllm.config import get_current_vllm_config
 
         self.settings = runtime.activate(get_current_vllm_config())
+        if head_size != self.settings.head_dim:
+            raise NotImplementedError(
+                f"layer head_size {head_size} differs from the model's head_dim "
+                f"{self.settings.head_dim}: one record layout per model is supported"
+            )
         self.num_heads = num_heads
         self.head_size = head_size
         self.scale = float(scale)
@@ -170,10 +183,6 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         if codec is None:
             layout = self.settings.layouts[compat.layer_index(name)]
             codec = LayerCodec(layout, self.settings.config.seed, device)
-            if device.type == "cuda" and self.head_size not in TRITON_HEAD_DIMS:
-                raise NotImplementedError(
-                    f"head_size {self.head_size}: the CUDA kernels support {TRITON_HEAD_DIMS}"
-                )
             self._codecs[(name, device)] = codec
             if len(self._codecs) == 1:
                 logger.info(

@@ -57,9 +57,8 @@ def serve(argv: list[str]) -> int:
             flags += ["--served-model-name", MODEL_NAME]
     elif model is not None:
         flags = ["--model", model] + flags
-    if not any(
-        f.startswith("--kv-cache-dtype") and f != "--kv-cache-dtype-skip-layers" for f in flags
-    ):
+    dtype_flags = ("--kv-cache-dtype", "--kv_cache_dtype")
+    if not any(f.split("=")[0] in dtype_flags for f in flags):
         flags += ["--kv-cache-dtype", "turboquant"]
     command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *flags]
     print("tq-vllm:", " ".join(command), flush=True)

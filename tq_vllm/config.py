@@ -33,7 +33,7 @@ from tq_vllm.centroids import MIN_HEAD_DIM, check_bits
 from tq_vllm.layout import RecordLayout
 from tq_vllm.quantizer import MODES
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # ./configs links here
 ENV_VAR = "TQ_VLLM_CONFIG"
 LAYER_FIELDS = ("key_bits", "value_bits", "key_mode")
 

@@ -2,8 +2,9 @@
 
 JSON_ARGS: {"llm": {LLM kwargs}, "prompts": [...], "max_tokens": N, "repeat": R}. Prompts run
 one at a time (batch composition changes the model's GEMM results slightly, in bf16 too), the
-list R times over (later passes hit the prefix cache when it is enabled). OUT gets,
-per pass and prompt: {"text", "token_ids", "prompt_logprobs" (of the prompt's own tokens)}.
+list R times over. The first pass also returns the prompt's logprobs; vLLM skips reading the
+prefix cache for such requests, so later passes ask for none and do read it. OUT gets
+{"runs": [[{"text", "token_ids", "prompt_logprobs"}...] per pass], "prefix_cache_hits": N}.
 """
 
 import json
@@ -16,14 +17,21 @@ from tq_vllm.model import ensure_default_model
 if __name__ == "__main__":
     out_path, spec = sys.argv[1], json.loads(sys.argv[2])
     llm = LLM(model=str(ensure_default_model()), enforce_eager=True, **spec["llm"])
-    params = SamplingParams(temperature=0, max_tokens=spec.get("max_tokens", 24), prompt_logprobs=0)
+    max_tokens = spec.get("max_tokens", 24)
     runs = []
-    for _ in range(spec.get("repeat", 1)):
+    for index in range(spec.get("repeat", 1)):
+        params = SamplingParams(
+            temperature=0, max_tokens=max_tokens, prompt_logprobs=0 if index == 0 else None
+        )
         results = []
         for prompt in spec["prompts"]:
             o = llm.generate([prompt], params, use_tqdm=False)[0]
             ids = o.prompt_token_ids
-            logprobs = [o.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))]
+            logprobs = (
+                [o.prompt_logprobs[i][ids[i]].logprob for i in range(1, len(ids))]
+                if o.prompt_logprobs
+                else None
+            )
             results.append(
                 {
                     "text": o.outputs[0].text,
@@ -32,5 +40,6 @@ if __name__ == "__main__":
                 }
             )
         runs.append(results)
+    hits = sum(m.value for m in llm.get_metrics() if m.name == "vllm:prefix_cache_hits")
     with open(out_path, "w") as f:
-        json.dump(runs, f)
+        json.dump({"runs": runs, "prefix_cache_hits": hits}, f)
