@@ -25,17 +25,28 @@ def gather_context(
     return codec.decode_rotated(records[:, :length])
 
 
+# Above this many scores per call, SDPA's blocked kernel beats materializing them.
+DIRECT_SCORES = 1 << 22
+
+
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """q [Hq, L, d] over k, v [Hk, S, d], S = context + L, causal after the context."""
-    groups = q.shape[0] // k.shape[0]
-    if groups > 1:
-        k, v = k.repeat_interleave(groups, 0), v.repeat_interleave(groups, 0)
-    length, total = q.shape[1], k.shape[1]
+    hk, total = k.shape[0], k.shape[1]
+    hq, length, d = q.shape
     mask = None
     if length > 1:
         rows = torch.arange(length, device=q.device).unsqueeze(1) + (total - length)
         mask = torch.arange(total, device=q.device) <= rows
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    if hq * length * total > DIRECT_SCORES:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    # A GQA group's query heads share one matmul with their KV head: no repeated K/V, and for
+    # decode (length 1) far less overhead than SDPA.
+    q, k, v = q.float().reshape(hk, (hq // hk) * length, d), k.float(), v.float()
+    scores = (q @ k.transpose(1, 2)) * scale
+    if mask is not None:
+        scores = scores.view(hk, hq // hk, length, total).masked_fill(~mask, float("-inf"))
+        scores = scores.view(hk, -1, total)
+    return (torch.softmax(scores, dim=-1) @ v).view(hq, length, -1)
 
 
 def context_attention_reference(
