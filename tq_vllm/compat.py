@@ -41,21 +41,16 @@ def _handler_class() -> type:
     from vllm.v1.kv_cache_interface import KVQuantMode
 
     class TurboQuantDType:
-        """vLLM 0.33's KVCacheDTypeHandler for our dtype: bytes, dispatched by our backend."""
+        """vLLM 0.33's KVCacheDTypeHandler: uint8 storage; CUSTOM tells vLLM's generic kernels
+        to stay away, our backend does all the dispatch."""
 
         name = DTYPE
 
         def torch_dtype(self) -> torch.dtype:
             return torch.uint8
 
-        def is_quantized(self) -> bool:
-            return True
-
         def quant_mode(self) -> Any:
-            return getattr(KVQuantMode, "BACKEND", KVQuantMode.NONE)
-
-        def supports_platform(self, platform: Any) -> bool:
-            return True
+            return KVQuantMode.CUSTOM
 
     return TurboQuantDType
 
