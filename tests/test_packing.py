@@ -40,3 +40,14 @@ def test_fast_path_matches_bit_stream(bits):
     slow = pack_indices(idx, bits)  # 17 indices: the bit-stream path
     fast = pack_indices(idx[:, :16], bits)
     assert torch.equal(slow[:, : 2 * bits], fast)
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+def test_chunk_table_decodes_like_unpack(bits):
+    from tq_vllm.packing import chunk_table, unpack_chunks
+
+    idx = torch.randint(0, 2**bits, (3, 5, 64), generator=torch.Generator().manual_seed(bits))
+    values = torch.randn(2**bits)
+    packed = pack_indices(idx, bits)
+    decoded = chunk_table(values, bits)[unpack_chunks(packed, bits)].reshape(3, 5, 64)
+    assert torch.equal(decoded, values[idx])

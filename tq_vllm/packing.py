@@ -59,6 +59,43 @@ def unpack_indices(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return (stream.reshape(*p.shape[:-1], n, bits) * weights).sum(-1)
 
 
+# bits -> (bytes per group, chunks per group): a chunk holds whole indices and is small enough
+# to index a table of every possible chunk (at most 2^14 entries).
+_CHUNKS = {1: (1, 1), 2: (1, 1), 4: (1, 1), 8: (1, 1), 3: (3, 2), 6: (3, 2), 5: (5, 4), 7: (7, 4)}
+
+
+def chunk_bits(bits: int) -> int:
+    group, chunks = _CHUNKS[bits]
+    return 8 * group // chunks
+
+
+def unpack_chunks(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """[..., nbytes] packed rows (n a multiple of 8) -> integer [..., n * bits / chunk_bits]
+    chunks of chunk_bits(bits) bits, each holding whole consecutive indices, LSB first. A
+    table lookup per chunk then decodes several indices at once (see chunk_table)."""
+    group, chunks = _CHUNKS[bits]
+    p = packed.to(torch.int32 if group <= 3 else torch.int64)  # a group's bits fit the word
+    if group == 1:
+        return p
+    words = p.reshape(*p.shape[:-1], p.shape[-1] // group, group)
+    word = words[..., 0]
+    for i in range(1, group):
+        word = word | (words[..., i] << (8 * i))
+    width = 8 * group // chunks
+    mask = (1 << width) - 1
+    out = torch.stack([(word >> (j * width)) & mask for j in range(chunks)], dim=-1)
+    return out.reshape(*p.shape[:-1], p.shape[-1] // group * chunks)
+
+
+def chunk_table(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """values [2^bits] -> [2^chunk_bits, chunk_bits / bits]: the values of every index a
+    chunk holds, for every possible chunk."""
+    width = chunk_bits(bits)
+    chunk = torch.arange(1 << width, device=values.device).unsqueeze(1)
+    shifts = torch.arange(width // bits, device=values.device) * bits
+    return values[(chunk >> shifts) & ((1 << bits) - 1)]
+
+
 def pack_signs(x: torch.Tensor) -> torch.Tensor:
     """[..., n] real -> [..., ceil(n/8)] uint8 of sign bits (1 where x >= 0)."""
     return pack_indices((x >= 0).to(torch.int64), 1)

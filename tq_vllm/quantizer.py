@@ -18,7 +18,15 @@ from dataclasses import dataclass
 import torch
 
 from tq_vllm.centroids import check_bits, check_head_dim, codebook
-from tq_vllm.packing import pack_indices, pack_signs, packed_bytes, unpack_indices, unpack_signs
+from tq_vllm.packing import (
+    chunk_table,
+    pack_indices,
+    pack_signs,
+    packed_bytes,
+    unpack_chunks,
+    unpack_indices,
+    unpack_signs,
+)
 from tq_vllm.rotation import qjl_matrix, rotation_matrix
 
 MODES = ("mse", "prod")
@@ -82,6 +90,8 @@ class TurboQuantizer:
         else:  # 1-bit prod: the whole vector goes through QJL
             self.centroids = torch.zeros(1, device=device)
         self.boundaries = (self.centroids[1:] + self.centroids[:-1]) / 2
+        if self.mse_bits > 0:
+            self._chunk_table = chunk_table(self.centroids, self.mse_bits)
         self.qjl = qjl_matrix(head_dim, seed, device) if mode == "prod" else None
 
     # -- sizes ------------------------------------------------------------------------------
@@ -156,8 +166,14 @@ class TurboQuantizer:
         """n c[idx] in the rotated domain, float32 [..., head_dim]."""
         if self.mse_bits == 0:
             return torch.zeros(*codes.shape, self.head_dim, device=self.rotation.device)
-        idx = unpack_indices(codes.indices.to(self.rotation.device), self.mse_bits, self.head_dim)
-        return codes.norms.float().to(idx.device).unsqueeze(-1) * self.centroids[idx]
+        packed = codes.indices.to(self.rotation.device)
+        norms = codes.norms.float().to(packed.device).unsqueeze(-1)
+        if self.head_dim % 8:
+            return norms * self.centroids[unpack_indices(packed, self.mse_bits, self.head_dim)]
+        # One table lookup decodes a whole chunk of indices: ~3x faster than unpacking.
+        chunks = unpack_chunks(packed, self.mse_bits).reshape(-1)
+        values = self._chunk_table.index_select(0, chunks)  # faster than advanced indexing
+        return norms * values.reshape(*packed.shape[:-1], self.head_dim)
 
     def _qjl_scale(self, codes: TurboCodes) -> torch.Tensor:
         rn = codes.residual_norms.float().to(self.rotation.device)

@@ -16,7 +16,12 @@ from tq_vllm.model import ensure_default_model
 
 if __name__ == "__main__":
     out_path, spec = sys.argv[1], json.loads(sys.argv[2])
-    llm = LLM(model=str(ensure_default_model()), enforce_eager=True, **spec["llm"])
+    llm = LLM(
+        model=str(ensure_default_model()),
+        enforce_eager=True,
+        disable_log_stats=False,
+        **spec["llm"],
+    )
     max_tokens = spec.get("max_tokens", 24)
     runs = []
     for index in range(spec.get("repeat", 1)):
