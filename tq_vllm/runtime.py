@@ -64,18 +64,20 @@ def check_vllm_config(vllm_config: Any) -> Settings:
     return settings
 
 
-_active: Settings | None = None
+_active: tuple[Any, Settings] | None = None  # (the vllm_config, its settings)
 
 
 def activate(vllm_config: Any) -> Settings:
     """Called while the model is built (the attention impls), so that customize_spec, which
-    sees no config, can size the records of this process's deployment."""
+    sees no config, can size the records of this process's deployment. Every layer asks; the
+    config files are read once per deployment."""
     global _active
-    _active = settings_from(vllm_config)
-    return _active
+    if _active is None or _active[0] is not vllm_config:
+        _active = (vllm_config, settings_from(vllm_config))
+    return _active[1]
 
 
 def active_settings() -> Settings:
     if _active is None:
         raise RuntimeError("TurboQuant settings requested before any TurboQuant layer was built")
-    return _active
+    return _active[1]
