@@ -7,6 +7,7 @@ the chunk's own positions stay NaN there, so the fresh tokens must come from key
 
 import pytest
 import torch
+from kernel_device import run_kernel
 from test_kernels_decode import make_cache
 
 from tq_vllm.codec import LayerCodec
@@ -29,7 +30,9 @@ def run_case(
     value = torch.cat([v[c:] for v, c in zip(values, stored)])
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     args = (cache, table, qsl, seq_lens, codec, d**-0.5)
-    out = context_attention(query.to(dtype), key.to(dtype), value.to(dtype), *args, **kwargs)
+    out = run_kernel(
+        context_attention, query.to(dtype), key.to(dtype), value.to(dtype), *args, **kwargs
+    )
     ref = context_attention_reference(query, key, value, *args)
     assert out.dtype == dtype
     assert torch.isfinite(out).all()
@@ -97,5 +100,5 @@ def test_new_tokens_from_cache(d, mode, hq, hk, lens, q_lens):
     qsl = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
     query = torch.randn(int(qsl[-1]), hq, d, generator=torch.Generator().manual_seed(8))
     args = (None, None, cache, table, qsl, torch.tensor(lens, dtype=torch.int32), codec, 0.1)
-    out = context_attention(query, *args)
+    out = run_kernel(context_attention, query, *args)
     torch.testing.assert_close(out, context_attention_reference(query, *args), **TOL)

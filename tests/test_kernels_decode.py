@@ -6,6 +6,7 @@ query, centroids, signs, p * value norm) with fp32 accumulation; the reference i
 
 import pytest
 import torch
+from kernel_device import run_kernel
 
 from tq_vllm.codec import LayerCodec
 from tq_vllm.kernels.attention_reference import decode_attention_reference
@@ -74,7 +75,9 @@ def test_decode_matches_reference(
     query = torch.randn(len(lens), hq, d, generator=torch.Generator().manual_seed(2))
     seq_lens = torch.tensor(lens, dtype=torch.int32)
     scale = d**-0.5
-    out = decode_attention(query, cache, table, seq_lens, codec, scale, num_splits=num_splits)
+    out = run_kernel(
+        decode_attention, query, cache, table, seq_lens, codec, scale, num_splits=num_splits
+    )
     ref = decode_attention_reference(query, cache, table, seq_lens, codec, scale)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, ref, **TOL)
@@ -87,7 +90,9 @@ def test_decode_bf16_query_padded_records_and_tiles():
     query = torch.randn(2, 4, 128).to(torch.bfloat16)
     seq_lens = torch.tensor(lens, dtype=torch.int64)
     ref = decode_attention_reference(query.float(), cache, table, seq_lens, codec, 0.1)
-    out = decode_attention(query, cache, table, seq_lens, codec, 0.1, num_splits=3, block_n=64)
+    out = run_kernel(
+        decode_attention, query, cache, table, seq_lens, codec, 0.1, num_splits=3, block_n=64
+    )
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), ref, atol=1e-2, rtol=1e-2)  # bf16 output rounding
 

@@ -9,6 +9,7 @@ indices all match, QJL sign bits exactly except where |S r'| < 1e-4 ||r'||.
 
 import pytest
 import torch
+from kernel_device import DEVICE, run_kernel
 
 from tq_vllm.codec import LayerCodec
 from tq_vllm.kernels.store import store_kv, store_kv_reference
@@ -95,7 +96,7 @@ def run_case(
     slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
     slots[1::3] = -1  # vLLM's padding tokens
     got, ref = cache.clone(), cache.clone()
-    store_kv(key, value, got, slots, codec)
+    run_kernel(store_kv, key, value, got, slots, codec)
     store_kv_reference(key, value, ref, slots, codec)
     compare(codec, got, ref, key, value, slots)
 
@@ -129,7 +130,8 @@ def test_store_bf16_input_and_strided_heads():
     cache = torch.full((3, 2, 16, codec.layout.record_bytes), 0xFF, dtype=torch.uint8)
     slots = torch.arange(10) + 5
     got, ref = cache.clone(), cache.clone()
-    store_kv(qkv[:, 1], qkv[:, 2], got, slots, codec)
+    dev_qkv = qkv.to(DEVICE)  # slice on the kernel's device so the views stay strided there
+    run_kernel(store_kv, dev_qkv[:, 1], dev_qkv[:, 2], got, slots, codec)
     store_kv_reference(qkv[:, 1], qkv[:, 2], ref, slots, codec)
     compare(codec, got, ref, qkv[:, 1], qkv[:, 2], slots)
 
@@ -137,11 +139,10 @@ def test_store_bf16_input_and_strided_heads():
 def test_padding_slots_write_nothing():
     codec = LayerCodec(RecordLayout(64, 3, "prod", 3), seed=0)
     cache = torch.full((2, 1, 16, codec.layout.record_bytes), 0xFF, dtype=torch.uint8)
-    store_kv(torch.randn(3, 1, 64), torch.randn(3, 1, 64), cache, torch.full((3,), -1), codec)
+    k, empty = torch.randn(3, 1, 64), torch.randn(0, 1, 64)
+    run_kernel(store_kv, k, k, cache, torch.full((3,), -1), codec)
     assert bool((cache == 0xFF).all())
-    store_kv(
-        torch.randn(0, 1, 64), torch.randn(0, 1, 64), cache, torch.zeros(0, dtype=torch.long), codec
-    )
+    run_kernel(store_kv, empty, empty, cache, torch.zeros(0, dtype=torch.long), codec)
     assert bool((cache == 0xFF).all())
 
 
