@@ -84,6 +84,27 @@ def test_zero_and_large_vectors():
     assert (y[1] - x[1]).norm() / x[1].norm() < 0.15
 
 
+@pytest.mark.parametrize("bits", [1, 3, 4, 8])
+def test_mse_norm_correction_keeps_input_norms(bits):
+    """mse mode stores ||x|| / ||c[idx]||: the reconstruction has the input's norm, up to the
+    fp16 rounding of the stored norm (relative 2^-11)."""
+    tq = TurboQuantizer(head_dim=64, bits=bits, mode="mse", seed=2)
+    x = torch.randn(500, 64, generator=torch.Generator().manual_seed(9)) * 3
+    x[0] = 0.0
+    codes = tq.quantize(x)
+    got = tq.dequantize(codes).norm(dim=-1)
+    want = x.norm(dim=-1)
+    assert float(got[0]) == 0.0
+    torch.testing.assert_close(got, want, rtol=2**-11, atol=0)
+
+
+def test_prod_norms_are_not_corrected():
+    """Prod mode stores ||x|| itself (the unbiased estimator needs it)."""
+    tq = TurboQuantizer(head_dim=64, bits=3, mode="prod", seed=2)
+    x = torch.randn(50, 64, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(tq.quantize(x).norms, x.norm(dim=-1).half())
+
+
 def test_output_dtype_and_device_keywords():
     tq = TurboQuantizer(head_dim=64, bits=2, mode="mse", device="cpu", dtype=torch.bfloat16)
     assert tq.dequantize(tq.quantize(torch.randn(3, 64))).dtype == torch.bfloat16

@@ -173,8 +173,11 @@ def _quantize_store(
 ):
     """Quantize x [BLOCK_T, D] (float32) as quantizer.TurboQuantizer.quantize does and write
     the fields into the records at rec [BLOCK_T]. BITS are the mse stage's (0: 1-bit prod)."""
-    norm = tl.minimum(tl.sqrt_rn(tl.sum(x * x, axis=1)), FP16_MAX).to(tl.float16)
-    store_fp16(rec + NORM_OFF, norm, tmask)
+    xnorm = tl.sqrt_rn(tl.sum(x * x, axis=1))
+    norm = tl.minimum(xnorm, FP16_MAX).to(tl.float16)
+    if PROD:  # the residual needs the stored norm; mse mode stores a corrected one below
+        store_fp16(rec + NORM_OFF, norm, tmask)
+    csq = tl.zeros([BLOCK_T], dtype=tl.float32)  # ||c[idx]||^2, mse mode's norm correction
     # ||R x|| differs from ||x|| in the last bits; the reference divides by the former.
     ysq = tl.zeros([BLOCK_T], dtype=tl.float32)
     for c0 in tl.static_range(0, D, NC):
@@ -194,14 +197,21 @@ def _quantize_store(
                 cand = idx + (1 << (BITS - 1 - s))
                 idx = tl.where(u > tl.load(bnd_ptr + cand - 1), cand, idx)
             _pack_store(idx, rec + IDX_OFF + c0 * BITS // 8, tmask, BLOCK_T, NC, BITS)
+            c = tl.load(cent_ptr + idx)
             if PROD:
-                r = y - norm.to(tl.float32)[:, None] * tl.load(cent_ptr + idx)
+                r = y - norm.to(tl.float32)[:, None] * c
+            else:
+                csq += tl.sum(c * c, axis=1)
         if PROD:
             rsq += tl.sum(r * r, axis=1)
             i = tl.arange(0, D)
             k = c0 + tl.arange(0, NC)
             st = tl.load(qjl_ptr + i[None, :] * D + k[:, None])  # S^T rows c0..c0+NC
             proj += tl.dot(r, st, input_precision="ieee")
+    if not PROD:  # as quantizer.TurboQuantizer._code_norms: a zero code norm divides by 1
+        cnorm = tl.sqrt_rn(csq)
+        cnorm = tl.where(cnorm > 0, cnorm, 1.0)
+        store_fp16(rec + NORM_OFF, tl.minimum(tl.div_rn(xnorm, cnorm), FP16_MAX), tmask)
     if PROD:
         rnorm = tl.minimum(tl.sqrt_rn(rsq), FP16_MAX)
         store_fp16(rec + RNORM_OFF, rnorm, tmask)
