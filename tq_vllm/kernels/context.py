@@ -22,6 +22,7 @@ import triton.language as tl
 
 from tq_vllm.codec import LayerCodec
 from tq_vllm.kernels.decode import (
+    centroid_tables,
     check_gqa,
     layout_constexprs,
     rotated_queries,
@@ -51,7 +52,7 @@ def _context_kernel(
     cache_sb,
     cache_sh,
     cache_ss,
-    block_size,
+    BLOCK_SIZE: tl.constexpr,
     G: tl.constexpr,
     GP: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -105,7 +106,7 @@ def _context_kernel(
         t = n0 + tl.arange(0, BLOCK_N)
         tmask = t < cached_end
         rec = tile_records(
-            cache_ptr, table_row, h, t, tmask, block_size, cache_sb, cache_sh, cache_ss
+            cache_ptr, table_row, h, t, tmask, BLOCK_SIZE, cache_sb, cache_sh, cache_ss
         )
         s = score_tile(
             q, qs, rec, tmask, kcent_ptr, KEY_IDX_OFF, KEY_SIGN_OFF, D, KEY_BITS, PROD, QJL_COEF
@@ -216,9 +217,9 @@ def context_attention(
     grid = (triton.cdiv(max_query_len, block_m), batch, num_kv_heads)
     _context_kernel[grid](
         q, qs, k, v, kv_cache, block_table, query_start_loc, seq_lens,
-        codec.key.centroids, codec.value.centroids, out,
+        *centroid_tables(codec), out,
         num_q_heads, num_kv_heads, block_table.stride(0),
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), block_size,
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), BLOCK_SIZE=block_size,
         G=group, GP=group_pad, BLOCK_M=block_m, D=head_dim, BLOCK_N=block_n,
         FRESH_FP32=query.dtype == torch.float32, ALL_CACHED=all_cached,
         num_warps=num_warps, num_stages=num_stages, **layout_constexprs(codec),

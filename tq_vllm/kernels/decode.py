@@ -14,6 +14,7 @@ the value norm (saturated to fp16 by the store anyway).
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import triton
@@ -33,33 +34,127 @@ LOG2E = 1.4426950408889634
 
 @triton.jit
 def tile_records(
-    cache_ptr, table_row_ptr, h, t, tmask, block_size, cache_sb, cache_sh, cache_ss
+    cache_ptr, table_row_ptr, h, t, tmask, BLOCK_SIZE: tl.constexpr, cache_sb, cache_sh, cache_ss
 ):  # fmt: skip
-    """Record pointers [BLOCK_N] of a sequence's tokens t, through its block-table row."""
-    block = tl.load(table_row_ptr + t // block_size, mask=tmask, other=0).to(tl.int64)
-    return cache_ptr + block * cache_sb + h.to(tl.int64) * cache_sh + (t % block_size) * cache_ss
+    """Record pointers [BLOCK_N] of a sequence's tokens t, through its block-table row. The
+    block size is a constexpr (one per deployment): a division by a runtime value costs ~20
+    instructions per token."""
+    block = tl.load(table_row_ptr + t // BLOCK_SIZE, mask=tmask, other=0).to(tl.int64)
+    return cache_ptr + block * cache_sb + h.to(tl.int64) * cache_sh + (t % BLOCK_SIZE) * cache_ss
+
+
+@triton.jit
+def _group_index(lo, hi, J: tl.constexpr, BITS: tl.constexpr):
+    """Index J (0..7) of each group from the group's word: bits J*BITS.. of lo | hi << 32."""
+    P: tl.constexpr = J * BITS
+    if P + BITS <= 32:
+        v = lo >> P
+    elif P >= 32:
+        v = hi >> (P - 32)
+    else:  # straddles the two halves
+        v = (lo >> P) | (hi << (32 - P))
+    return v & ((1 << BITS) - 1)
+
+
+@triton.jit
+def _group_words(rec, tmask, OFF: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
+    """The packed field at rec + OFF (packing.py's layout) as words [BLOCK_N, D // 8] x 2.
+
+    Eight BITS-bit indices fill exactly BITS bytes, least significant bit first: each group of
+    eight is one little-endian word of 8 * BITS bits, returned as its low and high 32 bits.
+    Byte k of every group is one [BLOCK_N, D // 8] load, so a lane holds whole groups and
+    unpacking needs no data from other lanes. (One or two byte loads per index made the
+    kernel instruction-bound, far below HBM speed.)
+    """
+    grp = rec[:, None] + OFF + (tl.arange(0, D // 8) * BITS)[None, :]
+    lo = tl.zeros(grp.shape, dtype=tl.uint32)
+    hi = tl.zeros(grp.shape, dtype=tl.uint32)
+    for k in tl.static_range(BITS):
+        byte = tl.load(grp + k, mask=tmask[:, None], other=0).to(tl.uint32)
+        if k < 4:
+            lo |= byte << (8 * k)
+        else:
+            hi |= byte << (8 * (k - 4))
+    return lo, hi
+
+
+@triton.jit
+def _group_index(lo, hi, J: tl.constexpr, BITS: tl.constexpr):
+    """Index J (0..7) of every group: bits J*BITS.. of the word lo | hi << 32 (int32)."""
+    P: tl.constexpr = J * BITS
+    if P + BITS <= 32:
+        v = lo >> P
+    elif P >= 32:
+        v = hi >> (P - 32)
+    else:  # straddles the two halves
+        v = (lo >> P) | (hi << (32 - P))
+    return (v & ((1 << BITS) - 1)).to(tl.int32)
+
+
+@triton.jit
+def _interleave8(x0, x1, x2, x3, x4, x5, x6, x7, D: tl.constexpr):
+    """[BLOCK_N, D // 8] x 8 -> [BLOCK_N, D] with x_j[:, g] at column 8g + j. join appends a
+    last axis of 2 (kept in one lane's registers): this nesting leaves x_j, j = 4a + 2b + c,
+    at [..., a, b, c], which the reshape flattens into column 8g + j."""
+    x = tl.join(
+        tl.join(tl.join(x0, x4), tl.join(x2, x6)), tl.join(tl.join(x1, x5), tl.join(x3, x7))
+    )
+    return tl.reshape(x, [x0.shape[0], D])
+
+
+@triton.jit
+def _centroid(lo, hi, cent_ptr, J: tl.constexpr, BITS: tl.constexpr):
+    # Gathered on the [BLOCK_N, D // 8] tile, before the interleave: the gather then keeps
+    # the tile's layout (no 64-bit pointers shuffled between lanes); the table has at most
+    # 256 entries and stays in L1.
+    return tl.load(cent_ptr + _group_index(lo, hi, J, BITS)).to(tl.float16)
+
+
+@triton.jit
+def _half(pair, H: tl.constexpr):
+    """fp16 number H (0: low 16 bits) of the int32 pairs."""
+    return ((pair >> (16 * H)) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
 
 
 @triton.jit
 def load_centroids(rec, tmask, cent_ptr, OFF: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
-    """c[idx] [BLOCK_N, D] (float32) for the BITS-bit indices packed at rec + OFF."""
-    bit = tl.arange(0, D) * BITS
-    ptr = rec[:, None] + OFF + (bit >> 3)[None, :]
-    word = tl.load(ptr, mask=tmask[:, None], other=0).to(tl.int32)
-    if 8 % BITS != 0:  # 3, 5, 6, 7 bits: an index may straddle two bytes
-        inside = ((bit >> 3) + 1 < (D * BITS + 7) // 8)[None, :]  # stay inside the field
-        hi = tl.load(ptr + 1, mask=tmask[:, None] & inside, other=0).to(tl.int32)
-        word = word | (hi << 8)
-    idx = (word >> (bit & 7)[None, :]) & ((1 << BITS) - 1)
-    return tl.load(cent_ptr + idx)
+    """c[idx] [BLOCK_N, D] (float16) for the BITS-bit indices packed at rec + OFF.
+
+    cent_ptr is centroid_table(centroids, BITS): for BITS <= 4 it holds both centroids of
+    every pair of adjacent indices (2 * BITS contiguous bits of the word), so one gather
+    fetches two values; the gathers and their 64-bit addresses are most of the work per index.
+    """
+    lo, hi = _group_words(rec, tmask, OFF, D, BITS)
+    if BITS <= 4:
+        p0 = tl.load(cent_ptr + _group_index(lo, hi, 0, 2 * BITS))
+        p1 = tl.load(cent_ptr + _group_index(lo, hi, 1, 2 * BITS))
+        p2 = tl.load(cent_ptr + _group_index(lo, hi, 2, 2 * BITS))
+        p3 = tl.load(cent_ptr + _group_index(lo, hi, 3, 2 * BITS))
+        return _interleave8(
+            _half(p0, 0), _half(p0, 1), _half(p1, 0), _half(p1, 1),
+            _half(p2, 0), _half(p2, 1), _half(p3, 0), _half(p3, 1), D,
+        )  # fmt: skip
+    return _interleave8(
+        _centroid(lo, hi, cent_ptr, 0, BITS), _centroid(lo, hi, cent_ptr, 1, BITS),
+        _centroid(lo, hi, cent_ptr, 2, BITS), _centroid(lo, hi, cent_ptr, 3, BITS),
+        _centroid(lo, hi, cent_ptr, 4, BITS), _centroid(lo, hi, cent_ptr, 5, BITS),
+        _centroid(lo, hi, cent_ptr, 6, BITS), _centroid(lo, hi, cent_ptr, 7, BITS), D,
+    )  # fmt: skip
+
+
+@triton.jit
+def _sign(lo, J: tl.constexpr):
+    return (_group_index(lo, lo, J, 1) * 2 - 1).to(tl.float16)
 
 
 @triton.jit
 def load_signs(rec, tmask, OFF: tl.constexpr, D: tl.constexpr):
-    """The QJL sign bits at rec + OFF as +-1 [BLOCK_N, D] (float32)."""
-    j = tl.arange(0, D)
-    byte = tl.load(rec[:, None] + OFF + (j >> 3)[None, :], mask=tmask[:, None], other=0)
-    return ((byte.to(tl.int32) >> (j & 7)[None, :]) & 1).to(tl.float32) * 2 - 1
+    """The QJL sign bits at rec + OFF as +-1 [BLOCK_N, D] (float16)."""
+    lo, _ = _group_words(rec, tmask, OFF, D, 1)
+    return _interleave8(
+        _sign(lo, 0), _sign(lo, 1), _sign(lo, 2), _sign(lo, 3),
+        _sign(lo, 4), _sign(lo, 5), _sign(lo, 6), _sign(lo, 7), D,
+    )  # fmt: skip
 
 
 @triton.jit
@@ -81,12 +176,12 @@ def score_tile(
     norm = load_fp16(rec, tmask)
     if KEY_BITS > 0:
         kc = load_centroids(rec, tmask, kcent_ptr, KEY_IDX_OFF, D, KEY_BITS)
-        s = tl.dot(q, tl.trans(kc.to(tl.float16))) * norm[None, :]
+        s = tl.dot(q, tl.trans(kc)) * norm[None, :]
     else:
         s = tl.zeros([q.shape[0], rec.shape[0]], dtype=tl.float32)
     if PROD:
         rnorm = load_fp16(rec + 2, tmask)
-        signs = load_signs(rec, tmask, KEY_SIGN_OFF, D).to(tl.float16)
+        signs = load_signs(rec, tmask, KEY_SIGN_OFF, D)
         s += tl.dot(qs, tl.trans(signs)) * (rnorm * QJL_COEF)[None, :]
     return tl.where(tmask[None, :], s, float("-inf"))
 
@@ -105,7 +200,7 @@ def value_tile(
     """sum_n p[:, n] * norm_n * c[idx_n]: [M, D] for weights p [M, BLOCK_N]."""
     norm = load_fp16(rec + VALUE_NORM_OFF, tmask)
     vc = load_centroids(rec, tmask, vcent_ptr, VALUE_IDX_OFF, D, VALUE_BITS)
-    return tl.dot((p * norm[None, :]).to(tl.float16), vc.to(tl.float16))
+    return tl.dot((p * norm[None, :]).to(tl.float16), vc)
 
 
 @triton.jit
@@ -125,7 +220,7 @@ def _decode_split_kernel(
     cache_sb,
     cache_sh,
     cache_ss,
-    block_size,
+    BLOCK_SIZE: tl.constexpr,
     G: tl.constexpr,
     GP: tl.constexpr,
     D: tl.constexpr,
@@ -168,7 +263,7 @@ def _decode_split_kernel(
         t = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         tmask = t < seq_len
         rec = tile_records(
-            cache_ptr, table_row, h, t, tmask, block_size, cache_sb, cache_sh, cache_ss
+            cache_ptr, table_row, h, t, tmask, BLOCK_SIZE, cache_sb, cache_sh, cache_ss
         )
         s = score_tile(
             q, qs, rec, tmask, kcent_ptr, KEY_IDX_OFF, KEY_SIGN_OFF, D, KEY_BITS, PROD, QJL_COEF
@@ -207,6 +302,26 @@ def _decode_reduce_kernel(o_ptr, lse_ptr, out_ptr, num_splits, D: tl.constexpr, 
     tl.store(out_ptr + row * D + d, out)
 
 
+_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def centroid_table(centroids: torch.Tensor, bits: int) -> torch.Tensor:
+    """What load_centroids gathers from: the float32 centroids for bits > 4; for bits <= 4
+    int32 [2^(2 bits)] whose entry p holds fp16 c[p & (2^bits - 1)] in its low half and fp16
+    c[p >> bits] in its high half. Built once per centroid tensor (codecs live as long as the
+    engine), so a decode step pays nothing for it."""
+    if bits > 4:
+        return centroids
+    table = _TABLES.get(centroids)
+    if table is None:
+        h = centroids.to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
+        p = torch.arange(1 << (2 * bits), device=centroids.device)
+        pairs = h[p & ((1 << bits) - 1)] | (h[p >> bits] << 16)
+        table = torch.where(pairs >= 1 << 31, pairs - (1 << 32), pairs).to(torch.int32)
+        _TABLES[centroids] = table
+    return table
+
+
 def layout_constexprs(codec: LayerCodec) -> dict:
     layout = codec.layout
     return dict(
@@ -219,6 +334,13 @@ def layout_constexprs(codec: LayerCodec) -> dict:
         VALUE_IDX_OFF=layout.value_indices,
         QJL_COEF=math.sqrt(math.pi / 2) / codec.head_dim,
     )
+
+
+def centroid_tables(codec: LayerCodec) -> tuple[torch.Tensor, torch.Tensor]:
+    """The key and value tables the attention kernels gather centroids from."""
+    layout = codec.layout
+    key = centroid_table(codec.key.centroids, layout.key_index_bits)
+    return key, centroid_table(codec.value.centroids, layout.value_bits)
 
 
 def rotated_queries(
@@ -302,9 +424,9 @@ def decode_attention(
     partial = torch.empty(batch, num_q_heads, num_splits, head_dim, device=device)
     lse = torch.empty(batch, num_q_heads, num_splits, device=device)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        q, qs, kv_cache, block_table, seq_lens, codec.key.centroids, codec.value.centroids,
+        q, qs, kv_cache, block_table, seq_lens, *centroid_tables(codec),
         partial, lse, num_q_heads, num_splits, block_table.stride(0),
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), block_size,
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), BLOCK_SIZE=block_size,
         G=group, GP=max(16, triton.next_power_of_2(group)), D=head_dim, BLOCK_N=block_n,
         num_warps=num_warps, num_stages=num_stages, **layout_constexprs(codec),
     )  # fmt: skip
