@@ -22,9 +22,8 @@ import triton.language as tl
 
 from tq_vllm.codec import LayerCodec
 from tq_vllm.kernels.decode import (
-    centroid_tables,
     check_gqa,
-    layout_constexprs,
+    launch_state,
     rotated_queries,
     score_tile,
     tile_records,
@@ -207,6 +206,7 @@ def context_attention(
     if max_query_len < 1:
         return torch.empty_like(query)
 
+    constexprs, tables = launch_state(codec)
     q, qs = rotated_queries(query, codec, scale)
     k = q if all_cached else codec.rotate(key).contiguous()  # q: a placeholder, never read
     v = q if all_cached else codec.rotate(value).contiguous()
@@ -217,11 +217,11 @@ def context_attention(
     grid = (triton.cdiv(max_query_len, block_m), batch, num_kv_heads)
     _context_kernel[grid](
         q, qs, k, v, kv_cache, block_table, query_start_loc, seq_lens,
-        *centroid_tables(codec), out,
+        *tables, out,
         num_q_heads, num_kv_heads, block_table.stride(0),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), BLOCK_SIZE=block_size,
         G=group, GP=group_pad, BLOCK_M=block_m, D=head_dim, BLOCK_N=block_n,
         FRESH_FP32=query.dtype == torch.float32, ALL_CACHED=all_cached,
-        num_warps=num_warps, num_stages=num_stages, **layout_constexprs(codec),
+        num_warps=num_warps, num_stages=num_stages, **constexprs,
     )  # fmt: skip
     return (out @ codec.rotation).to(query.dtype)

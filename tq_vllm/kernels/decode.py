@@ -13,8 +13,8 @@ the value norm (saturated to fp16 by the store anyway).
 
 from __future__ import annotations
 
+import functools
 import math
-import weakref
 
 import torch
 import triton
@@ -27,6 +27,7 @@ from tq_vllm.kernels.store import (
     check_cache,
     check_tensor,
     load_fp16,
+    per_codec,
 )
 
 LOG2E = 1.4426950408889634
@@ -302,24 +303,16 @@ def _decode_reduce_kernel(o_ptr, lse_ptr, out_ptr, num_splits, D: tl.constexpr, 
     tl.store(out_ptr + row * D + d, out)
 
 
-_TABLES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
 def centroid_table(centroids: torch.Tensor, bits: int) -> torch.Tensor:
     """What load_centroids gathers from: the float32 centroids for bits > 4; for bits <= 4
     int32 [2^(2 bits)] whose entry p holds fp16 c[p & (2^bits - 1)] in its low half and fp16
-    c[p >> bits] in its high half. Built once per centroid tensor (codecs live as long as the
-    engine), so a decode step pays nothing for it."""
+    c[p >> bits] in its high half."""
     if bits > 4:
         return centroids
-    table = _TABLES.get(centroids)
-    if table is None:
-        h = centroids.to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
-        p = torch.arange(1 << (2 * bits), device=centroids.device)
-        pairs = h[p & ((1 << bits) - 1)] | (h[p >> bits] << 16)
-        table = torch.where(pairs >= 1 << 31, pairs - (1 << 32), pairs).to(torch.int32)
-        _TABLES[centroids] = table
-    return table
+    h = centroids.to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
+    p = torch.arange(1 << (2 * bits), device=centroids.device)
+    pairs = h[p & ((1 << bits) - 1)] | (h[p >> bits] << 16)
+    return torch.where(pairs >= 1 << 31, pairs - (1 << 32), pairs).to(torch.int32)
 
 
 def layout_constexprs(codec: LayerCodec) -> dict:
@@ -336,11 +329,18 @@ def layout_constexprs(codec: LayerCodec) -> dict:
     )
 
 
-def centroid_tables(codec: LayerCodec) -> tuple[torch.Tensor, torch.Tensor]:
-    """The key and value tables the attention kernels gather centroids from."""
+def _launch_state(codec: LayerCodec) -> tuple[dict, tuple[torch.Tensor, torch.Tensor]]:
     layout = codec.layout
-    key = centroid_table(codec.key.centroids, layout.key_index_bits)
-    return key, centroid_table(codec.value.centroids, layout.value_bits)
+    tables = (
+        centroid_table(codec.key.centroids, layout.key_index_bits),
+        centroid_table(codec.value.centroids, layout.value_bits),
+    )
+    return layout_constexprs(codec), tables
+
+
+def launch_state(codec: LayerCodec) -> tuple[dict, tuple[torch.Tensor, torch.Tensor]]:
+    """(layout_constexprs, (key table, value table)) of the attention kernels, built once."""
+    return per_codec(codec, "attention", _launch_state)
 
 
 def rotated_queries(
@@ -348,7 +348,10 @@ def rotated_queries(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q' = R q with softmax scale and log2(e) folded in (the kernels use exp2), and S q'
     (prod mode; q' itself otherwise, unread)."""
-    q = (query.float() @ codec.rotation.T) * (scale * LOG2E)
+    rt = per_codec(
+        codec, f"scaled rotation {scale!r}", lambda c: c.rotation.T * (scale * LOG2E)
+    )  # one GEMM per call, no separate scaling kernel
+    q = query.float() @ rt
     qs = q @ codec.key.qjl.T if codec.layout.prod else q
     return q.contiguous(), qs.contiguous()
 
@@ -365,14 +368,15 @@ def check_gqa(query: torch.Tensor, kv_cache: torch.Tensor, codec: LayerCodec) ->
     return num_q_heads // num_kv_heads
 
 
+@functools.cache
+def _sm_count(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
 def default_num_splits(batch: int, num_kv_heads: int, max_len: int, device: torch.device) -> int:
     """Enough programs to fill the GPU about twice, without splits shorter than 256 tokens.
     From shapes only (no seq_lens read), so it costs no device sync."""
-    sms = (
-        torch.cuda.get_device_properties(device).multi_processor_count
-        if device.type == "cuda"
-        else 4
-    )
+    sms = _sm_count(device.index) if device.type == "cuda" else 4
     return max(1, min(triton.cdiv(2 * sms, batch * num_kv_heads), triton.cdiv(max_len, 256)))
 
 
@@ -419,19 +423,23 @@ def decode_attention(
     if batch == 0:
         return torch.empty_like(query)
 
+    constexprs, tables = launch_state(codec)
     q, qs = rotated_queries(query, codec, scale)
     block_table = block_table if block_table.stride(1) == 1 else block_table.contiguous()
     partial = torch.empty(batch, num_q_heads, num_splits, head_dim, device=device)
     lse = torch.empty(batch, num_q_heads, num_splits, device=device)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        q, qs, kv_cache, block_table, seq_lens, *centroid_tables(codec),
+        q, qs, kv_cache, block_table, seq_lens, *tables,
         partial, lse, num_q_heads, num_splits, block_table.stride(0),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), BLOCK_SIZE=block_size,
         G=group, GP=max(16, triton.next_power_of_2(group)), D=head_dim, BLOCK_N=block_n,
-        num_warps=num_warps, num_stages=num_stages, **layout_constexprs(codec),
+        num_warps=num_warps, num_stages=num_stages, **constexprs,
     )  # fmt: skip
-    out = torch.empty(batch, num_q_heads, head_dim, device=device)
-    _decode_reduce_kernel[(batch * num_q_heads,)](
-        partial, lse, out, num_splits, D=head_dim, SP=triton.next_power_of_2(num_splits)
-    )
+    if num_splits == 1:  # one split per row holds the whole softmax: nothing to merge
+        out = partial.view(batch, num_q_heads, head_dim)
+    else:
+        out = torch.empty(batch, num_q_heads, head_dim, device=device)
+        _decode_reduce_kernel[(batch * num_q_heads,)](
+            partial, lse, out, num_splits, D=head_dim, SP=triton.next_power_of_2(num_splits)
+        )
     return (out @ codec.rotation).to(query.dtype)

@@ -6,6 +6,10 @@ the same bytes (see tests/test_kernels_store.py for where float rounding may dif
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import triton
 import triton.language as tl
@@ -74,6 +78,32 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
+_PER_CODEC: dict[tuple[int, str], tuple[weakref.ref, Any]] = {}
+
+
+def per_codec(codec: LayerCodec, name: str, build: Callable[[LayerCodec], Any]) -> Any:
+    """build(codec), computed once per live codec and name. A codec's tensors never change and
+    it lives as long as the engine, so what the kernel wrappers derive from it (validation,
+    constexprs, lookup tables) need not cost host time on every call of every layer."""
+    key = (id(codec), name)
+    entry = _PER_CODEC.get(key)
+    if entry is None or entry[0]() is not codec:
+        value = build(codec)
+        _PER_CODEC[key] = (weakref.ref(codec, lambda _: _PER_CODEC.pop(key, None)), value)
+        return value
+    return entry[1]
+
+
+def _codec_device(codec: LayerCodec) -> torch.device:
+    check_kernel_head_dim(codec.head_dim)
+    tensors = codec_tensors(codec)
+    device = codec.rotation.device
+    for name, t in tensors.items():
+        if t.device != device:
+            raise ValueError(f"codec {name} is on {t.device}, its rotation on {device}")
+    return device
+
+
 def check_cache(kv_cache: object, codec: LayerCodec) -> torch.Tensor:
     """kv_cache uint8 [num_blocks, num_kv_heads, block_size, record_bytes], contiguous."""
     check_tensor("kv_cache", kv_cache, 4, (torch.uint8,))
@@ -84,10 +114,9 @@ def check_cache(kv_cache: object, codec: LayerCodec) -> torch.Tensor:
             f"kv_cache records have {kv_cache.shape[3]} bytes; the codec's layout needs "
             f"{codec.layout.size}"
         )
-    check_kernel_head_dim(codec.head_dim)
-    for name, t in codec_tensors(codec).items():
-        if t.device != kv_cache.device:
-            raise ValueError(f"codec {name} is on {t.device}, kv_cache on {kv_cache.device}")
+    device = per_codec(codec, "device", _codec_device)
+    if device != kv_cache.device:
+        raise ValueError(f"the codec's tensors are on {device}, kv_cache on {kv_cache.device}")
     return kv_cache
 
 
