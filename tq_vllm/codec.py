@@ -3,6 +3,8 @@
 Attention runs in the rotated domain: <q, k> = <R q, R k> and sum_i p_i v_i = R^T sum_i p_i R v_i,
 so a layer rotates its queries once, compares them with R k_hat straight from the codes, and
 rotates the attention output back once; dequantized keys and values never leave that domain.
+Uniform values (value_mode "uniform", upstream vLLM's format) are quantized unrotated, so they
+are rotated after dequantization: a matmul more, on the PyTorch path only.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import torch
 
 from tq_vllm.layout import RecordLayout, decode_records, encode_records
 from tq_vllm.quantizer import TurboQuantizer
+from tq_vllm.uniform import UniformQuantizer
 
 
 class LayerCodec:
@@ -20,20 +23,26 @@ class LayerCodec:
         self.layout = layout
         self.head_dim = layout.head_dim
         self.key = TurboQuantizer(layout.head_dim, layout.key_bits, layout.key_mode, seed, device)
-        self.value = TurboQuantizer(layout.head_dim, layout.value_bits, "mse", seed, device)
+        self.value: TurboQuantizer | UniformQuantizer
+        if layout.uniform_values:
+            self.value = UniformQuantizer(layout.head_dim, layout.value_bits)
+        else:
+            self.value = TurboQuantizer(layout.head_dim, layout.value_bits, "mse", seed, device)
         self.rotation = self.key.rotation  # R, float32 [d, d]; keys and values share it
 
     def encode(self, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """key, value [..., d] -> records uint8 [..., record_bytes]. No input checks."""
-        return encode_records(
-            self.layout,
-            self.key.quantize(key, check=False),
-            self.value.quantize(value, check=False),
-        )
+        if self.layout.uniform_values:
+            value_codes = self.value.quantize(value)
+        else:
+            value_codes = self.value.quantize(value, check=False)
+        return encode_records(self.layout, self.key.quantize(key, check=False), value_codes)
 
     def decode_rotated(self, records: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """records [..., >= size] -> (R k_hat, R v_hat), float32 [..., d] each."""
         key, value = decode_records(self.layout, records)
+        if self.layout.uniform_values:
+            return self.key.dequantize_rotated(key), self.rotate(self.value.dequantize(value))
         return self.key.dequantize_rotated(key), self.value.dequantize_rotated(value)
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:

@@ -8,10 +8,13 @@ Sources, later ones overriding earlier ones key by key:
 Fields (all optional):
   key_bits, value_bits   bits per coordinate, 1..8
   key_mode               "mse" (all bits to the Lloyd-Max stage) or "prod" (one bit to QJL)
+  value_mode             "mse" (rotated, Lloyd-Max) or "uniform" (upstream vLLM's values:
+                         fp16 scale and zero point per vector; PyTorch/CPU path only)
   seed                   rotation / QJL seed; every process derives identical matrices from it
   keep_first_layers, keep_last_layers, keep_key_bits, keep_value_bits
                          the first / last N attention layers use keep_*_bits instead
-  layers                 per-layer overrides {layer_index: {key_bits, value_bits, key_mode}};
+  layers                 per-layer overrides {layer_index: {key_bits, value_bits, key_mode,
+                         value_mode}};
                          negative indices count from the end
 
 One KV-cache group has one page size, so every layer's record is padded to the largest
@@ -30,12 +33,12 @@ from typing import Any
 import yaml
 
 from tq_vllm.centroids import MIN_HEAD_DIM, check_bits
-from tq_vllm.layout import RecordLayout
+from tq_vllm.layout import VALUE_MODES, RecordLayout
 from tq_vllm.quantizer import MODES
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # ./configs links here
 ENV_VAR = "TQ_VLLM_CONFIG"
-LAYER_FIELDS = ("key_bits", "value_bits", "key_mode")
+LAYER_FIELDS = ("key_bits", "value_bits", "key_mode", "value_mode")
 
 
 class ConfigError(ValueError):
@@ -50,9 +53,12 @@ class LayerBits:
     key_bits: int
     value_bits: int
     key_mode: str
+    value_mode: str = "mse"
 
     def layout(self, head_dim: int) -> RecordLayout:
-        return RecordLayout(head_dim, self.key_bits, self.key_mode, self.value_bits)
+        return RecordLayout(
+            head_dim, self.key_bits, self.key_mode, self.value_bits, value_mode=self.value_mode
+        )
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,7 @@ class TurboQuantConfig:
     key_bits: int = 3
     value_bits: int = 3
     key_mode: str = "mse"
+    value_mode: str = "mse"
     seed: int = 0
     keep_first_layers: int = 0
     keep_last_layers: int = 0
@@ -72,6 +79,7 @@ class TurboQuantConfig:
         for name in ("key_bits", "value_bits", "keep_key_bits", "keep_value_bits"):
             _check_bits_field(getattr(self, name), name)
         _check_mode_field(self.key_mode, "key_mode")
+        _check_value_mode_field(self.value_mode, "value_mode")
         if self.key_mode == "prod" and self.key_bits < 2:
             raise ConfigError("key_bits must be >= 2 with key_mode 'prod' (one bit goes to QJL)")
         for name in ("seed", "keep_first_layers", "keep_last_layers"):
@@ -93,12 +101,14 @@ class TurboQuantConfig:
                     raise ConfigError(f"{where}.{key}: unknown field (known: {LAYER_FIELDS})")
                 if key == "key_mode":
                     _check_mode_field(value, f"{where}.key_mode")
+                elif key == "value_mode":
+                    _check_value_mode_field(value, f"{where}.value_mode")
                 else:
                     _check_bits_field(value, f"{where}.{key}")
 
     def layer_bits(self, layer: int, num_layers: int) -> LayerBits:
         """Bits of attention layer `layer` (0-based) in a model with num_layers of them."""
-        bits = LayerBits(self.key_bits, self.value_bits, self.key_mode)
+        bits = LayerBits(self.key_bits, self.value_bits, self.key_mode, self.value_mode)
         if layer < self.keep_first_layers or layer >= num_layers - self.keep_last_layers:
             bits = replace(bits, key_bits=self.keep_key_bits, value_bits=self.keep_value_bits)
         for index, override in self.layers.items():
@@ -122,16 +132,18 @@ class TurboQuantConfig:
     def describe(self, head_dim: int, num_layers: int, model_bytes_per_value: int = 2) -> str:
         layouts = self.layouts(head_dim, num_layers)
         record = layouts[0].record_bytes
-        base = LayerBits(self.key_bits, self.value_bits, self.key_mode).layout(head_dim)
+        base = LayerBits(self.key_bits, self.value_bits, self.key_mode, self.value_mode)
+        base_layout = base.layout(head_dim)
+        values = " (uniform)" if base_layout.uniform_values else ""
         text = (
             f"TurboQuant KV cache ({self.source}): K{self.key_bits} ({self.key_mode}) "
-            f"V{self.value_bits}, seed {self.seed}, head_dim {head_dim}: {record} bytes per "
-            f"token per KV head (model dtype: {2 * head_dim * model_bytes_per_value}), "
+            f"V{self.value_bits}{values}, seed {self.seed}, head_dim {head_dim}: {record} bytes "
+            f"per token per KV head (model dtype: {2 * head_dim * model_bytes_per_value}), "
             f"{layouts[0].compression_ratio(model_bytes_per_value):.2f}x"
         )
-        if record > base.size:
+        if record > base_layout.size:
             text += (
-                f"; records padded from {base.size} to {record} bytes for the "
+                f"; records padded from {base_layout.size} to {record} bytes for the "
                 "higher-precision layers"
             )
         return text
@@ -147,6 +159,11 @@ def _check_bits_field(value: Any, name: str) -> None:
 def _check_mode_field(value: Any, name: str) -> None:
     if value not in MODES:
         raise ConfigError(f"{name} must be one of {MODES}, got {value!r}")
+
+
+def _check_value_mode_field(value: Any, name: str) -> None:
+    if value not in VALUE_MODES:
+        raise ConfigError(f"{name} must be one of {VALUE_MODES}, got {value!r}")
 
 
 def resolve_config_path(name: str) -> Path:

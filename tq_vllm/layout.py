@@ -5,7 +5,8 @@ record, byte offsets from its start (all fields little-endian, no alignment need
 
     0                      key norm, float16
     2                      key residual norm, float16              (prod mode only)
-    value_norm             value norm, float16
+    value_norm             value norm, float16 (value_mode "uniform": the value scale)
+    value_zero             value zero point, float16               (value_mode "uniform" only)
     key_indices            key indices, ceil(d * key_index_bits / 8) bytes, packed (packing.py)
     key_signs              QJL sign bits of the key residual, ceil(d / 8) bytes (prod mode only)
     value_indices          value indices, ceil(d * value_bits / 8) bytes, packed
@@ -13,16 +14,21 @@ record, byte offsets from its start (all fields little-endian, no alignment need
                            so that every layer in one KV-cache group has the same page size
 
 Norms come first so that a kernel finds them at fixed offsets whatever the bit widths are.
+value_mode "uniform" (uniform.py: upstream vLLM's value format, for comparison) is read by the
+PyTorch path only; kernels check `RecordLayout.uniform_values` and must not read such records.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from tq_vllm.packing import packed_bytes
 from tq_vllm.quantizer import TurboCodes
+from tq_vllm.uniform import UniformCodes
+
+VALUE_MODES = ("mse", "uniform")
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,15 @@ class RecordLayout:
     key_mode: str
     value_bits: int
     padded_size: int = 0  # 0: no padding
+    value_mode: str = "mse"  # "uniform": fp16 scale + zero point, no rotation (uniform.py)
+
+    def __post_init__(self) -> None:
+        if self.value_mode not in VALUE_MODES:
+            raise ValueError(f"value_mode must be one of {VALUE_MODES}, got {self.value_mode!r}")
+
+    @property
+    def uniform_values(self) -> bool:
+        return self.value_mode == "uniform"
 
     @property
     def key_index_bits(self) -> int:
@@ -54,8 +69,12 @@ class RecordLayout:
         return 4 if self.prod else 2
 
     @property
+    def value_zero(self) -> int:
+        return self.value_norm + 2  # meaningful in uniform value mode only
+
+    @property
     def key_indices(self) -> int:
-        return self.value_norm + 2
+        return self.value_norm + (4 if self.uniform_values else 2)
 
     @property
     def key_index_bytes(self) -> int:
@@ -90,9 +109,7 @@ class RecordLayout:
     def padded(self, record_bytes: int) -> RecordLayout:
         if record_bytes < self.size:
             raise ValueError(f"cannot pad a {self.size}-byte record to {record_bytes} bytes")
-        return RecordLayout(
-            self.head_dim, self.key_bits, self.key_mode, self.value_bits, record_bytes
-        )
+        return replace(self, padded_size=record_bytes)
 
     def compression_ratio(self, model_bytes_per_value: int = 2) -> float:
         """Bytes of K and V in the model dtype over the record's bytes (padding included)."""
@@ -109,20 +126,28 @@ def _get_fp16(records: torch.Tensor, offset: int) -> torch.Tensor:
     return records[..., offset : offset + 2].contiguous().view(torch.float16).squeeze(-1)
 
 
-def encode_records(layout: RecordLayout, key: TurboCodes, value: TurboCodes) -> torch.Tensor:
+def encode_records(
+    layout: RecordLayout, key: TurboCodes, value: TurboCodes | UniformCodes
+) -> torch.Tensor:
     """Key and value codes of the same leading shape [...] -> records uint8 [..., record_bytes]."""
     out = torch.zeros(*key.shape, layout.record_bytes, dtype=torch.uint8, device=key.norms.device)
     _put_fp16(out, layout.key_norm, key.norms)
     if layout.prod:
         _put_fp16(out, layout.key_residual_norm, key.residual_norms)
         out[..., layout.key_signs : layout.value_indices] = key.signs
-    _put_fp16(out, layout.value_norm, value.norms)
+    if layout.uniform_values:
+        _put_fp16(out, layout.value_norm, value.scale)
+        _put_fp16(out, layout.value_zero, value.zero)
+    else:
+        _put_fp16(out, layout.value_norm, value.norms)
     out[..., layout.key_indices : layout.key_signs] = key.indices
     out[..., layout.value_indices : layout.size] = value.indices
     return out
 
 
-def decode_records(layout: RecordLayout, records: torch.Tensor) -> tuple[TurboCodes, TurboCodes]:
+def decode_records(
+    layout: RecordLayout, records: torch.Tensor
+) -> tuple[TurboCodes, TurboCodes | UniformCodes]:
     """records uint8 [..., >= size] -> (key codes, value codes)."""
     key = TurboCodes(
         indices=records[..., layout.key_indices : layout.key_signs],
@@ -131,8 +156,8 @@ def decode_records(layout: RecordLayout, records: torch.Tensor) -> tuple[TurboCo
     if layout.prod:
         key.residual_norms = _get_fp16(records, layout.key_residual_norm)
         key.signs = records[..., layout.key_signs : layout.value_indices]
-    value = TurboCodes(
-        indices=records[..., layout.value_indices : layout.size],
-        norms=_get_fp16(records, layout.value_norm),
-    )
-    return key, value
+    indices = records[..., layout.value_indices : layout.size]
+    if layout.uniform_values:
+        scale, zero = _get_fp16(records, layout.value_norm), _get_fp16(records, layout.value_zero)
+        return key, UniformCodes(indices=indices, scale=scale, zero=zero)
+    return key, TurboCodes(indices=indices, norms=_get_fp16(records, layout.value_norm))

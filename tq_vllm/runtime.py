@@ -59,6 +59,15 @@ def check_vllm_config(vllm_config: Any) -> Settings:
     if reasons:
         raise ConfigError("--kv-cache-dtype turboquant: " + "; ".join(reasons))
     settings = settings_from(vllm_config)
+    uniform = [i for i, layout in enumerate(settings.layouts) if layout.uniform_values]
+    if uniform:
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cuda_alike():
+            raise ConfigError(
+                f"value_mode 'uniform' (layers {uniform}) runs on the CPU (PyTorch) path only; "
+                "the CUDA kernels read Lloyd-Max value records: use value_mode 'mse'"
+            )
     model_bytes = vllm_config.model_config.dtype.itemsize
     logger.info("%s", settings.config.describe(settings.head_dim, settings.num_layers, model_bytes))
     return settings
