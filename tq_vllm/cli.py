@@ -123,10 +123,16 @@ def main(argv: list[str] | None = None) -> int:
     cap = sub.add_parser("capacity", help="start vLLM per config and print its KV capacity")
     cap.add_argument("configs", nargs="*", default=CAPACITY_CONFIGS)
     cap.add_argument("--kv-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE (GiB)")
+    from tq_vllm import eval as quality
+
+    quality.add_parser(sub)
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:
         return serve(argv[1:])
     args = parser.parse_args(argv)
+    if args.command == "eval":
+        args.argv = argv[1:]
+        return quality.evaluate(args)
     return {"demo": demo, "model": convert_model, "capacity": capacity}[args.command](args)
 
 

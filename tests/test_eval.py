@@ -1,0 +1,140 @@
+"""Uniform value mode (upstream vLLM's value format), the eval's parts, and `tq-vllm eval --quick`
+on the real engine."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_attention_reference import dense, dequantized, make_batch
+
+from tq_vllm.codec import LayerCodec
+from tq_vllm.config import ConfigError, load_config
+from tq_vllm.fidelity import layer_fidelity
+from tq_vllm.kernels.attention_reference import (
+    context_attention_reference,
+    decode_attention_reference,
+)
+from tq_vllm.layout import RecordLayout, decode_records, encode_records
+from tq_vllm.uniform import UniformQuantizer
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+def test_uniform_round_trip_error_bound(bits):
+    gen = torch.Generator().manual_seed(bits)
+    x = torch.randn(200, 64, generator=gen) * torch.logspace(-3, 3, 200).unsqueeze(1)
+    x[0] = 0.7  # a constant vector comes back exactly (up to the fp16 zero point)
+    uq = UniformQuantizer(64, bits)
+    codes = uq.quantize(x)
+    assert codes.indices.shape == (200, 64 * bits // 8) and codes.scale.dtype == torch.float16
+    x_hat = uq.dequantize(codes)
+    lo, hi = x.amin(-1), x.amax(-1)
+    scale, zero = codes.scale.float(), codes.zero.float()
+    # Half a step, plus what fp16 rounding of zero and scale shifts the levels by.
+    bound = 0.5 * scale + (lo - zero).abs() + uq.levels * ((hi - lo) / uq.levels - scale).abs()
+    err = (x_hat - x).abs().amax(-1)
+    assert torch.all(err <= bound * (1 + 1e-5) + 1e-7)
+    assert err[0] <= (x[0, 0] - zero[0]).abs() + 1e-7
+
+
+def test_uniform_record_layout():
+    layout = RecordLayout(64, 4, "mse", 4, value_mode="uniform")
+    # upstream's 4-bit slot: key 32 + 2 (norm), value 32 + 2 (scale) + 2 (zero)
+    assert layout.size == 70 and layout.uniform_values
+    assert (layout.key_norm, layout.value_norm, layout.value_zero) == (0, 2, 4)
+    assert (layout.key_indices, layout.value_indices) == (6, 38)
+    default = RecordLayout(64, 4, "mse", 4)  # unchanged by the new mode
+    assert (default.size, default.key_indices, default.uniform_values) == (68, 4, False)
+    with pytest.raises(ValueError, match="value_mode"):
+        RecordLayout(64, 4, "mse", 4, value_mode="lloyd")
+
+
+def test_uniform_record_round_trip():
+    layout = RecordLayout(64, 3, "prod", 3, value_mode="uniform").padded(64)
+    codec = LayerCodec(layout, seed=0)
+    k, v = torch.randn(4, 2, 64), torch.randn(4, 2, 64) * 5 + 1
+    records = codec.encode(k, v)
+    assert records.shape == (4, 2, 64) and torch.all(records[..., layout.size :] == 0)
+    key, value = decode_records(layout, records)
+    expected = codec.value.quantize(v)
+    assert torch.equal(value.scale, expected.scale) and torch.equal(value.zero, expected.zero)
+    assert torch.equal(value.indices, expected.indices)
+    assert torch.equal(encode_records(layout, key, value), records)
+    _, v_rot = codec.decode_rotated(records)
+    torch.testing.assert_close(codec.unrotate(v_rot), codec.value.dequantize(expected))
+
+
+def test_reference_attention_uniform_equals_dequantize_then_attend():
+    codec = LayerCodec(RecordLayout(64, 4, "mse", 3, value_mode="uniform"), seed=0)
+    lens, q_lens = [17, 40], [17, 5]
+    cache, table, keys, values = make_batch(codec, lens, 16, 2, seed=1)
+    qsl = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
+    query = torch.randn(int(qsl[-1]), 6, 64)
+    out = context_attention_reference(
+        query, None, None, cache, table, qsl, torch.tensor(lens), codec, 0.125
+    )
+    step = decode_attention_reference(
+        query[qsl[1:] - 1], cache, table, torch.tensor(lens), codec, 0.125
+    )
+    for b, (length, ql) in enumerate(zip(lens, q_lens)):
+        kd, vd = dequantized(codec, keys[b], values[b])
+        ref = dense(query[qsl[b] : qsl[b + 1]], kd, vd, length - ql, 0.125)
+        torch.testing.assert_close(out[qsl[b] : qsl[b + 1]].double(), ref, atol=2e-4, rtol=2e-4)
+        torch.testing.assert_close(step[b].double(), ref[-1], atol=2e-4, rtol=2e-4)
+
+
+def test_value_mode_config():
+    config = load_config({"turboquant": {"key_bits": 4, "value_bits": 4, "value_mode": "uniform"}})
+    assert all(layout.uniform_values for layout in config.layouts(64, 30))
+    assert "V4 (uniform)" in config.describe(64, 30)
+    mixed = load_config({"turboquant": {"layers": {"-1": {"value_mode": "uniform"}}}})
+    layouts = mixed.layouts(64, 30)
+    assert [layout.uniform_values for layout in layouts] == [False] * 29 + [True]
+    assert len({layout.record_bytes for layout in layouts}) == 1  # padded to the largest
+    with pytest.raises(ConfigError, match="value_mode must be one of"):
+        load_config({"turboquant": {"value_mode": "int4"}})
+    with pytest.raises(ConfigError, match=r"layers\[2\].value_mode"):
+        load_config({"turboquant": {"layers": {2: {"value_mode": "x"}}}})
+
+
+def test_layer_fidelity():
+    gen = torch.Generator().manual_seed(0)
+    q, k = torch.randn(6, 64, 32, generator=gen), torch.randn(2, 64, 32, generator=gen)
+    rows = torch.arange(32, 64)
+    exact = layer_fidelity(q, k, k, rows)
+    assert (exact.cosine, exact.top1, exact.top5) == pytest.approx((1.0, 1.0, 1.0))
+    noisy = layer_fidelity(q, k, k + 0.5 * torch.randn(k.shape, generator=gen), rows)
+    assert 0.5 < noisy.cosine < 0.99 and noisy.top1 < 1 and noisy.top5 < 1
+
+
+def test_passkey_prompts_lengths():
+    from transformers import AutoTokenizer
+
+    from tq_vllm.eval import passkey_prompts
+    from tq_vllm.model import ensure_default_model
+
+    tokenizer = AutoTokenizer.from_pretrained(str(ensure_default_model()))
+    prompts = passkey_prompts(tokenizer, (1024, 2048), 9)
+    assert len(prompts) == 18 and len({p["key"] for p in prompts}) == 18
+    for p in prompts:
+        assert p["length"] - 40 <= len(p["ids"]) <= p["length"]
+        assert p["key"] in tokenizer.decode(p["ids"])
+
+
+@pytest.mark.server
+def test_quick_eval_keeps_default_bound(tmp_path):
+    pytest.importorskip("vllm")
+    proc = subprocess.run(
+        [sys.executable, "-m", "tq_vllm.cli", "eval", "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "OK: default" in proc.stdout
+    table = (tmp_path / "quality.md").read_text()
+    assert "| bf16 |" in table and "| default |" in table
+    assert (tmp_path / "quality.png").stat().st_size > 10_000
+    rows = {r["config"]["name"]: r for r in json.loads((tmp_path / "quality.json").read_text())}
+    assert sum(rows["default"]["retrieval"]["1024"]) > 0  # the passkey is found at all

@@ -1,0 +1,541 @@
+"""`tq-vllm eval`: quality of every KV-cache config on the embedded model, side by side.
+
+Each config runs in its own process (one vLLM engine, freed when the process ends) with
+chunked prefill in chunks of at most 128 tokens: every query of a chunk reads its keys and
+values back from the compressed cache, its own chunk included (backend.py), so each predicted
+token sees exactly what a decode step would. Measured per config:
+  - perplexity from vLLM's prompt logprobs over 2K-token windows of pydoc_data/topics.py,
+  - passkey retrieval: a 5-digit key planted at depths 0.1..0.9 of filler text, greedy answer,
+  - KV capacity: the tokens vLLM fits in a fixed 1 GiB KV cache (what it really allocates),
+and in this process, attention fidelity on the model's real post-RoPE keys and queries
+(fidelity.py). Results go to a markdown table, a JSON file and a plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+WINDOW = 2048  # tokens per perplexity window
+CHUNK = 128  # max_num_batched_tokens: the largest prefill chunk
+MAX_MODEL_LEN = 8192
+KV_CACHE_BYTES = 1 << 30
+LENGTHS = (1024, 2048, 4096, 7168)  # retrieval prompt lengths (tokens)
+DEPTHS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+# The default config's promise (configs/default.yaml): at most this perplexity increase over
+# bf16 on the full measurement. --quick reads a single 2K window, where the same config moves
+# by more than on 50K tokens, hence its looser bound.
+PROMISED_PPL_INCREASE = 0.01
+QUICK_PPL_INCREASE = 0.02
+FIDELITY_TOKENS = 2048
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    name: str
+    label: str  # what it is, for the table
+    kv_cache_dtype: str = "turboquant"
+    turboquant: dict[str, Any] | None = None  # additional_config["turboquant"]
+    skip_layers: tuple[int, ...] = ()  # layers vLLM keeps in bf16 (--kv-cache-dtype-skip-layers)
+    upstream: bool = False  # an emulation of upstream vLLM's presets
+
+
+def _tq(kb: int, vb: int, key_mode: str = "mse", value_mode: str = "mse", **extra: Any) -> dict:
+    # Every field explicit: inline fields override configs/default.yaml key by key.
+    fields = dict(key_bits=kb, value_bits=vb, key_mode=key_mode, value_mode=value_mode)
+    return {**fields, "keep_first_layers": 0, "keep_last_layers": 0, **extra}
+
+
+def all_configs(num_layers: int = 30) -> dict[str, EvalConfig]:
+    edges = (0, 1, num_layers - 2, num_layers - 1)
+    configs = [
+        EvalConfig("bf16", "bf16 (vLLM auto)", "auto"),
+        EvalConfig("default", "configs/default.yaml", turboquant={"config": "default"}),
+    ]
+    configs += [
+        EvalConfig(f"k{kb}v{vb}", f"K{kb} V{vb} mse", turboquant=_tq(kb, vb))
+        for kb in (2, 3, 4)
+        for vb in (2, 3, 4)
+    ]
+    configs += [
+        EvalConfig(f"k{b}v{b}-prod", f"K{b} V{b}, prod keys", turboquant=_tq(b, b, "prod"))
+        for b in (2, 3, 4)
+    ]
+    configs += [
+        EvalConfig(f"k{kb}v{vb}", f"K{kb} V{vb} mse", turboquant=_tq(kb, vb))
+        for kb, vb in ((5, 3), (5, 4), (6, 3), (6, 4), (8, 4))
+    ]
+    configs += [
+        EvalConfig(
+            f"k{b}v{b}-edge8",
+            f"K{b} V{b}, first/last 2 layers K8V8 (records padded)",
+            turboquant=_tq(b, b, keep_first_layers=2, keep_last_layers=2),
+        )
+        for b in (3, 4)
+    ]
+    configs += [
+        EvalConfig(
+            f"k{b}v{b}-edgebf16",
+            f"K{b} V{b}, first/last 2 layers bf16 (skip layers)",
+            turboquant=_tq(b, b),
+            skip_layers=edges,
+        )
+        for b in (3, 4)
+    ]
+    configs += [
+        EvalConfig(
+            f"upstream-{b}bit-nc",
+            f"upstream turboquant_{b}bit_nc emulation: K{b} Lloyd-Max + NC, V{b} uniform, "
+            "first/last 2 layers bf16",
+            turboquant=_tq(b, b, value_mode="uniform"),
+            skip_layers=edges,
+            upstream=True,
+        )
+        for b in (3, 4)
+    ]
+    return {c.name: c for c in configs}
+
+
+FULL = list(all_configs())
+QUICK = ["bf16", "default"]
+
+
+# -- inputs (identical for every config) -------------------------------------------------------
+def text_ids(tokenizer: Any) -> list[int]:
+    import pydoc_data.topics as topics
+
+    return tokenizer.encode("\n\n".join(topics.topics.values()))
+
+
+def ppl_windows(ids: list[int], tokens: int) -> list[list[int]]:
+    """Enough WINDOW-token windows to predict at least `tokens` tokens."""
+    count = max(1, math.ceil(tokens / (WINDOW - 1)))
+    if count * WINDOW > len(ids):
+        raise ValueError(f"--tokens {tokens}: the text has only {len(ids)} tokens")
+    return [ids[i * WINDOW : (i + 1) * WINDOW] for i in range(count)]
+
+
+FILLER = (
+    " The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
+)
+HEADER = (
+    "There is an important pass key hidden inside a lot of irrelevant text. Find it and "
+    "memorize it. I will quiz you about the pass key.\n"
+)
+QUESTION = "\nWhat is the pass key? The pass key is"
+
+
+def passkey_prompts(tokenizer: Any, lengths: tuple[int, ...], trials: int) -> list[dict]:
+    """`trials` prompts per length, depths cycling through DEPTHS, keys from a fixed seed."""
+    rng = random.Random(0)
+    header, question = (
+        tokenizer.encode(HEADER),
+        tokenizer.encode(QUESTION, add_special_tokens=False),
+    )
+    unit = tokenizer.encode(FILLER, add_special_tokens=False)
+    prompts = []
+    for length in lengths:
+        for t in range(trials):
+            key = str(rng.randint(10000, 99999))
+            needle = tokenizer.encode(
+                f" The pass key is {key}. Remember it. {key} is the pass key.",
+                add_special_tokens=False,
+            )
+            units = (length - len(header) - len(needle) - len(question)) // len(unit)
+            depth = DEPTHS[t % len(DEPTHS)]
+            before = round(depth * units)
+            ids = header + unit * before + needle + unit * (units - before) + question
+            prompts.append({"length": length, "depth": depth, "key": key, "ids": ids})
+    return prompts
+
+
+# -- one config, in its own process ------------------------------------------------------------
+def engine(config: EvalConfig, chunk: int) -> Any:
+    from vllm import LLM
+
+    from tq_vllm.model import ensure_default_model
+
+    kwargs: dict[str, Any] = {}
+    if config.turboquant is not None:
+        kwargs["additional_config"] = {"turboquant": config.turboquant}
+    if config.skip_layers:
+        kwargs["kv_cache_dtype_skip_layers"] = [str(i) for i in config.skip_layers]
+    return LLM(
+        model=str(ensure_default_model()),
+        kv_cache_dtype=config.kv_cache_dtype,
+        enforce_eager=True,
+        max_model_len=MAX_MODEL_LEN,
+        kv_cache_memory_bytes=KV_CACHE_BYTES,
+        enable_chunked_prefill=True,
+        max_num_batched_tokens=chunk,
+        # Prompt logprobs skip prefix-cache hits anyway; off, every prompt is computed.
+        enable_prefix_caching=False,
+        seed=0,
+        **kwargs,
+    )
+
+
+def measure_ppl(llm: Any, tokens: int) -> dict:
+    from vllm import SamplingParams
+
+    cache = llm.llm_engine.vllm_config.cache_config
+    start = time.time()
+    windows = ppl_windows(text_ids(llm.get_tokenizer()), tokens)
+    outs = llm.generate(
+        [{"prompt_token_ids": w} for w in windows],
+        SamplingParams(max_tokens=1, prompt_logprobs=0),
+        use_tqdm=False,
+    )
+    nll, count = 0.0, 0
+    for window, out in zip(windows, outs, strict=True):
+        for pos in range(1, len(window)):
+            nll -= out.prompt_logprobs[pos][window[pos]].logprob
+            count += 1
+    return {
+        "ppl": math.exp(nll / count),
+        "ppl_tokens": count,
+        "kv_tokens": cache.num_gpu_blocks * cache.block_size,
+        "ppl_seconds": time.time() - start,
+    }
+
+
+def measure_retrieval(llm: Any, trials: int, lengths: tuple[int, ...]) -> dict:
+    from vllm import SamplingParams
+
+    start = time.time()
+    prompts = passkey_prompts(llm.get_tokenizer(), lengths, trials)
+    outs = llm.generate(
+        [{"prompt_token_ids": p["ids"]} for p in prompts],
+        SamplingParams(max_tokens=8, temperature=0.0),
+        use_tqdm=False,
+    )
+    retrieval: dict[str, list[int]] = {str(n): [] for n in lengths}
+    for p, out in zip(prompts, outs, strict=True):
+        retrieval[str(p["length"])].append(int(p["key"] in out.outputs[0].text))
+    return {"retrieval": retrieval, "retrieval_seconds": time.time() - start}
+
+
+def _worker(argv: list[str]) -> int:
+    spec = json.loads(argv[0])
+    llm = engine(all_configs()[spec["config"]], spec["chunk"])
+    result = {}
+    if "ppl" in spec["tasks"]:
+        result.update(measure_ppl(llm, spec["tokens"]))
+    if "retrieval" in spec["tasks"]:
+        result.update(measure_retrieval(llm, spec["trials"], tuple(spec["lengths"])))
+    Path(spec["result"]).write_text(json.dumps(result))
+    return 0
+
+
+def run_in_subprocess(spec: dict, log: Path) -> dict:
+    """One measurement (spec: _worker's argument, less the result path) in a fresh process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = Path(tmp) / "result.json"
+        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+        with log.open("w") as out:
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "tq_vllm.eval",
+                    "--worker",
+                    json.dumps({**spec, "result": str(result)}),
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+            )
+        if proc.returncode != 0:
+            tail = "".join(log.read_text().splitlines(keepends=True)[-20:])
+            raise RuntimeError(f"{spec} failed (exit {proc.returncode}); log {log}:\n{tail}")
+        return json.loads(result.read_text())
+
+
+# -- bytes, fidelity, selection, report -----------------------------------------------------------
+def layer_layouts(config: EvalConfig, head_dim: int, num_layers: int) -> list:
+    """Each layer's record layout; None where the layer keeps bf16."""
+    if config.kv_cache_dtype != "turboquant":
+        return [None] * num_layers
+    from tq_vllm.config import load_config
+
+    layouts = load_config({"turboquant": config.turboquant}).layouts(head_dim, num_layers)
+    return [None if i in config.skip_layers else lay for i, lay in enumerate(layouts)]
+
+
+def bytes_per_token(layouts: list, head_dim: int, num_kv_heads: int) -> int:
+    """K and V bytes one token occupies across all layers, padding included."""
+    bf16 = 2 * head_dim * 2
+    return num_kv_heads * sum(bf16 if lay is None else lay.record_bytes for lay in layouts)
+
+
+@dataclass
+class Row:
+    config: EvalConfig
+    bytes_per_token: int
+    kv_tokens: int
+    ppl: float
+    ppl_tokens: int
+    retrieval: dict[str, list[int]]
+    cosine_mean: float = 1.0
+    cosine_worst: float = 1.0
+    top1: float = 1.0
+    top5: float = 1.0
+    worst_layer: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def accuracy(self, length: str) -> float:
+        hits = self.retrieval[length]
+        return sum(hits) / len(hits)
+
+
+def choose_default(rows: list[Row], base: Row, bound: float) -> Row | None:
+    """Highest capacity with perplexity within `bound` of bf16 and no retrieval loss."""
+    ok = [
+        r
+        for r in rows
+        if r.config.kv_cache_dtype == "turboquant"
+        and r.ppl <= base.ppl * (1 + bound)
+        and all(r.accuracy(n) >= base.accuracy(n) for n in base.retrieval)
+    ]
+    return max(ok, key=lambda r: (r.kv_tokens, -r.ppl), default=None)
+
+
+def best_at(rows: list[Row], base: Row, capacity: float) -> Row | None:
+    """Lowest perplexity among configs with at least `capacity` times bf16's KV tokens."""
+    ok = [r for r in rows if r.kv_tokens >= capacity * base.kv_tokens]
+    return min(ok, key=lambda r: r.ppl, default=None)
+
+
+def markdown(rows: list[Row], base: Row, args: argparse.Namespace, notes: list[str]) -> str:
+    lengths = list(base.retrieval)
+    trials = len(base.retrieval[lengths[0]])
+    head = (
+        "| config | what | bytes/token | capacity vs bf16 | perplexity | vs bf16 | "
+        + " | ".join(f"passkey {int(n) // 1024}K" for n in lengths)
+        + " | score cos (mean / worst layer) | top-1 | top-5 |"
+    )
+    lines = [
+        "# KV-cache quality on SmolLM2-135M-Instruct (vLLM engine, CPU)",
+        "",
+        "How it was measured (`tq-vllm eval`): a vLLM engine per config with chunked prefill; "
+        "every query reads its keys and values back from the compressed cache, its own chunk "
+        "included (the plugin stores a chunk before attending), so each predicted token attends "
+        "through the compressed cache exactly as a decode step would, whatever the chunk size. "
+        f"Perplexity: vLLM prompt logprobs over {base.ppl_tokens:,} predicted tokens of "
+        f"pydoc_data/topics.py in {WINDOW}-token windows, prefill chunks of at most {args.chunk} "
+        f"tokens. Passkey: a 5-digit key at depths 0.1..0.9 of filler text, greedy answer, "
+        f"{trials} trials per length, prefill chunks of at most {args.retrieval_chunk} tokens. "
+        "Capacity: tokens vLLM fits in a {KV_CACHE_BYTES >> 30} "
+        "GiB KV cache; bytes/token: K+V over all 30 layers from the record layout (padding "
+        "included). Fidelity: post-RoPE keys and queries captured from the model "
+        f"(transformers) on {args.fidelity_tokens} tokens, keys quantized per layer, scores "
+        "q.k_hat vs q.k over the causal prefix of 256 queries in the second half; cosine per "
+        "query, top-1 = argmax unchanged, top-5 = overlap of the top-5 sets; mean over layers "
+        "(worst layer for the cosine). Upstream rows (bold) emulate vLLM's turboquant_*bit_nc "
+        "presets in this plugin.",
+        "",
+        head,
+        "|" + "---|" * (head.count("|") - 1),
+    ]
+    for r in rows:
+        name = f"**{r.config.name}**" if r.config.upstream else r.config.name
+        acc = " | ".join(f"{r.accuracy(n):.0%}" for n in lengths)
+        lines.append(
+            f"| {name} | {r.config.label} | {r.bytes_per_token:,} | "
+            f"{r.kv_tokens / base.kv_tokens:.2f}x | {r.ppl:.3f} | {r.ppl / base.ppl - 1:+.1%} | "
+            f"{acc} | {r.cosine_mean:.4f} / {r.cosine_worst:.4f} (L{r.worst_layer}) | "
+            f"{r.top1:.1%} | {r.top5:.1%} |"
+        )
+    lines += ["", *notes, "", f"Command: `{args.command_line}`", ""]
+    return "\n".join(lines)
+
+
+def plot(rows: list[Row], base: Row, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 6))
+    for r in rows:
+        x, y = r.bytes_per_token, 100 * (r.ppl / base.ppl - 1)
+        style = dict(marker="*", s=180, color="tab:red") if r.config.upstream else dict(s=40)
+        if r is base:
+            style = dict(marker="s", s=60, color="black")
+        ax.scatter([x], [max(y, 0.01)], zorder=3, **style)
+        ax.annotate(
+            r.config.name, (x, max(y, 0.01)), fontsize=7, xytext=(4, 3), textcoords="offset points"
+        )
+    ax.set_yscale("log")
+    ax.set_xlabel("KV bytes per token (all layers, K+V)")
+    ax.set_ylabel("perplexity increase over bf16 (%, log)")
+    ax.set_title("SmolLM2-135M, vLLM, 128-token chunked prefill (red stars: upstream emulation)")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+    from transformers import AutoConfig, AutoTokenizer
+
+    from tq_vllm.fidelity import capture, config_fidelity
+    from tq_vllm.model import ensure_default_model
+
+    configs = all_configs()
+    names = args.configs or (QUICK if args.quick else FULL)
+    unknown = [n for n in names if n not in configs]
+    if unknown:
+        raise SystemExit(f"tq-vllm eval: unknown configs {unknown} (known: {list(configs)})")
+    if "bf16" not in names:
+        names = ["bf16", *names]
+    tokens = args.tokens or (WINDOW - 1 if args.quick else 50_000)
+    trials = args.trials or (2 if args.quick else 20)
+    lengths = (LENGTHS[0],) if args.quick else tuple(args.lengths or LENGTHS)
+    out = Path(args.out)
+    runs = out / "quality_runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    model = str(ensure_default_model())
+    hf = AutoConfig.from_pretrained(model)
+    head_dim = hf.hidden_size // hf.num_attention_heads
+    num_layers, num_kv_heads = hf.num_hidden_layers, hf.num_key_value_heads
+
+    ppl = dict(tasks=["ppl"], tokens=tokens, chunk=args.chunk)
+    retrieval = dict(tasks=["retrieval"], trials=trials, lengths=list(lengths))
+    if args.retrieval_chunk == args.chunk:  # one engine measures both
+        specs = [{**ppl, **retrieval, "tasks": ["ppl", "retrieval"]}]
+    else:
+        specs = [ppl, {**retrieval, "chunk": args.retrieval_chunk}]
+    results: dict[str, dict] = {name: {} for name in names}
+    bar = tqdm([(n, s) for n in names for s in specs], desc="tq-vllm eval", unit="run")
+    for name, spec in bar:
+        spec = dict(config=name, **spec)
+        label = f"{name}.{'+'.join(spec['tasks'])}"
+        bar.set_postfix_str(label)
+        cached = runs / f"{label}.json"
+        if args.reuse and cached.is_file():
+            saved = json.loads(cached.read_text())
+            if saved.pop("spec") == spec:
+                results[name].update(saved)
+                continue
+        result = run_in_subprocess(spec, runs / f"{label}.log")
+        cached.write_text(json.dumps({**result, "spec": spec}, indent=1))
+        results[name].update(result)
+
+    bar = tqdm(total=len(names) + 1, desc="attention fidelity", unit="step")
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    args.fidelity_tokens = 512 if args.quick else FIDELITY_TOKENS
+    fid_ids = text_ids(tokenizer)[-args.fidelity_tokens :]  # text the perplexity windows never read
+    cap = capture(model, fid_ids)
+    bar.update()
+    rows = []
+    for name in names:
+        config, res = configs[name], results[name]
+        layouts = layer_layouts(config, head_dim, num_layers)
+        per_layer = config_fidelity(cap, layouts, seed=0)
+        bar.update()
+        worst = min(range(num_layers), key=lambda i: per_layer[i].cosine)
+        rows.append(
+            Row(
+                config,
+                bytes_per_token(layouts, head_dim, num_kv_heads),
+                res["kv_tokens"],
+                res["ppl"],
+                res["ppl_tokens"],
+                res["retrieval"],
+                cosine_mean=sum(f.cosine for f in per_layer) / num_layers,
+                cosine_worst=per_layer[worst].cosine,
+                top1=sum(f.top1 for f in per_layer) / num_layers,
+                top5=sum(f.top5 for f in per_layer) / num_layers,
+                worst_layer=worst,
+            )
+        )
+    bar.close()
+    base = rows[0]
+    bound = QUICK_PPL_INCREASE if args.quick else PROMISED_PPL_INCREASE
+    chosen = choose_default(rows, base, PROMISED_PPL_INCREASE)
+    best5 = best_at(rows, base, 5.0)
+    notes = [
+        f"Recommended default (highest capacity at <= +{PROMISED_PPL_INCREASE:.0%} perplexity "
+        "and no passkey loss vs bf16 at any length): "
+        + (
+            f"**{chosen.config.name}** ({chosen.config.label}, "
+            f"{chosen.kv_tokens / base.kv_tokens:.2f}x, {chosen.ppl / base.ppl - 1:+.2%})"
+            if chosen
+            else "none of the configs run qualifies"
+        ),
+        "Best config at >= 5x capacity (lowest perplexity): "
+        + (
+            f"**{best5.config.name}** ({best5.kv_tokens / base.kv_tokens:.2f}x, "
+            f"{best5.ppl / base.ppl - 1:+.1%})"
+            if best5
+            else "none of the configs run reaches 5x"
+        ),
+    ]
+    args.command_line = "./tq.sh eval " + " ".join(args.argv)
+    table = markdown(rows, base, args, notes)
+    (out / "quality.md").write_text(table)
+    (out / "quality.json").write_text(
+        json.dumps([{**asdict(r), "config": asdict(r.config)} for r in rows], indent=1)
+    )
+    plot(rows, base, out / "quality.png")
+    print(table)
+    print(f"wrote {out / 'quality.md'}, {out / 'quality.json'}, {out / 'quality.png'}")
+    if args.quick:
+        default = next((r for r in rows if r.config.name == "default"), None)
+        if default is not None:
+            increase = default.ppl / base.ppl - 1
+            if increase > bound:
+                print(f"FAIL: default perplexity {increase:+.2%} over bf16 exceeds +{bound:.0%}")
+                return 1
+            if any(default.accuracy(n) < base.accuracy(n) for n in base.retrieval):
+                print("FAIL: the default config loses passkey retrieval against bf16")
+                return 1
+            print(f"OK: default {increase:+.2%} over bf16 (bound +{bound:.0%}), retrieval kept")
+    return 0
+
+
+def add_parser(sub: Any) -> None:
+    p = sub.add_parser(
+        "eval",
+        help="perplexity, passkey retrieval, attention fidelity and "
+        "capacity of every KV-cache config on the embedded model, side by side",
+    )
+    p.add_argument("configs", nargs="*", help=f"configs to run (default: all): {FULL}")
+    p.add_argument("--tokens", type=int, help="predicted tokens for perplexity (default 50000)")
+    p.add_argument("--trials", type=int, help="passkey trials per length (default 20)")
+    p.add_argument("--lengths", type=int, nargs="+", help=f"passkey lengths (default {LENGTHS})")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="bf16 and default on one window, 3 "
+        "passkey trials at 1K; fails unless default keeps its perplexity bound",
+    )
+    p.add_argument("--chunk", type=int, default=CHUNK, help="largest prefill chunk, perplexity")
+    p.add_argument(
+        "--retrieval-chunk", type=int, default=CHUNK, help="largest prefill chunk, passkey"
+    )
+    p.add_argument("--out", default="docs", help="folder for quality.md/.json/.png")
+    p.add_argument(
+        "--reuse",
+        action="store_true",
+        help="reuse per-config results in OUT/quality_runs measured with the same "
+        "tokens, trials and lengths",
+    )
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["--worker"]:
+        sys.exit(_worker(sys.argv[2:]))
+    sys.exit("run through `tq-vllm eval`")
