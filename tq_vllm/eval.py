@@ -293,19 +293,22 @@ class Row:
     worst_layer: int = 0
     extra: dict[str, float] = field(default_factory=dict)
 
-    def accuracy(self, length: str) -> float:
-        hits = self.retrieval[length]
-        return sum(hits) / len(hits)
+    def accuracy(self, length: str) -> float | None:
+        """Passkey accuracy at `length`; None where retrieval was not run for this config."""
+        hits = self.retrieval.get(length)
+        return sum(hits) / len(hits) if hits else None
 
 
 def choose_default(rows: list[Row], base: Row, bound: float) -> Row | None:
-    """Highest capacity with perplexity within `bound` of bf16 and no retrieval loss."""
+    """Highest capacity with perplexity within `bound` of bf16 and no retrieval loss (configs
+    whose retrieval was not measured do not qualify)."""
     ok = [
         r
         for r in rows
         if r.config.kv_cache_dtype == "turboquant"
         and r.ppl <= base.ppl * (1 + bound)
-        and all(r.accuracy(n) >= base.accuracy(n) for n in base.retrieval)
+        and r.retrieval
+        and all((r.accuracy(n) or 0) >= base.accuracy(n) for n in base.retrieval)
     ]
     return max(ok, key=lambda r: (r.kv_tokens, -r.ppl), default=None)
 
@@ -334,7 +337,8 @@ def markdown(rows: list[Row], base: Row, args: argparse.Namespace, notes: list[s
         f"Perplexity: vLLM prompt logprobs over {base.ppl_tokens:,} predicted tokens of "
         f"pydoc_data/topics.py in {WINDOW}-token windows, prefill chunks of at most {args.chunk} "
         f"tokens. Passkey: a 5-digit key at depths 0.1..0.9 of filler text, greedy answer, "
-        f"{trials} trials per length, prefill chunks of at most {args.retrieval_chunk} tokens. "
+        f"{trials} trials per length, prefill chunks of at most {args.retrieval_chunk} tokens "
+        "('-': not run for that config). "
         "Capacity: tokens vLLM fits in a {KV_CACHE_BYTES >> 30} "
         "GiB KV cache; bytes/token: K+V over all 30 layers from the record layout (padding "
         "included). Fidelity: post-RoPE keys and queries captured from the model "
@@ -349,7 +353,7 @@ def markdown(rows: list[Row], base: Row, args: argparse.Namespace, notes: list[s
     ]
     for r in rows:
         name = f"**{r.config.name}**" if r.config.upstream else r.config.name
-        acc = " | ".join(f"{r.accuracy(n):.0%}" for n in lengths)
+        acc = " | ".join("-" if r.accuracy(n) is None else f"{r.accuracy(n):.0%}" for n in lengths)
         lines.append(
             f"| {name} | {r.config.label} | {r.bytes_per_token:,} | "
             f"{r.kv_tokens / base.kv_tokens:.2f}x | {r.ppl:.3f} | {r.ppl / base.ppl - 1:+.1%} | "
@@ -395,7 +399,7 @@ def evaluate(args: argparse.Namespace) -> int:
 
     configs = all_configs()
     names = args.configs or (QUICK if args.quick else FULL)
-    unknown = [n for n in names if n not in configs]
+    unknown = [n for n in [*names, *(args.retrieval_configs or [])] if n not in configs]
     if unknown:
         raise SystemExit(f"tq-vllm eval: unknown configs {unknown} (known: {list(configs)})")
     if "bf16" not in names:
@@ -413,12 +417,16 @@ def evaluate(args: argparse.Namespace) -> int:
 
     ppl = dict(tasks=["ppl"], tokens=tokens, chunk=args.chunk)
     retrieval = dict(tasks=["retrieval"], trials=trials, lengths=list(lengths))
+    picked = args.retrieval_configs
+    with_retrieval = [n for n in names if picked is None or n == "bf16" or n in picked]
     if args.retrieval_chunk == args.chunk:  # one engine measures both
-        specs = [{**ppl, **retrieval, "tasks": ["ppl", "retrieval"]}]
-    else:
-        specs = [ppl, {**retrieval, "chunk": args.retrieval_chunk}]
-    results: dict[str, dict] = {name: {} for name in names}
-    bar = tqdm([(n, s) for n in names for s in specs], desc="tq-vllm eval", unit="run")
+        both = {**ppl, **retrieval, "tasks": ["ppl", "retrieval"]}
+        runs_todo = [(n, both if n in with_retrieval else ppl) for n in names]
+    else:  # perplexity of every config first, then the (slower) passkey runs
+        runs_todo = [(n, ppl) for n in names]
+        runs_todo += [(n, {**retrieval, "chunk": args.retrieval_chunk}) for n in with_retrieval]
+    results: dict[str, dict] = {name: {"retrieval": {}} for name in names}
+    bar = tqdm(runs_todo, desc="tq-vllm eval", unit="run")
     for name, spec in bar:
         spec = dict(config=name, **spec)
         label = f"{name}.{'+'.join(spec['tasks'])}"
@@ -499,7 +507,7 @@ def evaluate(args: argparse.Namespace) -> int:
             if increase > bound:
                 print(f"FAIL: default perplexity {increase:+.2%} over bf16 exceeds +{bound:.0%}")
                 return 1
-            if any(default.accuracy(n) < base.accuracy(n) for n in base.retrieval):
+            if any((default.accuracy(n) or 0) < base.accuracy(n) for n in base.retrieval):
                 print("FAIL: the default config loses passkey retrieval against bf16")
                 return 1
             print(f"OK: default {increase:+.2%} over bf16 (bound +{bound:.0%}), retrieval kept")
@@ -519,19 +527,23 @@ def add_parser(sub: Any) -> None:
     p.add_argument(
         "--quick",
         action="store_true",
-        help="bf16 and default on one window, 3 "
+        help="bf16 and default on one window, 2 "
         "passkey trials at 1K; fails unless default keeps its perplexity bound",
     )
     p.add_argument("--chunk", type=int, default=CHUNK, help="largest prefill chunk, perplexity")
     p.add_argument(
         "--retrieval-chunk", type=int, default=CHUNK, help="largest prefill chunk, passkey"
     )
+    p.add_argument(
+        "--retrieval-configs",
+        nargs="+",
+        help="run the passkey test only for these configs (default: all); bf16 always runs it",
+    )
     p.add_argument("--out", default="docs", help="folder for quality.md/.json/.png")
     p.add_argument(
         "--reuse",
         action="store_true",
-        help="reuse per-config results in OUT/quality_runs measured with the same "
-        "tokens, trials and lengths",
+        help="reuse the results in OUT/quality_runs of runs with the same settings",
     )
 
 
