@@ -1,10 +1,12 @@
-"""Device dispatch: Triton kernels on CUDA, the PyTorch path (same contracts) elsewhere."""
+"""Device dispatch: Triton kernels on CUDA; on CPU the fused C++ attention kernels
+(kernels/cpu_attention.py) when they build, else the PyTorch path (same contracts)."""
 
 from __future__ import annotations
 
 import torch
 
 from tq_vllm.codec import LayerCodec
+from tq_vllm.kernels import cpu_attention
 from tq_vllm.kernels.attention_reference import (
     context_attention_reference,
     decode_attention_reference,
@@ -14,6 +16,10 @@ from tq_vllm.kernels.store import store_kv_reference
 
 def _triton(t: torch.Tensor) -> bool:
     return t.is_cuda
+
+
+def _cpu_kernel(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and cpu_attention.available()
 
 
 def store_kv(
@@ -42,6 +48,8 @@ def decode_attention(
         from tq_vllm.kernels.decode import decode_attention as kernel
 
         return kernel(query, kv_cache, block_table, seq_lens, codec, scale)
+    if _cpu_kernel(kv_cache):
+        return cpu_attention.decode_attention(query, kv_cache, block_table, seq_lens, codec, scale)
     return decode_attention_reference(query, kv_cache, block_table, seq_lens, codec, scale)
 
 
@@ -61,4 +69,8 @@ def context_attention(
         from tq_vllm.kernels.context import context_attention as kernel
 
         return kernel(*args)
+    if key is None and value is None and _cpu_kernel(kv_cache):
+        return cpu_attention.context_attention(
+            query, kv_cache, block_table, query_start_loc, seq_lens, codec, scale
+        )
     return context_attention_reference(*args)

@@ -1,0 +1,156 @@
+"""The fused CPU attention kernels (C++) against the PyTorch reference.
+
+Tolerance: atol = 1e-5, rtol = 1e-4. Both sides compute in float32 from the same codes; they
+differ only in summation order and the kernel's exp (a polynomial, relative error < 1e-7),
+which moves outputs by ~1e-6. Caches are 0xFF-filled (NaN norms) wherever nothing was stored
+and unused block-table entries point at such a block, so a read past a sequence shows as NaN.
+Head dims that are multiples of 16 take the AVX-512 path on CPUs that have it, the others
+(40, 20: not even a whole byte group) the portable one.
+"""
+
+import logging
+
+import pytest
+import torch
+from test_kernels_decode import make_cache
+
+from tq_vllm import ops
+from tq_vllm.codec import LayerCodec
+from tq_vllm.kernels import cpu_attention
+from tq_vllm.kernels.attention_reference import (
+    context_attention_reference,
+    decode_attention_reference,
+)
+from tq_vllm.layout import RecordLayout
+
+TOL = dict(atol=1e-5, rtol=1e-4)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    assert cpu_attention.available(), "the CPU attention extension did not build (see the log)"
+
+
+# Every key width in both modes, every value width, head dims 16 * k and others, block sizes
+# 16/32, GQA ratios 1/3/8, lengths 1, a block, a block + 1, several blocks.
+CASES = [
+    # d, key_bits, mode, value_bits, block_size, hq, hk, lens
+    (64, 1, "mse", 1, 16, 3, 1, [1, 16, 17, 40]),
+    (128, 2, "mse", 2, 32, 8, 1, [32, 33]),
+    (96, 3, "mse", 3, 16, 2, 2, [5, 50]),
+    (256, 4, "mse", 4, 16, 8, 1, [17, 1]),
+    (64, 5, "mse", 5, 32, 3, 3, [64, 1, 31]),
+    (64, 6, "mse", 4, 16, 9, 3, [100, 16]),
+    (128, 7, "mse", 7, 16, 3, 1, [45]),
+    (40, 8, "mse", 8, 16, 3, 1, [33, 2]),
+    (64, 1, "prod", 2, 16, 1, 1, [16, 100]),
+    (96, 2, "prod", 6, 32, 3, 1, [33]),
+    (128, 3, "prod", 4, 16, 8, 2, [1, 32, 65]),
+    (256, 4, "prod", 3, 32, 3, 1, [40]),
+    (20, 5, "prod", 5, 16, 2, 2, [19, 3]),
+    (128, 6, "prod", 1, 16, 8, 1, [16, 17]),
+    (64, 7, "prod", 8, 32, 1, 1, [70]),
+    (40, 8, "prod", 7, 16, 3, 3, [48, 1]),
+]
+
+
+def setup(d, key_bits, mode, value_bits, block_size, hk, lens, seed=1):
+    codec = LayerCodec(RecordLayout(d, key_bits, mode, value_bits), seed=d + key_bits)
+    cache, table, _, _ = make_cache(codec, lens, block_size, hk, seed=seed)
+    return codec, cache, table, torch.tensor(lens, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("num_splits", [0, 1, 3])
+@pytest.mark.parametrize("d,key_bits,mode,value_bits,block_size,hq,hk,lens", CASES)
+def test_decode_matches_reference(
+    d, key_bits, mode, value_bits, block_size, hq, hk, lens, num_splits
+):
+    codec, cache, table, seq_lens = setup(d, key_bits, mode, value_bits, block_size, hk, lens)
+    query = torch.randn(len(lens), hq, d, generator=torch.Generator().manual_seed(2))
+    out = cpu_attention.decode_attention(
+        query, cache, table, seq_lens, codec, d**-0.5, num_splits=num_splits
+    )
+    ref = decode_attention_reference(query, cache, table, seq_lens, codec, d**-0.5)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, **TOL)
+
+
+@pytest.mark.parametrize("d,key_bits,mode,value_bits,block_size,hq,hk,lens", CASES)
+def test_context_matches_reference(d, key_bits, mode, value_bits, block_size, hq, hk, lens):
+    codec, cache, table, seq_lens = setup(d, key_bits, mode, value_bits, block_size, hk, lens)
+    # Chunks of every shape: the whole sequence, one row, a part after some context, and a
+    # sequence with no rows at all in this step.
+    q_lens = [[n, 1, max(1, n // 3), 0][b % 4] for b, n in enumerate(lens)]
+    starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    query = torch.randn(int(starts[-1]), hq, d, generator=torch.Generator().manual_seed(3))
+    args = (cache, table, starts, seq_lens, codec, d**-0.5)
+    out = cpu_attention.context_attention(query, *args)
+    ref = context_attention_reference(query, None, None, *args)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, **TOL)
+
+
+def test_context_long_chunk_and_splits():
+    """Row tiles of a long chunk after a long context, forced context splits."""
+    codec, cache, table, seq_lens = setup(64, 4, "mse", 3, 16, 3, [300, 90], seed=4)
+    starts = torch.tensor([0, 70, 160], dtype=torch.int32)
+    query = torch.randn(160, 9, 64, generator=torch.Generator().manual_seed(5))
+    args = (cache, table, starts, seq_lens, codec, 0.125)
+    ref = context_attention_reference(query, None, None, *args)
+    for num_splits in (1, 4):
+        out = cpu_attention.context_attention(query, *args, num_splits=num_splits)
+        torch.testing.assert_close(out, ref, **TOL)
+
+
+def test_bf16_query_padded_records_int64_tables():
+    codec = LayerCodec(RecordLayout(128, 3, "prod", 3).padded(110), seed=0)
+    lens = [70, 2]
+    cache, table, _, _ = make_cache(codec, lens, 16, 2, seed=3)
+    query = torch.randn(2, 4, 128).to(torch.bfloat16)
+    seq_lens = torch.tensor(lens, dtype=torch.int64)
+    out = cpu_attention.decode_attention(query, cache, table.long(), seq_lens, codec, 0.1)
+    ref = decode_attention_reference(query.float(), cache, table, seq_lens, codec, 0.1)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=1e-2, rtol=1e-2)  # bf16 output rounding
+
+
+def test_ops_dispatches_cpu_tensors_to_the_kernel():
+    codec, cache, table, seq_lens = setup(64, 3, "mse", 3, 16, 1, [20, 5])
+    query = torch.randn(2, 3, 64)
+    kernel = cpu_attention.decode_attention(query, cache, table, seq_lens, codec, 0.1)
+    assert torch.equal(ops.decode_attention(query, cache, table, seq_lens, codec, 0.1), kernel)
+    starts = torch.tensor([0, 4, 6], dtype=torch.int32)
+    query = torch.randn(6, 3, 64)
+    args = (cache, table, starts, seq_lens, codec, 0.1)
+    kernel = cpu_attention.context_attention(query, *args)
+    assert torch.equal(ops.context_attention(query, None, None, *args), kernel)
+
+
+def test_argument_errors():
+    codec, cache, table, seq_lens = setup(64, 3, "mse", 3, 16, 2, [3])
+    q = torch.randn(1, 4, 64)
+    with pytest.raises(ValueError, match="query"):
+        cpu_attention.decode_attention(q.to(torch.int32), cache, table, seq_lens, codec, 0.1)
+    with pytest.raises(ValueError, match="not a multiple"):
+        cpu_attention.decode_attention(torch.randn(1, 3, 64), cache, table, seq_lens, codec, 0.1)
+    with pytest.raises(ValueError, match="block_table"):
+        cpu_attention.decode_attention(q, cache, table.float(), seq_lens, codec, 0.1)
+    with pytest.raises(ValueError, match="for 2 sequences"):
+        cpu_attention.decode_attention(q, cache, table, torch.tensor([3, 4]), codec, 0.1)
+    with pytest.raises(ValueError, match="kv_cache"):
+        cpu_attention.decode_attention(q, cache[:, :, :, :10], table, seq_lens, codec, 0.1)
+    with pytest.raises(ValueError, match="query_start_loc"):
+        cpu_attention.context_attention(q, cache, table, torch.tensor([0]), seq_lens, codec, 0.1)
+    with pytest.raises(RuntimeError, match="more blocks than block_table"):
+        cpu_attention.decode_attention(q, cache, table[:, :0], seq_lens, codec, 0.1)
+
+
+def test_build_failure_warns(tmp_path, monkeypatch, caplog):
+    """A source the compiler rejects: one warning naming the cause, and no kernel."""
+    broken = tmp_path / "cpu_attention.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(cpu_attention, "SOURCE", broken)
+    monkeypatch.setenv("TQ_VLLM_CACHE_DIR", str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING, logger="tq_vllm"):
+        assert cpu_attention.available.__wrapped__() is False
+    assert "could not be built" in caplog.text and "PyTorch reference" in caplog.text

@@ -1,0 +1,187 @@
+"""Fused CPU attention over the compressed paged cache (C++, csrc/cpu_attention.cpp).
+
+Same contracts as attention_reference's decode_attention_reference and (for key = value =
+None, the serving path) context_attention_reference. The kernel works in the rotated domain
+like the Triton kernels: queries are rotated (and scaled) here, the C++ code scores packed keys
+straight from the records and sums centroid values under an online softmax, and the output is
+rotated back here. Threads: ATen's intra-op pool (torch.get_num_threads(), which vLLM sets).
+
+The extension is compiled at first use with torch.utils.cpp_extension into the tq_vllm cache
+directory, keyed by the source, torch version and CPU (it is built with -march=native);
+cpp_extension's lock file lets concurrent processes share one build. If it cannot be built,
+available() logs why once and returns False, and ops.py keeps the PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import math
+import platform
+from pathlib import Path
+
+import torch
+
+from tq_vllm.centroids import cache_dir
+from tq_vllm.codec import LayerCodec
+from tq_vllm.kernels.decode import check_gqa
+from tq_vllm.kernels.store import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
+
+logger = logging.getLogger("tq_vllm")
+SOURCE = Path(__file__).parent / "csrc" / "cpu_attention.cpp"
+# Query rows x GQA group of one context work item: each decoded token serves this many rows,
+# and the item's accumulators (rows x head_dim floats) stay in L1/L2.
+CONTEXT_ROWS = 64
+
+
+def _cpu_fingerprint() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
+
+
+def build_directory() -> Path:
+    key = SOURCE.read_bytes() + f"{torch.__version__}|{platform.machine()}|".encode()
+    digest = hashlib.sha256(key + _cpu_fingerprint().encode()).hexdigest()[:16]
+    return cache_dir() / "extensions" / f"cpu_attention-{digest}"
+
+
+@functools.cache
+def available() -> bool:
+    """Builds (or loads the cached build of) the extension once per process."""
+    try:
+        from torch.utils import cpp_extension
+
+        build = build_directory()
+        build.mkdir(parents=True, exist_ok=True)
+        cpp_extension.load(
+            name="tq_vllm_cpu_attention",
+            sources=[str(SOURCE)],
+            build_directory=str(build),
+            extra_cflags=["-O3", "-march=native"],
+            is_python_module=False,
+        )
+        return True
+    except Exception as e:  # noqa: BLE001 - any build failure means: use the reference
+        lines = str(e).strip().splitlines() or [""]
+        # The compiler's first "error:" line says most; cpp_extension wraps it in its log.
+        reason = next((line for line in lines if "error:" in line), lines[-1])
+        logger.warning(
+            "the fused CPU attention kernel could not be built (%s: %s); using the PyTorch "
+            "reference instead (correct, slower)",
+            type(e).__name__,
+            reason.strip(),
+        )
+        return False
+
+
+def _check(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    codec: LayerCodec,
+) -> None:
+    check_tensor("query", query, 3, FLOAT_DTYPES)
+    check_tensor("kv_cache", kv_cache, 4, (torch.uint8,))
+    check_tensor("block_table", block_table, 2, INDEX_DTYPES)
+    check_tensor("seq_lens", seq_lens, 1, INDEX_DTYPES)
+    if not kv_cache.is_contiguous():
+        raise ValueError("kv_cache must be contiguous [num_blocks, num_kv_heads, block_size, C]")
+    if kv_cache.shape[3] < codec.layout.size:
+        raise ValueError(
+            f"kv_cache records have {kv_cache.shape[3]} bytes; the codec's layout needs "
+            f"{codec.layout.size}"
+        )
+    check_gqa(query, kv_cache, codec)
+    if block_table.shape[0] != seq_lens.shape[0]:
+        raise ValueError(
+            f"block_table has {block_table.shape[0]} rows for {seq_lens.shape[0]} sequences"
+        )
+
+
+def _run(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    codec: LayerCodec,
+    scale: float,
+    rows_per_tile: int,
+    num_splits: int,
+) -> torch.Tensor:
+    layout = codec.layout
+    q = (codec.rotate(query) * scale).contiguous()
+    qs = (q @ codec.key.qjl.T).contiguous() if layout.prod else q
+    out = torch.ops.tq_vllm_cpu.attention(
+        q,
+        qs,
+        kv_cache,
+        block_table.to(torch.int32),
+        query_start_loc.to(torch.int32).contiguous(),
+        seq_lens.to(torch.int32).contiguous(),
+        codec.key.centroids.float().contiguous(),
+        codec.value.centroids.float().contiguous(),
+        [
+            layout.key_index_bits,
+            int(layout.prod),
+            layout.value_bits,
+            layout.value_norm,
+            layout.key_indices,
+            layout.key_signs,
+            layout.value_indices,
+        ],
+        math.sqrt(math.pi / 2) / codec.head_dim,
+        rows_per_tile,
+        num_splits,
+    )
+    return codec.unrotate(out).to(query.dtype)
+
+
+def decode_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    codec: LayerCodec,
+    scale: float,
+    num_splits: int = 0,
+) -> torch.Tensor:
+    """decode_attention_reference, fused: query [B, Hq, d] -> [B, Hq, d] in query's dtype.
+
+    num_splits: context splits per (sequence, KV head), merged by log-sum-exp; 0 picks enough
+    to give every thread about 4 work items, with splits of at least 256 tokens."""
+    _check(query, kv_cache, block_table, seq_lens, codec)
+    if query.shape[0] != seq_lens.shape[0]:
+        raise ValueError(f"{query.shape[0]} queries for {seq_lens.shape[0]} sequences")
+    starts = torch.arange(query.shape[0] + 1, dtype=torch.int32)
+    return _run(query, kv_cache, block_table, starts, seq_lens, codec, scale, 1, num_splits)
+
+
+def context_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    codec: LayerCodec,
+    scale: float,
+    num_splits: int = 0,
+) -> torch.Tensor:
+    """context_attention_reference with key = value = None (the chunk's tokens already in
+    kv_cache), fused: query [T, Hq, d] -> [T, Hq, d] in query's dtype, causal."""
+    _check(query, kv_cache, block_table, seq_lens, codec)
+    check_tensor("query_start_loc", query_start_loc, 1, INDEX_DTYPES)
+    if query_start_loc.shape[0] != seq_lens.shape[0] + 1:
+        raise ValueError(
+            f"query_start_loc has {query_start_loc.shape[0]} entries for "
+            f"{seq_lens.shape[0]} sequences (needs one more)"
+        )
+    rows = max(1, CONTEXT_ROWS // (query.shape[1] // kv_cache.shape[1]))
+    return _run(
+        query, kv_cache, block_table, query_start_loc, seq_lens, codec, scale, rows, num_splits
+    )

@@ -1,0 +1,565 @@
+// Fused CPU attention over the TurboQuant paged cache (decode and chunked prefill).
+//
+// Contract: tq_vllm/kernels/cpu_attention.py (it rotates queries before and outputs after).
+// One work item is (sequence, query-row tile, KV head, context split). It walks the
+// sequence's records through the block table in tiles of TILE tokens, unpacks the b-bit
+// indices straight from the record bytes (LSB-first, 8 indices of b bits = b bytes, see
+// tq_vllm/packing.py), looks up centroids, scores every query row of the GQA group against
+// norm * c[idx] (+ the QJL term in prod mode), and accumulates norm * c_v[vidx] under an
+// online softmax, all in the rotated domain. Splits of one row tile are merged by their
+// log-sum-exp. Everything is float32.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
+#include <immintrin.h>
+#define TQ_AVX512 1
+#endif
+
+namespace {
+
+constexpr int TILE = 32;    // tokens decoded together
+constexpr int PREFETCH = 16;  // tokens ahead
+constexpr int LANES = 16;   // independent partial sums per dot: vectorizes without -ffast-math
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+inline float load_half(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);  // records have any length: the field may be unaligned
+  return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+}
+
+template <int B>
+void unpack_bits(const uint8_t* p, int n, uint8_t* out) {
+  constexpr uint64_t mask = (uint64_t{1} << B) - 1;
+  int j = 0;
+  for (; j + 8 <= n; j += 8, p += B) {  // 8 indices fill exactly B bytes
+    uint64_t w = 0;
+    std::memcpy(&w, p, B);
+    for (int k = 0; k < 8; ++k) out[j + k] = static_cast<uint8_t>((w >> (k * B)) & mask);
+  }
+  if (j < n) {  // a head_dim that is not a multiple of 8: the row's last, partial group
+    const int rest = n - j;
+    uint64_t w = 0;
+    std::memcpy(&w, p, (rest * B + 7) / 8);
+    for (int k = 0; k < rest; ++k) out[j + k] = static_cast<uint8_t>((w >> (k * B)) & mask);
+  }
+}
+
+using UnpackFn = void (*)(const uint8_t*, int, uint8_t*);
+constexpr UnpackFn UNPACK[9] = {nullptr,         unpack_bits<1>, unpack_bits<2>,
+                                unpack_bits<3>, unpack_bits<4>, unpack_bits<5>,
+                                unpack_bits<6>, unpack_bits<7>, unpack_bits<8>};
+
+inline float dot(const float* a, const float* b, int n) {
+#ifdef TQ_AVX512
+  if (n % 16 == 0) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int j = 0; j < n; j += 16)
+      acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j), acc);
+    return _mm512_reduce_add_ps(acc);
+  }
+#endif
+  float lanes[LANES] = {};
+  int j = 0;
+  for (; j + LANES <= n; j += LANES)
+    for (int k = 0; k < LANES; ++k) lanes[k] += a[j + k] * b[j + k];
+  float s = 0.f;
+  for (; j < n; ++j) s += a[j] * b[j];
+  for (int k = 0; k < LANES; ++k) s += lanes[k];
+  return s;
+}
+
+// Centroid values of one row of b-bit indices: c[idx] for each of the n indices at p.
+class RowDecoder {
+ public:
+  RowDecoder(const float* centroids, int bits, int n) : c_(centroids), bits_(bits), n_(n) {
+#ifdef TQ_AVX512
+    fast_ = n % 16 == 0;
+    if (!fast_) return;
+    // 64 indices at a time: byte-permute each group of 8 indices (b bytes) into its own
+    // 64-bit lane, pull every index's bits out with one multishift, mask them.
+    alignas(64) uint8_t perm[64], shift[64];
+    for (int g = 0; g < 8; ++g)
+      for (int i = 0; i < 8; ++i) {
+        perm[8 * g + i] = static_cast<uint8_t>(g * bits + i);
+        shift[8 * g + i] = static_cast<uint8_t>(i * bits);
+      }
+    perm_ = _mm512_load_si512(perm);
+    shift_ = _mm512_load_si512(shift);
+    mask_ = _mm512_set1_epi8(static_cast<char>((1 << bits) - 1));
+    alignas(64) float table[64] = {};  // up to 6 bits the table sits in four registers
+    for (int i = 0; i < std::min(64, 1 << bits); ++i) table[i] = centroids[i];
+    for (int i = 0; i < 4; ++i) t_[i] = _mm512_load_ps(table + 16 * i);
+#endif
+  }
+
+  void operator()(const uint8_t* p, float* out) const {
+#ifdef TQ_AVX512
+    if (fast_) {
+      alignas(64) uint8_t idx[64];
+      for (int c = 0; c < n_; c += 64) {
+        const int m = std::min(64, n_ - c), bytes = m * bits_ / 8;
+        const __mmask64 keep = bytes == 64 ? ~__mmask64{0} : (__mmask64{1} << bytes) - 1;
+        const __m512i data = _mm512_maskz_loadu_epi8(keep, p + c * bits_ / 8);
+        const __m512i lanes = _mm512_permutexvar_epi8(perm_, data);
+        _mm512_store_si512(idx, _mm512_and_si512(_mm512_multishift_epi64_epi8(shift_, lanes),
+                                                 mask_));
+        for (int v = 0; v < m; v += 16) {
+          const __m512i i = _mm512_cvtepu8_epi32(_mm_load_si128(
+              reinterpret_cast<const __m128i*>(idx + v)));
+          _mm512_storeu_ps(out + c + v, lookup(i));
+        }
+      }
+      return;
+    }
+#endif
+    alignas(64) uint8_t idx[256];
+    for (int c = 0; c < n_; c += 256) {  // chunks of whole groups of 8 indices
+      const int m = std::min(256, n_ - c);
+      UNPACK[bits_](p + c * bits_ / 8, m, idx);
+      for (int i = 0; i < m; ++i) out[c + i] = c_[idx[i]];
+    }
+  }
+
+ private:
+#ifdef TQ_AVX512
+  __m512 lookup(__m512i i) const {
+    switch (bits_) {
+      case 1: case 2: case 3: case 4:
+        return _mm512_permutexvar_ps(i, t_[0]);
+      case 5:
+        return _mm512_permutex2var_ps(t_[0], i, t_[1]);
+      case 6: {
+        const __mmask16 high = _mm512_test_epi32_mask(i, _mm512_set1_epi32(32));
+        return _mm512_mask_blend_ps(high, _mm512_permutex2var_ps(t_[0], i, t_[1]),
+                                    _mm512_permutex2var_ps(t_[2], i, t_[3]));
+      }
+      default:
+        return _mm512_i32gather_ps(i, c_, 4);
+    }
+  }
+  bool fast_ = false;
+  __m512i perm_, shift_, mask_;
+  __m512 t_[4];
+#endif
+  const float* c_;
+  int bits_, n_;
+};
+
+// QJL sign bits of one row as +-1.
+inline void decode_signs(const uint8_t* p, int n, float* out) {
+  int j = 0;
+#ifdef TQ_AVX512
+  const __m512 pos = _mm512_set1_ps(1.f), neg = _mm512_set1_ps(-1.f);
+  for (; j + 16 <= n; j += 16) {
+    uint16_t bits;
+    std::memcpy(&bits, p + j / 8, 2);
+    _mm512_storeu_ps(out + j, _mm512_mask_blend_ps(bits, neg, pos));
+  }
+#endif
+  for (; j < n; ++j) out[j] = ((p[j >> 3] >> (j & 7)) & 1) ? 1.f : -1.f;
+}
+
+#ifdef TQ_AVX512
+// Lane i of the result: the sum of the 16 lanes of a[i].
+inline __m512 transpose_sum(const __m512 a[16]) {
+  __m512 b[8], c[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit block: [a2i 0+2, a2i+1 0+2, a2i 1+3, a2i+1 1+3]
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]),
+                         _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128-bit block: the block's sums of a4i .. a4i+3
+    const __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
+    c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  const __m512 e01 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x44),
+                                   _mm512_shuffle_f32x4(c[0], c[1], 0xEE));
+  const __m512 e23 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x44),
+                                   _mm512_shuffle_f32x4(c[2], c[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(e01, e23, 0x88),
+                       _mm512_shuffle_f32x4(e01, e23, 0xDD));
+}
+
+// e^x for x <= 0 (a NaN stays NaN): 2^round(t) * 2^f, |f| <= 1/2, 2^f by its degree-7 Taylor
+// polynomial (relative error < 1e-8 there).
+inline __m512 exp_nonpositive(__m512 x) {
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(_mm512_set1_ps(-104.f), x),
+                                 _mm512_set1_ps(1.44269504088896341f));
+  const __m512 k = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, k), _mm512_set1_ps(0.693147180559945309f));
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  for (const float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f})
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, k);
+}
+#endif
+
+// s[u] += scale[u] * <q, x[u]> for the n rows x[u] of d floats.
+inline void add_scores(const float* q, const float* x, const float* scale, int n, int d,
+                       float* s) {
+#ifdef TQ_AVX512
+  if (d % 16 == 0) {  // 16 tokens' dots reduced together, not one horizontal sum each
+    for (int u0 = 0; u0 < n; u0 += 16) {
+      const int cnt = std::min(16, n - u0);
+      __m512 a[16];
+      for (int k = 0; k < 16; ++k) a[k] = _mm512_setzero_ps();
+      for (int k = 0; k < cnt; ++k) {  // a register chain per token: tokens overlap
+        const float* xk = x + static_cast<size_t>(u0 + k) * d;
+        __m512 dot = _mm512_setzero_ps();
+        for (int j = 0; j < d; j += 16)
+          dot = _mm512_fmadd_ps(_mm512_loadu_ps(q + j), _mm512_loadu_ps(xk + j), dot);
+        a[k] = dot;
+      }
+      const __mmask16 keep = static_cast<__mmask16>((1u << cnt) - 1);
+      const __m512 dots =
+          _mm512_mul_ps(transpose_sum(a), _mm512_maskz_loadu_ps(keep, scale + u0));
+      _mm512_mask_storeu_ps(s + u0, keep,
+                            _mm512_add_ps(_mm512_maskz_loadu_ps(keep, s + u0), dots));
+    }
+    return;
+  }
+#endif
+  for (int u = 0; u < n; ++u) s[u] += scale[u] * dot(q, x + static_cast<size_t>(u) * d, d);
+}
+
+// max_u s[u] over u < n, skipping NaNs (a NaN score still poisons the softmax sum).
+inline float max_score(const float* s, int n) {
+#ifdef TQ_AVX512
+  __m512 top = _mm512_set1_ps(NEG_INF);
+  for (int u = 0; u < n; u += 16) {
+    const __mmask16 keep = static_cast<__mmask16>((1u << std::min(16, n - u)) - 1);
+    top = _mm512_max_ps(_mm512_mask_loadu_ps(_mm512_set1_ps(NEG_INF), keep, s + u), top);
+  }
+  return _mm512_reduce_max_ps(top);
+#else
+  float top = NEG_INF;
+  for (int u = 0; u < n; ++u) top = s[u] > top ? s[u] : top;
+  return top;
+#endif
+}
+
+// w[u] = e^(s[u] - m) * vnorm[u] for u < n; returns sum_u e^(s[u] - m).
+inline float softmax_weights(const float* s, const float* vnorm, float m, int n, float* w) {
+#ifdef TQ_AVX512
+  __m512 sum = _mm512_setzero_ps();
+  for (int u = 0; u < n; u += 16) {
+    const __mmask16 keep = static_cast<__mmask16>((1u << std::min(16, n - u)) - 1);
+    const __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(keep, s + u), _mm512_set1_ps(m));
+    const __m512 p = _mm512_maskz_mov_ps(keep, exp_nonpositive(x));
+    sum = _mm512_add_ps(sum, p);
+    _mm512_mask_storeu_ps(w + u, keep, _mm512_mul_ps(p, _mm512_maskz_loadu_ps(keep, vnorm + u)));
+  }
+  return _mm512_reduce_add_ps(sum);
+#else
+  float total = 0.f;
+  for (int u = 0; u < n; ++u) {
+    const float p = std::exp(s[u] - m);
+    total += p;
+    w[u] = p * vnorm[u];
+  }
+  return total;
+#endif
+}
+
+// For the rows r < rows (at most ROW_BLOCK): acc[r][:d] = alpha[r] * acc[r] +
+// sum_u w[r][u] * v[u, :d] over n rows v of d floats. Rows share each loaded v.
+constexpr int ROW_BLOCK = 4;
+inline void accumulate(float* const* acc, const float* alpha, const float* const* w, int rows,
+                       const float* v, int n, int d) {
+#ifdef TQ_AVX512
+  if (d % 16 == 0) {
+    for (int j0 = 0; j0 < d; j0 += 64) {  // 4 vectors x 4 rows: 16 independent FMA chains
+      const int nv = std::min(4, (d - j0) / 16);
+      __m512 a[ROW_BLOCK][4];
+      for (int r = 0; r < rows; ++r)
+        for (int k = 0; k < nv; ++k)
+          a[r][k] = _mm512_mul_ps(_mm512_loadu_ps(acc[r] + j0 + 16 * k),
+                                  _mm512_set1_ps(alpha[r]));
+      for (int u = 0; u < n; ++u) {
+        const float* vu = v + static_cast<size_t>(u) * d + j0;
+        __m512 x[4];
+        for (int k = 0; k < nv; ++k) x[k] = _mm512_loadu_ps(vu + 16 * k);
+        for (int r = 0; r < rows; ++r) {
+          const __m512 wr = _mm512_set1_ps(w[r][u]);
+          for (int k = 0; k < nv; ++k) a[r][k] = _mm512_fmadd_ps(wr, x[k], a[r][k]);
+        }
+      }
+      for (int r = 0; r < rows; ++r)
+        for (int k = 0; k < nv; ++k) _mm512_storeu_ps(acc[r] + j0 + 16 * k, a[r][k]);
+    }
+    return;
+  }
+#endif
+  for (int r = 0; r < rows; ++r) {
+    for (int j = 0; j < d; ++j) acc[r][j] *= alpha[r];
+    for (int u = 0; u < n; ++u)
+      for (int j = 0; j < d; ++j) acc[r][j] += w[r][u] * v[static_cast<size_t>(u) * d + j];
+  }
+}
+
+struct Layout {
+  int key_bits;  // mse index bits, 0 for 1-bit prod (no mse part)
+  bool prod;
+  int value_bits;
+  int value_norm, key_indices, key_signs, value_indices;  // byte offsets in a record
+  float qjl_coef;
+};
+
+struct Problem {
+  const float* q;   // [T, Hq, d] rotated, scaled queries
+  const float* qs;  // [T, Hq, d] S q' (prod mode)
+  const uint8_t* cache;
+  int64_t num_blocks, hk, block_size, record;
+  const int32_t* table;
+  int64_t table_stride;
+  const float* kc;
+  const float* vc;
+  int d, g, hq;
+  Layout lay;
+};
+
+// One (sequence, rows [row0, row0 + rows), KV head) over tokens [t0, t1). Row r of the item
+// is query row row0 + r / g, head h * g + r % g, and sees tokens t <= lim0 + r / g.
+// Writes acc[r] / l[r] to out (row stride out_stride) and log(l[r]) + m[r] to lse if given.
+void attend_item(const Problem& P, int64_t b, int64_t row0, int rows, int64_t lim0, int64_t h,
+                 int64_t t0, int64_t t1, float* out, int64_t out_stride, float* lse) {
+  const int d = P.d, g = P.g, R = rows * g;
+  const Layout& L = P.lay;
+  std::vector<float> Q(static_cast<size_t>(R) * d), QS(L.prod ? static_cast<size_t>(R) * d : 0);
+  std::vector<float> acc(static_cast<size_t>(R) * d, 0.f), m(R, NEG_INF), l(R, 0.f);
+  std::vector<int64_t> lim(R);
+  for (int r = 0; r < R; ++r) {
+    const int64_t src = ((row0 + r / g) * P.hq + h * g + r % g) * d;
+    std::memcpy(&Q[static_cast<size_t>(r) * d], P.q + src, sizeof(float) * d);
+    if (L.prod) std::memcpy(&QS[static_cast<size_t>(r) * d], P.qs + src, sizeof(float) * d);
+    lim[r] = lim0 + r / g;
+  }
+  std::vector<float> kf(L.key_bits ? TILE * d : 0), sg(L.prod ? TILE * d : 0), vf(TILE * d);
+  float knorm[TILE], rnorm[TILE], vnorm[TILE];
+  std::vector<float> S(static_cast<size_t>(R) * TILE), alpha(R);  // scores, then weights
+  const bool has_k = L.key_bits > 0;  // 1-bit prod keys are all QJL
+  std::optional<RowDecoder> decode_k;
+  if (has_k) decode_k.emplace(P.kc, L.key_bits, d);
+  const RowDecoder decode_v(P.vc, L.value_bits, d);
+  const int32_t* row_table = P.table + b * P.table_stride;
+
+  for (int64_t ts = t0; ts < t1; ts += TILE) {
+    const int n = static_cast<int>(std::min<int64_t>(TILE, t1 - ts));
+    for (int u = 0; u < n; ++u) {
+      const int64_t t = ts + u;
+      const int64_t block = row_table[t / P.block_size];
+      TORCH_CHECK(block >= 0 && block < P.num_blocks, "block_table entry ", block,
+                  " out of range for a cache of ", P.num_blocks, " blocks");
+      const uint8_t* rec =
+          P.cache + ((block * P.hk + h) * P.block_size + t % P.block_size) * P.record;
+      if (t + PREFETCH < t1) {  // records of scattered blocks: fetch ahead of the decode
+        const int64_t ahead = t + PREFETCH, ahead_block = row_table[ahead / P.block_size];
+        if (ahead_block >= 0 && ahead_block < P.num_blocks) {
+          const uint8_t* next = P.cache + ((ahead_block * P.hk + h) * P.block_size +
+                                           ahead % P.block_size) * P.record;
+          for (int64_t line = 0; line < P.record; line += 64) __builtin_prefetch(next + line);
+        }
+      }
+      knorm[u] = load_half(rec);
+      vnorm[u] = load_half(rec + L.value_norm);
+      if (has_k) (*decode_k)(rec + L.key_indices, &kf[u * d]);
+      if (L.prod) {
+        rnorm[u] = load_half(rec + 2) * L.qjl_coef;
+        decode_signs(rec + L.key_signs, d, &sg[u * d]);
+      }
+      decode_v(rec + L.value_indices, &vf[u * d]);
+    }
+
+    // Rows whose limit precedes the tile (causal) are a prefix of the item's rows.
+    int first = 0;
+    while (first < R && lim[first] < ts) ++first;
+    for (int r = first; r < R; ++r) {
+      const int visible = static_cast<int>(std::min<int64_t>(n, lim[r] - ts + 1));
+      float* sr = &S[static_cast<size_t>(r) * TILE];
+      for (int u = 0; u < TILE; ++u) sr[u] = 0.f;  // past `visible`: weight 0 below
+      if (has_k) add_scores(&Q[static_cast<size_t>(r) * d], kf.data(), knorm, visible, d, sr);
+      if (L.prod) add_scores(&QS[static_cast<size_t>(r) * d], sg.data(), rnorm, visible, d, sr);
+      const float m_new = std::max(m[r], max_score(sr, visible));
+      alpha[r] = m[r] == NEG_INF ? 0.f : std::exp(m[r] - m_new);
+      l[r] = l[r] * alpha[r] + softmax_weights(sr, vnorm, m_new, visible, sr);  // in place
+      m[r] = m_new;
+    }
+    for (int r0 = first; r0 < R; r0 += ROW_BLOCK) {
+      const int rows = std::min(ROW_BLOCK, R - r0);
+      float* accs[ROW_BLOCK];
+      const float* ws[ROW_BLOCK];
+      for (int i = 0; i < rows; ++i) {
+        accs[i] = &acc[static_cast<size_t>(r0 + i) * d];
+        ws[i] = &S[static_cast<size_t>(r0 + i) * TILE];
+      }
+      // A block's last row sees the most tokens; the others' weights are 0 past theirs.
+      const int visible = static_cast<int>(std::min<int64_t>(n, lim[r0 + rows - 1] - ts + 1));
+      accumulate(accs, &alpha[r0], ws, rows, vf.data(), visible, d);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float* o = out + (r / g) * out_stride + (r % g) * d;
+    const float* ar = &acc[static_cast<size_t>(r) * d];
+    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;  // no tokens (an empty split): 0
+    for (int j = 0; j < d; ++j) o[j] = ar[j] * inv;
+    if (lse) lse[r] = l[r] > 0.f ? m[r] + std::log(l[r]) : NEG_INF;
+  }
+}
+
+struct RowTile {
+  int64_t b, row0, lim0, end;  // end: tokens the tile reads (its last row's limit + 1)
+  int rows;
+};
+
+at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor& kv_cache,
+                     const at::Tensor& block_table, const at::Tensor& query_start_loc,
+                     const at::Tensor& seq_lens, const at::Tensor& key_centroids,
+                     const at::Tensor& value_centroids, at::IntArrayRef layout, double qjl_coef,
+                     int64_t rows_per_tile, int64_t num_splits) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(),
+              "q must be a contiguous float32 [T, Hq, d] tensor");
+  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.scalar_type() == at::kByte &&
+                  kv_cache.is_contiguous(),
+              "kv_cache must be a contiguous uint8 [num_blocks, Hk, block_size, C] tensor");
+  TORCH_CHECK(block_table.dim() == 2 && block_table.scalar_type() == at::kInt &&
+                  block_table.stride(1) == 1,
+              "block_table must be int32 [B, max_blocks] with unit column stride");
+  TORCH_CHECK(query_start_loc.scalar_type() == at::kInt && query_start_loc.is_contiguous() &&
+                  seq_lens.scalar_type() == at::kInt && seq_lens.is_contiguous(),
+              "query_start_loc and seq_lens must be contiguous int32");
+  TORCH_CHECK(layout.size() == 7, "layout must hold 7 integers");
+  TORCH_CHECK(rows_per_tile >= 1 && num_splits >= 0, "rows_per_tile >= 1, num_splits >= 0");
+  const int64_t batch = seq_lens.size(0);
+  TORCH_CHECK(query_start_loc.size(0) == batch + 1 && block_table.size(0) == batch,
+              "query_start_loc needs B + 1 entries and block_table B rows");
+  Problem P;
+  P.d = static_cast<int>(q.size(2));
+  P.hq = static_cast<int>(q.size(1));
+  P.hk = kv_cache.size(1);
+  TORCH_CHECK(P.hq % P.hk == 0, "query heads must be a multiple of KV heads");
+  P.g = static_cast<int>(P.hq / P.hk);
+  P.lay = Layout{static_cast<int>(layout[0]), layout[1] != 0, static_cast<int>(layout[2]),
+                 static_cast<int>(layout[3]), static_cast<int>(layout[4]),
+                 static_cast<int>(layout[5]), static_cast<int>(layout[6]),
+                 static_cast<float>(qjl_coef)};
+  TORCH_CHECK(P.lay.key_bits >= 0 && P.lay.key_bits <= 8 && P.lay.value_bits >= 1 &&
+                  P.lay.value_bits <= 8,
+              "key bits 0..8 and value bits 1..8");
+  TORCH_CHECK(key_centroids.scalar_type() == at::kFloat && key_centroids.is_contiguous() &&
+                  key_centroids.numel() >= (int64_t{1} << P.lay.key_bits) &&
+                  value_centroids.scalar_type() == at::kFloat &&
+                  value_centroids.is_contiguous() &&
+                  value_centroids.numel() >= (int64_t{1} << P.lay.value_bits),
+              "centroids must be contiguous float32 with 2^bits entries");
+  TORCH_CHECK(!P.lay.prod || (qs.sizes() == q.sizes() && qs.scalar_type() == at::kFloat &&
+                              qs.is_contiguous()),
+              "prod mode needs qs shaped like q, contiguous float32");
+  P.q = q.data_ptr<float>();
+  P.qs = P.lay.prod ? qs.data_ptr<float>() : nullptr;
+  P.cache = kv_cache.data_ptr<uint8_t>();
+  P.num_blocks = kv_cache.size(0);
+  P.block_size = kv_cache.size(2);
+  P.record = kv_cache.size(3);
+  P.table = block_table.data_ptr<int32_t>();
+  P.table_stride = block_table.stride(0);
+  P.kc = key_centroids.data_ptr<float>();
+  P.vc = value_centroids.data_ptr<float>();
+
+  const int32_t* qsl = query_start_loc.data_ptr<int32_t>();
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  std::vector<RowTile> tiles;
+  int64_t longest = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t lo = qsl[b], hi = qsl[b + 1], len = lens[b];
+    TORCH_CHECK(hi >= lo && hi <= q.size(0) && len >= hi - lo,
+                "sequence ", b, ": bad query_start_loc or seq_len");
+    TORCH_CHECK((len + P.block_size - 1) / P.block_size <= block_table.size(1),
+                "sequence ", b, " has more blocks than block_table columns");
+    for (int64_t row = lo; row < hi; row += rows_per_tile) {
+      const int rows = static_cast<int>(std::min<int64_t>(rows_per_tile, hi - row));
+      const int64_t lim0 = len - (hi - lo) + (row - lo);  // first row's last visible token
+      tiles.push_back(RowTile{b, row, lim0, lim0 + rows, rows});
+      longest = std::max(longest, lim0 + rows);
+    }
+  }
+  auto out = at::empty_like(q);
+  const int64_t units = static_cast<int64_t>(tiles.size()) * P.hk;
+  if (units == 0) return out;
+  if (num_splits == 0) {  // about 4 items per thread, splits no shorter than 256 tokens
+    const int64_t want = (4 * at::get_num_threads() + units - 1) / units;
+    num_splits = std::max<int64_t>(1, std::min(want, (longest + 255) / 256));
+  }
+  float* o = out.data_ptr<float>();
+  const int64_t hq = P.hq, d = P.d, g = P.g, rpt = rows_per_tile;
+  if (num_splits == 1) {
+    at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const RowTile& tile = tiles[i / P.hk];
+        const int64_t h = i % P.hk;
+        attend_item(P, tile.b, tile.row0, tile.rows, tile.lim0, h, 0, tile.end,
+                    o + (tile.row0 * hq + h * g) * d, hq * d, nullptr);
+      }
+    });
+    return out;
+  }
+  // Split items write [rows_per_tile, g, d] partials and their lse; a second pass merges.
+  const int64_t ns = num_splits, unit_rows = rpt * g;
+  std::vector<float> part(static_cast<size_t>(units * ns * unit_rows * d));
+  std::vector<float> lse(static_cast<size_t>(units * ns * unit_rows));
+  at::parallel_for(0, units * ns, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t unit = i / ns, split = i % ns;
+      const RowTile& tile = tiles[unit / P.hk];
+      const int64_t per = (tile.end + ns - 1) / ns;
+      const int64_t t0 = std::min(split * per, tile.end), t1 = std::min(t0 + per, tile.end);
+      attend_item(P, tile.b, tile.row0, tile.rows, tile.lim0, unit % P.hk, t0, t1,
+                  &part[i * unit_rows * d], g * d, &lse[i * unit_rows]);
+    }
+  });
+  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const RowTile& tile = tiles[unit / P.hk];
+      const int64_t h = unit % P.hk;
+      for (int64_t r = 0; r < tile.rows * g; ++r) {
+        float top = NEG_INF;
+        for (int64_t s = 0; s < ns; ++s) top = std::max(top, lse[(unit * ns + s) * unit_rows + r]);
+        float* dst = o + ((tile.row0 + r / g) * hq + h * g + r % g) * d;
+        std::fill(dst, dst + d, 0.f);
+        if (top == NEG_INF) continue;  // no tokens at all
+        float total = 0.f;
+        for (int64_t s = 0; s < ns; ++s) {
+          const int64_t item = unit * ns + s;
+          const float w = std::exp(lse[item * unit_rows + r] - top);
+          total += w;
+          const float* src = &part[(item * unit_rows + r) * d];
+          for (int64_t j = 0; j < d; ++j) dst[j] += w * src[j];
+        }
+        for (int64_t j = 0; j < d; ++j) dst[j] /= total;
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(tq_vllm_cpu, m) {
+  m.def(
+      "attention(Tensor q, Tensor qs, Tensor kv_cache, Tensor block_table, "
+      "Tensor query_start_loc, Tensor seq_lens, Tensor key_centroids, Tensor value_centroids, "
+      "int[] layout, float qjl_coef, int rows_per_tile, int num_splits) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tq_vllm_cpu, CPU, m) { m.impl("attention", &attention); }
