@@ -172,18 +172,8 @@ def _pack_store(idx, ptr, mask, ROWS: tl.constexpr, N: tl.constexpr, BITS: tl.co
 
 
 @triton.jit
-def _rotate_chunk(x, rot_ptr, c0, D: tl.constexpr, NC: tl.constexpr):
-    """Columns c0..c0+NC of x @ R^T. Chunked so that R's tile fits in shared memory at d=256;
-    fp32 'ieee' so that the indices match the float32 reference (TF32 would flip many)."""
-    k = tl.arange(0, D)
-    c = c0 + tl.arange(0, NC)
-    rt = tl.load(rot_ptr + c[None, :] * D + k[:, None])
-    return tl.dot(x, rt, input_precision="ieee")
-
-
-@triton.jit
 def _quantize_store(
-    x,
+    x_row,
     tmask,
     rec,
     rot_ptr,
@@ -200,51 +190,57 @@ def _quantize_store(
     BITS: tl.constexpr,
     PROD: tl.constexpr,
 ):
-    """Quantize x [BLOCK_T, D] (float32) as quantizer.TurboQuantizer.quantize does and write
-    the fields into the records at rec [BLOCK_T]. BITS are the mse stage's (0: 1-bit prod)."""
-    xnorm = tl.sqrt_rn(tl.sum(x * x, axis=1))
-    norm = tl.minimum(xnorm, FP16_MAX).to(tl.float16)
-    if PROD:  # the residual needs the stored norm; mse mode stores a corrected one below
-        store_fp16(rec + NORM_OFF, norm, tmask)
-    csq = tl.zeros([BLOCK_T], dtype=tl.float32)  # ||c[idx]||^2, mse mode's norm correction
+    """Quantize the vectors at x_row [BLOCK_T] (pointers to D contiguous elements) as
+    quantizer.TurboQuantizer.quantize does and write the fields into the records at rec
+    [BLOCK_T]. BITS are the mse stage's (0: 1-bit prod).
+
+    The two matrix products (rotation, QJL projection) run on tensor cores as 3xTF32, which
+    is as accurate as float32 here (plain TF32 would flip many indices against the float32
+    reference; the former exact FMA dots spilled registers and took most of the time and of
+    the compile time). Each is split in NC-wide slices so that a matrix tile fits in shared
+    memory at d=256.
+    """
+    d = tl.arange(0, D)
+    y = tl.zeros([BLOCK_T, D], dtype=tl.float32)
+    xsq = tl.zeros([BLOCK_T], dtype=tl.float32)
+    for c0 in tl.static_range(0, D, NC):  # y = x @ R^T, one slice of x's columns at a time
+        k = c0 + tl.arange(0, NC)
+        xc = tl.load(x_row[:, None] + k[None, :], mask=tmask[:, None], other=0.0).to(tl.float32)
+        xsq += tl.sum(xc * xc, axis=1)
+        r_cols = tl.load(rot_ptr + d[:, None] * D + k[None, :])  # R[:, c0..c0+NC], by rows
+        y = tl.dot(xc, tl.trans(r_cols), y, input_precision="tf32x3")
+    xnorm = tl.sqrt(xsq)
     # ||R x|| differs from ||x|| in the last bits; the reference divides by the former.
-    ysq = tl.zeros([BLOCK_T], dtype=tl.float32)
-    for c0 in tl.static_range(0, D, NC):
-        y = _rotate_chunk(x, rot_ptr, c0, D, NC)
-        ysq += tl.sum(y * y, axis=1)
-    ynorm = tl.maximum(tl.sqrt_rn(ysq), 1e-30)
-    rsq = tl.zeros([BLOCK_T], dtype=tl.float32)
-    proj = tl.zeros([BLOCK_T, D], dtype=tl.float32)
-    for c0 in tl.static_range(0, D, NC):
-        y = _rotate_chunk(x, rot_ptr, c0, D, NC)
-        r = y
-        if BITS > 0:
-            u = tl.div_rn(y, ynorm[:, None])
-            # Binary search over the sorted midpoints: idx = #{boundaries < u}, as bucketize.
-            idx = tl.zeros([BLOCK_T, NC], dtype=tl.int32)
-            for s in tl.static_range(BITS):
-                cand = idx + (1 << (BITS - 1 - s))
-                idx = tl.where(u > tl.load(bnd_ptr + cand - 1), cand, idx)
-            _pack_store(idx, rec + IDX_OFF + c0 * BITS // 8, tmask, BLOCK_T, NC, BITS)
-            c = tl.load(cent_ptr + idx)
-            if PROD:
-                r = y - norm.to(tl.float32)[:, None] * c
-            else:
-                csq += tl.sum(c * c, axis=1)
-        if PROD:
-            rsq += tl.sum(r * r, axis=1)
-            i = tl.arange(0, D)
-            k = c0 + tl.arange(0, NC)
-            st = tl.load(qjl_ptr + i[None, :] * D + k[:, None])  # S^T rows c0..c0+NC
-            proj += tl.dot(r, st, input_precision="ieee")
-    if not PROD:  # as quantizer.TurboQuantizer._code_norms: a zero code norm divides by 1
-        cnorm = tl.sqrt_rn(csq)
-        cnorm = tl.where(cnorm > 0, cnorm, 1.0)
-        store_fp16(rec + NORM_OFF, tl.minimum(tl.div_rn(xnorm, cnorm), FP16_MAX), tmask)
+    # Approximate square roots and divisions (an ulp or two of float32) change an index only
+    # within ~1e-7 of a boundary and a norm only at an fp16 rounding tie (the tests allow
+    # both); the correctly rounded ones compile to slow-path calls.
+    ynorm = tl.maximum(tl.sqrt(tl.sum(y * y, axis=1)), 1e-30)
+    u = y * tl.fdiv(tl.full(ynorm.shape, 1.0, tl.float32), ynorm, ieee_rounding=False)[:, None]
+    r = y
+    if BITS > 0:
+        # Binary search over the sorted midpoints: idx = #{boundaries < u}, as bucketize.
+        idx = tl.zeros([BLOCK_T, D], dtype=tl.int32)
+        for s in tl.static_range(BITS):
+            cand = idx + (1 << (BITS - 1 - s))
+            idx = tl.where(u > tl.load(bnd_ptr + cand - 1), cand, idx)
+        _pack_store(idx, rec + IDX_OFF, tmask, BLOCK_T, D, BITS)
+        c = tl.load(cent_ptr + idx)
     if PROD:
-        rnorm = tl.minimum(tl.sqrt_rn(rsq), FP16_MAX)
-        store_fp16(rec + RNORM_OFF, rnorm, tmask)
-        _pack_store((proj >= 0).to(tl.int32), rec + SIGN_OFF, tmask, BLOCK_T, D, 1)
+        norm = tl.minimum(xnorm, FP16_MAX).to(tl.float16)
+        store_fp16(rec + NORM_OFF, norm, tmask)
+        if BITS > 0:  # the residual of the stored (rounded) norm, as the reference's
+            r = y - norm.to(tl.float32)[:, None] * c
+        store_fp16(rec + RNORM_OFF, tl.minimum(tl.sqrt(tl.sum(r * r, axis=1)), FP16_MAX), tmask)
+        for c0 in tl.static_range(0, D, NC):  # sign(r @ S^T), one slice of columns at a time
+            k = c0 + tl.arange(0, NC)
+            s_rows = tl.load(qjl_ptr + k[:, None] * D + d[None, :])  # S rows c0..c0+NC
+            proj = tl.dot(r, tl.trans(s_rows), input_precision="tf32x3")
+            _pack_store((proj >= 0).to(tl.int32), rec + SIGN_OFF + c0 // 8, tmask, BLOCK_T, NC, 1)
+    else:  # norm correction, as quantizer.TurboQuantizer._code_norms (0 norm: divide by 1)
+        cnorm = tl.sqrt(tl.sum(c * c, axis=1))
+        cnorm = tl.where(cnorm > 0, cnorm, 1.0)
+        norm = tl.fdiv(xnorm, cnorm, ieee_rounding=False)
+        store_fp16(rec + NORM_OFF, tl.minimum(norm, FP16_MAX), tmask)
 
 
 @triton.jit
@@ -291,19 +287,14 @@ def _store_kv_kernel(
         + h.to(tl.int64) * cache_sh
         + (slot % block_size) * cache_ss
     )
-    d = tl.arange(0, D)
     t64 = t.to(tl.int64)
-    x = tl.load(key_ptr + t64[:, None] * key_st + h * key_sh + d[None, :], mask=tmask[:, None])
     _quantize_store(
-        x.to(tl.float32), tmask, rec, rot_ptr, kcent_ptr, kbnd_ptr, qjl_ptr,
+        key_ptr + t64 * key_st + h * key_sh, tmask, rec, rot_ptr, kcent_ptr, kbnd_ptr, qjl_ptr,
         0, KEY_IDX_OFF, KEY_RNORM_OFF, KEY_SIGN_OFF, BLOCK_T, D, NC, KEY_BITS, PROD,
     )  # fmt: skip
-    x = tl.load(
-        value_ptr + t64[:, None] * value_st + h * value_sh + d[None, :], mask=tmask[:, None]
-    )
     _quantize_store(
-        x.to(tl.float32), tmask, rec, rot_ptr, vcent_ptr, vbnd_ptr, qjl_ptr,
-        VALUE_NORM_OFF, VALUE_IDX_OFF, 0, 0, BLOCK_T, D, NC, VALUE_BITS, False,
+        value_ptr + t64 * value_st + h * value_sh, tmask, rec, rot_ptr, vcent_ptr, vbnd_ptr,
+        qjl_ptr, VALUE_NORM_OFF, VALUE_IDX_OFF, 0, 0, BLOCK_T, D, NC, VALUE_BITS, False,
     )  # fmt: skip
 
 
@@ -314,10 +305,13 @@ def store_kv(
     slot_mapping: torch.Tensor,
     codec: LayerCodec,
     block_t: int = 16,
+    num_warps: int = 8,
 ) -> None:
     """Triton store_kv_reference: one launch quantizes and writes every token's record.
 
     block_t: tokens per program (>= 16, a power of two: the rotation is a tl.dot).
+    num_warps: 8 keeps the [block_t, d] tiles of a program within the registers at d >= 128
+    (4 spilled; measured by compiling for sm_90).
     """
     check_cache(kv_cache, codec)
     device = kv_cache.device
@@ -352,4 +346,5 @@ def store_kv(
         KEY_RNORM_OFF=layout.key_residual_norm, VALUE_NORM_OFF=layout.value_norm,
         KEY_IDX_OFF=layout.key_indices, KEY_SIGN_OFF=layout.key_signs,
         VALUE_IDX_OFF=layout.value_indices, BLOCK_T=block_t, D=head_dim, NC=64,
+        num_warps=num_warps,
     )  # fmt: skip
