@@ -78,18 +78,11 @@ CAPACITY_CONFIGS = ["auto", "fp8", "default", "k8v4", "k6v4", "k4v4", "k4v3", "k
 
 def measure_capacity(configs: list[str], kv_gib: int = 1) -> dict[str, int]:
     """KV-cache tokens vLLM reports for each config (a dtype, or a TurboQuant preset name)."""
-    import json
-
-    from tq_vllm.server import Server, kv_cache_tokens
+    from tq_vllm.server import Server, kv_cache_flags, kv_cache_tokens
 
     tokens = {}
     for name in configs:
-        flags = ["--enforce-eager", "--max-model-len", "2048"]
-        if name in ("auto", "fp8"):
-            flags += ["--kv-cache-dtype", name]
-        else:
-            extra = {"turboquant": {"config": name}}
-            flags += ["--kv-cache-dtype", "turboquant", "--additional-config", json.dumps(extra)]
+        flags = ["--enforce-eager", "--max-model-len", "2048", *kv_cache_flags(name)]
         with Server(flags, env={"VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}) as server:
             tokens[name] = kv_cache_tokens(server.log)
     return tokens
@@ -126,6 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     from tq_vllm import eval as quality
 
     quality.add_parser(sub)
+    from tq_vllm import bench_serving
+
+    bench_serving.add_parser(sub)
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:
         return serve(argv[1:])
@@ -133,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "eval":
         args.argv = argv[1:]
         return quality.evaluate(args)
-    return {"demo": demo, "model": convert_model, "capacity": capacity}[args.command](args)
+    commands = {"demo": demo, "model": convert_model, "capacity": capacity}
+    return {**commands, "bench": bench_serving.bench}[args.command](args)
 
 
 if __name__ == "__main__":

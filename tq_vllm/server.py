@@ -5,6 +5,7 @@ Used by the tests, `tq-vllm capacity` and the benchmarks: every number comes fro
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -30,6 +31,14 @@ def kv_cache_tokens(log: str) -> int:
     if not found:
         raise ValueError("vLLM reported no KV cache size in this log")
     return int(found[-1].replace(",", ""))
+
+
+def kv_cache_flags(name: str) -> list[str]:
+    """vLLM flags for one KV config: a vLLM dtype (auto, fp8, ...) or a TurboQuant preset name."""
+    if name == "auto" or name.startswith("fp8"):
+        return ["--kv-cache-dtype", name]
+    extra = {"turboquant": {"config": name}}
+    return ["--kv-cache-dtype", "turboquant", "--additional-config", json.dumps(extra)]
 
 
 class Server:
