@@ -72,3 +72,46 @@ def test_bad_yaml_and_layer_range(tmp_path):
         load_config({"turboquant": {"config": str(bad)}})
     with pytest.raises(ConfigError, match=r"layers\[40\]"):
         TurboQuantConfig(layers={40: {"key_bits": 2}}).layouts(64, 30)
+
+
+@pytest.mark.parametrize(
+    "inline,field",
+    [
+        ({"key_bits": "3"}, "key_bits"),  # YAML/JSON strings are not numbers
+        ({"value_bits": 2.0}, "value_bits"),
+        ({"key_bits": True}, "key_bits"),
+        ({"keep_key_bits": 9}, "keep_key_bits"),
+        ({"keep_first_layers": -1}, "keep_first_layers"),
+        ({"seed": True}, "seed"),
+        ({"key_mode": None}, "key_mode"),
+        ({"layers": [1, 2]}, "layers"),
+        ({"layers": {3: 5}}, r"layers\[3\]"),
+        ({"layers": {-1: {"key_mode": "prod", "key_bits": 1}}}, "key_bits"),
+    ],
+)
+def test_malformed_configs_name_the_field(inline, field):
+    with pytest.raises(ConfigError, match=field):
+        load_config({"turboquant": inline}).layouts(64, 30)
+
+
+@pytest.mark.parametrize(
+    "inline,message",
+    [
+        ({"keep_first_layers": 20, "keep_last_layers": 11}, r"keep_first_layers \(20\) \+ keep_"),
+        ({"layers": {0: {"key_bits": 2}, -30: {"key_bits": 4}}}, r"layers\[0\] and layers\[-30\]"),
+    ],
+)
+def test_contradictory_configs_refused_for_the_model(inline, message):
+    """Contradictions that only the model's layer count reveals: refused when the layouts are
+    built (at engine start), naming both fields."""
+    cfg = load_config({"turboquant": inline})
+    with pytest.raises(ConfigError, match=message):
+        cfg.layouts(64, 30)
+    cfg.layouts(64, 64)  # a deeper model has room for both
+
+
+def test_layer_override_beats_keep_layers():
+    """Not a contradiction: `layers` is the documented last word for the layers it names."""
+    cfg = TurboQuantConfig(keep_first_layers=2, layers={0: {"key_bits": 2}})
+    assert cfg.layer_bits(0, 30).key_bits == 2
+    assert cfg.layer_bits(1, 30).key_bits == cfg.keep_key_bits

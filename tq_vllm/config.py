@@ -122,9 +122,21 @@ class TurboQuantConfig:
         """Every layer's record layout, padded to one common record size."""
         if head_dim < MIN_HEAD_DIM:
             raise ConfigError(f"head_dim {head_dim} is below the supported minimum {MIN_HEAD_DIM}")
+        if self.keep_first_layers + self.keep_last_layers > num_layers:
+            raise ConfigError(
+                f"keep_first_layers ({self.keep_first_layers}) + keep_last_layers "
+                f"({self.keep_last_layers}) exceed the model's {num_layers} attention layers"
+            )
+        named: dict[int, int] = {}  # layer -> the index that named it (negative ones count back)
         for index in self.layers:
             if not -num_layers <= index < num_layers:
                 raise ConfigError(f"layers[{index}]: the model has {num_layers} attention layers")
+            if index % num_layers in named:
+                raise ConfigError(
+                    f"layers[{named[index % num_layers]}] and layers[{index}] both override "
+                    f"layer {index % num_layers} of {num_layers}"
+                )
+            named[index % num_layers] = index
         raw = [self.layer_bits(i, num_layers).layout(head_dim) for i in range(num_layers)]
         size = max(layout.size for layout in raw)
         return [layout.padded(size) for layout in raw]
