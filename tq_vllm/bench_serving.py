@@ -75,9 +75,9 @@ SCENARIOS = {w.name: w for w in (THROUGHPUT, CAPACITY, QUICK)}
 DEFAULT_CONFIGS = ["auto", "default", "k2v2"]
 
 
-def scrape_metrics(base_url: str) -> dict[str, float]:
+def scrape_metrics(base_url: str, timeout: float = 10) -> dict[str, float]:
     """The server's Prometheus gauges and counters (vllm:* only), summed over label sets."""
-    with urllib.request.urlopen(f"{base_url}/metrics", timeout=5) as r:
+    with urllib.request.urlopen(f"{base_url}/metrics", timeout=timeout) as r:
         text = r.read().decode()
     values: dict[str, float] = {}
     for name, value in METRIC_LINE.findall(text):
@@ -99,7 +99,10 @@ class PeakWatcher(threading.Thread):
 
     def run(self) -> None:
         while not self._done.is_set():
-            m = scrape_metrics(self.base_url)
+            try:
+                m = scrape_metrics(self.base_url)
+            except OSError:  # a server busy with a long prefill may answer late: skip a sample
+                continue
             self.peak_running = max(self.peak_running, int(m.get("vllm:num_requests_running", 0)))
             self.peak_waiting = max(self.peak_waiting, int(m.get("vllm:num_requests_waiting", 0)))
             self._done.wait(self.interval)
