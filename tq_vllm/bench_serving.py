@@ -174,21 +174,18 @@ def reported_concurrency(log: str) -> float:
     return float(found[-1][1])
 
 
-def run_config(name: str, workload: Workload, extra_flags: list[str] = ()) -> dict[str, Any]:
+def run_config(name: str, workload: Workload) -> dict[str, Any]:
     """Start a server for one KV config at the workload's budget and measure it."""
     flags = [
         "--enforce-eager", "--max-model-len", str(workload.max_model_len),
         "--kv-cache-memory-bytes", str(workload.kv_bytes),
         "--max-num-seqs", str(max(workload.num_prompts, 1)),
-        *kv_cache_flags(name), *extra_flags,
+        *kv_cache_flags(name),
     ]  # fmt: skip
-    start = time.monotonic()
     with Server(flags) as server:
-        started = time.monotonic() - start
         result = measure(server, workload)
         log = server.log
     result["reported_concurrency"] = reported_concurrency(log)
-    result["startup_s"] = started
     if result["failed"]:
         raise RuntimeError(f"{name}: {result['failed']} requests failed:\n{result['errors'][:3]}")
     return result
