@@ -2,6 +2,8 @@
 on the real engine."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -11,7 +13,7 @@ from test_attention_reference import dense, dequantized, make_batch
 
 from tq_vllm.codec import LayerCodec
 from tq_vllm.config import ConfigError, load_config
-from tq_vllm.fidelity import layer_fidelity
+from tq_vllm.fidelity import Capture, config_fidelity, score_fidelity
 from tq_vllm.kernels.attention_reference import (
     context_attention_reference,
     decode_attention_reference,
@@ -98,14 +100,20 @@ def test_value_mode_config():
         load_config({"turboquant": {"layers": {2: {"value_mode": "x"}}}})
 
 
-def test_layer_fidelity():
+def test_fidelity_scores():
     gen = torch.Generator().manual_seed(0)
     q, k = torch.randn(6, 64, 32, generator=gen), torch.randn(2, 64, 32, generator=gen)
-    rows = torch.arange(32, 64)
-    exact = layer_fidelity(q, k, k, rows)
-    assert (exact.cosine, exact.top1, exact.top5) == pytest.approx((1.0, 1.0, 1.0))
-    noisy = layer_fidelity(q, k, k + 0.5 * torch.randn(k.shape, generator=gen), rows)
+    cap, rows = Capture([q], [k]), torch.arange(32, 64)
+    exact = cap.exact_scores(0, rows)
+    dense_scores = torch.einsum("hrd,hld->hrl", q[:, rows], k.repeat_interleave(3, 0))
+    torch.testing.assert_close(exact, dense_scores)
+    same = score_fidelity(exact, cap.scores(0, k, rows), rows)
+    assert (same.cosine, same.top1, same.top5) == pytest.approx((1.0, 1.0, 1.0))
+    noisy_keys = k + 0.5 * torch.randn(k.shape, generator=gen)
+    noisy = score_fidelity(exact, cap.scores(0, noisy_keys, rows), rows)
     assert 0.5 < noisy.cosine < 0.99 and noisy.top1 < 1 and noisy.top5 < 1
+    kept = config_fidelity(cap, [None], seed=0, num_queries=16)  # bf16-kept layer: exact
+    assert (kept[0].cosine, kept[0].top1, kept[0].top5) == (1.0, 1.0, 1.0)
 
 
 def test_passkey_prompts_lengths():
@@ -125,14 +133,19 @@ def test_passkey_prompts_lengths():
 @pytest.mark.server
 def test_quick_eval_keeps_default_bound(tmp_path):
     pytest.importorskip("vllm")
-    proc = subprocess.run(
-        [sys.executable, "-m", "tq_vllm.cli", "eval", "--quick", "--out", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        timeout=900,
+    command = [sys.executable, "-m", "tq_vllm.cli", "eval", "--quick", "--out", str(tmp_path)]
+    # Its own session: on timeout the whole group goes, the engine process included.
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "OK: default" in proc.stdout
+    try:
+        stdout, stderr = proc.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert "OK: default" in stdout
     table = (tmp_path / "quality.md").read_text()
     assert "| bf16 |" in table and "| default |" in table
     assert (tmp_path / "quality.png").stat().st_size > 10_000

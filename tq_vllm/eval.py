@@ -18,11 +18,12 @@ import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -282,16 +283,15 @@ def bytes_per_token(layouts: list, head_dim: int, num_kv_heads: int) -> int:
 class Row:
     config: EvalConfig
     bytes_per_token: int
-    kv_tokens: int
-    ppl: float
-    ppl_tokens: int
+    kv_tokens: int | None  # None: no engine run for this config (time budget)
+    ppl: float | None
+    ppl_tokens: int | None
     retrieval: dict[str, list[int]]
     cosine_mean: float = 1.0
     cosine_worst: float = 1.0
     top1: float = 1.0
     top5: float = 1.0
     worst_layer: int = 0
-    extra: dict[str, float] = field(default_factory=dict)
 
     def accuracy(self, length: str) -> float | None:
         """Passkey accuracy at `length`; None where retrieval was not run for this config."""
@@ -306,16 +306,21 @@ def choose_default(rows: list[Row], base: Row, bound: float) -> Row | None:
         r
         for r in rows
         if r.config.kv_cache_dtype == "turboquant"
+        and r.ppl is not None
         and r.ppl <= base.ppl * (1 + bound)
         and r.retrieval
         and all((r.accuracy(n) or 0) >= base.accuracy(n) for n in base.retrieval)
     ]
-    return max(ok, key=lambda r: (r.kv_tokens, -r.ppl), default=None)
+    return max(ok, key=lambda r: (-r.bytes_per_token, -r.ppl), default=None)
 
 
 def best_at(rows: list[Row], base: Row, capacity: float) -> Row | None:
-    """Lowest perplexity among configs with at least `capacity` times bf16's KV tokens."""
-    ok = [r for r in rows if r.kv_tokens >= capacity * base.kv_tokens]
+    """Lowest perplexity among configs with at least `capacity` times bf16's capacity."""
+    ok = [
+        r
+        for r in rows
+        if r.ppl is not None and base.bytes_per_token >= capacity * r.bytes_per_token
+    ]
     return min(ok, key=lambda r: r.ppl, default=None)
 
 
@@ -323,7 +328,8 @@ def markdown(rows: list[Row], base: Row, args: argparse.Namespace, notes: list[s
     lengths = list(base.retrieval)
     trials = len(base.retrieval[lengths[0]])
     head = (
-        "| config | what | bytes/token | capacity vs bf16 | perplexity | vs bf16 | "
+        "| config | what | bytes/token | capacity vs bf16 | vLLM KV tokens | perplexity "
+        "| vs bf16 | "
         + " | ".join(f"passkey {int(n) // 1024}K" for n in lengths)
         + " | score cos (mean / worst layer) | top-1 | top-5 |"
     )
@@ -339,11 +345,13 @@ def markdown(rows: list[Row], base: Row, args: argparse.Namespace, notes: list[s
         f"tokens. Passkey: a 5-digit key at depths 0.1..0.9 of filler text, greedy answer, "
         f"{trials} trials per length, prefill chunks of at most {args.retrieval_chunk} tokens "
         "('-': not run for that config). "
-        "Capacity: tokens vLLM fits in a {KV_CACHE_BYTES >> 30} "
-        "GiB KV cache; bytes/token: K+V over all 30 layers from the record layout (padding "
-        "included). Fidelity: post-RoPE keys and queries captured from the model "
+        "Bytes/token: K+V over all 30 layers from the record layout (padding included; "
+        "bf16-kept layers at 256 bytes per head); capacity = bf16's bytes over the config's, "
+        f"which is what vLLM allocates: vLLM KV tokens = tokens it fits in a "
+        f"{KV_CACHE_BYTES >> 30} GiB KV cache. '-': not measured (time budget). "
+        "Fidelity: post-RoPE keys and queries captured from the model "
         f"(transformers) on {args.fidelity_tokens} tokens, keys quantized per layer, scores "
-        "q.k_hat vs q.k over the causal prefix of 256 queries in the second half; cosine per "
+        "q.k_hat vs q.k over the causal prefix of 128 queries in the second half; cosine per "
         "query, top-1 = argmax unchanged, top-5 = overlap of the top-5 sets; mean over layers "
         "(worst layer for the cosine). Upstream rows (bold) emulate vLLM's turboquant_*bit_nc "
         "presets in this plugin.",
@@ -354,10 +362,14 @@ def markdown(rows: list[Row], base: Row, args: argparse.Namespace, notes: list[s
     for r in rows:
         name = f"**{r.config.name}**" if r.config.upstream else r.config.name
         acc = " | ".join("-" if r.accuracy(n) is None else f"{r.accuracy(n):.0%}" for n in lengths)
+        if r.ppl is None:
+            measured = "- | - | -"
+        else:
+            measured = f"{r.kv_tokens:,} | {r.ppl:.3f} | {r.ppl / base.ppl - 1:+.1%}"
         lines.append(
             f"| {name} | {r.config.label} | {r.bytes_per_token:,} | "
-            f"{r.kv_tokens / base.kv_tokens:.2f}x | {r.ppl:.3f} | {r.ppl / base.ppl - 1:+.1%} | "
-            f"{acc} | {r.cosine_mean:.4f} / {r.cosine_worst:.4f} (L{r.worst_layer}) | "
+            f"{base.bytes_per_token / r.bytes_per_token:.2f}x | {measured} | {acc} | "
+            f"{r.cosine_mean:.4f} / {r.cosine_worst:.4f} (L{r.worst_layer}) | "
             f"{r.top1:.1%} | {r.top5:.1%} |"
         )
     lines += ["", *notes, "", f"Command: `{args.command_line}`", ""]
@@ -371,7 +383,7 @@ def plot(rows: list[Row], base: Row, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(9, 6))
-    for r in rows:
+    for r in [r for r in rows if r.ppl is not None]:
         x, y = r.bytes_per_token, 100 * (r.ppl / base.ppl - 1)
         style = dict(marker="*", s=180, color="tab:red") if r.config.upstream else dict(s=40)
         if r is base:
@@ -397,6 +409,8 @@ def evaluate(args: argparse.Namespace) -> int:
     from tq_vllm.fidelity import capture, config_fidelity
     from tq_vllm.model import ensure_default_model
 
+    # SIGTERM unwinds like Ctrl-C, so that the running engine process is killed with us.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     configs = all_configs()
     names = args.configs or (QUICK if args.quick else FULL)
     unknown = [n for n in [*names, *(args.retrieval_configs or [])] if n not in configs]
@@ -427,6 +441,7 @@ def evaluate(args: argparse.Namespace) -> int:
         runs_todo += [(n, {**retrieval, "chunk": args.retrieval_chunk}) for n in with_retrieval]
     results: dict[str, dict] = {name: {"retrieval": {}} for name in names}
     bar = tqdm(runs_todo, desc="tq-vllm eval", unit="run")
+    deadline = time.time() + 60 * args.time_budget if args.time_budget is not None else None
     for name, spec in bar:
         spec = dict(config=name, **spec)
         label = f"{name}.{'+'.join(spec['tasks'])}"
@@ -437,6 +452,8 @@ def evaluate(args: argparse.Namespace) -> int:
             if saved.pop("spec") == spec:
                 results[name].update(saved)
                 continue
+        if deadline is not None and time.time() > deadline and name != "bf16":
+            continue  # the row shows '-' for what this run would have measured
         result = run_in_subprocess(spec, runs / f"{label}.log")
         cached.write_text(json.dumps({**result, "spec": spec}, indent=1))
         results[name].update(result)
@@ -458,9 +475,9 @@ def evaluate(args: argparse.Namespace) -> int:
             Row(
                 config,
                 bytes_per_token(layouts, head_dim, num_kv_heads),
-                res["kv_tokens"],
-                res["ppl"],
-                res["ppl_tokens"],
+                res.get("kv_tokens"),
+                res.get("ppl"),
+                res.get("ppl_tokens"),
                 res["retrieval"],
                 cosine_mean=sum(f.cosine for f in per_layer) / num_layers,
                 cosine_worst=per_layer[worst].cosine,
@@ -479,13 +496,14 @@ def evaluate(args: argparse.Namespace) -> int:
         "and no passkey loss vs bf16 at any length): "
         + (
             f"**{chosen.config.name}** ({chosen.config.label}, "
-            f"{chosen.kv_tokens / base.kv_tokens:.2f}x, {chosen.ppl / base.ppl - 1:+.2%})"
+            f"{base.bytes_per_token / chosen.bytes_per_token:.2f}x, "
+            f"{chosen.ppl / base.ppl - 1:+.2%})"
             if chosen
             else "none of the configs run qualifies"
         ),
         "Best config at >= 5x capacity (lowest perplexity): "
         + (
-            f"**{best5.config.name}** ({best5.kv_tokens / base.kv_tokens:.2f}x, "
+            f"**{best5.config.name}** ({base.bytes_per_token / best5.bytes_per_token:.2f}x, "
             f"{best5.ppl / base.ppl - 1:+.1%})"
             if best5
             else "none of the configs run reaches 5x"
@@ -538,6 +556,13 @@ def add_parser(sub: Any) -> None:
         "--retrieval-configs",
         nargs="+",
         help="run the passkey test only for these configs (default: all); bf16 always runs it",
+    )
+    p.add_argument(
+        "--time-budget",
+        type=float,
+        metavar="MINUTES",
+        help="start no engine run after this many minutes; rows then show '-' for what was "
+        "not measured (bf16, the reference, always runs)",
     )
     p.add_argument("--out", default="docs", help="folder for quality.md/.json/.png")
     p.add_argument(
