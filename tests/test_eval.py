@@ -151,3 +151,19 @@ def test_quick_eval_keeps_default_bound(tmp_path):
     assert (tmp_path / "quality.png").stat().st_size > 10_000
     rows = {r["config"]["name"]: r for r in json.loads((tmp_path / "quality.json").read_text())}
     assert sum(rows["default"]["retrieval"]["1024"]) > 0  # the passkey is found at all
+
+
+def test_ops_read_uniform_records_with_the_reference():
+    """Kernels read Lloyd-Max value records only: ops.py must route uniform layouts to the
+    PyTorch reference (RecordLayout.uniform_values)."""
+    from tq_vllm import ops
+
+    codec = LayerCodec(RecordLayout(64, 4, "mse", 4, value_mode="uniform"), seed=0)
+    lens, q_lens = [40, 17], [1, 17]
+    cache, table, _, _ = make_batch(codec, lens, 16, 1, seed=2)
+    qsl = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
+    query = torch.randn(int(qsl[-1]), 3, 64)
+    args = (query, None, None, cache, table, qsl, torch.tensor(lens), codec, 0.125)
+    torch.testing.assert_close(ops.context_attention(*args), context_attention_reference(*args))
+    decode = (query[:2], cache, table, torch.tensor(lens), codec, 0.125)
+    torch.testing.assert_close(ops.decode_attention(*decode), decode_attention_reference(*decode))
