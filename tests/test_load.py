@@ -1,6 +1,6 @@
 """Load and faults against one real OpenAI server with the TurboQuant KV cache.
 
-The server's KV budget is tiny on purpose (16-token blocks, room for about 17 of the requests at
+The server's KV budget is tiny on purpose (16-token blocks, room for about a dozen requests at
 their full length), so the 64-stream test also drives vLLM into preemption and recomputation.
 """
 
