@@ -376,7 +376,7 @@ def markdown(rows: list[Row], base: Row, args: argparse.Namespace, notes: list[s
     return "\n".join(lines)
 
 
-def plot(rows: list[Row], base: Row, path: Path) -> None:
+def plot(rows: list[Row], base: Row, path: Path, chunk: int) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -388,14 +388,15 @@ def plot(rows: list[Row], base: Row, path: Path) -> None:
         style = dict(marker="*", s=180, color="tab:red") if r.config.upstream else dict(s=40)
         if r is base:
             style = dict(marker="s", s=60, color="black")
-        ax.scatter([x], [max(y, 0.01)], zorder=3, **style)
-        ax.annotate(
-            r.config.name, (x, max(y, 0.01)), fontsize=7, xytext=(4, 3), textcoords="offset points"
-        )
-    ax.set_yscale("log")
+        ax.scatter([x], [y], zorder=3, **style)
+        ax.annotate(r.config.name, (x, y), fontsize=7, xytext=(4, 3), textcoords="offset points")
+    ax.set_yscale("symlog", linthresh=1.0)  # linear within +-1 %, logarithmic beyond
+    ax.axhline(100 * PROMISED_PPL_INCREASE, ls="--", lw=1, color="gray")  # the default's bound
     ax.set_xlabel("KV bytes per token (all layers, K+V)")
-    ax.set_ylabel("perplexity increase over bf16 (%, log)")
-    ax.set_title("SmolLM2-135M, vLLM, 128-token chunked prefill (red stars: upstream emulation)")
+    ax.set_ylabel("perplexity increase over bf16 (%, symmetric log)")
+    ax.set_title(
+        f"SmolLM2-135M, vLLM, {chunk}-token prefill chunks (red stars: upstream emulation)"
+    )
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -515,7 +516,7 @@ def evaluate(args: argparse.Namespace) -> int:
     (out / "quality.json").write_text(
         json.dumps([{**asdict(r), "config": asdict(r.config)} for r in rows], indent=1)
     )
-    plot(rows, base, out / "quality.png")
+    plot(rows, base, out / "quality.png", args.chunk)
     print(table)
     print(f"wrote {out / 'quality.md'}, {out / 'quality.json'}, {out / 'quality.png'}")
     if args.quick:
