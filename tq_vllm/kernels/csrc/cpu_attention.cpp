@@ -418,6 +418,13 @@ void attend_item(const Problem& P, int64_t b, int64_t row0, int rows, int64_t li
   }
 }
 
+// A bijection of [0, n): 0, n-1, 1, n-2, ... Row tiles later in a chunk see more (causal)
+// context; parallel_for hands each thread a contiguous range, which this way mixes light
+// and heavy items instead of giving one thread all the heavy ones.
+inline int64_t interleaved(int64_t pos, int64_t n) {
+  return pos % 2 == 0 ? pos / 2 : n - 1 - pos / 2;
+}
+
 struct RowTile {
   int64_t b, row0, lim0, end;  // end: tokens the tile reads (its last row's limit + 1)
   int rows;
@@ -505,7 +512,8 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor
   const int64_t hq = P.hq, d = P.d, g = P.g, rpt = rows_per_tile;
   if (num_splits == 1) {
     at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
+      for (int64_t pos = begin; pos < end; ++pos) {
+        const int64_t i = interleaved(pos, units);
         const RowTile& tile = tiles[i / P.hk];
         const int64_t h = i % P.hk;
         attend_item(P, tile.b, tile.row0, tile.rows, tile.lim0, h, 0, tile.end,
@@ -519,7 +527,8 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor
   std::vector<float> part(static_cast<size_t>(units * ns * unit_rows * d));
   std::vector<float> lse(static_cast<size_t>(units * ns * unit_rows));
   at::parallel_for(0, units * ns, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; ++i) {
+    for (int64_t pos = begin; pos < end; ++pos) {
+      const int64_t i = interleaved(pos, units * ns);
       const int64_t unit = i / ns, split = i % ns;
       const RowTile& tile = tiles[unit / P.hk];
       const int64_t per = (tile.end + ns - 1) / ns;
