@@ -114,6 +114,10 @@ def check_cache(kv_cache: object, codec: LayerCodec) -> torch.Tensor:
             f"kv_cache records have {kv_cache.shape[3]} bytes; the codec's layout needs "
             f"{codec.layout.size}"
         )
+    if codec.layout.uniform_values:
+        raise ValueError(
+            "value_mode 'uniform' records have no Triton kernel; use the PyTorch reference path"
+        )
     device = per_codec(codec, "device", _codec_device)
     if device != kv_cache.device:
         raise ValueError(f"the codec's tensors are on {device}, kv_cache on {kv_cache.device}")
