@@ -11,7 +11,9 @@ value None, the chunk's own tokens are read back from the cache like the context
 
 Precision: compressed tokens are scored with fp16 tensor-core dots as in decode.py. Fresh
 tokens take fp16 dots for fp16/bf16 queries (their rounding is below the inputs' own) and
-exact fp32 dots for float32 queries, which would otherwise lose ~1e-3 on peaked softmaxes.
+float32-accurate dots for float32 queries, which would otherwise lose ~1e-3 on peaked
+softmaxes. Those are 3xTF32 on tensor cores: exact FMA dots ("ieee") spilled kilobytes of
+registers per thread and made this kernel the slowest to compile.
 """
 
 from __future__ import annotations
@@ -128,7 +130,7 @@ def _context_kernel(
         fresh = ((start + j).to(tl.int64) * num_kv_heads + h)[:, None] * D + d[None, :]
         k = tl.load(k_ptr + fresh, mask=jmask[:, None], other=0.0)
         if FRESH_FP32:
-            s = tl.dot(qf, tl.trans(k), input_precision="ieee")
+            s = tl.dot(qf, tl.trans(k), input_precision="tf32x3")
         else:
             s = tl.dot(q, tl.trans(k.to(tl.float16)))
         s = tl.where(jmask[None, :] & (j[None, :] <= pos[:, None]), s, float("-inf"))
@@ -138,7 +140,7 @@ def _context_kernel(
         lsum = lsum * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptr + fresh, mask=jmask[:, None], other=0.0)
         if FRESH_FP32:
-            pv = tl.dot(p, v, input_precision="ieee")
+            pv = tl.dot(p, v, input_precision="tf32x3")
         else:
             pv = tl.dot(p.to(tl.float16), v.to(tl.float16))
         acc = acc * alpha[:, None] + pv
