@@ -74,13 +74,12 @@ def _group_words(rec, tmask, OFF: tl.constexpr, D: tl.constexpr, BITS: tl.conste
 @triton.jit
 def _group_index(lo, hi, J: tl.constexpr, BITS: tl.constexpr):
     """Index J (0..7) of every group: bits J*BITS.. of the word lo | hi << 32 (int32)."""
-    P: tl.constexpr = J * BITS
-    if P + BITS <= 32:
-        v = lo >> P
-    elif P >= 32:
-        v = hi >> (P - 32)
+    if J * BITS + BITS <= 32:
+        v = lo >> (J * BITS)
+    elif J * BITS >= 32:
+        v = hi >> (J * BITS - 32)
     else:  # straddles the two halves
-        v = (lo >> P) | (hi << (32 - P))
+        v = (lo >> (J * BITS)) | (hi << (32 - J * BITS))
     return (v & ((1 << BITS) - 1)).to(tl.int32)
 
 
