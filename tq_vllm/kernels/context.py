@@ -103,6 +103,9 @@ def _context_kernel(
     # The context precedes every query: no mask. With ALL_CACHED the chunk's own tokens are
     # read back compressed too, causally.
     cached_end = context + fresh_end if ALL_CACHED else context
+    # >= 64 rows take wgmma, whose tile operands Triton 3.6 cannot take straight from the
+    # interleave (score_tile's NORM_ON_TILE).
+    norm_on_tile: tl.constexpr = BLOCK_M * GP >= 64
     for n0 in range(0, cached_end, BLOCK_N):
         t = n0 + tl.arange(0, BLOCK_N)
         tmask = t < cached_end
@@ -110,8 +113,9 @@ def _context_kernel(
             cache_ptr, table_row, h, t, tmask, BLOCK_SIZE, cache_sb, cache_sh, cache_ss
         )
         s = score_tile(
-            q, qs, rec, tmask, kcent_ptr, KEY_IDX_OFF, KEY_SIGN_OFF, D, KEY_BITS, PROD, QJL_COEF
-        )
+            q, qs, rec, tmask, kcent_ptr, KEY_IDX_OFF, KEY_SIGN_OFF, D, KEY_BITS, PROD, QJL_COEF,
+            norm_on_tile,
+        )  # fmt: skip
         if ALL_CACHED:
             s = tl.where(t[None, :] <= (context + pos)[:, None], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
@@ -119,7 +123,7 @@ def _context_kernel(
         p = tl.exp2(s - m_new[:, None])
         lsum = lsum * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + value_tile(
-            p, rec, tmask, vcent_ptr, VALUE_NORM_OFF, VALUE_IDX_OFF, D, VALUE_BITS
+            p, rec, tmask, vcent_ptr, VALUE_NORM_OFF, VALUE_IDX_OFF, D, VALUE_BITS, norm_on_tile
         )
         m = m_new
     if FRESH_FP32:

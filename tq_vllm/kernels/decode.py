@@ -162,19 +162,32 @@ def score_tile(
     KEY_BITS: tl.constexpr,
     PROD: tl.constexpr,
     QJL_COEF: tl.constexpr,
+    NORM_ON_TILE: tl.constexpr = False,
 ):
     """Scores [M, BLOCK_N] of fp16 rotated queries q [M, D] (qs = S q', prod mode) against the
-    compressed keys at rec [BLOCK_N]; -inf where tmask is false."""
+    compressed keys at rec [BLOCK_N]; -inf where tmask is false.
+
+    NORM_ON_TILE scales the [BLOCK_N, D] tiles by the norms before the dots instead of the
+    scores after them. Needed where M >= 64 (wgmma, B operand in shared memory): Triton 3.6
+    folds a join/reshape tile straight into its shared-memory copy and builds an illegal rank-5
+    NVMMA layout, so an op must sit between the reshape and the dot. Elsewhere it only costs
+    instructions (the tile has more elements than the scores)."""
     norm = load_fp16(rec, tmask)
     if KEY_BITS > 0:
         kc = load_centroids(rec, tmask, kcent_ptr, KEY_IDX_OFF, D, KEY_BITS)
-        s = tl.dot(q, tl.trans(kc)) * norm[None, :]
+        if NORM_ON_TILE:
+            s = tl.dot(q, tl.trans(kc * norm.to(tl.float16)[:, None]))
+        else:
+            s = tl.dot(q, tl.trans(kc)) * norm[None, :]
     else:
         s = tl.zeros([q.shape[0], rec.shape[0]], dtype=tl.float32)
     if PROD:
         rnorm = load_fp16(rec + 2, tmask)
         signs = load_signs(rec, tmask, KEY_SIGN_OFF, D)
-        s += tl.dot(qs, tl.trans(signs)) * (rnorm * QJL_COEF)[None, :]
+        if NORM_ON_TILE:  # +-rnorm is exact in fp16
+            s += tl.dot(qs, tl.trans(signs * rnorm.to(tl.float16)[:, None])) * QJL_COEF
+        else:
+            s += tl.dot(qs, tl.trans(signs)) * (rnorm * QJL_COEF)[None, :]
     return tl.where(tmask[None, :], s, float("-inf"))
 
 
@@ -188,10 +201,14 @@ def value_tile(
     VALUE_IDX_OFF: tl.constexpr,
     D: tl.constexpr,
     VALUE_BITS: tl.constexpr,
+    NORM_ON_TILE: tl.constexpr = False,
 ):
-    """sum_n p[:, n] * norm_n * c[idx_n]: [M, D] for weights p [M, BLOCK_N]."""
+    """sum_n p[:, n] * norm_n * c[idx_n]: [M, D] for weights p [M, BLOCK_N]. NORM_ON_TILE: as
+    in score_tile."""
     norm = load_fp16(rec + VALUE_NORM_OFF, tmask)
     vc = load_centroids(rec, tmask, vcent_ptr, VALUE_IDX_OFF, D, VALUE_BITS)
+    if NORM_ON_TILE:
+        return tl.dot(p.to(tl.float16), vc * norm.to(tl.float16)[:, None])
     return tl.dot((p * norm[None, :]).to(tl.float16), vc)
 
 
