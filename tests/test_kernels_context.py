@@ -68,7 +68,7 @@ def test_context_bf16_and_tiling_options():
     out, ref = run_case(128, 3, "prod", 3, 16, 4, 2, [40, 19], [24, 19], dtype=torch.bfloat16)
     torch.testing.assert_close(out, ref, atol=1e-2, rtol=1e-2)
     out, ref = run_case(
-        64, 4, "mse", 3, 32, 2, 1, [50, 30], [30, 3], rows=16, block_n=16, max_query_len=30
+        64, 4, "mse", 3, 32, 2, 1, [50, 30], [30, 3], rows=16, block_n=32, max_query_len=30
     )
     torch.testing.assert_close(out, ref, **TOL)
 
@@ -85,6 +85,8 @@ def test_context_argument_errors():
         context_attention(q, k, k, cache, table, qsl[:1], lens, codec, 0.1)
     with pytest.raises(ValueError, match="rows"):
         context_attention(q, k, k, cache, table, qsl, lens, codec, 0.1, rows=8)
+    with pytest.raises(ValueError, match="block_n must be a power of two >= 32"):
+        context_attention(q, k, k, cache, table, qsl, lens, codec, 0.1, block_n=16)
     with pytest.raises(ValueError, match="value"):
         context_attention(q, k, k.to(torch.int8), cache, table, qsl, lens, codec, 0.1)
 

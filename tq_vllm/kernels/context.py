@@ -176,7 +176,7 @@ def context_attention(
     back from kv_cache (stored before attention), as a later decode step would see them.
     max_query_len: the longest chunk (vLLM's metadata has it on the host); None reads it from
     query_start_loc, a device sync. rows: query rows per program (positions x heads of a GQA
-    group, a power of two >= 16); block_n: keys per tile (a power of two >= 16).
+    group, a power of two >= 16); block_n: keys per tile (a power of two >= 32).
     """
     check_cache(kv_cache, codec)
     device = kv_cache.device
@@ -202,9 +202,11 @@ def context_attention(
             f"query_start_loc needs {batch + 1} entries and block_table {batch} rows for "
             f"{batch} sequences, got {query_start_loc.shape[0]} and {block_table.shape[0]}"
         )
-    for name, n in (("rows", rows), ("block_n", block_n)):
-        if n < 16 or n & (n - 1):
-            raise ValueError(f"{name} must be a power of two >= 16, got {n}")
+    # 16-key tiles under 64 rows computed wrong results on an H200 with Triton 3.6 (compiled
+    # kernel tests, 2026-11-27; the interpreter is fine), so tiles start at 32 keys.
+    for name, n, least in (("rows", rows, 16), ("block_n", block_n, 32)):
+        if n < least or n & (n - 1):
+            raise ValueError(f"{name} must be a power of two >= {least}, got {n}")
     if num_tokens == 0 or batch == 0:
         return torch.empty_like(query)
     if max_query_len is None:
