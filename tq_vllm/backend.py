@@ -25,6 +25,7 @@ from vllm.v1.attention.backend import (
 
 from tq_vllm import compat, ops, runtime
 from tq_vllm.codec import LayerCodec
+from tq_vllm.kernels import cpu_attention
 
 TRITON_HEAD_DIMS = (64, 128, 256)
 logger = logging.getLogger("tq_vllm")
@@ -176,6 +177,11 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         self.num_kv_heads = num_kv_heads or num_heads
         self.kv_cache_dtype = kv_cache_dtype
         self._codecs: dict[tuple[str, torch.device], LayerCodec] = {}
+        from vllm.platforms import current_platform
+
+        if not current_platform.is_cuda_alike():
+            # Build (or load) the fused CPU kernels now, not in the first request's forward.
+            cpu_attention.available()
 
     def _codec(self, layer: AttentionLayer, device: torch.device) -> LayerCodec:
         name = getattr(layer, "layer_name", "")

@@ -33,6 +33,8 @@ def store_kv(
         from tq_vllm.kernels.store import store_kv as kernel
 
         return kernel(key, value, kv_cache, slot_mapping, codec)
+    if _cpu_kernel(kv_cache) and not codec.layout.uniform_values:
+        return cpu_attention.store_kv(key, value, kv_cache, slot_mapping, codec)
     return store_kv_reference(key, value, kv_cache, slot_mapping, codec)
 
 

@@ -5,6 +5,8 @@ None, the serving path) context_attention_reference. The kernel works in the rot
 like the Triton kernels: queries are rotated (and scaled) here, the C++ code scores packed keys
 straight from the records and sums centroid values under an online softmax, and the output is
 rotated back here. Threads: ATen's intra-op pool (torch.get_num_threads(), which vLLM sets).
+store_kv writes the bytes store_kv_reference writes, packing the records in C++ without the
+reference's dozens of small tensor ops.
 
 The extension is compiled at first use with torch.utils.cpp_extension into the tq_vllm cache
 directory, keyed by the source, torch version and CPU (it is built with -march=native);
@@ -184,4 +186,69 @@ def context_attention(
     rows = max(1, CONTEXT_ROWS // (query.shape[1] // kv_cache.shape[1]))
     return _run(
         query, kv_cache, block_table, query_start_loc, seq_lens, codec, scale, rows, num_splits
+    )
+
+
+def store_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    codec: LayerCodec,
+) -> None:
+    """store_kv_reference, fused: the same bytes (value_mode "uniform" has no fused store).
+
+    Tokens with a negative slot are dropped here, as the reference drops them, so that the
+    matrix products run on the same rows and round the same way."""
+    if codec.layout.uniform_values:
+        raise ValueError("value_mode 'uniform' records have no fused store; use the reference")
+    check_tensor("key", key, 3, FLOAT_DTYPES)
+    check_tensor("value", value, 3, FLOAT_DTYPES)
+    check_tensor("kv_cache", kv_cache, 4, (torch.uint8,))
+    check_tensor("slot_mapping", slot_mapping, 1, INDEX_DTYPES)
+    if not kv_cache.is_contiguous():
+        raise ValueError("kv_cache must be contiguous [num_blocks, num_kv_heads, block_size, C]")
+    if kv_cache.shape[3] < codec.layout.size:
+        raise ValueError(
+            f"kv_cache records have {kv_cache.shape[3]} bytes; the codec's layout needs "
+            f"{codec.layout.size}"
+        )
+    if value.shape != key.shape:
+        raise ValueError(f"value shape {tuple(value.shape)} != key shape {tuple(key.shape)}")
+    if key.shape[2] != codec.head_dim or key.shape[1] != kv_cache.shape[1]:
+        raise ValueError(
+            f"key is [T, {key.shape[1]}, {key.shape[2]}]; kv_cache has {kv_cache.shape[1]} KV "
+            f"heads and the codec head_dim {codec.head_dim}"
+        )
+    if slot_mapping.shape[0] != key.shape[0]:
+        raise ValueError(
+            f"slot_mapping has {slot_mapping.shape[0]} slots for {key.shape[0]} tokens"
+        )
+    valid = slot_mapping >= 0
+    if not bool(valid.all()):
+        key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
+    if slot_mapping.numel() == 0:
+        return
+    layout = codec.layout
+    torch.ops.tq_vllm_cpu.store(
+        key,
+        value,
+        kv_cache,
+        slot_mapping,
+        codec.rotation,
+        codec.key.centroids,
+        codec.key.boundaries,
+        codec.key.qjl if layout.prod else None,
+        codec.value.centroids,
+        codec.value.boundaries,
+        [
+            layout.key_index_bits,
+            int(layout.prod),
+            layout.value_bits,
+            layout.value_norm,
+            layout.key_indices,
+            layout.key_signs,
+            layout.value_indices,
+            layout.key_residual_norm,
+        ],
     )
