@@ -196,10 +196,7 @@ def store_kv(
     slot_mapping: torch.Tensor,
     codec: LayerCodec,
 ) -> None:
-    """store_kv_reference, fused: the same bytes (value_mode "uniform" has no fused store).
-
-    Tokens with a negative slot are dropped here, as the reference drops them, so that the
-    matrix products run on the same rows and round the same way."""
+    """store_kv_reference, fused: the same bytes (value_mode "uniform" has no fused store)."""
     if codec.layout.uniform_values:
         raise ValueError("value_mode 'uniform' records have no fused store; use the reference")
     check_tensor("key", key, 3, FLOAT_DTYPES)
@@ -224,9 +221,6 @@ def store_kv(
         raise ValueError(
             f"slot_mapping has {slot_mapping.shape[0]} slots for {key.shape[0]} tokens"
         )
-    valid = slot_mapping >= 0
-    if not bool(valid.all()):
-        key, value, slot_mapping = key[valid], value[valid], slot_mapping[valid]
     if slot_mapping.numel() == 0:
         return
     layout = codec.layout

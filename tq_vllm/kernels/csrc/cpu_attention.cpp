@@ -582,6 +582,21 @@ inline void store_fp16_norm(uint8_t* p, float n) {
 // row, so each step vectorizes (a search per coordinate is a chain of dependent loads and
 // cost ~10x more). A NaN u compares false everywhere and gets the last index, as in ATen.
 inline void bucketize(const float* bnd, int bits, const float* u, int64_t n, int32_t* idx) {
+#ifdef TQ_AVX512
+  if (n % 16 == 0) {  // hardware gathers; _CMP_NGE_UQ is !(b >= u), NaN included
+    for (int64_t j = 0; j < n; j += 16) _mm512_storeu_si512(idx + j, _mm512_setzero_si512());
+    for (int s = bits - 1; s >= 0; --s) {  // steps outermost: the gathers of a step overlap
+      for (int64_t j = 0; j < n; j += 16) {
+        const __m512i i = _mm512_loadu_si512(idx + j);
+        const __m512i cand = _mm512_add_epi32(i, _mm512_set1_epi32(1 << s));
+        const __m512 b = _mm512_i32gather_ps(_mm512_sub_epi32(cand, _mm512_set1_epi32(1)), bnd, 4);
+        const __mmask16 lower = _mm512_cmp_ps_mask(b, _mm512_loadu_ps(u + j), _CMP_NGE_UQ);
+        _mm512_storeu_si512(idx + j, _mm512_mask_blend_epi32(lower, i, cand));
+      }
+    }
+    return;
+  }
+#endif
   for (int64_t j = 0; j < n; ++j) idx[j] = 0;
   for (int s = bits - 1; s >= 0; --s) {
     for (int64_t j = 0; j < n; ++j) {
@@ -673,7 +688,7 @@ void store_mse_norms(const at::Tensor& x, const at::Tensor& c, int64_t norm_off,
   }
 }
 
-void store(const at::Tensor& key, const at::Tensor& value, at::Tensor kv_cache,
+void store(const at::Tensor& key_in, const at::Tensor& value_in, at::Tensor kv_cache,
            const at::Tensor& slot_mapping, const at::Tensor& rotation,
            const at::Tensor& key_centroids, const at::Tensor& key_boundaries,
            const std::optional<at::Tensor>& qjl, const at::Tensor& value_centroids,
@@ -684,6 +699,21 @@ void store(const at::Tensor& key, const at::Tensor& value, at::Tensor kv_cache,
   const int64_t value_norm = layout[3], key_indices = layout[4], key_signs = layout[5],
                 value_indices = layout[6], key_residual_norm = layout[7];
   at::Tensor slots = slot_mapping.to(at::kLong).contiguous();
+  at::Tensor key = key_in, value = value_in;
+  // Tokens with a negative slot (vLLM's padding) are dropped as the reference drops them, so
+  // that the matrix products run on the same rows and round the same way.
+  std::vector<int64_t> keep;
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  for (int64_t t = 0; t < slots.numel(); ++t) {
+    if (sp[t] >= 0) keep.push_back(t);
+  }
+  if (static_cast<int64_t>(keep.size()) < slots.numel()) {
+    if (keep.empty()) return;
+    const at::Tensor rows = at::tensor(keep, at::kLong);
+    key = key.index_select(0, rows);
+    value = value.index_select(0, rows);
+    slots = slots.index_select(0, rows);
+  }
   const StoreTarget target{kv_cache.data_ptr<uint8_t>(), slots.data_ptr<int64_t>(),
                            kv_cache.size(1),  kv_cache.size(2),
                            kv_cache.stride(0), kv_cache.stride(1),
