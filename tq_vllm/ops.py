@@ -18,8 +18,9 @@ def _triton(t: torch.Tensor) -> bool:
     return t.is_cuda
 
 
-def _cpu_kernel(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and cpu_attention.available()
+def _cpu_kernel(t: torch.Tensor, codec: LayerCodec) -> bool:
+    # The C++ op reads Lloyd-Max values only; uniform-value records stay on the reference.
+    return t.device.type == "cpu" and not codec.layout.uniform_values and cpu_attention.available()
 
 
 def store_kv(
@@ -33,7 +34,7 @@ def store_kv(
         from tq_vllm.kernels.store import store_kv as kernel
 
         return kernel(key, value, kv_cache, slot_mapping, codec)
-    if _cpu_kernel(kv_cache) and not codec.layout.uniform_values:
+    if _cpu_kernel(kv_cache, codec):
         return cpu_attention.store_kv(key, value, kv_cache, slot_mapping, codec)
     return store_kv_reference(key, value, kv_cache, slot_mapping, codec)
 
@@ -50,7 +51,7 @@ def decode_attention(
         from tq_vllm.kernels.decode import decode_attention as kernel
 
         return kernel(query, kv_cache, block_table, seq_lens, codec, scale)
-    if _cpu_kernel(kv_cache):
+    if _cpu_kernel(kv_cache, codec):
         return cpu_attention.decode_attention(query, kv_cache, block_table, seq_lens, codec, scale)
     return decode_attention_reference(query, kv_cache, block_table, seq_lens, codec, scale)
 
@@ -71,7 +72,7 @@ def context_attention(
         from tq_vllm.kernels.context import context_attention as kernel
 
         return kernel(*args)
-    if key is None and value is None and _cpu_kernel(kv_cache):
+    if key is None and value is None and _cpu_kernel(kv_cache, codec):
         return cpu_attention.context_attention(
             query, kv_cache, block_table, query_start_loc, seq_lens, codec, scale
         )
