@@ -28,7 +28,7 @@ import torch
 from tq_vllm.centroids import cache_dir
 from tq_vllm.codec import LayerCodec
 from tq_vllm.kernels.decode import check_gqa
-from tq_vllm.kernels.store import FLOAT_DTYPES, INDEX_DTYPES, check_tensor
+from tq_vllm.kernels.store import FLOAT_DTYPES, INDEX_DTYPES, check_records, check_tensor
 
 logger = logging.getLogger("tq_vllm")
 SOURCE = Path(__file__).parent / "csrc" / "cpu_attention.cpp"
@@ -88,16 +88,9 @@ def _check(
     codec: LayerCodec,
 ) -> None:
     check_tensor("query", query, 3, FLOAT_DTYPES)
-    check_tensor("kv_cache", kv_cache, 4, (torch.uint8,))
+    check_records(kv_cache, codec)
     check_tensor("block_table", block_table, 2, INDEX_DTYPES)
     check_tensor("seq_lens", seq_lens, 1, INDEX_DTYPES)
-    if not kv_cache.is_contiguous():
-        raise ValueError("kv_cache must be contiguous [num_blocks, num_kv_heads, block_size, C]")
-    if kv_cache.shape[3] < codec.layout.size:
-        raise ValueError(
-            f"kv_cache records have {kv_cache.shape[3]} bytes; the codec's layout needs "
-            f"{codec.layout.size}"
-        )
     check_gqa(query, kv_cache, codec)
     if block_table.shape[0] != seq_lens.shape[0]:
         raise ValueError(
@@ -197,19 +190,10 @@ def store_kv(
     codec: LayerCodec,
 ) -> None:
     """store_kv_reference, fused: the same bytes (value_mode "uniform" has no fused store)."""
-    if codec.layout.uniform_values:
-        raise ValueError("value_mode 'uniform' records have no fused store; use the reference")
     check_tensor("key", key, 3, FLOAT_DTYPES)
     check_tensor("value", value, 3, FLOAT_DTYPES)
-    check_tensor("kv_cache", kv_cache, 4, (torch.uint8,))
+    check_records(kv_cache, codec)
     check_tensor("slot_mapping", slot_mapping, 1, INDEX_DTYPES)
-    if not kv_cache.is_contiguous():
-        raise ValueError("kv_cache must be contiguous [num_blocks, num_kv_heads, block_size, C]")
-    if kv_cache.shape[3] < codec.layout.size:
-        raise ValueError(
-            f"kv_cache records have {kv_cache.shape[3]} bytes; the codec's layout needs "
-            f"{codec.layout.size}"
-        )
     if value.shape != key.shape:
         raise ValueError(f"value shape {tuple(value.shape)} != key shape {tuple(key.shape)}")
     if key.shape[2] != codec.head_dim or key.shape[1] != kv_cache.shape[1]:

@@ -104,8 +104,14 @@ def _codec_device(codec: LayerCodec) -> torch.device:
     return device
 
 
-def check_cache(kv_cache: object, codec: LayerCodec) -> torch.Tensor:
-    """kv_cache uint8 [num_blocks, num_kv_heads, block_size, record_bytes], contiguous."""
+def check_records(kv_cache: object, codec: LayerCodec) -> None:
+    """kv_cache uint8 [num_blocks, num_kv_heads, block_size, record_bytes], contiguous, with
+    records a fused kernel (Triton or C++) can read."""
+    if codec.layout.uniform_values:
+        raise ValueError(
+            "value_mode 'uniform' records have no fused kernel (Triton or C++); use the "
+            "PyTorch reference path"
+        )
     check_tensor("kv_cache", kv_cache, 4, (torch.uint8,))
     if not kv_cache.is_contiguous():
         raise ValueError("kv_cache must be contiguous [num_blocks, num_kv_heads, block_size, C]")
@@ -114,10 +120,11 @@ def check_cache(kv_cache: object, codec: LayerCodec) -> torch.Tensor:
             f"kv_cache records have {kv_cache.shape[3]} bytes; the codec's layout needs "
             f"{codec.layout.size}"
         )
-    if codec.layout.uniform_values:
-        raise ValueError(
-            "value_mode 'uniform' records have no Triton kernel; use the PyTorch reference path"
-        )
+
+
+def check_cache(kv_cache: object, codec: LayerCodec) -> torch.Tensor:
+    """check_records, and the codec's tensors where the Triton kernels need them."""
+    check_records(kv_cache, codec)
     device = per_codec(codec, "device", _codec_device)
     if device != kv_cache.device:
         raise ValueError(f"the codec's tensors are on {device}, kv_cache on {kv_cache.device}")
