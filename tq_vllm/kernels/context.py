@@ -168,7 +168,7 @@ def context_attention(
     rows: int = 64,
     block_n: int = 32,
     num_warps: int = 4,
-    num_stages: int = 2,
+    num_stages: int | None = None,
 ) -> torch.Tensor:
     """Triton context_attention_reference: query [T, Hq, d] -> [T, Hq, d] in query's dtype.
 
@@ -214,6 +214,10 @@ def context_attention(
     if max_query_len < 1:
         return torch.empty_like(query)
 
+    if num_stages is None:
+        # At head_dim 256 two pipeline stages asked for 256 KiB of shared memory, over the
+        # H200's 227 KiB (compiled tests, 2026-11-27); one stage halves the staged tiles.
+        num_stages = 2 if head_dim <= 128 else 1
     constexprs, tables = launch_state(codec)
     q, qs = rotated_queries(query, codec, scale)
     k = q if all_cached else codec.rotate(key).contiguous()  # q: a placeholder, never read
