@@ -28,7 +28,13 @@ import torch
 from tq_vllm.centroids import cache_dir
 from tq_vllm.codec import LayerCodec
 from tq_vllm.kernels.decode import check_gqa
-from tq_vllm.kernels.store import FLOAT_DTYPES, INDEX_DTYPES, check_records, check_tensor
+from tq_vllm.kernels.store import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_records,
+    check_store_inputs,
+    check_tensor,
+)
 
 logger = logging.getLogger("tq_vllm")
 SOURCE = Path(__file__).parent / "csrc" / "cpu_attention.cpp"
@@ -190,21 +196,8 @@ def store_kv(
     codec: LayerCodec,
 ) -> None:
     """store_kv_reference, fused: the same bytes (value_mode "uniform" has no fused store)."""
-    check_tensor("key", key, 3, FLOAT_DTYPES)
-    check_tensor("value", value, 3, FLOAT_DTYPES)
     check_records(kv_cache, codec)
-    check_tensor("slot_mapping", slot_mapping, 1, INDEX_DTYPES)
-    if value.shape != key.shape:
-        raise ValueError(f"value shape {tuple(value.shape)} != key shape {tuple(key.shape)}")
-    if key.shape[2] != codec.head_dim or key.shape[1] != kv_cache.shape[1]:
-        raise ValueError(
-            f"key is [T, {key.shape[1]}, {key.shape[2]}]; kv_cache has {kv_cache.shape[1]} KV "
-            f"heads and the codec head_dim {codec.head_dim}"
-        )
-    if slot_mapping.shape[0] != key.shape[0]:
-        raise ValueError(
-            f"slot_mapping has {slot_mapping.shape[0]} slots for {key.shape[0]} tokens"
-        )
+    check_store_inputs(key, value, kv_cache, slot_mapping, codec)
     if slot_mapping.numel() == 0:
         return
     layout = codec.layout

@@ -122,6 +122,30 @@ def check_records(kv_cache: object, codec: LayerCodec) -> None:
         )
 
 
+def check_store_inputs(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    codec: LayerCodec,
+) -> None:
+    """key, value [T, Hk, d] and slot_mapping [T] on kv_cache's device, matching the codec."""
+    device = kv_cache.device
+    check_tensor("key", key, 3, FLOAT_DTYPES, device)
+    check_tensor("value", value, 3, FLOAT_DTYPES, device)
+    check_tensor("slot_mapping", slot_mapping, 1, INDEX_DTYPES, device)
+    num_tokens, num_heads, head_dim = key.shape
+    if value.shape != key.shape:
+        raise ValueError(f"value shape {tuple(value.shape)} != key shape {tuple(key.shape)}")
+    if head_dim != codec.head_dim or num_heads != kv_cache.shape[1]:
+        raise ValueError(
+            f"key is [T, {num_heads}, {head_dim}]; kv_cache has {kv_cache.shape[1]} KV heads "
+            f"and the codec head_dim {codec.head_dim}"
+        )
+    if slot_mapping.shape[0] != num_tokens:
+        raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} slots for {num_tokens} tokens")
+
+
 def check_cache(kv_cache: object, codec: LayerCodec) -> torch.Tensor:
     """check_records, and the codec's tensors where the Triton kernels need them."""
     check_records(kv_cache, codec)
@@ -325,20 +349,8 @@ def store_kv(
     (4 spilled; measured by compiling for sm_90).
     """
     check_cache(kv_cache, codec)
-    device = kv_cache.device
-    check_tensor("key", key, 3, FLOAT_DTYPES, device)
-    check_tensor("value", value, 3, FLOAT_DTYPES, device)
-    check_tensor("slot_mapping", slot_mapping, 1, INDEX_DTYPES, device)
+    check_store_inputs(key, value, kv_cache, slot_mapping, codec)
     num_tokens, num_heads, head_dim = key.shape
-    if value.shape != key.shape:
-        raise ValueError(f"value shape {tuple(value.shape)} != key shape {tuple(key.shape)}")
-    if head_dim != codec.head_dim or num_heads != kv_cache.shape[1]:
-        raise ValueError(
-            f"key is [T, {num_heads}, {head_dim}]; kv_cache has {kv_cache.shape[1]} KV heads "
-            f"and the codec head_dim {codec.head_dim}"
-        )
-    if slot_mapping.shape[0] != num_tokens:
-        raise ValueError(f"slot_mapping has {slot_mapping.shape[0]} slots for {num_tokens} tokens")
     if block_t < 16 or block_t & (block_t - 1):
         raise ValueError(f"block_t must be a power of two >= 16, got {block_t}")
     if num_tokens == 0:
