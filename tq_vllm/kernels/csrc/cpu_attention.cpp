@@ -30,7 +30,7 @@
 
 namespace {
 
-constexpr int TILE = 32;    // tokens decoded together
+constexpr int TILE = 64;    // tokens decoded together
 constexpr int PREFETCH = 16;  // tokens ahead
 constexpr int LANES = 16;   // independent partial sums per dot: vectorizes without -ffast-math
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
@@ -207,10 +207,46 @@ inline __m512 exp_nonpositive(__m512 x) {
 }
 #endif
 
+#ifdef TQ_AVX512
+// add_scores for a head_dim D known at compile time: q stays in registers and the 16 dots of a
+// token group are 16 independent, fully unrolled FMA chains (a runtime-length loop instead
+// left one dependent chain per token and spilled the partial sums to the stack).
+template <int D>
+inline void add_scores_fixed(const float* q, const float* x, const float* scale, int n,
+                             float* s) {
+  constexpr int V = D / 16;
+  __m512 qv[V];
+  for (int k = 0; k < V; ++k) qv[k] = _mm512_loadu_ps(q + 16 * k);
+  for (int u0 = 0; u0 < n; u0 += 16) {
+    const int cnt = std::min(16, n - u0);
+    __m512 a[16];
+#pragma GCC unroll 16
+    for (int t = 0; t < 16; ++t) {
+      // Rows past n read the tile's next rows (the buffers hold whole tiles); masked below.
+      const float* xt = x + static_cast<size_t>(u0 + std::min(t, cnt - 1)) * D;
+      __m512 dot = _mm512_mul_ps(qv[0], _mm512_loadu_ps(xt));
+#pragma GCC unroll 16
+      for (int k = 1; k < V; ++k) dot = _mm512_fmadd_ps(qv[k], _mm512_loadu_ps(xt + 16 * k), dot);
+      a[t] = dot;
+    }
+    const __mmask16 keep = static_cast<__mmask16>((1u << cnt) - 1);
+    const __m512 dots =
+        _mm512_mul_ps(transpose_sum(a), _mm512_maskz_loadu_ps(keep, scale + u0));
+    _mm512_mask_storeu_ps(s + u0, keep, _mm512_add_ps(_mm512_maskz_loadu_ps(keep, s + u0), dots));
+  }
+}
+#endif
+
 // s[u] += scale[u] * <q, x[u]> for the n rows x[u] of d floats.
 inline void add_scores(const float* q, const float* x, const float* scale, int n, int d,
                        float* s) {
 #ifdef TQ_AVX512
+  switch (d) {
+    case 64: return add_scores_fixed<64>(q, x, scale, n, s);
+    case 128: return add_scores_fixed<128>(q, x, scale, n, s);
+    case 256: return add_scores_fixed<256>(q, x, scale, n, s);
+    default: break;
+  }
   if (d % 16 == 0) {  // 16 tokens' dots reduced together, not one horizontal sum each
     for (int u0 = 0; u0 < n; u0 += 16) {
       const int cnt = std::min(16, n - u0);
@@ -277,9 +313,49 @@ inline float softmax_weights(const float* s, const float* vnorm, float m, int n,
 // For the rows r < rows (at most ROW_BLOCK): acc[r][:d] = alpha[r] * acc[r] +
 // sum_u w[r][u] * v[u, :d] over n rows v of d floats. Rows share each loaded v.
 constexpr int ROW_BLOCK = 4;
+#ifdef TQ_AVX512
+// accumulate over the 64 columns [j0, j0 + 64) for a row count known at compile time: the
+// ROWS x 4 partial sums stay in registers (runtime bounds left them on the stack).
+template <int ROWS>
+inline void accumulate_columns(float* const* acc, const float* alpha, const float* const* w,
+                               const float* v, int n, int d, int j0) {
+  __m512 a[ROWS][4];
+#pragma GCC unroll 8
+  for (int r = 0; r < ROWS; ++r)
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k)
+      a[r][k] = _mm512_mul_ps(_mm512_loadu_ps(acc[r] + j0 + 16 * k), _mm512_set1_ps(alpha[r]));
+  for (int u = 0; u < n; ++u) {
+    const float* vu = v + static_cast<size_t>(u) * d + j0;
+    __m512 x[4];
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) x[k] = _mm512_loadu_ps(vu + 16 * k);
+#pragma GCC unroll 8
+    for (int r = 0; r < ROWS; ++r) {
+      const __m512 wr = _mm512_set1_ps(w[r][u]);
+#pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k) a[r][k] = _mm512_fmadd_ps(wr, x[k], a[r][k]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < ROWS; ++r)
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) _mm512_storeu_ps(acc[r] + j0 + 16 * k, a[r][k]);
+}
+#endif
+
 inline void accumulate(float* const* acc, const float* alpha, const float* const* w, int rows,
                        const float* v, int n, int d) {
 #ifdef TQ_AVX512
+  if (d % 64 == 0) {
+    for (int j0 = 0; j0 < d; j0 += 64) switch (rows) {
+        case 1: accumulate_columns<1>(acc, alpha, w, v, n, d, j0); break;
+        case 2: accumulate_columns<2>(acc, alpha, w, v, n, d, j0); break;
+        case 3: accumulate_columns<3>(acc, alpha, w, v, n, d, j0); break;
+        default: accumulate_columns<4>(acc, alpha, w, v, n, d, j0); break;
+      }
+    return;
+  }
   if (d % 16 == 0) {
     for (int j0 = 0; j0 < d; j0 += 64) {  // 4 vectors x 4 rows: 16 independent FMA chains
       const int nv = std::min(4, (d - j0) / 16);
