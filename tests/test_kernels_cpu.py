@@ -20,6 +20,7 @@ from tq_vllm.kernels import cpu_attention
 from tq_vllm.kernels.attention_reference import (
     context_attention_reference,
     decode_attention_reference,
+    gather_context,
 )
 from tq_vllm.kernels.store import store_kv_reference
 from tq_vllm.layout import RecordLayout
@@ -101,6 +102,76 @@ def test_context_long_chunk_and_splits():
     for num_splits in (1, 4):
         out = cpu_attention.context_attention(query, *args, num_splits=num_splits)
         torch.testing.assert_close(out, ref, **TOL)
+
+
+# -- the dense path: 16-bit queries with at least DENSE_ROWS new rows ------------------------
+# Keys and values are dequantized once (exactly the reference's float32 values, rounded once to
+# the query's dtype) and SDPA attends over them. Against the float32 reference the output then
+# differs by the 16-bit rounding of q, k, v and the output: atol/rtol 3e-2 for bf16 (8-bit
+# significand), 4e-3 for fp16.
+DENSE_TOL = {torch.bfloat16: dict(atol=3e-2, rtol=3e-2), torch.float16: dict(atol=4e-3, rtol=4e-3)}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("d", [64, 128, 40])
+def test_dequantize_matches_reference_values(d, dtype):
+    codec, cache, table, _ = setup(d, 5, "mse", 3, 16, 3, [50])
+    got_k, got_v = torch.ops.tq_vllm_cpu.dequantize(
+        cache,
+        table[0],
+        50,
+        codec.key.centroids.float(),
+        codec.value.centroids.float(),
+        cpu_attention._layout_fields(codec),
+        d,
+        dtype,
+    )
+    ref_k, ref_v = gather_context(cache, table[0], 50, codec)
+    assert got_k.dtype == dtype and torch.equal(got_k, ref_k.to(dtype))
+    assert torch.equal(got_v, ref_v.to(dtype))
+
+
+# d, key bits, value bits, block size, hq, hk
+DENSE_CASES = [
+    (64, 6, 4, 16, 9, 3),
+    (128, 3, 3, 32, 8, 2),
+    (40, 4, 2, 16, 4, 4),
+    (256, 2, 5, 16, 2, 1),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d,key_bits,value_bits,block_size,hq,hk", DENSE_CASES)
+def test_dense_context_matches_reference(
+    d, key_bits, value_bits, block_size, hq, hk, dtype, monkeypatch
+):
+    lens = [70, 40, 33, 90, 5]
+    codec, cache, table, seq_lens = setup(d, key_bits, "mse", value_bits, block_size, hk, lens)
+    # Dense: a whole sequence (plain causal), a chunk after context (masked), exactly
+    # DENSE_ROWS rows; fused in the same call: 15 rows, one row, and none.
+    q_lens = [70, 20, cpu_attention.DENSE_ROWS, 15, 1]
+    taken = []
+    dense = cpu_attention._dense_attention
+    monkeypatch.setattr(
+        cpu_attention, "_dense_attention", lambda q, *a: taken.append(q.shape[0]) or dense(q, *a)
+    )
+    starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    query = torch.randn(int(starts[-1]), hq, d, generator=torch.Generator().manual_seed(7))
+    args = (cache, table, starts, seq_lens, codec, d**-0.5)
+    out = cpu_attention.context_attention(query.to(dtype), *args)
+    ref = context_attention_reference(query, None, None, *args)
+    assert taken == [70, 20, cpu_attention.DENSE_ROWS]
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, **DENSE_TOL[dtype])
+
+
+def test_dense_path_not_for_float32_or_prod_keys(monkeypatch):
+    monkeypatch.setattr(cpu_attention, "_dense_attention", None)  # calling it would fail
+    for mode, dtype in (("mse", torch.float32), ("prod", torch.bfloat16)):
+        codec, cache, table, seq_lens = setup(64, 3, mode, 3, 16, 1, [40])
+        starts = torch.tensor([0, 40], dtype=torch.int32)
+        query = torch.randn(40, 2, 64).to(dtype)
+        cpu_attention.context_attention(query, cache, table, starts, seq_lens, codec, 0.1)
 
 
 def test_bf16_query_padded_records_int64_tables():

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import itertools
 import logging
 import math
 import platform
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from tq_vllm.centroids import cache_dir
 from tq_vllm.codec import LayerCodec
@@ -41,6 +43,9 @@ SOURCE = Path(__file__).parent / "csrc" / "cpu_attention.cpp"
 # Query rows x GQA group of one context work item: each decoded token serves this many rows,
 # and the item's accumulators (rows x head_dim floats) stay in L1/L2.
 CONTEXT_ROWS = 64
+# Sequences with at least this many new rows (16-bit queries) take the dense path: their
+# cached tokens dequantized once, then SDPA, whose bf16 kernel outruns the fused one per score.
+DENSE_ROWS = 16
 
 
 def _cpu_fingerprint() -> str:
@@ -104,6 +109,19 @@ def _check(
         )
 
 
+def _layout_fields(codec: LayerCodec) -> list[int]:
+    layout = codec.layout
+    return [
+        layout.key_index_bits,
+        int(layout.prod),
+        layout.value_bits,
+        layout.value_norm,
+        layout.key_indices,
+        layout.key_signs,
+        layout.value_indices,
+    ]
+
+
 def _run(
     query: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -127,15 +145,7 @@ def _run(
         seq_lens.to(torch.int32).contiguous(),
         codec.key.centroids.float().contiguous(),
         codec.value.centroids.float().contiguous(),
-        [
-            layout.key_index_bits,
-            int(layout.prod),
-            layout.value_bits,
-            layout.value_norm,
-            layout.key_indices,
-            layout.key_signs,
-            layout.value_indices,
-        ],
+        _layout_fields(codec),
         math.sqrt(math.pi / 2) / codec.head_dim,
         rows_per_tile,
         num_splits,
@@ -174,7 +184,9 @@ def context_attention(
     num_splits: int = 0,
 ) -> torch.Tensor:
     """context_attention_reference with key = value = None (the chunk's tokens already in
-    kv_cache), fused: query [T, Hq, d] -> [T, Hq, d] in query's dtype, causal."""
+    kv_cache): query [T, Hq, d] -> [T, Hq, d] in query's dtype, causal. A sequence with at
+    least DENSE_ROWS new rows of a 16-bit query takes the dense path (its keys and values
+    rounded to that dtype); the others run fused, in float32."""
     _check(query, kv_cache, block_table, seq_lens, codec)
     check_tensor("query_start_loc", query_start_loc, 1, INDEX_DTYPES)
     if query_start_loc.shape[0] != seq_lens.shape[0] + 1:
@@ -182,10 +194,77 @@ def context_attention(
             f"query_start_loc has {query_start_loc.shape[0]} entries for "
             f"{seq_lens.shape[0]} sequences (needs one more)"
         )
+    starts, lens = query_start_loc.tolist(), seq_lens.tolist()
+    q_lens = [hi - lo for lo, hi in zip(starts, starts[1:])]
+    dense = [b for b, n in enumerate(q_lens) if n >= DENSE_ROWS and _dense_ok(query, codec)]
+    fused = [b for b, n in enumerate(q_lens) if n and b not in dense]
     rows = max(1, CONTEXT_ROWS // (query.shape[1] // kv_cache.shape[1]))
-    return _run(
-        query, kv_cache, block_table, query_start_loc, seq_lens, codec, scale, rows, num_splits
+    if not dense:
+        return _run(
+            query, kv_cache, block_table, query_start_loc, seq_lens, codec, scale, rows, num_splits
+        )
+    out = torch.empty_like(query)
+    for b in dense:
+        lo, hi = starts[b], starts[b + 1]
+        out[lo:hi] = _dense_attention(query[lo:hi], kv_cache, block_table[b], lens[b], codec, scale)
+    if fused:  # the sequences with few new rows, together in one fused call
+        picked = torch.cat([torch.arange(starts[b], starts[b + 1]) for b in fused])
+        sub_starts = torch.tensor([0, *itertools.accumulate(q_lens[b] for b in fused)])
+        out[picked] = _run(
+            query[picked],
+            kv_cache,
+            block_table[fused],
+            sub_starts,
+            seq_lens[fused],
+            codec,
+            scale,
+            rows,
+            num_splits,
+        )
+    return out
+
+
+def _dense_ok(query: torch.Tensor, codec: LayerCodec) -> bool:
+    # The dense path rounds keys and values to the query's dtype: only for 16-bit models,
+    # whose own attention runs at that precision. Prod keys need their QJL term: fused only.
+    return query.dtype in (torch.bfloat16, torch.float16) and not codec.layout.prod
+
+
+def _dense_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_row: torch.Tensor,
+    length: int,
+    codec: LayerCodec,
+    scale: float,
+) -> torch.Tensor:
+    """One sequence's new rows query [T, Hq, d] over its `length` cached tokens (the last T
+    are the rows' own): dequantized to query's dtype, then SDPA, causal."""
+    keys, values = torch.ops.tq_vllm_cpu.dequantize(
+        kv_cache,
+        block_row.to(torch.int32).contiguous(),
+        length,
+        codec.key.centroids.float().contiguous(),
+        codec.value.centroids.float().contiguous(),
+        _layout_fields(codec),
+        codec.head_dim,
+        query.dtype,
     )
+    t = query.shape[0]
+    # 4-d inputs: with 3-d ones SDPA leaves its flash kernel for the slow math path.
+    q = codec.rotate(query).to(query.dtype).transpose(0, 1)[None]  # [1, Hq, T, d]
+    keys, values = keys[None], values[None]
+    if t == length:  # the whole sequence is new: plain causal
+        o = F.scaled_dot_product_attention(
+            q, keys, values, is_causal=True, scale=scale, enable_gqa=True
+        )
+    else:
+        visible = torch.arange(length) <= torch.arange(length - t, length)[:, None]
+        o = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=visible, scale=scale, enable_gqa=True
+        )
+    o = o[0]
+    return codec.unrotate(o.transpose(0, 1)).to(query.dtype)
 
 
 def store_kv(

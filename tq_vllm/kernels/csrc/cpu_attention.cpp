@@ -11,6 +11,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
@@ -31,7 +32,6 @@
 namespace {
 
 constexpr int TILE = 64;    // tokens decoded together
-constexpr int PREFETCH = 16;  // tokens ahead
 constexpr int LANES = 16;   // independent partial sums per dot: vectorizes without -ffast-math
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
@@ -432,23 +432,38 @@ void attend_item(const Problem& P, int64_t b, int64_t row0, int rows, int64_t li
   const RowDecoder decode_v(P.vc, L.value_bits, d);
   const int32_t* row_table = P.table + b * P.table_stride;
 
+  // The walk through the block table: token t sits in row_table[t / block_size] at offset
+  // t % block_size, advanced one token at a time (a division per token cost as much as the
+  // decode). A head's records of one block are contiguous, so on entering a block the next
+  // one is prefetched whole.
+  const int64_t head_bytes = P.block_size * P.record;
+  auto block_records = [&](int64_t i) -> const uint8_t* {
+    const int64_t block = row_table[i];
+    TORCH_CHECK(block >= 0 && block < P.num_blocks, "block_table entry ", block,
+                " out of range for a cache of ", P.num_blocks, " blocks");
+    return P.cache + (block * P.hk + h) * head_bytes;
+  };
+  const int64_t last_block = (t1 - 1) / P.block_size;
+  int64_t block_i = t0 / P.block_size, offset = t0 % P.block_size;
+  const uint8_t* records = t1 > t0 ? block_records(block_i) : nullptr;
+  auto prefetch_block = [&](int64_t i) {
+    if (i > last_block) return;
+    const int64_t block = row_table[i];
+    if (block < 0 || block >= P.num_blocks) return;  // checked when it is read
+    const uint8_t* next = P.cache + (block * P.hk + h) * head_bytes;
+    for (int64_t line = 0; line < head_bytes; line += 64) __builtin_prefetch(next + line);
+  };
+  prefetch_block(block_i + 1);
+
   for (int64_t ts = t0; ts < t1; ts += TILE) {
     const int n = static_cast<int>(std::min<int64_t>(TILE, t1 - ts));
     for (int u = 0; u < n; ++u) {
-      const int64_t t = ts + u;
-      const int64_t block = row_table[t / P.block_size];
-      TORCH_CHECK(block >= 0 && block < P.num_blocks, "block_table entry ", block,
-                  " out of range for a cache of ", P.num_blocks, " blocks");
-      const uint8_t* rec =
-          P.cache + ((block * P.hk + h) * P.block_size + t % P.block_size) * P.record;
-      if (t + PREFETCH < t1) {  // records of scattered blocks: fetch ahead of the decode
-        const int64_t ahead = t + PREFETCH, ahead_block = row_table[ahead / P.block_size];
-        if (ahead_block >= 0 && ahead_block < P.num_blocks) {
-          const uint8_t* next = P.cache + ((ahead_block * P.hk + h) * P.block_size +
-                                           ahead % P.block_size) * P.record;
-          for (int64_t line = 0; line < P.record; line += 64) __builtin_prefetch(next + line);
-        }
+      if (offset == P.block_size) {
+        offset = 0;
+        records = block_records(++block_i);
+        prefetch_block(block_i + 1);
       }
+      const uint8_t* rec = records + (offset++) * P.record;
       knorm[u] = load_half(rec);
       vnorm[u] = load_half(rec + L.value_norm);
       if (has_k) (*decode_k)(rec + L.key_indices, &kf[u * d]);
@@ -834,6 +849,97 @@ void store(const at::Tensor& key_in, const at::Tensor& value_in, at::Tensor kv_c
   }
 }
 
+// -- dequantize: one sequence's cached tokens as dense rotated keys and values -------------
+// For chunked prefill on bf16 models: the caller attends over the result with a dense kernel
+// (oneDNN, AMX where the CPU has it), far faster per score than the fused float32 kernel once
+// a chunk has more than a few rows. Values are norm * c[idx] in float32, then rounded once to
+// the output dtype.
+
+// dst[:n] = scale * src[:n] in T.
+template <typename T>
+inline void write_scaled(const float* src, float scale, int n, T* dst) {
+  for (int j = 0; j < n; ++j) dst[j] = static_cast<T>(scale * src[j]);
+}
+#if defined(TQ_AVX512) && defined(__AVX512BF16__)
+template <>
+inline void write_scaled<c10::BFloat16>(const float* src, float scale, int n,
+                                        c10::BFloat16* dst) {
+  int j = 0;
+  for (; j + 16 <= n; j += 16) {  // round to nearest even, as c10::BFloat16 does
+    const __m256bh h = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_set1_ps(scale),
+                                                        _mm512_loadu_ps(src + j)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), reinterpret_cast<const __m256i&>(h));
+  }
+  for (; j < n; ++j) dst[j] = static_cast<c10::BFloat16>(scale * src[j]);
+}
+#endif
+
+template <typename T>
+void dequantize_into(const uint8_t* cache, int64_t hk, int64_t block_size, int64_t record,
+                     int64_t num_blocks, const int32_t* blocks, int64_t length, int d,
+                     const Layout& L, const float* kc, const float* vc, T* out) {
+  const int64_t nb = (length + block_size - 1) / block_size;
+  const RowDecoder decode_k(kc, L.key_bits, d), decode_v(vc, L.value_bits, d);
+  T* keys = out;
+  T* values = out + hk * length * d;
+  at::parallel_for(0, hk * nb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(d);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t h = item / nb, i = item % nb, block = blocks[i];
+      TORCH_CHECK(block >= 0 && block < num_blocks, "block_table entry ", block,
+                  " out of range for a cache of ", num_blocks, " blocks");
+      const uint8_t* rec = cache + (block * hk + h) * block_size * record;
+      const int64_t t0 = i * block_size, t1 = std::min(length, t0 + block_size);
+      for (int64_t t = t0; t < t1; ++t, rec += record) {
+        const int64_t at = (h * length + t) * d;
+        decode_k(rec + L.key_indices, row.data());
+        write_scaled(row.data(), load_half(rec), d, keys + at);
+        decode_v(rec + L.value_indices, row.data());
+        write_scaled(row.data(), load_half(rec + L.value_norm), d, values + at);
+      }
+    }
+  });
+}
+
+at::Tensor dequantize(const at::Tensor& kv_cache, const at::Tensor& blocks, int64_t length,
+                      const at::Tensor& key_centroids, const at::Tensor& value_centroids,
+                      at::IntArrayRef layout, int64_t head_dim, at::ScalarType dtype) {
+  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.scalar_type() == at::kByte &&
+                  kv_cache.is_contiguous(),
+              "kv_cache must be a contiguous uint8 [num_blocks, Hk, block_size, C] tensor");
+  TORCH_CHECK(layout.size() == 7 && layout[1] == 0 && layout[0] >= 1 && layout[0] <= 8 &&
+                  layout[2] >= 1 && layout[2] <= 8,
+              "dequantize reads mse keys and values of 1..8 bits (layout of 7 integers)");
+  const int64_t block_size = kv_cache.size(2), hk = kv_cache.size(1);
+  TORCH_CHECK(length >= 0 && blocks.dim() == 1 && blocks.scalar_type() == at::kInt &&
+                  blocks.is_contiguous() &&
+                  blocks.size(0) >= (length + block_size - 1) / block_size,
+              "blocks must be contiguous int32 with an entry for each block of the sequence");
+  TORCH_CHECK(key_centroids.scalar_type() == at::kFloat && key_centroids.is_contiguous() &&
+                  key_centroids.numel() >= (int64_t{1} << layout[0]) &&
+                  value_centroids.scalar_type() == at::kFloat &&
+                  value_centroids.is_contiguous() &&
+                  value_centroids.numel() >= (int64_t{1} << layout[2]),
+              "centroids must be contiguous float32 with 2^bits entries");
+  const Layout L{static_cast<int>(layout[0]), false, static_cast<int>(layout[2]),
+                 static_cast<int>(layout[3]), static_cast<int>(layout[4]),
+                 static_cast<int>(layout[5]), static_cast<int>(layout[6]), 0.f};
+  const int d = static_cast<int>(head_dim);
+  auto out = at::empty({2, hk, length, head_dim}, kv_cache.options().dtype(dtype));
+  auto run = [&](auto* dst) {
+    dequantize_into(kv_cache.data_ptr<uint8_t>(), hk, block_size, kv_cache.size(3),
+                    kv_cache.size(0), blocks.data_ptr<int32_t>(), length, d, L,
+                    key_centroids.data_ptr<float>(), value_centroids.data_ptr<float>(), dst);
+  };
+  switch (dtype) {
+    case at::kFloat: run(out.data_ptr<float>()); break;
+    case at::kBFloat16: run(out.data_ptr<c10::BFloat16>()); break;
+    case at::kHalf: run(out.data_ptr<c10::Half>()); break;
+    default: TORCH_CHECK(false, "dequantize writes float32, bfloat16 or float16");
+  }
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(tq_vllm_cpu, m) {
@@ -845,9 +951,13 @@ TORCH_LIBRARY(tq_vllm_cpu, m) {
       "store(Tensor key, Tensor value, Tensor(a!) kv_cache, Tensor slot_mapping, "
       "Tensor rotation, Tensor key_centroids, Tensor key_boundaries, Tensor? qjl, "
       "Tensor value_centroids, Tensor value_boundaries, int[] layout) -> ()");
+  m.def(
+      "dequantize(Tensor kv_cache, Tensor blocks, int length, Tensor key_centroids, "
+      "Tensor value_centroids, int[] layout, int head_dim, ScalarType dtype) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tq_vllm_cpu, CPU, m) {
   m.impl("attention", &attention);
   m.impl("store", &store);
+  m.impl("dequantize", &dequantize);
 }
