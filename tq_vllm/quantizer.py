@@ -36,7 +36,10 @@ FP16_MAX = 65504.0
 
 
 def to_fp16_norm(n: torch.Tensor) -> torch.Tensor:
-    return n.clamp(max=FP16_MAX).to(torch.float16)
+    """A norm as vLLM's cache stores it: fp16, saturated at its largest finite value. A
+    non-finite norm (a NaN or inf coordinate) is stored as 0: the record then reads back as
+    the zero vector, so the bad token cannot spread NaN through 0-weight products (0 * NaN)."""
+    return torch.where(n.isfinite(), n.clamp(max=FP16_MAX), 0.0).to(torch.float16)
 
 
 @dataclass
@@ -140,8 +143,8 @@ class TurboQuantizer:
     def quantize(self, x: torch.Tensor, check: bool = True) -> TurboCodes:
         """Codes for x [..., head_dim].
 
-        check=False skips the input checks (the serving path: a non-finite vector then only
-        spoils its own code, which holds a NaN/inf norm).
+        check=False skips the input checks (the serving path: a non-finite vector then gets
+        a zero norm and reads back as zeros; only its own code changes).
         """
         x = self._check_vectors(x, "x") if check else x.float()
         y = self.rotate(x)

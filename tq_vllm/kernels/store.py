@@ -180,6 +180,12 @@ def store_fp16(ptr, x, mask):
 
 
 @triton.jit
+def _fp16_norm(n):
+    # quantizer.to_fp16_norm: non-finite (NaN fails the comparison too) -> 0, else saturate.
+    return tl.where(n < float("inf"), tl.minimum(n, FP16_MAX), 0.0)
+
+
+@triton.jit
 def load_fp16(ptr, mask):
     lo = tl.load(ptr, mask=mask, other=0).to(tl.uint16)
     hi = tl.load(ptr + 1, mask=mask, other=0).to(tl.uint16)
@@ -261,11 +267,11 @@ def _quantize_store(
         _pack_store(idx, rec + IDX_OFF, tmask, BLOCK_T, D, BITS)
         c = tl.load(cent_ptr + idx)
     if PROD:
-        norm = tl.minimum(xnorm, FP16_MAX).to(tl.float16)
+        norm = _fp16_norm(xnorm).to(tl.float16)
         store_fp16(rec + NORM_OFF, norm, tmask)
         if BITS > 0:  # the residual of the stored (rounded) norm, as the reference's
             r = y - norm.to(tl.float32)[:, None] * c
-        store_fp16(rec + RNORM_OFF, tl.minimum(tl.sqrt(tl.sum(r * r, axis=1)), FP16_MAX), tmask)
+        store_fp16(rec + RNORM_OFF, _fp16_norm(tl.sqrt(tl.sum(r * r, axis=1))), tmask)
         for c0 in tl.static_range(0, D, NC):  # sign(r @ S^T), one slice of columns at a time
             k = c0 + tl.arange(0, NC)
             s_rows = tl.load(qjl_ptr + k[:, None] * D + d[None, :])  # S rows c0..c0+NC
@@ -275,7 +281,7 @@ def _quantize_store(
         cnorm = tl.sqrt(tl.sum(c * c, axis=1))
         cnorm = tl.where(cnorm > 0, cnorm, 1.0)
         norm = tl.fdiv(xnorm, cnorm, ieee_rounding=False)
-        store_fp16(rec + NORM_OFF, tl.minimum(norm, FP16_MAX), tmask)
+        store_fp16(rec + NORM_OFF, _fp16_norm(norm), tmask)
 
 
 @triton.jit

@@ -661,8 +661,9 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor
 // are single IEEE operations done here in the reference's order. The reference's many small
 // ops (packing, record assembly, the scatter) were what cost the time.
 
-// to_fp16_norm: clamp(max=65504) keeps a NaN, then round to nearest even.
+// to_fp16_norm: a non-finite norm becomes 0, a larger one 65504; then round to nearest even.
 inline void store_fp16_norm(uint8_t* p, float n) {
+  if (!std::isfinite(n)) n = 0.f;
   if (n > 65504.f) n = 65504.f;
   const uint16_t bits = c10::Half(n).x;
   std::memcpy(p, &bits, 2);
