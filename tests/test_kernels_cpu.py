@@ -123,6 +123,7 @@ def test_dequantize_matches_reference_values(d, dtype):
         codec.key.centroids.float(),
         codec.value.centroids.float(),
         cpu_attention._layout_fields(codec),
+        -1,
         d,
         dtype,
     )
@@ -163,6 +164,38 @@ def test_dense_context_matches_reference(
     assert taken == [70, 20, cpu_attention.DENSE_ROWS]
     assert out.dtype == dtype and torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), ref, **DENSE_TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_uniform_values_context_matches_reference(dtype):
+    """value_mode 'uniform' (the upstream emulation) has no fused kernel: 16-bit chunks of
+    DENSE_ROWS or more take the dense path, whose dequantized values (zero + scale * idx,
+    unrotated) are exactly the reference's in float32; the rest runs the reference."""
+    layout = RecordLayout(64, 4, "mse", 3, value_mode="uniform")
+    codec = LayerCodec(layout, seed=1)
+    lens = [60, 30, 7]
+    cache, table, _, _ = make_cache(codec, lens, 16, 3, seed=2)
+    got_k, got_v = torch.ops.tq_vllm_cpu.dequantize(
+        cache,
+        table[0],
+        60,
+        codec.key.centroids.float(),
+        torch.arange(8, dtype=torch.float32),
+        cpu_attention._layout_fields(codec),
+        layout.value_zero,
+        64,
+        torch.float32,
+    )
+    ref_k, ref_v = gather_context(cache, table[0], 60, codec)  # values rotated
+    assert torch.equal(got_k, ref_k)
+    torch.testing.assert_close(codec.rotate(got_v), ref_v, atol=1e-5, rtol=1e-5)
+    starts = torch.tensor([0, 60, 80, 83], dtype=torch.int32)  # dense, dense, reference
+    query = torch.randn(83, 9, 64, generator=torch.Generator().manual_seed(4))
+    args = (cache, table, starts, torch.tensor(lens, dtype=torch.int32), codec, 0.125)
+    out = ops.context_attention(query.to(dtype), None, None, *args)
+    ref = context_attention_reference(query, None, None, *args)
+    tol = DENSE_TOL[dtype] if dtype in DENSE_TOL else TOL
+    torch.testing.assert_close(out.float(), ref, **tol)
 
 
 def test_dense_path_not_for_float32_or_prod_keys(monkeypatch):

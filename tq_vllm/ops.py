@@ -72,7 +72,9 @@ def context_attention(
         from tq_vllm.kernels.context import context_attention as kernel
 
         return kernel(*args)
-    if key is None and value is None and _cpu_kernel(kv_cache, codec):
+    # The CPU context path reads uniform values too (dequantized for SDPA, else the reference).
+    cpu = kv_cache.device.type == "cpu" and cpu_attention.available()
+    if key is None and value is None and cpu:
         return cpu_attention.context_attention(
             query, kv_cache, block_table, query_start_loc, seq_lens, codec, scale
         )

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 from tq_vllm.centroids import cache_dir
 from tq_vllm.codec import LayerCodec
+from tq_vllm.kernels.attention_reference import context_attention_reference
 from tq_vllm.kernels.decode import check_gqa
 from tq_vllm.kernels.store import (
     FLOAT_DTYPES,
@@ -97,9 +98,10 @@ def _check(
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
     codec: LayerCodec,
+    uniform_ok: bool = False,
 ) -> None:
     check_tensor("query", query, 3, FLOAT_DTYPES)
-    check_records(kv_cache, codec)
+    check_records(kv_cache, codec, uniform_ok)
     check_tensor("block_table", block_table, 2, INDEX_DTYPES)
     check_tensor("seq_lens", seq_lens, 1, INDEX_DTYPES)
     check_gqa(query, kv_cache, codec)
@@ -187,7 +189,7 @@ def context_attention(
     kv_cache): query [T, Hq, d] -> [T, Hq, d] in query's dtype, causal. A sequence with at
     least DENSE_ROWS new rows of a 16-bit query takes the dense path (its keys and values
     rounded to that dtype); the others run fused, in float32."""
-    _check(query, kv_cache, block_table, seq_lens, codec)
+    _check(query, kv_cache, block_table, seq_lens, codec, uniform_ok=True)
     check_tensor("query_start_loc", query_start_loc, 1, INDEX_DTYPES)
     if query_start_loc.shape[0] != seq_lens.shape[0] + 1:
         raise ValueError(
@@ -199,10 +201,16 @@ def context_attention(
     dense = [b for b, n in enumerate(q_lens) if n >= DENSE_ROWS and _dense_ok(query, codec)]
     fused = [b for b, n in enumerate(q_lens) if n and b not in dense]
     rows = max(1, CONTEXT_ROWS // (query.shape[1] // kv_cache.shape[1]))
+
+    def fused_attention(q, table, q_starts, q_lens):
+        if codec.layout.uniform_values:  # no fused kernel reads uniform values
+            return context_attention_reference(
+                q, None, None, kv_cache, table, q_starts, q_lens, codec, scale
+            )
+        return _run(q, kv_cache, table, q_starts, q_lens, codec, scale, rows, num_splits)
+
     if not dense:
-        return _run(
-            query, kv_cache, block_table, query_start_loc, seq_lens, codec, scale, rows, num_splits
-        )
+        return fused_attention(query, block_table, query_start_loc, seq_lens)
     out = torch.empty_like(query)
     for b in dense:
         lo, hi = starts[b], starts[b + 1]
@@ -210,16 +218,8 @@ def context_attention(
     if fused:  # the sequences with few new rows, together in one fused call
         picked = torch.cat([torch.arange(starts[b], starts[b + 1]) for b in fused])
         sub_starts = torch.tensor([0, *itertools.accumulate(q_lens[b] for b in fused)])
-        out[picked] = _run(
-            query[picked],
-            kv_cache,
-            block_table[fused],
-            sub_starts,
-            seq_lens[fused],
-            codec,
-            scale,
-            rows,
-            num_splits,
+        out[picked] = fused_attention(
+            query[picked], block_table[fused], sub_starts, seq_lens[fused]
         )
     return out
 
@@ -227,6 +227,7 @@ def context_attention(
 def _dense_ok(query: torch.Tensor, codec: LayerCodec) -> bool:
     # The dense path rounds keys and values to the query's dtype: only for 16-bit models,
     # whose own attention runs at that precision. Prod keys need their QJL term: fused only.
+    # Uniform values (an eval baseline with no fused kernel) take it too.
     return query.dtype in (torch.bfloat16, torch.float16) and not codec.layout.prod
 
 
@@ -240,13 +241,19 @@ def _dense_attention(
 ) -> torch.Tensor:
     """One sequence's new rows query [T, Hq, d] over its `length` cached tokens (the last T
     are the rows' own): dequantized to query's dtype, then SDPA, causal."""
+    layout = codec.layout
+    if layout.uniform_values:  # levels 0 .. 2^b - 1, scaled and shifted per vector
+        levels = torch.arange(1 << layout.value_bits, dtype=torch.float32)
+    else:
+        levels = codec.value.centroids.float().contiguous()
     keys, values = torch.ops.tq_vllm_cpu.dequantize(
         kv_cache,
         block_row.to(torch.int32).contiguous(),
         length,
         codec.key.centroids.float().contiguous(),
-        codec.value.centroids.float().contiguous(),
+        levels,
         _layout_fields(codec),
+        layout.value_zero if layout.uniform_values else -1,
         codec.head_dim,
         query.dtype,
     )
@@ -263,8 +270,10 @@ def _dense_attention(
         o = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=visible, scale=scale, enable_gqa=True
         )
-    o = o[0]
-    return codec.unrotate(o.transpose(0, 1)).to(query.dtype)
+    o = o[0].transpose(0, 1)
+    if layout.uniform_values:  # unrotated values: the output is in the model's basis already
+        return o.to(query.dtype)
+    return codec.unrotate(o).to(query.dtype)
 
 
 def store_kv(

@@ -104,10 +104,11 @@ def _codec_device(codec: LayerCodec) -> torch.device:
     return device
 
 
-def check_records(kv_cache: object, codec: LayerCodec) -> None:
+def check_records(kv_cache: object, codec: LayerCodec, uniform_ok: bool = False) -> None:
     """kv_cache uint8 [num_blocks, num_kv_heads, block_size, record_bytes], contiguous, with
-    records a fused kernel (Triton or C++) can read."""
-    if codec.layout.uniform_values:
+    records a fused kernel (Triton or C++) can read; uniform_ok: the caller also reads
+    value_mode 'uniform' records (the CPU context path, which dequantizes them)."""
+    if codec.layout.uniform_values and not uniform_ok:
         raise ValueError(
             "value_mode 'uniform' records have no fused kernel (Triton or C++); use the "
             "PyTorch reference path"

@@ -852,35 +852,48 @@ void store(const at::Tensor& key_in, const at::Tensor& value_in, at::Tensor kv_c
 
 // -- dequantize: one sequence's cached tokens as dense rotated keys and values -------------
 // For chunked prefill on bf16 models: the caller attends over the result with a dense kernel
-// (oneDNN, AMX where the CPU has it), far faster per score than the fused float32 kernel once
-// a chunk has more than a few rows. Values are norm * c[idx] in float32, then rounded once to
-// the output dtype.
+// (oneDNN, AMX where the CPU has it), far faster per score than the fused float32 loop once
+// a chunk has more than a few rows. Lloyd-Max values are norm * c[idx] in float32; uniform
+// values (value_mode "uniform", unrotated) are zero + scale * idx, two roundings as in
+// uniform.py; either is then rounded once to the output dtype.
 
-// dst[:n] = scale * src[:n] in T.
+// dst[:n] = scale * src[:n] (+ shift, where shifted) in T, rounded twice as uniform.py does
+// (no fused multiply-add).
+#define TQ_NO_FMA __attribute__((noinline, optimize("fp-contract=off")))
 template <typename T>
-inline void write_scaled(const float* src, float scale, int n, T* dst) {
-  for (int j = 0; j < n; ++j) dst[j] = static_cast<T>(scale * src[j]);
+TQ_NO_FMA void write_scaled(const float* src, float scale, float shift, bool shifted, int n,
+                            T* dst) {
+  for (int j = 0; j < n; ++j) {
+    const float product = scale * src[j];
+    dst[j] = static_cast<T>(shifted ? shift + product : product);
+  }
 }
 #if defined(TQ_AVX512) && defined(__AVX512BF16__)
 template <>
-inline void write_scaled<c10::BFloat16>(const float* src, float scale, int n,
-                                        c10::BFloat16* dst) {
+TQ_NO_FMA void write_scaled<c10::BFloat16>(const float* src, float scale, float shift,
+                                           bool shifted, int n, c10::BFloat16* dst) {
   int j = 0;
   for (; j + 16 <= n; j += 16) {  // round to nearest even, as c10::BFloat16 does
-    const __m256bh h = _mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_set1_ps(scale),
-                                                        _mm512_loadu_ps(src + j)));
+    __m512 x = _mm512_mul_ps(_mm512_set1_ps(scale), _mm512_loadu_ps(src + j));
+    if (shifted) x = _mm512_add_ps(_mm512_set1_ps(shift), x);
+    const __m256bh h = _mm512_cvtneps_pbh(x);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), reinterpret_cast<const __m256i&>(h));
   }
-  for (; j < n; ++j) dst[j] = static_cast<c10::BFloat16>(scale * src[j]);
+  for (; j < n; ++j) {
+    const float product = scale * src[j];
+    dst[j] = static_cast<c10::BFloat16>(shifted ? shift + product : product);
+  }
 }
 #endif
 
 template <typename T>
 void dequantize_into(const uint8_t* cache, int64_t hk, int64_t block_size, int64_t record,
                      int64_t num_blocks, const int32_t* blocks, int64_t length, int d,
-                     const Layout& L, const float* kc, const float* vc, T* out) {
+                     const Layout& L, int64_t value_zero, const float* kc, const float* vc,
+                     T* out) {
   const int64_t nb = (length + block_size - 1) / block_size;
   const RowDecoder decode_k(kc, L.key_bits, d), decode_v(vc, L.value_bits, d);
+  const bool uniform = value_zero >= 0;
   T* keys = out;
   T* values = out + hk * length * d;
   at::parallel_for(0, hk * nb, 1, [&](int64_t begin, int64_t end) {
@@ -894,17 +907,21 @@ void dequantize_into(const uint8_t* cache, int64_t hk, int64_t block_size, int64
       for (int64_t t = t0; t < t1; ++t, rec += record) {
         const int64_t at = (h * length + t) * d;
         decode_k(rec + L.key_indices, row.data());
-        write_scaled(row.data(), load_half(rec), d, keys + at);
+        write_scaled(row.data(), load_half(rec), 0.f, false, d, keys + at);
         decode_v(rec + L.value_indices, row.data());
-        write_scaled(row.data(), load_half(rec + L.value_norm), d, values + at);
+        const float zero = uniform ? load_half(rec + value_zero) : 0.f;
+        write_scaled(row.data(), load_half(rec + L.value_norm), zero, uniform, d, values + at);
       }
     }
   });
 }
 
+// value_zero: byte offset of the uniform values' fp16 zero point (their scale sits at
+// layout's value_norm and value_centroids must be 0, 1, ..., 2^b - 1), or -1 for Lloyd-Max.
 at::Tensor dequantize(const at::Tensor& kv_cache, const at::Tensor& blocks, int64_t length,
                       const at::Tensor& key_centroids, const at::Tensor& value_centroids,
-                      at::IntArrayRef layout, int64_t head_dim, at::ScalarType dtype) {
+                      at::IntArrayRef layout, int64_t value_zero, int64_t head_dim,
+                      at::ScalarType dtype) {
   TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.scalar_type() == at::kByte &&
                   kv_cache.is_contiguous(),
               "kv_cache must be a contiguous uint8 [num_blocks, Hk, block_size, C] tensor");
@@ -912,6 +929,7 @@ at::Tensor dequantize(const at::Tensor& kv_cache, const at::Tensor& blocks, int6
                   layout[2] >= 1 && layout[2] <= 8,
               "dequantize reads mse keys and values of 1..8 bits (layout of 7 integers)");
   const int64_t block_size = kv_cache.size(2), hk = kv_cache.size(1);
+  TORCH_CHECK(value_zero < kv_cache.size(3), "value_zero past the record");
   TORCH_CHECK(length >= 0 && blocks.dim() == 1 && blocks.scalar_type() == at::kInt &&
                   blocks.is_contiguous() &&
                   blocks.size(0) >= (length + block_size - 1) / block_size,
@@ -929,7 +947,7 @@ at::Tensor dequantize(const at::Tensor& kv_cache, const at::Tensor& blocks, int6
   auto out = at::empty({2, hk, length, head_dim}, kv_cache.options().dtype(dtype));
   auto run = [&](auto* dst) {
     dequantize_into(kv_cache.data_ptr<uint8_t>(), hk, block_size, kv_cache.size(3),
-                    kv_cache.size(0), blocks.data_ptr<int32_t>(), length, d, L,
+                    kv_cache.size(0), blocks.data_ptr<int32_t>(), length, d, L, value_zero,
                     key_centroids.data_ptr<float>(), value_centroids.data_ptr<float>(), dst);
   };
   switch (dtype) {
@@ -954,7 +972,8 @@ TORCH_LIBRARY(tq_vllm_cpu, m) {
       "Tensor value_centroids, Tensor value_boundaries, int[] layout) -> ()");
   m.def(
       "dequantize(Tensor kv_cache, Tensor blocks, int length, Tensor key_centroids, "
-      "Tensor value_centroids, int[] layout, int head_dim, ScalarType dtype) -> Tensor");
+      "Tensor value_centroids, int[] layout, int value_zero, int head_dim, ScalarType dtype) "
+      "-> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tq_vllm_cpu, CPU, m) {
