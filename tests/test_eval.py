@@ -13,7 +13,14 @@ from test_attention_reference import dense, dequantized, make_batch
 
 from tq_vllm.codec import LayerCodec
 from tq_vllm.config import ConfigError, load_config
-from tq_vllm.fidelity import Capture, config_fidelity, score_fidelity
+from tq_vllm.eval import all_configs, bytes_per_token, layer_layouts
+from tq_vllm.fidelity import (
+    Capture,
+    OutlierSplit,
+    config_fidelity,
+    outlier_channels,
+    score_fidelity,
+)
 from tq_vllm.kernels.attention_reference import (
     context_attention_reference,
     decode_attention_reference,
@@ -167,3 +174,36 @@ def test_ops_read_uniform_records_with_the_reference():
     torch.testing.assert_close(ops.context_attention(*args), context_attention_reference(*args))
     decode = (query[:2], cache, table, torch.tensor(lens), codec, 0.125)
     torch.testing.assert_close(ops.decode_attention(*decode), decode_attention_reference(*decode))
+
+
+def test_outlier_channels_and_split_estimate():
+    """Keys whose channels 3, 10, ... carry 10x the scale: calibration finds exactly those, and
+    quantizing them apart at more bits reconstructs the keys better than the same bits spent
+    on a random split."""
+    gen = torch.Generator().manual_seed(0)
+    big = torch.randperm(64, generator=gen)[:16]
+    scale = torch.ones(64)
+    scale[big] = 10.0
+    keys = torch.randn(2, 256, 64, generator=gen) * scale
+    channels = outlier_channels(Capture([keys], [keys]), 16)
+    assert channels[0].shape == (2, 16)
+    assert all(set(channels[0][h].tolist()) == set(big.tolist()) for h in range(2))
+    calibrated = OutlierSplit(channels, bits=4).estimate(0, keys, regular_bits=2, seed=0)
+    shuffled = [torch.stack([torch.randperm(64, generator=gen)[:16] for _ in range(2)])]
+    random_split = OutlierSplit(shuffled, bits=4).estimate(0, keys, regular_bits=2, seed=0)
+    error = lambda est: float(((est - keys) ** 2).sum() / (keys**2).sum())  # noqa: E731
+    assert error(calibrated) < 0.5 * error(random_split)
+
+
+def test_outlier_configs_bytes_and_no_engine_run():
+    configs = all_configs()
+    split, plain = configs["k2.5v3-outliers"], configs["k3v3"]
+    assert split.outlier_bits == 4
+    layouts = layer_layouts(split, 64, 30)
+    # per record: 16 indices at 4 bits (8 B) + 48 at 2 (12 B) + a second norm (2 B), against
+    # 64 at 3 bits (24 B): 2 bytes less than K3 V3 per head and layer
+    assert bytes_per_token(layouts, 64, 3, 4) == bytes_per_token(layouts, 64, 3) + 3 * 30 * 6
+    assert (
+        bytes_per_token(layouts, 64, 3, 4)
+        == bytes_per_token(layer_layouts(plain, 64, 30), 64, 3) - 3 * 30 * 2
+    )

@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from tq_vllm.packing import packed_bytes
+
 WINDOW = 2048  # tokens per perplexity window
 CHUNK = 128  # max_num_batched_tokens: the largest prefill chunk
 MAX_MODEL_LEN = 8192
@@ -49,6 +51,10 @@ class EvalConfig:
     turboquant: dict[str, Any] | None = None  # additional_config["turboquant"]
     skip_layers: tuple[int, ...] = ()  # layers vLLM keeps in bf16 (--kv-cache-dtype-skip-layers)
     upstream: bool = False  # an emulation of upstream vLLM's presets
+    # Outlier channels (the paper's fractional rates): a quarter of each head's key channels,
+    # chosen on calibration text, at this many bits; the rest at key_bits. Attention fidelity
+    # and bytes only: no record layout or kernel stores it, so no engine runs it.
+    outlier_bits: int | None = None
 
 
 def _tq(kb: int, vb: int, key_mode: str = "mse", value_mode: str = "mse", **extra: Any) -> dict:
@@ -103,6 +109,16 @@ def all_configs(num_layers: int = 30) -> dict[str, EvalConfig]:
             upstream=True,
         )
         for b in (3, 4)
+    ]
+    configs += [
+        EvalConfig(
+            f"k{kb}.5v{vb}-outliers",
+            f"K{kb}.5: 1/4 of key channels (calibrated outliers) at {kb + 2} bits, the rest at "
+            f"{kb}; V{vb} mse. Fidelity and bytes only (not servable)",
+            turboquant=_tq(kb, vb),
+            outlier_bits=kb + 2,
+        )
+        for kb, vb in ((2, 2), (2, 3), (3, 3), (3, 4))
     ]
     return {c.name: c for c in configs}
 
@@ -273,10 +289,24 @@ def layer_layouts(config: EvalConfig, head_dim: int, num_layers: int) -> list:
     return [None if i in config.skip_layers else lay for i, lay in enumerate(layouts)]
 
 
-def bytes_per_token(layouts: list, head_dim: int, num_kv_heads: int) -> int:
-    """K and V bytes one token occupies across all layers, padding included."""
+def bytes_per_token(
+    layouts: list, head_dim: int, num_kv_heads: int, outlier_bits: int | None = None
+) -> int:
+    """K and V bytes one token occupies across all layers, padding included. With outlier
+    channels, a record would hold the two key parts' indices and a second key norm."""
     bf16 = 2 * head_dim * 2
-    return num_kv_heads * sum(bf16 if lay is None else lay.record_bytes for lay in layouts)
+    total = sum(bf16 if lay is None else lay.record_bytes for lay in layouts)
+    if outlier_bits is not None:
+        n = outlier_count(head_dim)
+        split = packed_bytes(n, outlier_bits) + 2
+        for lay in layouts:
+            split_keys = split + packed_bytes(head_dim - n, lay.key_bits)
+            total += split_keys - lay.key_index_bytes
+    return num_kv_heads * total
+
+
+def outlier_count(head_dim: int) -> int:
+    return head_dim // 4
 
 
 @dataclass
@@ -407,7 +437,7 @@ def evaluate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
     from transformers import AutoConfig, AutoTokenizer
 
-    from tq_vllm.fidelity import capture, config_fidelity
+    from tq_vllm.fidelity import OutlierSplit, capture, config_fidelity, outlier_channels
     from tq_vllm.model import ensure_default_model
 
     # SIGTERM unwinds like Ctrl-C, so that the running engine process is killed with us.
@@ -433,12 +463,13 @@ def evaluate(args: argparse.Namespace) -> int:
     ppl = dict(tasks=["ppl"], tokens=tokens, chunk=args.chunk)
     retrieval = dict(tasks=["retrieval"], trials=trials, lengths=list(lengths))
     picked = args.retrieval_configs
-    with_retrieval = [n for n in names if picked is None or n == "bf16" or n in picked]
+    served = [n for n in names if configs[n].outlier_bits is None]
+    with_retrieval = [n for n in served if picked is None or n == "bf16" or n in picked]
     if args.retrieval_chunk == args.chunk:  # one engine measures both
         both = {**ppl, **retrieval, "tasks": ["ppl", "retrieval"]}
-        runs_todo = [(n, both if n in with_retrieval else ppl) for n in names]
+        runs_todo = [(n, both if n in with_retrieval else ppl) for n in served]
     else:  # perplexity of every config first, then the (slower) passkey runs
-        runs_todo = [(n, ppl) for n in names]
+        runs_todo = [(n, ppl) for n in served]
         runs_todo += [(n, {**retrieval, "chunk": args.retrieval_chunk}) for n in with_retrieval]
     results: dict[str, dict] = {name: {"retrieval": {}} for name in names}
     bar = tqdm(runs_todo, desc="tq-vllm eval", unit="run")
@@ -462,20 +493,25 @@ def evaluate(args: argparse.Namespace) -> int:
     bar = tqdm(total=len(names) + 1, desc="attention fidelity", unit="step")
     tokenizer = AutoTokenizer.from_pretrained(model)
     args.fidelity_tokens = 512 if args.quick else FIDELITY_TOKENS
-    fid_ids = text_ids(tokenizer)[-args.fidelity_tokens :]  # text the perplexity windows never read
-    cap = capture(model, fid_ids)
+    ids = text_ids(tokenizer)  # the end: text the perplexity windows never read
+    cap = capture(model, ids[-args.fidelity_tokens :])
+    channels = None  # outlier channels, chosen on the text just before the fidelity text
+    if any(configs[n].outlier_bits is not None for n in names):
+        calibration = capture(model, ids[-2 * args.fidelity_tokens : -args.fidelity_tokens])
+        channels = outlier_channels(calibration, outlier_count(head_dim))
     bar.update()
     rows = []
     for name in names:
         config, res = configs[name], results[name]
         layouts = layer_layouts(config, head_dim, num_layers)
-        per_layer = config_fidelity(cap, layouts, seed=0)
+        split = None if config.outlier_bits is None else OutlierSplit(channels, config.outlier_bits)
+        per_layer = config_fidelity(cap, layouts, seed=0, outliers=split)
         bar.update()
         worst = min(range(num_layers), key=lambda i: per_layer[i].cosine)
         rows.append(
             Row(
                 config,
-                bytes_per_token(layouts, head_dim, num_kv_heads),
+                bytes_per_token(layouts, head_dim, num_kv_heads, config.outlier_bits),
                 res.get("kv_tokens"),
                 res.get("ppl"),
                 res.get("ppl_tokens"),

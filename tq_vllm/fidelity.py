@@ -8,6 +8,7 @@ compared with the exact q . k over the causal prefix of every sampled query.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -62,6 +63,41 @@ def capture(model_path: str, ids: list[int]) -> Capture:
     return Capture(queries, keys)  # type: ignore[arg-type]
 
 
+def outlier_channels(cap: Capture, count: int) -> list[torch.Tensor]:
+    """Per layer, each KV head's `count` key channels of largest mean square: [Hk, count]."""
+    return [(k**2).mean(dim=1).topk(count, dim=-1).indices for k in cap.keys]
+
+
+@dataclass
+class OutlierSplit:
+    """The paper's outlier treatment for fractional rates: per KV head a fixed set of channels
+    (chosen on calibration text) is quantized by its own TurboQuantizer at more bits, the other
+    channels by another; each part has its own rotation and norm."""
+
+    channels: list[torch.Tensor]  # per layer [Hk, count], outlier_channels()
+    bits: int  # for the outlier channels; the rest use the layout's key bits
+
+    def estimate(
+        self, layer: int, keys: torch.Tensor, regular_bits: int, seed: int
+    ) -> torch.Tensor:
+        """keys [Hk, L, d] -> their reconstruction, float32."""
+        d, chosen = keys.shape[-1], self.channels[layer]
+        outlier = _quantizer(chosen.shape[1], self.bits, "mse", seed)
+        regular = _quantizer(d - chosen.shape[1], regular_bits, "mse", seed)
+        out = torch.empty_like(keys)
+        for h in range(keys.shape[0]):
+            mask = torch.zeros(d, dtype=torch.bool)
+            mask[chosen[h]] = True
+            for part, q in ((mask, outlier), (~mask, regular)):
+                out[h][:, part] = q.dequantize(q.quantize(keys[h][:, part], check=False)).float()
+        return out
+
+
+@functools.cache
+def _quantizer(head_dim: int, bits: int, mode: str, seed: int) -> TurboQuantizer:
+    return TurboQuantizer(head_dim, bits, mode, seed)
+
+
 @dataclass
 class LayerFidelity:
     cosine: float  # mean over sampled queries of cos(estimated scores, exact scores)
@@ -87,20 +123,22 @@ def config_fidelity(
     layouts: list[RecordLayout | None],
     seed: int,
     num_queries: int = 128,
+    outliers: OutlierSplit | None = None,
 ) -> list[LayerFidelity]:
     """Per-layer fidelity; layouts[i] None: layer i keeps exact keys (bf16 / skipped layers).
     Queries are sampled evenly from the second half of the sequence (long prefixes)."""
     length = cap.keys[0].shape[1]
     rows = torch.linspace(length // 2, length - 1, num_queries).long().unique()
     out = []
-    quantizers: dict[tuple[int, int, str], TurboQuantizer] = {}
     for layer, layout in enumerate(layouts):
         if layout is None:
             out.append(LayerFidelity(1.0, 1.0, 1.0))
             continue
-        spec = (layout.head_dim, layout.key_bits, layout.key_mode)
-        key = quantizers.setdefault(spec, TurboQuantizer(*spec, seed))
-        k_hat = key.dequantize(key.quantize(cap.keys[layer], check=False)).float()
+        if outliers is not None:
+            k_hat = outliers.estimate(layer, cap.keys[layer], layout.key_bits, seed)
+        else:
+            key = _quantizer(layout.head_dim, layout.key_bits, layout.key_mode, seed)
+            k_hat = key.dequantize(key.quantize(cap.keys[layer], check=False)).float()
         est = cap.scores(layer, k_hat, rows)
         out.append(score_fidelity(cap.exact_scores(layer, rows), est, rows))
     return out
