@@ -14,7 +14,7 @@ import pytest
 import torch
 from test_kernels_decode import make_cache
 
-from tq_vllm import ops
+from tq_vllm import compat, ops
 from tq_vllm.codec import LayerCodec
 from tq_vllm.kernels import cpu_attention
 from tq_vllm.kernels.attention_reference import (
@@ -141,29 +141,48 @@ DENSE_CASES = [
 ]
 
 
+@pytest.mark.parametrize("attend", ["vllm", "sdpa"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d,key_bits,value_bits,block_size,hq,hk", DENSE_CASES)
 def test_dense_context_matches_reference(
-    d, key_bits, value_bits, block_size, hq, hk, dtype, monkeypatch
+    d, key_bits, value_bits, block_size, hq, hk, dtype, attend, monkeypatch
 ):
+    """attend: vLLM's CPU attention kernel where it runs (head_dim 40 is not among its sizes:
+    SDPA then), or SDPA forced."""
     lens = [70, 40, 33, 90, 5]
     codec, cache, table, seq_lens = setup(d, key_bits, "mse", value_bits, block_size, hk, lens)
     # Dense: a whole sequence (plain causal), a chunk after context (masked), exactly
     # DENSE_ROWS rows; fused in the same call: 15 rows, one row, and none.
     q_lens = [70, 20, cpu_attention.DENSE_ROWS, 15, 1]
-    taken = []
-    dense = cpu_attention._dense_attention
+    taken, kernel = [], []
+    dense, vllm_kernel = cpu_attention._dense_attention, compat.dense_attention
     monkeypatch.setattr(
-        cpu_attention, "_dense_attention", lambda q, *a: taken.append(q.shape[0]) or dense(q, *a)
+        cpu_attention,
+        "_dense_attention",
+        lambda q, cache, table, seqs, *a: taken.append(seqs) or dense(q, cache, table, seqs, *a),
     )
+    if attend == "sdpa":
+        monkeypatch.setattr(compat, "dense_attention", lambda *a: kernel.append(0))
+    else:
+        monkeypatch.setattr(
+            compat, "dense_attention", lambda *a: kernel.append(1) or vllm_kernel(*a)
+        )
     starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
     query = torch.randn(int(starts[-1]), hq, d, generator=torch.Generator().manual_seed(7))
     args = (cache, table, starts, seq_lens, codec, d**-0.5)
     out = cpu_attention.context_attention(query.to(dtype), *args)
     ref = context_attention_reference(query, None, None, *args)
-    assert taken == [70, 20, cpu_attention.DENSE_ROWS]
+    assert taken == [[0, 1, 2]] and len(kernel) == 1
     assert out.dtype == dtype and torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), ref, **DENSE_TOL[dtype])
+
+
+def test_vllm_kernel_runs_for_the_embedded_model_shape():
+    """bf16, head_dim 64: the shape the embedded model serves with must not fall back to SDPA."""
+    q = torch.randn(8, 9, 64).bfloat16()
+    kv = [torch.randn(3, 20, 64).bfloat16()]
+    out = compat.dense_attention(q, kv, kv, [8], 0.125)
+    assert out is not None and out.shape == q.shape
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

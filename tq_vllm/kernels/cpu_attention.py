@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from tq_vllm import compat
 from tq_vllm.centroids import cache_dir
 from tq_vllm.codec import LayerCodec
 from tq_vllm.kernels.attention_reference import context_attention_reference
@@ -212,9 +213,17 @@ def context_attention(
     if not dense:
         return fused_attention(query, block_table, query_start_loc, seq_lens)
     out = torch.empty_like(query)
-    for b in dense:
-        lo, hi = starts[b], starts[b + 1]
-        out[lo:hi] = _dense_attention(query[lo:hi], kv_cache, block_table[b], lens[b], codec, scale)
+    picked = torch.cat([torch.arange(starts[b], starts[b + 1]) for b in dense])
+    out[picked] = _dense_attention(
+        query[picked],
+        kv_cache,
+        block_table,
+        dense,
+        [q_lens[b] for b in dense],
+        [lens[b] for b in dense],
+        codec,
+        scale,
+    )
     if fused:  # the sequences with few new rows, together in one fused call
         picked = torch.cat([torch.arange(starts[b], starts[b + 1]) for b in fused])
         sub_starts = torch.tensor([0, *itertools.accumulate(q_lens[b] for b in fused)])
@@ -234,33 +243,51 @@ def _dense_ok(query: torch.Tensor, codec: LayerCodec) -> bool:
 def _dense_attention(
     query: torch.Tensor,
     kv_cache: torch.Tensor,
-    block_row: torch.Tensor,
-    length: int,
+    block_table: torch.Tensor,
+    seqs: list[int],
+    q_lens: list[int],
+    lens: list[int],
     codec: LayerCodec,
     scale: float,
 ) -> torch.Tensor:
-    """One sequence's new rows query [T, Hq, d] over its `length` cached tokens (the last T
-    are the rows' own): dequantized to query's dtype, then SDPA, causal."""
+    """The new rows query [T, Hq, d] of sequences `seqs`, q_lens[i] each, in order, over their
+    lens[i] cached tokens (the rows' own are the last), causal: keys and values dequantized
+    once to query's dtype, then vLLM's CPU attention kernel (compat.dense_attention), or SDPA
+    where that cannot run."""
     layout = codec.layout
     if layout.uniform_values:  # levels 0 .. 2^b - 1, scaled and shifted per vector
         levels = torch.arange(1 << layout.value_bits, dtype=torch.float32)
     else:
         levels = codec.value.centroids.float().contiguous()
-    keys, values = torch.ops.tq_vllm_cpu.dequantize(
-        kv_cache,
-        block_row.to(torch.int32).contiguous(),
-        length,
-        codec.key.centroids.float().contiguous(),
-        levels,
-        _layout_fields(codec),
-        layout.value_zero if layout.uniform_values else -1,
-        codec.head_dim,
-        query.dtype,
-    )
-    t = query.shape[0]
+    keys, values = [], []
+    for b, length in zip(seqs, lens):
+        k, v = torch.ops.tq_vllm_cpu.dequantize(
+            kv_cache,
+            block_table[b].to(torch.int32).contiguous(),
+            length,
+            codec.key.centroids.float().contiguous(),
+            levels,
+            _layout_fields(codec),
+            layout.value_zero if layout.uniform_values else -1,
+            codec.head_dim,
+            query.dtype,
+        )
+        keys.append(k)
+        values.append(v)
+    q = codec.rotate(query).to(query.dtype)
+    o = compat.dense_attention(q, keys, values, q_lens, scale)
+    if o is None:
+        o = torch.cat([_sdpa(qb, k, v, scale) for qb, k, v in zip(q.split(q_lens), keys, values)])
+    if layout.uniform_values:  # unrotated values: the output is in the model's basis already
+        return o
+    return codec.unrotate(o).to(query.dtype)
+
+
+def _sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [T, Hq, d], the last T of keys/values [Hk, L, d]'s positions, causal -> [T, Hq, d]."""
+    t, length = q.shape[0], keys.shape[1]
     # 4-d inputs: with 3-d ones SDPA leaves its flash kernel for the slow math path.
-    q = codec.rotate(query).to(query.dtype).transpose(0, 1)[None]  # [1, Hq, T, d]
-    keys, values = keys[None], values[None]
+    q, keys, values = q.transpose(0, 1)[None], keys[None], values[None]
     if t == length:  # the whole sequence is new: plain causal
         o = F.scaled_dot_product_attention(
             q, keys, values, is_causal=True, scale=scale, enable_gqa=True
@@ -270,10 +297,7 @@ def _dense_attention(
         o = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=visible, scale=scale, enable_gqa=True
         )
-    o = o[0].transpose(0, 1)
-    if layout.uniform_values:  # unrotated values: the output is in the model's basis already
-        return o.to(query.dtype)
-    return codec.unrotate(o).to(query.dtype)
+    return o[0].transpose(0, 1)
 
 
 def store_kv(
