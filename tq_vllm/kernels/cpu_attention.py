@@ -113,6 +113,7 @@ def _check(
 
 
 def _layout_fields(codec: LayerCodec) -> list[int]:
+    """The record layout as the C++ ops take it (the store appends the residual norm's offset)."""
     layout = codec.layout
     return [
         layout.key_index_bits,
@@ -324,14 +325,5 @@ def store_kv(
         codec.key.qjl if layout.prod else None,
         codec.value.centroids,
         codec.value.boundaries,
-        [
-            layout.key_index_bits,
-            int(layout.prod),
-            layout.value_bits,
-            layout.value_norm,
-            layout.key_indices,
-            layout.key_signs,
-            layout.value_indices,
-            layout.key_residual_norm,
-        ],
+        [*_layout_fields(codec), layout.key_residual_norm],
     )
