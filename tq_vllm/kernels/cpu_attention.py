@@ -6,7 +6,9 @@ like the Triton kernels: queries are rotated (and scaled) here, the C++ code sco
 straight from the records and sums centroid values under an online softmax, and the output is
 rotated back here. Threads: ATen's intra-op pool (torch.get_num_threads(), which vLLM sets).
 store_kv writes the bytes store_kv_reference writes, packing the records in C++ without the
-reference's dozens of small tensor ops.
+reference's dozens of small tensor ops. Prefill chunks of a 16-bit model take a dense path
+instead: the C++ op dequantizes each sequence's cached tokens once (exactly the reference's
+values, rounded to the model's dtype) and vLLM's own CPU attention kernel runs over them.
 
 The extension is compiled at first use with torch.utils.cpp_extension into the tq_vllm cache
 directory, keyed by the source, torch version and CPU (it is built with -march=native);
@@ -46,7 +48,8 @@ SOURCE = Path(__file__).parent / "csrc" / "cpu_attention.cpp"
 # and the item's accumulators (rows x head_dim floats) stay in L1/L2.
 CONTEXT_ROWS = 64
 # Sequences with at least this many new rows (16-bit queries) take the dense path: their
-# cached tokens dequantized once, then SDPA, whose bf16 kernel outruns the fused one per score.
+# cached tokens dequantized once, then a bf16 attention kernel (vLLM's, else SDPA), which
+# outruns the fused float32 one per score.
 DENSE_ROWS = 16
 
 
