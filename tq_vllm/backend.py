@@ -187,8 +187,10 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         name = getattr(layer, "layer_name", "")
         codec = self._codecs.get((name, device))
         if codec is None:
-            layout = self.settings.layouts[compat.layer_index(name)]
-            codec = LayerCodec(layout, self.settings.config.seed, device)
+            index = compat.layer_index(name)
+            config = self.settings.config
+            channels = config.outlier_channels(index)
+            codec = LayerCodec(self.settings.layouts[index], config.seed, device, channels)
             self._codecs[(name, device)] = codec
             if len(self._codecs) == 1:
                 logger.info(

@@ -16,6 +16,11 @@ Fields (all optional):
   layers                 per-layer overrides {layer_index: {key_bits, value_bits, key_mode,
                          value_mode}};
                          negative indices count from the end
+  key_outlier_bits, key_outlier_channels
+                         outlier channels (the paper's fractional rates, outliers.py): per
+                         attention layer, per KV head, a list of n key channels quantized
+                         apart at key_outlier_bits (the rest at the layer's key_bits); written
+                         for one model by `tq-vllm calibrate`; CPU path only
 
 One KV-cache group has one page size, so every layer's record is padded to the largest
 layer's record: higher precision on a few layers costs bytes on all of them (the log says how
@@ -25,15 +30,17 @@ many). To store a layer in the model dtype instead, use vLLM's --kv-cache-dtype-
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from tq_vllm.centroids import MIN_HEAD_DIM, check_bits
 from tq_vllm.layout import VALUE_MODES, RecordLayout
+from tq_vllm.outliers import check_channels
 from tq_vllm.quantizer import MODES
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # ./configs links here
@@ -54,10 +61,18 @@ class LayerBits:
     value_bits: int
     key_mode: str
     value_mode: str = "mse"
+    key_outliers: int = 0
+    key_outlier_bits: int = 0
 
     def layout(self, head_dim: int) -> RecordLayout:
         return RecordLayout(
-            head_dim, self.key_bits, self.key_mode, self.value_bits, value_mode=self.value_mode
+            head_dim,
+            self.key_bits,
+            self.key_mode,
+            self.value_bits,
+            value_mode=self.value_mode,
+            key_outliers=self.key_outliers,
+            key_outlier_bits=self.key_outlier_bits,
         )
 
 
@@ -73,6 +88,8 @@ class TurboQuantConfig:
     keep_key_bits: int = 8
     keep_value_bits: int = 8
     layers: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
+    key_outlier_bits: int = 0  # 0: no outlier channels
+    key_outlier_channels: Sequence[Any] = ()  # [layer][kv_head] -> channel indices
     source: str = "defaults"
 
     def __post_init__(self) -> None:
@@ -105,6 +122,35 @@ class TurboQuantConfig:
                     _check_value_mode_field(value, f"{where}.value_mode")
                 else:
                     _check_bits_field(value, f"{where}.{key}")
+        self._check_outliers()
+
+    def _check_outliers(self) -> None:
+        bits, channels = self.key_outlier_bits, self.key_outlier_channels
+        if bits == 0:
+            if channels:
+                raise ConfigError("key_outlier_channels are given but key_outlier_bits is 0")
+            return
+        _check_bits_field(bits, "key_outlier_bits")
+        if not channels:
+            raise ConfigError(
+                "key_outlier_bits needs key_outlier_channels (per layer, per KV head; "
+                "`tq-vllm calibrate` writes them)"
+            )
+        try:
+            shape = tuple(torch.tensor(channels, dtype=torch.int64).shape)
+        except (TypeError, ValueError, RuntimeError):
+            shape = ()
+        if len(shape) != 3:
+            raise ConfigError(
+                "key_outlier_channels must be a list (per layer) of lists (per KV head) of "
+                "channel-index lists, all of one length"
+            )
+
+    def outlier_channels(self, layer: int) -> torch.Tensor | None:
+        """Layer `layer`'s outlier channels, int64 [Hk, n]; None without outlier channels."""
+        if not self.key_outlier_bits:
+            return None
+        return torch.tensor(self.key_outlier_channels[layer], dtype=torch.int64)
 
     def layer_bits(self, layer: int, num_layers: int) -> LayerBits:
         """Bits of attention layer `layer` (0-based) in a model with num_layers of them."""
@@ -116,7 +162,15 @@ class TurboQuantConfig:
                 bits = replace(bits, **override)
         if bits.key_mode == "prod" and bits.key_bits < 2:
             raise ConfigError(f"layer {layer}: key_bits must be >= 2 with key_mode 'prod'")
-        return bits
+        if self.key_outlier_bits and bits.key_mode != "mse":
+            raise ConfigError(f"layer {layer}: outlier channels need key_mode 'mse'")
+        return self._with_outliers(bits)
+
+    def _with_outliers(self, bits: LayerBits) -> LayerBits:
+        if not self.key_outlier_bits:
+            return bits
+        count = len(self.key_outlier_channels[0][0])
+        return replace(bits, key_outliers=count, key_outlier_bits=self.key_outlier_bits)
 
     def layouts(self, head_dim: int, num_layers: int) -> list[RecordLayout]:
         """Every layer's record layout, padded to one common record size."""
@@ -137,6 +191,17 @@ class TurboQuantConfig:
                     f"layer {index % num_layers} of {num_layers}"
                 )
             named[index % num_layers] = index
+        if self.key_outlier_bits:
+            if len(self.key_outlier_channels) != num_layers:
+                raise ConfigError(
+                    f"key_outlier_channels lists {len(self.key_outlier_channels)} layers; the "
+                    f"model has {num_layers} attention layers (calibrate for this model)"
+                )
+            for layer in range(num_layers):
+                try:
+                    check_channels(self.outlier_channels(layer), head_dim)
+                except ValueError as err:
+                    raise ConfigError(f"key_outlier_channels[{layer}]: {err}") from None
         raw = [self.layer_bits(i, num_layers).layout(head_dim) for i in range(num_layers)]
         size = max(layout.size for layout in raw)
         return [layout.padded(size) for layout in raw]
@@ -144,11 +209,18 @@ class TurboQuantConfig:
     def describe(self, head_dim: int, num_layers: int, model_bytes_per_value: int = 2) -> str:
         layouts = self.layouts(head_dim, num_layers)
         record = layouts[0].record_bytes
-        base = LayerBits(self.key_bits, self.value_bits, self.key_mode, self.value_mode)
+        base = self._with_outliers(
+            LayerBits(self.key_bits, self.value_bits, self.key_mode, self.value_mode)
+        )
         base_layout = base.layout(head_dim)
         values = " (uniform)" if base_layout.uniform_values else ""
+        keys = f"K{self.key_bits}"
+        if self.key_outlier_bits:
+            n = base_layout.key_outliers
+            rate = (self.key_bits * (head_dim - n) + self.key_outlier_bits * n) / head_dim
+            keys += f" + {n} outlier channels at {self.key_outlier_bits} bits = K{rate:g}"
         text = (
-            f"TurboQuant KV cache ({self.source}): K{self.key_bits} ({self.key_mode}) "
+            f"TurboQuant KV cache ({self.source}): {keys} ({self.key_mode}) "
             f"V{self.value_bits}{values}, seed {self.seed}, head_dim {head_dim}: {record} bytes "
             f"per token per KV head (model dtype: {2 * head_dim * model_bytes_per_value}), "
             f"{layouts[0].compression_ratio(model_bytes_per_value):.2f}x"

@@ -3,11 +3,14 @@
 vLLM gives each layer a uint8 tensor [num_blocks, num_kv_heads, block_size, record_bytes]. One
 record, byte offsets from its start (all fields little-endian, no alignment needed):
 
-    0                      key norm, float16
+    0                      key norm, float16 (split keys: the regular channels' norm)
     2                      key residual norm, float16              (prod mode only)
+                           or the outlier channels' norm, float16  (split keys only)
     value_norm             value norm, float16 (value_mode "uniform": the value scale)
     value_zero             value zero point, float16               (value_mode "uniform" only)
-    key_indices            key indices, ceil(d * key_index_bits / 8) bytes, packed (packing.py)
+    key_indices            key indices, ceil(d * key_index_bits / 8) bytes, packed (packing.py);
+                           split keys: the d - n regular channels' indices at key_bits, then
+                           (key_outlier_indices) the n outlier channels' at key_outlier_bits
     key_signs              QJL sign bits of the key residual, ceil(d / 8) bytes (prod mode only)
     value_indices          value indices, ceil(d * value_bits / 8) bytes, packed
     size                   end of the used bytes; the record may be padded up to `padded_size`
@@ -16,6 +19,8 @@ record, byte offsets from its start (all fields little-endian, no alignment need
 Norms come first so that a kernel finds them at fixed offsets whatever the bit widths are.
 value_mode "uniform" (uniform.py: upstream vLLM's value format, for comparison) is read by the
 PyTorch path only; kernels check `RecordLayout.uniform_values` and must not read such records.
+Split keys (key_outliers > 0, outliers.py: n outlier channels per head at more bits) are read by
+the PyTorch path and the CPU dense path (C++ dequantize) only, likewise checked.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from tq_vllm.outliers import SplitCodes
 from tq_vllm.packing import packed_bytes
 from tq_vllm.quantizer import TurboCodes
 from tq_vllm.uniform import UniformCodes
@@ -39,10 +45,22 @@ class RecordLayout:
     value_bits: int
     padded_size: int = 0  # 0: no padding
     value_mode: str = "mse"  # "uniform": fp16 scale + zero point, no rotation (uniform.py)
+    key_outliers: int = 0  # n outlier channels per key (outliers.py); 0: plain keys
+    key_outlier_bits: int = 0  # their bits
 
     def __post_init__(self) -> None:
         if self.value_mode not in VALUE_MODES:
             raise ValueError(f"value_mode must be one of {VALUE_MODES}, got {self.value_mode!r}")
+        if self.split_keys and self.prod:
+            raise ValueError("outlier channels need key_mode 'mse' (prod keys cannot be split)")
+
+    @property
+    def split_keys(self) -> bool:
+        return self.key_outliers > 0
+
+    @property
+    def key_regular_channels(self) -> int:
+        return self.head_dim - self.key_outliers
 
     @property
     def uniform_values(self) -> bool:
@@ -65,8 +83,12 @@ class RecordLayout:
         return 2  # meaningful in prod mode only
 
     @property
+    def key_outlier_norm(self) -> int:
+        return 2  # meaningful with split keys only
+
+    @property
     def value_norm(self) -> int:
-        return 4 if self.prod else 2
+        return 4 if self.prod or self.split_keys else 2
 
     @property
     def value_zero(self) -> int:
@@ -77,8 +99,13 @@ class RecordLayout:
         return self.value_norm + (4 if self.uniform_values else 2)
 
     @property
+    def key_outlier_indices(self) -> int:
+        return self.key_indices + packed_bytes(self.key_regular_channels, self.key_index_bits)
+
+    @property
     def key_index_bytes(self) -> int:
-        return packed_bytes(self.head_dim, self.key_index_bits)
+        outliers = packed_bytes(self.key_outliers, self.key_outlier_bits)
+        return packed_bytes(self.key_regular_channels, self.key_index_bits) + outliers
 
     @property
     def key_signs(self) -> int:
@@ -127,11 +154,19 @@ def _get_fp16(records: torch.Tensor, offset: int) -> torch.Tensor:
 
 
 def encode_records(
-    layout: RecordLayout, key: TurboCodes, value: TurboCodes | UniformCodes
+    layout: RecordLayout, key: TurboCodes | SplitCodes, value: TurboCodes | UniformCodes
 ) -> torch.Tensor:
     """Key and value codes of the same leading shape [...] -> records uint8 [..., record_bytes]."""
-    out = torch.zeros(*key.shape, layout.record_bytes, dtype=torch.uint8, device=key.norms.device)
-    _put_fp16(out, layout.key_norm, key.norms)
+    device = value.indices.device
+    out = torch.zeros(*key.shape, layout.record_bytes, dtype=torch.uint8, device=device)
+    if layout.split_keys:
+        _put_fp16(out, layout.key_norm, key.regular.norms)
+        _put_fp16(out, layout.key_outlier_norm, key.outlier.norms)
+        out[..., layout.key_indices : layout.key_outlier_indices] = key.regular.indices
+        out[..., layout.key_outlier_indices : layout.key_signs] = key.outlier.indices
+    else:
+        _put_fp16(out, layout.key_norm, key.norms)
+        out[..., layout.key_indices : layout.key_signs] = key.indices
     if layout.prod:
         _put_fp16(out, layout.key_residual_norm, key.residual_norms)
         out[..., layout.key_signs : layout.value_indices] = key.signs
@@ -140,19 +175,31 @@ def encode_records(
         _put_fp16(out, layout.value_zero, value.zero)
     else:
         _put_fp16(out, layout.value_norm, value.norms)
-    out[..., layout.key_indices : layout.key_signs] = key.indices
     out[..., layout.value_indices : layout.size] = value.indices
     return out
 
 
 def decode_records(
     layout: RecordLayout, records: torch.Tensor
-) -> tuple[TurboCodes, TurboCodes | UniformCodes]:
+) -> tuple[TurboCodes | SplitCodes, TurboCodes | UniformCodes]:
     """records uint8 [..., >= size] -> (key codes, value codes)."""
-    key = TurboCodes(
-        indices=records[..., layout.key_indices : layout.key_signs],
-        norms=_get_fp16(records, layout.key_norm),
-    )
+    key: TurboCodes | SplitCodes
+    if layout.split_keys:
+        key = SplitCodes(
+            TurboCodes(
+                indices=records[..., layout.key_indices : layout.key_outlier_indices],
+                norms=_get_fp16(records, layout.key_norm),
+            ),
+            TurboCodes(
+                indices=records[..., layout.key_outlier_indices : layout.key_signs],
+                norms=_get_fp16(records, layout.key_outlier_norm),
+            ),
+        )
+    else:
+        key = TurboCodes(
+            indices=records[..., layout.key_indices : layout.key_signs],
+            norms=_get_fp16(records, layout.key_norm),
+        )
     if layout.prod:
         key.residual_norms = _get_fp16(records, layout.key_residual_norm)
         key.signs = records[..., layout.key_signs : layout.value_indices]

@@ -50,7 +50,21 @@ def settings_from(vllm_config: Any) -> Settings:
     model = vllm_config.model_config
     head_dim = model.get_head_size()
     num_layers = model.get_total_num_hidden_layers()
-    return Settings(config, head_dim, num_layers, tuple(config.layouts(head_dim, num_layers)))
+    settings = Settings(config, head_dim, num_layers, tuple(config.layouts(head_dim, num_layers)))
+    if config.key_outlier_bits:
+        _check_outlier_heads(config, model.get_total_num_kv_heads(), vllm_config)
+    return settings
+
+
+def _check_outlier_heads(config: TurboQuantConfig, num_kv_heads: int, vllm_config: Any) -> None:
+    heads = len(config.key_outlier_channels[0])
+    if heads != num_kv_heads:
+        raise ConfigError(
+            f"key_outlier_channels list {heads} KV heads per layer; the model has "
+            f"{num_kv_heads} (calibrate for this model)"
+        )
+    if vllm_config.parallel_config.tensor_parallel_size > 1:
+        raise ConfigError("outlier channels (key_outlier_bits) support tensor_parallel_size 1 only")
 
 
 def check_vllm_config(vllm_config: Any) -> Settings:
@@ -60,13 +74,17 @@ def check_vllm_config(vllm_config: Any) -> Settings:
         raise ConfigError("--kv-cache-dtype turboquant: " + "; ".join(reasons))
     settings = settings_from(vllm_config)
     uniform = [i for i, layout in enumerate(settings.layouts) if layout.uniform_values]
-    if uniform:
+    split = settings.layouts[0].split_keys  # outlier channels apply to every layer
+    if uniform or split:
         from vllm.platforms import current_platform
 
         if current_platform.is_cuda_alike():
             raise ConfigError(
                 f"value_mode 'uniform' (layers {uniform}) runs on the CPU (PyTorch) path only; "
                 "the CUDA kernels read Lloyd-Max value records: use value_mode 'mse'"
+                if uniform
+                else "outlier channels (key_outlier_bits) run on the CPU path only; the CUDA "
+                "kernels read plain keys: drop key_outlier_bits and key_outlier_channels"
             )
     model_bytes = vllm_config.model_config.dtype.itemsize
     logger.info("%s", settings.config.describe(settings.head_dim, settings.num_layers, model_bytes))

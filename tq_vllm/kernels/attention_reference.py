@@ -3,7 +3,7 @@ and the CPU serving path (same contracts).
 
 Layout conventions (vLLM's): query head h reads KV head h // (Hq // Hk); block_table[b, i] is
 the i-th block of sequence b; a sequence's token j sits at block_table[b, j // BS], offset
-j % BS. Attention runs in the rotated domain (codec.py) and is rotated back once per output.
+j % BS. Attention runs in the rotated domains (codec.py) and is rotated back once per output.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def context_attention_reference(
         q = query[lo:hi].transpose(0, 1)  # [Hq, L, d]
         if key is None:
             k, v = gather_context(kv_cache, block_table[b], total, codec)
-            o = _attend(codec.rotate(q), k, v, scale)
+            o = _attend(codec.rotate_queries(query[lo:hi]).transpose(0, 1), k, v, scale)
             out[lo:hi] = codec.unrotate(o).transpose(0, 1).to(out.dtype)
             continue
         k, v = key[lo:hi].transpose(0, 1), value[lo:hi].transpose(0, 1)
@@ -90,9 +90,9 @@ def context_attention_reference(
             out[lo:hi] = _attend(q, k, v, scale).transpose(0, 1).to(out.dtype)
             continue
         k_ctx, v_ctx = gather_context(kv_cache, block_table[b], context, codec)
-        k = torch.cat([k_ctx, codec.rotate(k)], dim=1)
+        k = torch.cat([k_ctx, codec.rotate_queries(key[lo:hi]).transpose(0, 1)], dim=1)
         v = torch.cat([v_ctx, codec.rotate(v)], dim=1)
-        o = _attend(codec.rotate(q), k, v, scale)
+        o = _attend(codec.rotate_queries(query[lo:hi]).transpose(0, 1), k, v, scale)
         out[lo:hi] = codec.unrotate(o).transpose(0, 1).to(out.dtype)
     return out
 
@@ -130,7 +130,7 @@ def decode_attention_reference(
             query.device
         )  # [n, S]
         v = v.masked_fill(~valid[:, None, :, None], 0.0)
-        q = codec.rotate(query[start:end]).view(n, hk, hq // hk, d)
+        q = codec.rotate_queries(query[start:end]).view(n, hk, hq // hk, d)
         scores = (q @ k.transpose(-1, -2)) * scale  # [n, Hk, G, S]
         scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
         o = torch.softmax(scores, dim=-1) @ v  # [n, Hk, G, d]

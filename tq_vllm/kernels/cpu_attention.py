@@ -102,10 +102,10 @@ def _check(
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
     codec: LayerCodec,
-    uniform_ok: bool = False,
+    any_layout: bool = False,
 ) -> None:
     check_tensor("query", query, 3, FLOAT_DTYPES)
-    check_records(kv_cache, codec, uniform_ok)
+    check_records(kv_cache, codec, any_layout)
     check_tensor("block_table", block_table, 2, INDEX_DTYPES)
     check_tensor("seq_lens", seq_lens, 1, INDEX_DTYPES)
     check_gqa(query, kv_cache, codec)
@@ -194,7 +194,7 @@ def context_attention(
     kv_cache): query [T, Hq, d] -> [T, Hq, d] in query's dtype, causal. A sequence with at
     least DENSE_ROWS new rows of a 16-bit query takes the dense path (its keys and values
     rounded to that dtype); the others run fused, in float32."""
-    _check(query, kv_cache, block_table, seq_lens, codec, uniform_ok=True)
+    _check(query, kv_cache, block_table, seq_lens, codec, any_layout=True)
     check_tensor("query_start_loc", query_start_loc, 1, INDEX_DTYPES)
     if query_start_loc.shape[0] != seq_lens.shape[0] + 1:
         raise ValueError(
@@ -203,12 +203,14 @@ def context_attention(
         )
     starts, lens = query_start_loc.tolist(), seq_lens.tolist()
     q_lens = [hi - lo for lo, hi in zip(starts, starts[1:])]
-    dense = [b for b, n in enumerate(q_lens) if n >= DENSE_ROWS and _dense_ok(query, codec)]
+    # Split keys have no fused kernel: every row of theirs takes the dense path.
+    least = 1 if codec.layout.split_keys else DENSE_ROWS
+    dense = [b for b, n in enumerate(q_lens) if n >= least and _dense_ok(query, codec)]
     fused = [b for b, n in enumerate(q_lens) if n and b not in dense]
     rows = max(1, CONTEXT_ROWS // (query.shape[1] // kv_cache.shape[1]))
 
     def fused_attention(q, table, q_starts, q_lens):
-        if codec.layout.uniform_values:  # no fused kernel reads uniform values
+        if codec.layout.uniform_values or codec.layout.split_keys:  # no fused kernel reads them
             return context_attention_reference(
                 q, None, None, kv_cache, table, q_starts, q_lens, codec, scale
             )
@@ -263,22 +265,35 @@ def _dense_attention(
         levels = torch.arange(1 << layout.value_bits, dtype=torch.float32)
     else:
         levels = codec.value.centroids.float().contiguous()
+    if layout.split_keys:  # the regular channels' centroids, then the outlier part's layout
+        key_centroids = codec.key.regular.centroids.float().contiguous()
+        outlier_centroids = codec.key.outlier.centroids.float().contiguous()
+        outliers = [
+            layout.key_outliers,
+            layout.key_outlier_bits,
+            layout.key_outlier_norm,
+            layout.key_outlier_indices,
+        ]
+    else:
+        key_centroids, outlier_centroids, outliers = codec.key.centroids.float(), None, []
     keys, values = [], []
     for b, length in zip(seqs, lens):
         k, v = torch.ops.tq_vllm_cpu.dequantize(
             kv_cache,
             block_table[b].to(torch.int32).contiguous(),
             length,
-            codec.key.centroids.float().contiguous(),
+            key_centroids.contiguous(),
             levels,
             _layout_fields(codec),
             layout.value_zero if layout.uniform_values else -1,
             codec.head_dim,
             query.dtype,
+            outlier_centroids,
+            outliers,
         )
         keys.append(k)
         values.append(v)
-    q = codec.rotate(query).to(query.dtype)
+    q = codec.rotate_queries(query).to(query.dtype)
     o = compat.dense_attention(q, keys, values, q_lens, scale)
     if o is None:
         o = torch.cat([_sdpa(qb, k, v, scale) for qb, k, v in zip(q.split(q_lens), keys, values)])

@@ -104,15 +104,19 @@ def _codec_device(codec: LayerCodec) -> torch.device:
     return device
 
 
-def check_records(kv_cache: object, codec: LayerCodec, uniform_ok: bool = False) -> None:
+def check_records(kv_cache: object, codec: LayerCodec, any_layout: bool = False) -> None:
     """kv_cache uint8 [num_blocks, num_kv_heads, block_size, record_bytes], contiguous, with
-    records a fused kernel (Triton or C++) can read; uniform_ok: the caller also reads
-    value_mode 'uniform' records (the CPU context path, which dequantizes them)."""
-    if codec.layout.uniform_values and not uniform_ok:
-        raise ValueError(
-            "value_mode 'uniform' records have no fused kernel (Triton or C++); use the "
-            "PyTorch reference path"
-        )
+    records a fused kernel (Triton or C++) can read; any_layout: the caller also reads
+    value_mode 'uniform' and split-key records (the CPU context path, which dequantizes them)."""
+    for unfused, what in (
+        (codec.layout.uniform_values, "value_mode 'uniform'"),
+        (codec.layout.split_keys, "split-key (outlier channel)"),
+    ):
+        if unfused and not any_layout:
+            raise ValueError(
+                f"{what} records have no fused kernel (Triton or C++); use the PyTorch "
+                "reference path or the CPU dense path"
+            )
     check_tensor("kv_cache", kv_cache, 4, (torch.uint8,))
     if not kv_cache.is_contiguous():
         raise ValueError("kv_cache must be contiguous [num_blocks, num_kv_heads, block_size, C]")

@@ -855,7 +855,9 @@ void store(const at::Tensor& key_in, const at::Tensor& value_in, at::Tensor kv_c
 // (oneDNN, AMX where the CPU has it), far faster per score than the fused float32 loop once
 // a chunk has more than a few rows. Lloyd-Max values are norm * c[idx] in float32; uniform
 // values (value_mode "uniform", unrotated) are zero + scale * idx, two roundings as in
-// uniform.py; either is then rounded once to the output dtype.
+// uniform.py; either is then rounded once to the output dtype. Split keys (outliers.py) are
+// two Lloyd-Max parts with their own norms and centroids, written side by side: the regular
+// channels first, then the outlier channels.
 
 // dst[:n] = scale * src[:n] (+ shift, where shifted) in T, rounded twice as uniform.py does
 // (no fused multiply-add).
@@ -886,13 +888,22 @@ TQ_NO_FMA void write_scaled<c10::BFloat16>(const float* src, float scale, float 
 }
 #endif
 
+// The outlier part of split keys: count channels at bits, the fp16 norm and packed indices at
+// these byte offsets of a record. count 0: plain keys.
+struct OutlierPart {
+  int count = 0, bits = 0, norm = 0, indices = 0;
+  const float* centroids = nullptr;
+};
+
 template <typename T>
 void dequantize_into(const uint8_t* cache, int64_t hk, int64_t block_size, int64_t record,
                      int64_t num_blocks, const int32_t* blocks, int64_t length, int d,
                      const Layout& L, int64_t value_zero, const float* kc, const float* vc,
-                     T* out) {
+                     const OutlierPart& O, T* out) {
   const int64_t nb = (length + block_size - 1) / block_size;
-  const RowDecoder decode_k(kc, L.key_bits, d), decode_v(vc, L.value_bits, d);
+  const int regular = d - O.count;
+  const RowDecoder decode_k(kc, L.key_bits, regular), decode_v(vc, L.value_bits, d);
+  const RowDecoder decode_o(O.count ? O.centroids : kc, O.count ? O.bits : 1, O.count);
   const bool uniform = value_zero >= 0;
   T* keys = out;
   T* values = out + hk * length * d;
@@ -907,7 +918,12 @@ void dequantize_into(const uint8_t* cache, int64_t hk, int64_t block_size, int64
       for (int64_t t = t0; t < t1; ++t, rec += record) {
         const int64_t at = (h * length + t) * d;
         decode_k(rec + L.key_indices, row.data());
-        write_scaled(row.data(), load_half(rec), 0.f, false, d, keys + at);
+        write_scaled(row.data(), load_half(rec), 0.f, false, regular, keys + at);
+        if (O.count) {
+          decode_o(rec + O.indices, row.data());
+          write_scaled(row.data(), load_half(rec + O.norm), 0.f, false, O.count,
+                       keys + at + regular);
+        }
         decode_v(rec + L.value_indices, row.data());
         const float zero = uniform ? load_half(rec + value_zero) : 0.f;
         write_scaled(row.data(), load_half(rec + L.value_norm), zero, uniform, d, values + at);
@@ -918,10 +934,14 @@ void dequantize_into(const uint8_t* cache, int64_t hk, int64_t block_size, int64
 
 // value_zero: byte offset of the uniform values' fp16 zero point (their scale sits at
 // layout's value_norm and value_centroids must be 0, 1, ..., 2^b - 1), or -1 for Lloyd-Max.
+// outliers: [] for plain keys, or [count, bits, norm offset, indices offset] of split keys'
+// outlier part (outlier_centroids its 2^bits centroids); key_centroids are then the regular
+// part's, whose head_dim - count indices sit at layout's key_indices.
 at::Tensor dequantize(const at::Tensor& kv_cache, const at::Tensor& blocks, int64_t length,
                       const at::Tensor& key_centroids, const at::Tensor& value_centroids,
                       at::IntArrayRef layout, int64_t value_zero, int64_t head_dim,
-                      at::ScalarType dtype) {
+                      at::ScalarType dtype, const std::optional<at::Tensor>& outlier_centroids,
+                      at::IntArrayRef outliers) {
   TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.scalar_type() == at::kByte &&
                   kv_cache.is_contiguous(),
               "kv_cache must be a contiguous uint8 [num_blocks, Hk, block_size, C] tensor");
@@ -944,11 +964,28 @@ at::Tensor dequantize(const at::Tensor& kv_cache, const at::Tensor& blocks, int6
                  static_cast<int>(layout[3]), static_cast<int>(layout[4]),
                  static_cast<int>(layout[5]), static_cast<int>(layout[6]), 0.f};
   const int d = static_cast<int>(head_dim);
+  OutlierPart O;
+  if (!outliers.empty()) {
+    TORCH_CHECK(outliers.size() == 4 && outliers[0] > 0 && outliers[0] < head_dim &&
+                    outliers[1] >= 1 && outliers[1] <= 8 && outliers[2] >= 0 &&
+                    outliers[2] + 2 <= kv_cache.size(3) && outliers[3] >= 0 &&
+                    outliers[3] + (outliers[0] * outliers[1] + 7) / 8 <= kv_cache.size(3),
+                "outliers must be [count, bits 1..8, norm offset, indices offset] inside the "
+                "record");
+    TORCH_CHECK(outlier_centroids.has_value() &&
+                    outlier_centroids->scalar_type() == at::kFloat &&
+                    outlier_centroids->is_contiguous() &&
+                    outlier_centroids->numel() >= (int64_t{1} << outliers[1]),
+                "split keys need contiguous float32 outlier_centroids with 2^bits entries");
+    O = OutlierPart{static_cast<int>(outliers[0]), static_cast<int>(outliers[1]),
+                    static_cast<int>(outliers[2]), static_cast<int>(outliers[3]),
+                    outlier_centroids->data_ptr<float>()};
+  }
   auto out = at::empty({2, hk, length, head_dim}, kv_cache.options().dtype(dtype));
   auto run = [&](auto* dst) {
     dequantize_into(kv_cache.data_ptr<uint8_t>(), hk, block_size, kv_cache.size(3),
                     kv_cache.size(0), blocks.data_ptr<int32_t>(), length, d, L, value_zero,
-                    key_centroids.data_ptr<float>(), value_centroids.data_ptr<float>(), dst);
+                    key_centroids.data_ptr<float>(), value_centroids.data_ptr<float>(), O, dst);
   };
   switch (dtype) {
     case at::kFloat: run(out.data_ptr<float>()); break;
@@ -972,8 +1009,8 @@ TORCH_LIBRARY(tq_vllm_cpu, m) {
       "Tensor value_centroids, Tensor value_boundaries, int[] layout) -> ()");
   m.def(
       "dequantize(Tensor kv_cache, Tensor blocks, int length, Tensor key_centroids, "
-      "Tensor value_centroids, int[] layout, int value_zero, int head_dim, ScalarType dtype) "
-      "-> Tensor");
+      "Tensor value_centroids, int[] layout, int value_zero, int head_dim, ScalarType dtype, "
+      "Tensor? outlier_centroids=None, int[] outliers=[]) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(tq_vllm_cpu, CPU, m) {
