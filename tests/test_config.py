@@ -115,3 +115,51 @@ def test_layer_override_beats_keep_layers():
     cfg = TurboQuantConfig(keep_first_layers=2, layers={0: {"key_bits": 2}})
     assert cfg.layer_bits(0, 30).key_bits == 2
     assert cfg.layer_bits(1, 30).key_bits == cfg.keep_key_bits
+
+
+def outlier_channels(layers=30, heads=3, count=16):
+    return [[list(range(h, h + count)) for h in range(heads)] for _ in range(layers)]
+
+
+@pytest.mark.parametrize(
+    "inline,message",
+    [
+        ({"key_outlier_bits": 4}, "needs key_outlier_channels"),
+        ({"key_outlier_channels": outlier_channels()}, "key_outlier_bits is 0"),
+        ({"key_outlier_bits": 9, "key_outlier_channels": outlier_channels()}, "key_outlier_bits"),
+        ({"key_outlier_bits": 4, "key_outlier_channels": [[[1, 2], [3]]]}, "all of one length"),
+        ({"key_outlier_bits": 4, "key_outlier_channels": [[1, 2]]}, "per KV head"),
+        ({"key_outlier_bits": 4, "key_outlier_channels": "0-15"}, "key_outlier_channels"),
+    ],
+)
+def test_malformed_outlier_configs(inline, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config({"turboquant": inline})
+
+
+@pytest.mark.parametrize(
+    "channels,extra,message",
+    [
+        (outlier_channels(layers=24), {}, "lists 24 layers; the model has 30"),
+        (outlier_channels(count=8), {}, "at least 16"),
+        ([[[60 + i for i in range(16)]] * 3] * 30, {}, r"0\.\.63"),
+        ([[[0] * 16] * 3] * 30, {}, "same outlier channel twice"),
+        (outlier_channels(), {"key_mode": "prod"}, "key_mode 'mse'"),
+        (outlier_channels(), {"layers": {3: {"key_mode": "prod"}}}, "layer 3: outlier"),
+    ],
+)
+def test_outlier_configs_refused_for_the_model(channels, extra, message):
+    cfg = TurboQuantConfig(key_outlier_bits=4, key_outlier_channels=channels, **extra)
+    with pytest.raises(ConfigError, match=message):
+        cfg.layouts(64, 30)
+
+
+def test_outlier_config_layouts_and_description():
+    cfg = TurboQuantConfig(
+        key_bits=2, value_bits=3, key_outlier_bits=4, key_outlier_channels=outlier_channels()
+    )
+    layouts = cfg.layouts(64, 30)
+    assert all((lay.key_outliers, lay.key_outlier_bits, lay.size) == (16, 4, 50) for lay in layouts)
+    assert cfg.outlier_channels(2).tolist() == outlier_channels()[2]
+    assert "K2 + 16 outlier channels at 4 bits = K2.5" in cfg.describe(64, 30)
+    assert TurboQuantConfig().outlier_channels(0) is None

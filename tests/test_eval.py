@@ -14,18 +14,13 @@ from test_attention_reference import dense, dequantized, make_batch
 from tq_vllm.codec import LayerCodec
 from tq_vllm.config import ConfigError, load_config
 from tq_vllm.eval import all_configs, bytes_per_token, layer_layouts
-from tq_vllm.fidelity import (
-    Capture,
-    OutlierSplit,
-    config_fidelity,
-    outlier_channels,
-    score_fidelity,
-)
+from tq_vllm.fidelity import Capture, config_fidelity, outlier_channels, score_fidelity
 from tq_vllm.kernels.attention_reference import (
     context_attention_reference,
     decode_attention_reference,
 )
 from tq_vllm.layout import RecordLayout, decode_records, encode_records
+from tq_vllm.outliers import SplitKeyQuantizer
 from tq_vllm.uniform import UniformQuantizer
 
 
@@ -184,26 +179,31 @@ def test_outlier_channels_and_split_estimate():
     big = torch.randperm(64, generator=gen)[:16]
     scale = torch.ones(64)
     scale[big] = 10.0
-    keys = torch.randn(2, 256, 64, generator=gen) * scale
-    channels = outlier_channels(Capture([keys], [keys]), 16)
+    keys = torch.randn(256, 2, 64, generator=gen) * scale
+    channels = outlier_channels(Capture([keys.transpose(0, 1)], [keys.transpose(0, 1)]), 16)
     assert channels[0].shape == (2, 16)
     assert all(set(channels[0][h].tolist()) == set(big.tolist()) for h in range(2))
-    calibrated = OutlierSplit(channels, bits=4).estimate(0, keys, regular_bits=2, seed=0)
-    shuffled = [torch.stack([torch.randperm(64, generator=gen)[:16] for _ in range(2)])]
-    random_split = OutlierSplit(shuffled, bits=4).estimate(0, keys, regular_bits=2, seed=0)
-    error = lambda est: float(((est - keys) ** 2).sum() / (keys**2).sum())  # noqa: E731
-    assert error(calibrated) < 0.5 * error(random_split)
+    shuffled = torch.stack([torch.randperm(64, generator=gen)[:16] for _ in range(2)])
+    errors = []
+    for chosen in (channels[0], shuffled):
+        split = SplitKeyQuantizer(64, 2, 4, chosen)
+        errors.append(float(((split.dequantize(split.quantize(keys)) - keys) ** 2).sum()))
+    assert errors[0] < 0.5 * errors[1]
 
 
-def test_outlier_configs_bytes_and_no_engine_run():
+def test_outlier_configs_bytes():
     configs = all_configs()
     split, plain = configs["k2.5v3-outliers"], configs["k3v3"]
-    assert split.outlier_bits == 4
-    layouts = layer_layouts(split, 64, 30)
+    assert split.calibrated and not plain.calibrated
+    with pytest.raises(ConfigError, match="needs key_outlier_channels"):
+        layer_layouts(split, 64, 30)
+    gen = torch.Generator().manual_seed(0)
+    channels = [[torch.randperm(64, generator=gen)[:16].tolist() for _ in range(3)]] * 30
+    layouts = layer_layouts(split, 64, 30, channels)
+    assert all(lay.split_keys and lay.key_outlier_bits == 4 for lay in layouts)
     # per record: 16 indices at 4 bits (8 B) + 48 at 2 (12 B) + a second norm (2 B), against
     # 64 at 3 bits (24 B): 2 bytes less than K3 V3 per head and layer
-    assert bytes_per_token(layouts, 64, 3, 4) == bytes_per_token(layouts, 64, 3) + 3 * 30 * 6
     assert (
-        bytes_per_token(layouts, 64, 3, 4)
+        bytes_per_token(layouts, 64, 3)
         == bytes_per_token(layer_layouts(plain, 64, 30), 64, 3) - 3 * 30 * 2
     )

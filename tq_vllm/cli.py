@@ -119,9 +119,10 @@ def main(argv: list[str] | None = None) -> int:
     from tq_vllm import eval as quality
 
     quality.add_parser(sub)
-    from tq_vllm import bench_serving
+    from tq_vllm import bench_serving, calibrate
 
     bench_serving.add_parser(sub)
+    calibrate.add_parser(sub)
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:
         return serve(argv[1:])
@@ -130,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         args.argv = argv[1:]
         return quality.evaluate(args)
     commands = {"demo": demo, "model": convert_model, "capacity": capacity}
-    return {**commands, "bench": bench_serving.bench}[args.command](args)
+    commands.update(bench=bench_serving.bench, calibrate=calibrate.calibrate)
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

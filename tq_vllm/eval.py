@@ -27,8 +27,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tq_vllm.packing import packed_bytes
-
 WINDOW = 2048  # tokens per perplexity window
 CHUNK = 128  # max_num_batched_tokens: the largest prefill chunk
 MAX_MODEL_LEN = 8192
@@ -51,10 +49,11 @@ class EvalConfig:
     turboquant: dict[str, Any] | None = None  # additional_config["turboquant"]
     skip_layers: tuple[int, ...] = ()  # layers vLLM keeps in bf16 (--kv-cache-dtype-skip-layers)
     upstream: bool = False  # an emulation of upstream vLLM's presets
-    # Outlier channels (the paper's fractional rates): a quarter of each head's key channels,
-    # chosen on calibration text, at this many bits; the rest at key_bits. Attention fidelity
-    # and bytes only: no record layout or kernel stores it, so no engine runs it.
-    outlier_bits: int | None = None
+
+    @property
+    def calibrated(self) -> bool:
+        """Outlier channels: the run needs key_outlier_channels chosen on calibration text."""
+        return bool((self.turboquant or {}).get("key_outlier_bits"))
 
 
 def _tq(kb: int, vb: int, key_mode: str = "mse", value_mode: str = "mse", **extra: Any) -> dict:
@@ -114,9 +113,8 @@ def all_configs(num_layers: int = 30) -> dict[str, EvalConfig]:
         EvalConfig(
             f"k{kb}.5v{vb}-outliers",
             f"K{kb}.5: 1/4 of key channels (calibrated outliers) at {kb + 2} bits, the rest at "
-            f"{kb}; V{vb} mse. Fidelity and bytes only (not servable)",
-            turboquant=_tq(kb, vb),
-            outlier_bits=kb + 2,
+            f"{kb}; V{vb} mse",
+            turboquant=_tq(kb, vb, key_outlier_bits=kb + 2),
         )
         for kb, vb in ((2, 2), (2, 3), (3, 3), (3, 4))
     ]
@@ -177,14 +175,14 @@ def passkey_prompts(tokenizer: Any, lengths: tuple[int, ...], trials: int) -> li
 
 
 # -- one config, in its own process ------------------------------------------------------------
-def engine(config: EvalConfig, chunk: int) -> Any:
+def engine(config: EvalConfig, chunk: int, channels: list | None = None) -> Any:
     from vllm import LLM
 
     from tq_vllm.model import ensure_default_model
 
     kwargs: dict[str, Any] = {}
     if config.turboquant is not None:
-        kwargs["additional_config"] = {"turboquant": config.turboquant}
+        kwargs["additional_config"] = {"turboquant": turboquant_fields(config, channels)}
     if config.skip_layers:
         kwargs["kv_cache_dtype_skip_layers"] = [str(i) for i in config.skip_layers]
     return LLM(
@@ -200,6 +198,13 @@ def engine(config: EvalConfig, chunk: int) -> Any:
         seed=0,
         **kwargs,
     )
+
+
+def turboquant_fields(config: EvalConfig, channels: list | None) -> dict[str, Any]:
+    """The config's additional_config["turboquant"], with its calibrated outlier channels."""
+    if config.calibrated:
+        return {**config.turboquant, "key_outlier_channels": channels}
+    return dict(config.turboquant or {})
 
 
 def measure_ppl(llm: Any, tokens: int) -> dict:
@@ -244,7 +249,7 @@ def measure_retrieval(llm: Any, trials: int, lengths: tuple[int, ...]) -> dict:
 
 def _worker(argv: list[str]) -> int:
     spec = json.loads(argv[0])
-    llm = engine(all_configs()[spec["config"]], spec["chunk"])
+    llm = engine(all_configs()[spec["config"]], spec["chunk"], spec.get("channels"))
     result = {}
     if "ppl" in spec["tasks"]:
         result.update(measure_ppl(llm, spec["tokens"]))
@@ -279,34 +284,23 @@ def run_in_subprocess(spec: dict, log: Path) -> dict:
 
 
 # -- bytes, fidelity, selection, report -----------------------------------------------------------
-def layer_layouts(config: EvalConfig, head_dim: int, num_layers: int) -> list:
+def layer_layouts(
+    config: EvalConfig, head_dim: int, num_layers: int, channels: list | None = None
+) -> list:
     """Each layer's record layout; None where the layer keeps bf16."""
     if config.kv_cache_dtype != "turboquant":
         return [None] * num_layers
     from tq_vllm.config import load_config
 
-    layouts = load_config({"turboquant": config.turboquant}).layouts(head_dim, num_layers)
+    fields = turboquant_fields(config, channels)
+    layouts = load_config({"turboquant": fields}).layouts(head_dim, num_layers)
     return [None if i in config.skip_layers else lay for i, lay in enumerate(layouts)]
 
 
-def bytes_per_token(
-    layouts: list, head_dim: int, num_kv_heads: int, outlier_bits: int | None = None
-) -> int:
-    """K and V bytes one token occupies across all layers, padding included. With outlier
-    channels, a record would hold the two key parts' indices and a second key norm."""
+def bytes_per_token(layouts: list, head_dim: int, num_kv_heads: int) -> int:
+    """K and V bytes one token occupies across all layers, padding included."""
     bf16 = 2 * head_dim * 2
-    total = sum(bf16 if lay is None else lay.record_bytes for lay in layouts)
-    if outlier_bits is not None:
-        n = outlier_count(head_dim)
-        split = packed_bytes(n, outlier_bits) + 2
-        for lay in layouts:
-            split_keys = split + packed_bytes(head_dim - n, lay.key_bits)
-            total += split_keys - lay.key_index_bytes
-    return num_kv_heads * total
-
-
-def outlier_count(head_dim: int) -> int:
-    return head_dim // 4
+    return num_kv_heads * sum(bf16 if lay is None else lay.record_bytes for lay in layouts)
 
 
 @dataclass
@@ -439,7 +433,8 @@ def evaluate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
     from transformers import AutoConfig, AutoTokenizer
 
-    from tq_vllm.fidelity import OutlierSplit, capture, config_fidelity, outlier_channels
+    from tq_vllm.calibrate import calibrate_channels, calibration_ids
+    from tq_vllm.fidelity import capture, config_fidelity
     from tq_vllm.model import ensure_default_model
 
     # SIGTERM unwinds like Ctrl-C, so that the running engine process is killed with us.
@@ -462,22 +457,30 @@ def evaluate(args: argparse.Namespace) -> int:
     head_dim = hf.hidden_size // hf.num_attention_heads
     num_layers, num_kv_heads = hf.num_hidden_layers, hf.num_key_value_heads
 
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    args.fidelity_tokens = 512 if args.quick else FIDELITY_TOKENS
+    channels = None  # outlier channels, chosen on the text just before the fidelity text
+    if any(configs[n].calibrated for n in names):
+        ids = calibration_ids(tokenizer, args.fidelity_tokens)
+        channels = calibrate_channels(model, ids, head_dim // 4)
+
     ppl = dict(tasks=["ppl"], tokens=tokens, chunk=args.chunk)
     retrieval = dict(tasks=["retrieval"], trials=trials, lengths=list(lengths))
     picked = args.retrieval_configs
-    served = [n for n in names if configs[n].outlier_bits is None]
-    with_retrieval = [n for n in served if picked is None or n == "bf16" or n in picked]
+    with_retrieval = [n for n in names if picked is None or n == "bf16" or n in picked]
     if args.retrieval_chunk == args.chunk:  # one engine measures both
         both = {**ppl, **retrieval, "tasks": ["ppl", "retrieval"]}
-        runs_todo = [(n, both if n in with_retrieval else ppl) for n in served]
+        runs_todo = [(n, both if n in with_retrieval else ppl) for n in names]
     else:  # perplexity of every config first, then the (slower) passkey runs
-        runs_todo = [(n, ppl) for n in served]
+        runs_todo = [(n, ppl) for n in names]
         runs_todo += [(n, {**retrieval, "chunk": args.retrieval_chunk}) for n in with_retrieval]
     results: dict[str, dict] = {name: {"retrieval": {}} for name in names}
     bar = tqdm(runs_todo, desc="tq-vllm eval", unit="run")
     deadline = time.time() + 60 * args.time_budget if args.time_budget is not None else None
     for name, spec in bar:
         spec = dict(config=name, **spec)
+        if configs[name].calibrated:
+            spec["channels"] = channels
         label = f"{name}.{'+'.join(spec['tasks'])}"
         bar.set_postfix_str(label)
         cached = runs / f"{label}.json"
@@ -493,27 +496,20 @@ def evaluate(args: argparse.Namespace) -> int:
         results[name].update(result)
 
     bar = tqdm(total=len(names) + 1, desc="attention fidelity", unit="step")
-    tokenizer = AutoTokenizer.from_pretrained(model)
-    args.fidelity_tokens = 512 if args.quick else FIDELITY_TOKENS
     ids = text_ids(tokenizer)  # the end: text the perplexity windows never read
     cap = capture(model, ids[-args.fidelity_tokens :])
-    channels = None  # outlier channels, chosen on the text just before the fidelity text
-    if any(configs[n].outlier_bits is not None for n in names):
-        calibration = capture(model, ids[-2 * args.fidelity_tokens : -args.fidelity_tokens])
-        channels = outlier_channels(calibration, outlier_count(head_dim))
     bar.update()
     rows = []
     for name in names:
         config, res = configs[name], results[name]
-        layouts = layer_layouts(config, head_dim, num_layers)
-        split = None if config.outlier_bits is None else OutlierSplit(channels, config.outlier_bits)
-        per_layer = config_fidelity(cap, layouts, seed=0, outliers=split)
+        layouts = layer_layouts(config, head_dim, num_layers, channels)
+        per_layer = config_fidelity(cap, layouts, seed=0, channels=channels)
         bar.update()
         worst = min(range(num_layers), key=lambda i: per_layer[i].cosine)
         rows.append(
             Row(
                 config,
-                bytes_per_token(layouts, head_dim, num_kv_heads, config.outlier_bits),
+                bytes_per_token(layouts, head_dim, num_kv_heads),
                 res.get("kv_tokens"),
                 res.get("ppl"),
                 res.get("ppl_tokens"),

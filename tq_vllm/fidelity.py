@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tq_vllm.layout import RecordLayout
+from tq_vllm.outliers import SplitKeyQuantizer
 from tq_vllm.quantizer import TurboQuantizer
 
 
@@ -68,31 +69,6 @@ def outlier_channels(cap: Capture, count: int) -> list[torch.Tensor]:
     return [(k**2).mean(dim=1).topk(count, dim=-1).indices for k in cap.keys]
 
 
-@dataclass
-class OutlierSplit:
-    """The paper's outlier treatment for fractional rates: per KV head a fixed set of channels
-    (chosen on calibration text) is quantized by its own TurboQuantizer at more bits, the other
-    channels by another; each part has its own rotation and norm."""
-
-    channels: list[torch.Tensor]  # per layer [Hk, count], outlier_channels()
-    bits: int  # for the outlier channels; the rest use the layout's key bits
-
-    def estimate(
-        self, layer: int, keys: torch.Tensor, regular_bits: int, seed: int
-    ) -> torch.Tensor:
-        """keys [Hk, L, d] -> their reconstruction, float32."""
-        d, chosen = keys.shape[-1], self.channels[layer]
-        outlier = _quantizer(chosen.shape[1], self.bits, "mse", seed)
-        regular = _quantizer(d - chosen.shape[1], regular_bits, "mse", seed)
-        out = torch.empty_like(keys)
-        for h in range(keys.shape[0]):
-            mask = torch.zeros(d, dtype=torch.bool)
-            mask[chosen[h]] = True
-            for part, q in ((mask, outlier), (~mask, regular)):
-                out[h][:, part] = q.dequantize(q.quantize(keys[h][:, part], check=False)).float()
-        return out
-
-
 @functools.cache
 def _quantizer(head_dim: int, bits: int, mode: str, seed: int) -> TurboQuantizer:
     return TurboQuantizer(head_dim, bits, mode, seed)
@@ -123,9 +99,10 @@ def config_fidelity(
     layouts: list[RecordLayout | None],
     seed: int,
     num_queries: int = 128,
-    outliers: OutlierSplit | None = None,
+    channels: list | None = None,
 ) -> list[LayerFidelity]:
-    """Per-layer fidelity; layouts[i] None: layer i keeps exact keys (bf16 / skipped layers).
+    """Per-layer fidelity; layouts[i] None: layer i keeps exact keys (bf16 / skipped layers);
+    channels[i]: layer i's outlier channels [Hk][n], for layouts with split keys.
     Queries are sampled evenly from the second half of the sequence (long prefixes)."""
     length = cap.keys[0].shape[1]
     rows = torch.linspace(length // 2, length - 1, num_queries).long().unique()
@@ -134,8 +111,13 @@ def config_fidelity(
         if layout is None:
             out.append(LayerFidelity(1.0, 1.0, 1.0))
             continue
-        if outliers is not None:
-            k_hat = outliers.estimate(layer, cap.keys[layer], layout.key_bits, seed)
+        if layout.split_keys:
+            chosen = torch.tensor(channels[layer])
+            key = SplitKeyQuantizer(
+                layout.head_dim, layout.key_bits, layout.key_outlier_bits, chosen, seed
+            )
+            keys = cap.keys[layer].transpose(0, 1)  # [L, Hk, d]: heads next to channels
+            k_hat = key.dequantize(key.quantize(keys)).transpose(0, 1)
         else:
             key = _quantizer(layout.head_dim, layout.key_bits, layout.key_mode, seed)
             k_hat = key.dequantize(key.quantize(cap.keys[layer], check=False)).float()
