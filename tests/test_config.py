@@ -163,3 +163,27 @@ def test_outlier_config_layouts_and_description():
     assert cfg.outlier_channels(2).tolist() == outlier_channels()[2]
     assert "K2 + 16 outlier channels at 4 bits = K2.5" in cfg.describe(64, 30)
     assert TurboQuantConfig().outlier_channels(0) is None
+
+
+def test_outlier_channels_skip_layers_kept_at_more_bits():
+    """keep_first_layers at 8-bit keys: those layers keep plain keys rather than lose their
+    strongest channels to 4 bits."""
+    cfg = TurboQuantConfig(
+        key_bits=2, keep_first_layers=1, key_outlier_bits=4, key_outlier_channels=outlier_channels()
+    )
+    layouts = cfg.layouts(64, 30)
+    assert not layouts[0].split_keys and all(lay.split_keys for lay in layouts[1:])
+
+
+@pytest.mark.parametrize(
+    "channels",
+    [
+        [[[0.5 + i for i in range(16)]] * 3] * 30,  # floats are not channel indices
+        [[[True] * 16] * 3] * 30,
+        [[list(range(16)), list(range(17))]] * 30,  # one head with more channels
+        [[list(range(16))] * 3, [list(range(16))] * 2],  # a layer with fewer heads
+    ],
+)
+def test_outlier_channel_lists_must_be_integer_and_regular(channels):
+    with pytest.raises(ConfigError, match="channel-index lists of integers, all of one length"):
+        TurboQuantConfig(key_outlier_bits=4, key_outlier_channels=channels)

@@ -179,7 +179,7 @@ def test_dequantize_split_keys_matches_reference(
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("d,bits,outlier_bits,n,value_bits,block_size,hq,hk", CASES[:3])
+@pytest.mark.parametrize("d,bits,outlier_bits,n,value_bits,block_size,hq,hk", CASES[:4])
 def test_ops_serve_split_keys_on_cpu(
     d, bits, outlier_bits, n, value_bits, block_size, hq, hk, dtype
 ):

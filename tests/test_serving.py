@@ -176,6 +176,15 @@ def test_capacity_k3v3_at_least_4_5x_bf16():
         ({"turboquant": {"kee_bits": 3}}, "'kee_bits'"),
         ({"turboquant": {"config": "/nonexistent.yaml"}}, "/nonexistent.yaml"),
         ({"turboquant": {"layers": {"99": {"key_bits": 2}}}}, r"layers\[99\]"),
+        (  # outlier channels calibrated for a model with 2 KV heads (this one has 3)
+            {
+                "turboquant": {
+                    "key_outlier_bits": 4,
+                    "key_outlier_channels": [[list(range(16))] * 2] * 30,
+                }
+            },
+            "list 2 KV heads per layer; the model has 3",
+        ),
     ],
 )
 def test_bad_config_refused_at_startup(extra, field):

@@ -189,8 +189,9 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         if codec is None:
             index = compat.layer_index(name)
             config = self.settings.config
-            channels = config.outlier_channels(index)
-            codec = LayerCodec(self.settings.layouts[index], config.seed, device, channels)
+            layout = self.settings.layouts[index]
+            channels = config.outlier_channels(index) if layout.split_keys else None
+            codec = LayerCodec(layout, config.seed, device, channels)
             self._codecs[(name, device)] = codec
             if len(self._codecs) == 1:
                 logger.info(

@@ -68,7 +68,7 @@ def calibrate(args: argparse.Namespace) -> int:
     channels = calibrate_channels(model, ids, count)
     config = TurboQuantConfig(**fields, key_outlier_channels=channels, source=args.out)
     num_layers = len(channels)
-    rate = (args.key_bits * (head_dim - count) + args.outlier_bits * count) / head_dim
+    rate = config.layouts(head_dim, num_layers)[0].key_rate
     about = (
         f"Keys K{rate:g}: per layer and KV head, {count} of {head_dim} key channels (the "
         f"largest mean square)\nat {args.outlier_bits} bits, the rest at {args.key_bits}; "

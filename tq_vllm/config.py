@@ -125,10 +125,15 @@ class TurboQuantConfig:
         self._check_outliers()
 
     def _check_outliers(self) -> None:
-        bits, channels = self.key_outlier_bits, self.key_outlier_channels
+        bits, channels = self.key_outlier_bits, self.key_outlier_channels or ()
+        if not isinstance(channels, Sequence) or isinstance(channels, str):
+            raise ConfigError("key_outlier_channels must be a list (per layer)")
         if bits == 0:
             if channels:
-                raise ConfigError("key_outlier_channels are given but key_outlier_bits is 0")
+                raise ConfigError(
+                    "key_outlier_channels are given but key_outlier_bits is 0 (to turn outlier "
+                    "channels off, set key_outlier_channels: [] too)"
+                )
             return
         _check_bits_field(bits, "key_outlier_bits")
         if not channels:
@@ -136,18 +141,23 @@ class TurboQuantConfig:
                 "key_outlier_bits needs key_outlier_channels (per layer, per KV head; "
                 "`tq-vllm calibrate` writes them)"
             )
-        try:
-            shape = tuple(torch.tensor(channels, dtype=torch.int64).shape)
-        except (TypeError, ValueError, RuntimeError):
-            shape = ()
-        if len(shape) != 3:
-            raise ConfigError(
-                "key_outlier_channels must be a list (per layer) of lists (per KV head) of "
-                "channel-index lists, all of one length"
-            )
+        shape_error = ConfigError(
+            "key_outlier_channels must be a list (per layer) of lists (per KV head) of "
+            "channel-index lists of integers, all of one length"
+        )
+        if not all(isinstance(heads, Sequence) and heads for heads in channels):
+            raise shape_error
+        lists = [chosen for heads in channels for chosen in heads]
+        if not all(isinstance(chosen, Sequence) for chosen in lists):
+            raise shape_error
+        if len({len(heads) for heads in channels}) != 1 or len(set(map(len, lists))) != 1:
+            raise shape_error
+        if not all(isinstance(c, int) and not isinstance(c, bool) for x in lists for c in x):
+            raise shape_error
 
     def outlier_channels(self, layer: int) -> torch.Tensor | None:
-        """Layer `layer`'s outlier channels, int64 [Hk, n]; None without outlier channels."""
+        """Layer `layer`'s outlier channels, int64 [Hk, n] (used where its layout splits keys);
+        None without outlier channels."""
         if not self.key_outlier_bits:
             return None
         return torch.tensor(self.key_outlier_channels[layer], dtype=torch.int64)
@@ -162,12 +172,15 @@ class TurboQuantConfig:
                 bits = replace(bits, **override)
         if bits.key_mode == "prod" and bits.key_bits < 2:
             raise ConfigError(f"layer {layer}: key_bits must be >= 2 with key_mode 'prod'")
-        if self.key_outlier_bits and bits.key_mode != "mse":
+        bits = self._with_outliers(bits)
+        if bits.key_outliers and bits.key_mode != "mse":
             raise ConfigError(f"layer {layer}: outlier channels need key_mode 'mse'")
-        return self._with_outliers(bits)
+        return bits
 
     def _with_outliers(self, bits: LayerBits) -> LayerBits:
-        if not self.key_outlier_bits:
+        """Outlier channels for a layer whose keys have fewer bits than key_outlier_bits;
+        layers kept at that precision or more (keep_*, layers) keep plain keys."""
+        if not self.key_outlier_bits or bits.key_bits >= self.key_outlier_bits:
             return bits
         count = len(self.key_outlier_channels[0][0])
         return replace(bits, key_outliers=count, key_outlier_bits=self.key_outlier_bits)
@@ -215,9 +228,8 @@ class TurboQuantConfig:
         base_layout = base.layout(head_dim)
         values = " (uniform)" if base_layout.uniform_values else ""
         keys = f"K{self.key_bits}"
-        if self.key_outlier_bits:
-            n = base_layout.key_outliers
-            rate = (self.key_bits * (head_dim - n) + self.key_outlier_bits * n) / head_dim
+        if base_layout.split_keys:
+            n, rate = base_layout.key_outliers, base_layout.key_rate
             keys += f" + {n} outlier channels at {self.key_outlier_bits} bits = K{rate:g}"
         text = (
             f"TurboQuant KV cache ({self.source}): {keys} ({self.key_mode}) "

@@ -79,7 +79,7 @@ def all_configs(num_layers: int = 30) -> dict[str, EvalConfig]:
     ]
     configs += [
         EvalConfig(f"k{kb}v{vb}", f"K{kb} V{vb} mse", turboquant=_tq(kb, vb))
-        for kb, vb in ((5, 3), (5, 4), (6, 3), (6, 4), (8, 4))
+        for kb, vb in ((5, 3), (5, 4), (6, 3), (6, 4), (6, 5), (7, 4), (8, 4))
     ]
     configs += [
         EvalConfig(
@@ -116,7 +116,7 @@ def all_configs(num_layers: int = 30) -> dict[str, EvalConfig]:
             f"{kb}; V{vb} mse",
             turboquant=_tq(kb, vb, key_outlier_bits=kb + 2),
         )
-        for kb, vb in ((2, 2), (2, 3), (3, 3), (3, 4))
+        for kb, vb in ((2, 2), (2, 3), (3, 3), (3, 4), (5, 4))
     ]
     return {c.name: c for c in configs}
 
@@ -325,11 +325,13 @@ class Row:
 
 def choose_default(rows: list[Row], base: Row, bound: float) -> Row | None:
     """Highest capacity with perplexity within `bound` of bf16 and no retrieval loss (configs
-    whose retrieval was not measured do not qualify)."""
+    whose retrieval was not measured do not qualify, nor do calibrated ones: their outlier
+    channels belong to this model, the default serves any)."""
     ok = [
         r
         for r in rows
         if r.config.kv_cache_dtype == "turboquant"
+        and not r.config.calibrated
         and r.ppl is not None
         and r.ppl <= base.ppl * (1 + bound)
         and r.retrieval

@@ -63,6 +63,12 @@ class RecordLayout:
         return self.head_dim - self.key_outliers
 
     @property
+    def key_rate(self) -> float:
+        """Key bits per coordinate, outlier channels included (norms not)."""
+        outliers = self.key_outliers * self.key_outlier_bits
+        return (self.key_regular_channels * self.key_bits + outliers) / self.head_dim
+
+    @property
     def uniform_values(self) -> bool:
         return self.value_mode == "uniform"
 

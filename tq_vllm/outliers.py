@@ -82,7 +82,8 @@ class SplitKeyQuantizer:
         float32."""
         hk, d = self.rotation.shape[0], self.head_dim
         grouped = x.float().reshape(*x.shape[:-2], hk, x.shape[-2] // hk, d)
-        return torch.einsum("...hgd,hed->...hge", grouped, self.rotation).reshape(x.shape)
+        rotated = torch.einsum("...hgd,hed->...hge", grouped, self.rotation)
+        return rotated.reshape(x.shape).contiguous()  # einsum may leave heads strided
 
     def quantize(self, x: torch.Tensor) -> SplitCodes:
         """Codes for keys x [..., Hk, d]. A key with a NaN or inf coordinate gets zero norms in

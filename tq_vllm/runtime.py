@@ -74,7 +74,7 @@ def check_vllm_config(vllm_config: Any) -> Settings:
         raise ConfigError("--kv-cache-dtype turboquant: " + "; ".join(reasons))
     settings = settings_from(vllm_config)
     uniform = [i for i, layout in enumerate(settings.layouts) if layout.uniform_values]
-    split = settings.layouts[0].split_keys  # outlier channels apply to every layer
+    split = any(layout.split_keys for layout in settings.layouts)
     if uniform or split:
         from vllm.platforms import current_platform
 

@@ -293,7 +293,7 @@ def _dense_attention(
         )
         keys.append(k)
         values.append(v)
-    q = codec.rotate_queries(query).to(query.dtype)
+    q = codec.rotate_queries(query).to(query.dtype).contiguous()
     o = compat.dense_attention(q, keys, values, q_lens, scale)
     if o is None:
         o = torch.cat([_sdpa(qb, k, v, scale) for qb, k, v in zip(q.split(q_lens), keys, values)])
