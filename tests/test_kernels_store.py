@@ -164,7 +164,9 @@ def test_store_argument_errors():
     with pytest.raises(ValueError, match="key"):
         store_kv(k[0], k, cache, slots, codec)
     uniform = LayerCodec(RecordLayout(64, 3, "mse", 3, value_mode="uniform"), seed=0)
-    with pytest.raises(ValueError, match="value_mode 'uniform' records have no fused kernel"):
+    with pytest.raises(
+        ValueError, match="value_mode 'uniform' records cannot be read by this kernel"
+    ):
         store_kv(k, k, cache.new_zeros(2, 1, 16, uniform.layout.record_bytes), slots, uniform)
     with pytest.raises(ValueError, match="head_dim 96 not supported by the Triton kernels"):
         codec96 = LayerCodec(RecordLayout(96, 3, "mse", 3), seed=0)

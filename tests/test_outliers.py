@@ -1,14 +1,15 @@
 """Split keys (outlier channels): the math, the record, and every CPU path that reads them.
 
 Tolerances: the C++ dequantize is compared exactly (float32, and one rounding to 16 bits); the
-dense path (bf16/fp16 attention over those values) against the float32 reference at the dense
+fused C++ attention against the float32 reference at test_kernels_cpu.TOL (same codes, other
+summation order); the dense path (bf16/fp16 attention over the dequantized values) at the dense
 path's tolerances (test_kernels_cpu.DENSE_TOL); rotations and reconstructions at 1e-5.
 Caches are 0xFF-filled (NaN norms) wherever nothing was stored (make_cache).
 """
 
 import pytest
 import torch
-from test_kernels_cpu import DENSE_TOL
+from test_kernels_cpu import DENSE_TOL, TOL
 from test_kernels_decode import make_cache
 
 from tq_vllm import ops
@@ -102,12 +103,12 @@ def test_non_finite_key_reads_back_as_zero_and_stays_contained():
     )
 
 
-def test_fused_kernels_refuse_split_records():
+def test_triton_kernels_and_cpu_store_refuse_split_records():
     codec = split_codec()
     cache = torch.zeros(2, 3, 16, codec.layout.record_bytes, dtype=torch.uint8)
     with pytest.raises(ValueError, match="split-key"):
         check_records(cache, codec)
-    check_records(cache, codec, any_layout=True)
+    check_records(cache, codec, split_ok=True)
     with pytest.raises(ValueError, match="required for split keys"):
         LayerCodec(codec.layout, 1)
     with pytest.raises(ValueError, match="outlier_channels has shape"):
@@ -178,14 +179,36 @@ def test_dequantize_split_keys_matches_reference(
     assert torch.equal(got_k, ref_k.to(dtype)) and torch.equal(got_v, ref_v.to(dtype))
 
 
+@pytest.mark.parametrize("num_splits", [0, 3])
+@pytest.mark.parametrize("d,bits,outlier_bits,n,value_bits,block_size,hq,hk", CASES)
+def test_fused_cpu_attention_reads_split_keys(
+    d, bits, outlier_bits, n, value_bits, block_size, hq, hk, num_splits
+):
+    lens = [70, 33, 5, 1]
+    codec, cache, table, _, _ = setup(d, bits, outlier_bits, n, value_bits, block_size, hk, lens)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    gen = torch.Generator().manual_seed(11)
+    query = torch.randn(len(lens), hq, d, generator=gen)
+    out = cpu_attention.decode_attention(
+        query, cache, table, seq_lens, codec, d**-0.5, num_splits=num_splits
+    )
+    ref = decode_attention_reference(query, cache, table, seq_lens, codec, d**-0.5)
+    torch.testing.assert_close(out, ref, **TOL)
+    q_lens = [70, 20, 1, 0]  # float32 queries: every chunk runs fused
+    starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    query = torch.randn(int(starts[-1]), hq, d, generator=gen)
+    args = (cache, table, starts, seq_lens, codec, d**-0.5)
+    out = cpu_attention.context_attention(query, *args, num_splits=num_splits)
+    torch.testing.assert_close(out, context_attention_reference(query, None, None, *args), **TOL)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("d,bits,outlier_bits,n,value_bits,block_size,hq,hk", CASES[:4])
 def test_ops_serve_split_keys_on_cpu(
     d, bits, outlier_bits, n, value_bits, block_size, hq, hk, dtype
 ):
-    """What the backend calls: stores (padding slots untouched), decodes and mixed chunks. 16-bit
-    queries take the dense path for every row (no fused kernel reads split keys), float32
-    ones the reference."""
+    """What the backend calls: stores (the reference's, padding slots untouched), decodes and
+    mixed chunks (fused C++; 16-bit chunks of DENSE_ROWS or more through the dense path)."""
     lens = [70, 33, 5, 1]
     codec, cache, table, keys, values = setup(
         d, bits, outlier_bits, n, value_bits, block_size, hk, lens

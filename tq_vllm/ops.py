@@ -19,11 +19,8 @@ def _triton(t: torch.Tensor) -> bool:
 
 
 def _cpu_kernel(t: torch.Tensor, codec: LayerCodec) -> bool:
-    # The fused C++ ops read plain Lloyd-Max records only: uniform values and split keys are
-    # stored by the reference and read through the CPU context path's dense attention.
-    layout = codec.layout
-    plain = not layout.uniform_values and not layout.split_keys
-    return t.device.type == "cpu" and plain and cpu_attention.available()
+    # The C++ attention reads Lloyd-Max values only; uniform-value records stay on the reference.
+    return t.device.type == "cpu" and not codec.layout.uniform_values and cpu_attention.available()
 
 
 def store_kv(
@@ -37,7 +34,7 @@ def store_kv(
         from tq_vllm.kernels.store import store_kv as kernel
 
         return kernel(key, value, kv_cache, slot_mapping, codec)
-    if _cpu_kernel(kv_cache, codec):
+    if _cpu_kernel(kv_cache, codec) and not codec.layout.split_keys:  # the reference splits keys
         return cpu_attention.store_kv(key, value, kv_cache, slot_mapping, codec)
     return store_kv_reference(key, value, kv_cache, slot_mapping, codec)
 
@@ -56,11 +53,6 @@ def decode_attention(
         return kernel(query, kv_cache, block_table, seq_lens, codec, scale)
     if _cpu_kernel(kv_cache, codec):
         return cpu_attention.decode_attention(query, kv_cache, block_table, seq_lens, codec, scale)
-    if codec.layout.split_keys and kv_cache.device.type == "cpu" and cpu_attention.available():
-        starts = torch.arange(query.shape[0] + 1, dtype=torch.int32)  # one row per sequence
-        return cpu_attention.context_attention(
-            query, kv_cache, block_table, starts, seq_lens, codec, scale
-        )
     return decode_attention_reference(query, kv_cache, block_table, seq_lens, codec, scale)
 
 
@@ -80,8 +72,8 @@ def context_attention(
         from tq_vllm.kernels.context import context_attention as kernel
 
         return kernel(*args)
-    # The CPU context path reads uniform values and split keys too (dequantized for the dense
-    # attention, else the reference).
+    # The CPU context path reads uniform values too (dequantized for the dense attention, else
+    # the reference).
     cpu = kv_cache.device.type == "cpu" and cpu_attention.available()
     if key is None and value is None and cpu:
         return cpu_attention.context_attention(

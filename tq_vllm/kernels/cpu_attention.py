@@ -102,10 +102,10 @@ def _check(
     block_table: torch.Tensor,
     seq_lens: torch.Tensor,
     codec: LayerCodec,
-    any_layout: bool = False,
+    uniform_ok: bool = False,
 ) -> None:
     check_tensor("query", query, 3, FLOAT_DTYPES)
-    check_records(kv_cache, codec, any_layout)
+    check_records(kv_cache, codec, uniform_ok=uniform_ok, split_ok=True)
     check_tensor("block_table", block_table, 2, INDEX_DTYPES)
     check_tensor("seq_lens", seq_lens, 1, INDEX_DTYPES)
     check_gqa(query, kv_cache, codec)
@@ -129,6 +129,23 @@ def _layout_fields(codec: LayerCodec) -> list[int]:
     ]
 
 
+def _key_args(codec: LayerCodec) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+    """(key centroids, outlier centroids, outlier fields) as the C++ ops take them: for split
+    keys the regular part's centroids, then the outlier part's, and its [count, bits, norm
+    offset, indices offset]; for plain keys (centroids, None, [])."""
+    layout = codec.layout
+    if not layout.split_keys:
+        return codec.key.centroids.float().contiguous(), None, []
+    fields = [
+        layout.key_outliers,
+        layout.key_outlier_bits,
+        layout.key_outlier_norm,
+        layout.key_outlier_indices,
+    ]
+    regular, outlier = codec.key.regular.centroids, codec.key.outlier.centroids
+    return regular.float().contiguous(), outlier.float().contiguous(), fields
+
+
 def _run(
     query: torch.Tensor,
     kv_cache: torch.Tensor,
@@ -141,8 +158,9 @@ def _run(
     num_splits: int,
 ) -> torch.Tensor:
     layout = codec.layout
-    q = (codec.rotate(query) * scale).contiguous()
+    q = (codec.rotate_queries(query) * scale).contiguous()
     qs = (q @ codec.key.qjl.T).contiguous() if layout.prod else q
+    key_centroids, outlier_centroids, outliers = _key_args(codec)
     out = torch.ops.tq_vllm_cpu.attention(
         q,
         qs,
@@ -150,12 +168,14 @@ def _run(
         block_table.to(torch.int32),
         query_start_loc.to(torch.int32).contiguous(),
         seq_lens.to(torch.int32).contiguous(),
-        codec.key.centroids.float().contiguous(),
+        key_centroids,
         codec.value.centroids.float().contiguous(),
         _layout_fields(codec),
         math.sqrt(math.pi / 2) / codec.head_dim,
         rows_per_tile,
         num_splits,
+        outlier_centroids,
+        outliers,
     )
     return codec.unrotate(out).to(query.dtype)
 
@@ -194,7 +214,7 @@ def context_attention(
     kv_cache): query [T, Hq, d] -> [T, Hq, d] in query's dtype, causal. A sequence with at
     least DENSE_ROWS new rows of a 16-bit query takes the dense path (its keys and values
     rounded to that dtype); the others run fused, in float32."""
-    _check(query, kv_cache, block_table, seq_lens, codec, any_layout=True)
+    _check(query, kv_cache, block_table, seq_lens, codec, uniform_ok=True)
     check_tensor("query_start_loc", query_start_loc, 1, INDEX_DTYPES)
     if query_start_loc.shape[0] != seq_lens.shape[0] + 1:
         raise ValueError(
@@ -203,14 +223,12 @@ def context_attention(
         )
     starts, lens = query_start_loc.tolist(), seq_lens.tolist()
     q_lens = [hi - lo for lo, hi in zip(starts, starts[1:])]
-    # Split keys have no fused kernel: every row of theirs takes the dense path.
-    least = 1 if codec.layout.split_keys else DENSE_ROWS
-    dense = [b for b, n in enumerate(q_lens) if n >= least and _dense_ok(query, codec)]
+    dense = [b for b, n in enumerate(q_lens) if n >= DENSE_ROWS and _dense_ok(query, codec)]
     fused = [b for b, n in enumerate(q_lens) if n and b not in dense]
     rows = max(1, CONTEXT_ROWS // (query.shape[1] // kv_cache.shape[1]))
 
     def fused_attention(q, table, q_starts, q_lens):
-        if codec.layout.uniform_values or codec.layout.split_keys:  # no fused kernel reads them
+        if codec.layout.uniform_values:  # no fused kernel reads uniform values
             return context_attention_reference(
                 q, None, None, kv_cache, table, q_starts, q_lens, codec, scale
             )
@@ -265,24 +283,14 @@ def _dense_attention(
         levels = torch.arange(1 << layout.value_bits, dtype=torch.float32)
     else:
         levels = codec.value.centroids.float().contiguous()
-    if layout.split_keys:  # the regular channels' centroids, then the outlier part's layout
-        key_centroids = codec.key.regular.centroids.float().contiguous()
-        outlier_centroids = codec.key.outlier.centroids.float().contiguous()
-        outliers = [
-            layout.key_outliers,
-            layout.key_outlier_bits,
-            layout.key_outlier_norm,
-            layout.key_outlier_indices,
-        ]
-    else:
-        key_centroids, outlier_centroids, outliers = codec.key.centroids.float(), None, []
+    key_centroids, outlier_centroids, outliers = _key_args(codec)
     keys, values = [], []
     for b, length in zip(seqs, lens):
         k, v = torch.ops.tq_vllm_cpu.dequantize(
             kv_cache,
             block_table[b].to(torch.int32).contiguous(),
             length,
-            key_centroids.contiguous(),
+            key_centroids,
             levels,
             _layout_fields(codec),
             layout.value_zero if layout.uniform_values else -1,
@@ -326,7 +334,8 @@ def store_kv(
     slot_mapping: torch.Tensor,
     codec: LayerCodec,
 ) -> None:
-    """store_kv_reference, fused: the same bytes (value_mode "uniform" has no fused store)."""
+    """store_kv_reference, fused: the same bytes (value_mode "uniform" and split keys have no
+    fused store)."""
     check_records(kv_cache, codec)
     check_store_inputs(key, value, kv_cache, slot_mapping, codec)
     if slot_mapping.numel() == 0:

@@ -104,18 +104,20 @@ def _codec_device(codec: LayerCodec) -> torch.device:
     return device
 
 
-def check_records(kv_cache: object, codec: LayerCodec, any_layout: bool = False) -> None:
+def check_records(
+    kv_cache: object, codec: LayerCodec, uniform_ok: bool = False, split_ok: bool = False
+) -> None:
     """kv_cache uint8 [num_blocks, num_kv_heads, block_size, record_bytes], contiguous, with
-    records a fused kernel (Triton or C++) can read; any_layout: the caller also reads
-    value_mode 'uniform' and split-key records (the CPU context path, which dequantizes them)."""
-    for unfused, what in (
-        (codec.layout.uniform_values, "value_mode 'uniform'"),
-        (codec.layout.split_keys, "split-key (outlier channel)"),
+    records the calling kernel can read: uniform_ok, it reads value_mode 'uniform' records too
+    (the CPU context path, which dequantizes them); split_ok, split keys (the C++ attention)."""
+    for unreadable, what in (
+        (codec.layout.uniform_values and not uniform_ok, "value_mode 'uniform'"),
+        (codec.layout.split_keys and not split_ok, "split-key (outlier channel)"),
     ):
-        if unfused and not any_layout:
+        if unreadable:
             raise ValueError(
-                f"{what} records have no fused kernel (Triton or C++); use the PyTorch "
-                "reference path or the CPU dense path"
+                f"{what} records cannot be read by this kernel; ops.py routes them to one "
+                "that can (the CPU path or the PyTorch reference)"
             )
     check_tensor("kv_cache", kv_cache, 4, (torch.uint8,))
     if not kv_cache.is_contiguous():

@@ -394,6 +394,37 @@ struct Layout {
   float qjl_coef;
 };
 
+// The outlier part of split keys (outliers.py): count channels at bits, its fp16 norm and packed
+// indices at these byte offsets of a record; the regular part is the layout's key fields over
+// the first d - count rotated coordinates. count 0: plain keys.
+struct OutlierPart {
+  int count = 0, bits = 0, norm = 0, indices = 0;
+  const float* centroids = nullptr;
+};
+
+// outliers: [] (plain keys) or [count, bits, norm offset, indices offset].
+OutlierPart outlier_part(at::IntArrayRef outliers, const std::optional<at::Tensor>& centroids,
+                         int64_t head_dim, int64_t record) {
+  if (outliers.empty()) return {};
+  TORCH_CHECK(outliers.size() == 4 && outliers[0] > 0 && outliers[0] < head_dim &&
+                  outliers[1] >= 1 && outliers[1] <= 8 && outliers[2] >= 0 &&
+                  outliers[2] + 2 <= record && outliers[3] >= 0 &&
+                  outliers[3] + (outliers[0] * outliers[1] + 7) / 8 <= record,
+              "outliers must be [count, bits 1..8, norm offset, indices offset] inside the "
+              "record");
+  TORCH_CHECK(centroids.has_value() && centroids->scalar_type() == at::kFloat &&
+                  centroids->is_contiguous() && centroids->numel() >= (int64_t{1} << outliers[1]),
+              "split keys need contiguous float32 outlier_centroids with 2^bits entries");
+  return OutlierPart{static_cast<int>(outliers[0]), static_cast<int>(outliers[1]),
+                     static_cast<int>(outliers[2]), static_cast<int>(outliers[3]),
+                     centroids->data_ptr<float>()};
+}
+
+// x[:n] *= scale
+inline void scale_row(float* x, float scale, int n) {
+  for (int j = 0; j < n; ++j) x[j] *= scale;
+}
+
 struct Problem {
   const float* q;   // [T, Hq, d] rotated, scaled queries
   const float* qs;  // [T, Hq, d] S q' (prod mode)
@@ -405,6 +436,7 @@ struct Problem {
   const float* vc;
   int d, g, hq;
   Layout lay;
+  OutlierPart outliers;
 };
 
 // One (sequence, rows [row0, row0 + rows), KV head) over tokens [t0, t1). Row r of the item
@@ -427,8 +459,11 @@ void attend_item(const Problem& P, int64_t b, int64_t row0, int rows, int64_t li
   float knorm[TILE], rnorm[TILE], vnorm[TILE];
   std::vector<float> S(static_cast<size_t>(R) * TILE), alpha(R);  // scores, then weights
   const bool has_k = L.key_bits > 0;  // 1-bit prod keys are all QJL
-  std::optional<RowDecoder> decode_k;
-  if (has_k) decode_k.emplace(P.kc, L.key_bits, d);
+  const OutlierPart& O = P.outliers;
+  const int regular = d - O.count;
+  std::optional<RowDecoder> decode_k, decode_o;
+  if (has_k) decode_k.emplace(P.kc, L.key_bits, regular);
+  if (O.count) decode_o.emplace(O.centroids, O.bits, O.count);
   const RowDecoder decode_v(P.vc, L.value_bits, d);
   const int32_t* row_table = P.table + b * P.table_stride;
 
@@ -467,6 +502,12 @@ void attend_item(const Problem& P, int64_t b, int64_t row0, int rows, int64_t li
       knorm[u] = load_half(rec);
       vnorm[u] = load_half(rec + L.value_norm);
       if (has_k) (*decode_k)(rec + L.key_indices, &kf[u * d]);
+      if (O.count) {  // each part scaled by its own norm here, the score's scale is then 1
+        scale_row(&kf[u * d], knorm[u], regular);
+        (*decode_o)(rec + O.indices, &kf[u * d + regular]);
+        scale_row(&kf[u * d + regular], load_half(rec + O.norm), O.count);
+        knorm[u] = 1.f;
+      }
       if (L.prod) {
         rnorm[u] = load_half(rec + 2) * L.qjl_coef;
         decode_signs(rec + L.key_signs, d, &sg[u * d]);
@@ -526,7 +567,9 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor
                      const at::Tensor& block_table, const at::Tensor& query_start_loc,
                      const at::Tensor& seq_lens, const at::Tensor& key_centroids,
                      const at::Tensor& value_centroids, at::IntArrayRef layout, double qjl_coef,
-                     int64_t rows_per_tile, int64_t num_splits) {
+                     int64_t rows_per_tile, int64_t num_splits,
+                     const std::optional<at::Tensor>& outlier_centroids,
+                     at::IntArrayRef outliers) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(),
               "q must be a contiguous float32 [T, Hq, d] tensor");
   TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.scalar_type() == at::kByte &&
@@ -575,6 +618,9 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor
   P.table_stride = block_table.stride(0);
   P.kc = key_centroids.data_ptr<float>();
   P.vc = value_centroids.data_ptr<float>();
+  P.outliers = outlier_part(outliers, outlier_centroids, P.d, P.record);
+  TORCH_CHECK(!P.outliers.count || (!P.lay.prod && P.lay.key_bits > 0),
+              "split keys are Lloyd-Max (mse) keys");
 
   const int32_t* qsl = query_start_loc.data_ptr<int32_t>();
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
@@ -888,13 +934,6 @@ TQ_NO_FMA void write_scaled<c10::BFloat16>(const float* src, float scale, float 
 }
 #endif
 
-// The outlier part of split keys: count channels at bits, the fp16 norm and packed indices at
-// these byte offsets of a record. count 0: plain keys.
-struct OutlierPart {
-  int count = 0, bits = 0, norm = 0, indices = 0;
-  const float* centroids = nullptr;
-};
-
 template <typename T>
 void dequantize_into(const uint8_t* cache, int64_t hk, int64_t block_size, int64_t record,
                      int64_t num_blocks, const int32_t* blocks, int64_t length, int d,
@@ -964,23 +1003,7 @@ at::Tensor dequantize(const at::Tensor& kv_cache, const at::Tensor& blocks, int6
                  static_cast<int>(layout[3]), static_cast<int>(layout[4]),
                  static_cast<int>(layout[5]), static_cast<int>(layout[6]), 0.f};
   const int d = static_cast<int>(head_dim);
-  OutlierPart O;
-  if (!outliers.empty()) {
-    TORCH_CHECK(outliers.size() == 4 && outliers[0] > 0 && outliers[0] < head_dim &&
-                    outliers[1] >= 1 && outliers[1] <= 8 && outliers[2] >= 0 &&
-                    outliers[2] + 2 <= kv_cache.size(3) && outliers[3] >= 0 &&
-                    outliers[3] + (outliers[0] * outliers[1] + 7) / 8 <= kv_cache.size(3),
-                "outliers must be [count, bits 1..8, norm offset, indices offset] inside the "
-                "record");
-    TORCH_CHECK(outlier_centroids.has_value() &&
-                    outlier_centroids->scalar_type() == at::kFloat &&
-                    outlier_centroids->is_contiguous() &&
-                    outlier_centroids->numel() >= (int64_t{1} << outliers[1]),
-                "split keys need contiguous float32 outlier_centroids with 2^bits entries");
-    O = OutlierPart{static_cast<int>(outliers[0]), static_cast<int>(outliers[1]),
-                    static_cast<int>(outliers[2]), static_cast<int>(outliers[3]),
-                    outlier_centroids->data_ptr<float>()};
-  }
+  const OutlierPart O = outlier_part(outliers, outlier_centroids, head_dim, kv_cache.size(3));
   auto out = at::empty({2, hk, length, head_dim}, kv_cache.options().dtype(dtype));
   auto run = [&](auto* dst) {
     dequantize_into(kv_cache.data_ptr<uint8_t>(), hk, block_size, kv_cache.size(3),
@@ -1002,7 +1025,8 @@ TORCH_LIBRARY(tq_vllm_cpu, m) {
   m.def(
       "attention(Tensor q, Tensor qs, Tensor kv_cache, Tensor block_table, "
       "Tensor query_start_loc, Tensor seq_lens, Tensor key_centroids, Tensor value_centroids, "
-      "int[] layout, float qjl_coef, int rows_per_tile, int num_splits) -> Tensor");
+      "int[] layout, float qjl_coef, int rows_per_tile, int num_splits, "
+      "Tensor? outlier_centroids=None, int[] outliers=[]) -> Tensor");
   m.def(
       "store(Tensor key, Tensor value, Tensor(a!) kv_cache, Tensor slot_mapping, "
       "Tensor rotation, Tensor key_centroids, Tensor key_boundaries, Tensor? qjl, "
