@@ -107,48 +107,73 @@ class RowDecoder {
   }
 
   void operator()(const uint8_t* p, float* out) const {
+    const uint8_t* rows[1] = {p};
+    this->rows(rows, 0, 1, 0, out);
+  }
+
+  // Rows recs[u] + offset for u < n into out + u * stride: one dispatch on the bit width per
+  // call, the per-row work then inlined with the width known at compile time.
+  void rows(const uint8_t* const* recs, int offset, int n, int stride, float* out) const {
 #ifdef TQ_AVX512
-    if (fast_) {
+    if (fast_) switch (bits_) {
+        case 1: return rows_fixed<1>(recs, offset, n, stride, out);
+        case 2: return rows_fixed<2>(recs, offset, n, stride, out);
+        case 3: return rows_fixed<3>(recs, offset, n, stride, out);
+        case 4: return rows_fixed<4>(recs, offset, n, stride, out);
+        case 5: return rows_fixed<5>(recs, offset, n, stride, out);
+        case 6: return rows_fixed<6>(recs, offset, n, stride, out);
+        case 7: return rows_fixed<7>(recs, offset, n, stride, out);
+        default: return rows_fixed<8>(recs, offset, n, stride, out);
+      }
+#endif
+    alignas(64) uint8_t idx[256];
+    for (int u = 0; u < n; ++u) {
+      const uint8_t* p = recs[u] + offset;
+      for (int c = 0; c < n_; c += 256) {  // chunks of whole groups of 8 indices
+        const int m = std::min(256, n_ - c);
+        UNPACK[bits_](p + c * bits_ / 8, m, idx);
+        for (int i = 0; i < m; ++i) out[u * stride + c + i] = c_[idx[i]];
+      }
+    }
+  }
+
+ private:
+#ifdef TQ_AVX512
+  template <int B>
+  void rows_fixed(const uint8_t* const* recs, int offset, int n, int stride, float* out) const {
+    for (int u = 0; u < n; ++u) {
+      if (u + 2 < n) __builtin_prefetch(recs[u + 2] + offset);  // the next rows' bytes to L1
+      const uint8_t* p = recs[u] + offset;
+      float* o = out + static_cast<size_t>(u) * stride;
       alignas(64) uint8_t idx[64];
       for (int c = 0; c < n_; c += 64) {
-        const int m = std::min(64, n_ - c), bytes = m * bits_ / 8;
+        const int m = std::min(64, n_ - c), bytes = m * B / 8;
         const __mmask64 keep = bytes == 64 ? ~__mmask64{0} : (__mmask64{1} << bytes) - 1;
-        const __m512i data = _mm512_maskz_loadu_epi8(keep, p + c * bits_ / 8);
+        const __m512i data = _mm512_maskz_loadu_epi8(keep, p + c * B / 8);
         const __m512i lanes = _mm512_permutexvar_epi8(perm_, data);
         _mm512_store_si512(idx, _mm512_and_si512(_mm512_multishift_epi64_epi8(shift_, lanes),
                                                  mask_));
         for (int v = 0; v < m; v += 16) {
           const __m512i i = _mm512_cvtepu8_epi32(_mm_load_si128(
               reinterpret_cast<const __m128i*>(idx + v)));
-          _mm512_storeu_ps(out + c + v, lookup(i));
+          _mm512_storeu_ps(o + c + v, lookup<B>(i));
         }
       }
-      return;
-    }
-#endif
-    alignas(64) uint8_t idx[256];
-    for (int c = 0; c < n_; c += 256) {  // chunks of whole groups of 8 indices
-      const int m = std::min(256, n_ - c);
-      UNPACK[bits_](p + c * bits_ / 8, m, idx);
-      for (int i = 0; i < m; ++i) out[c + i] = c_[idx[i]];
     }
   }
 
- private:
-#ifdef TQ_AVX512
+  template <int B>
   __m512 lookup(__m512i i) const {
-    switch (bits_) {
-      case 1: case 2: case 3: case 4:
-        return _mm512_permutexvar_ps(i, t_[0]);
-      case 5:
-        return _mm512_permutex2var_ps(t_[0], i, t_[1]);
-      case 6: {
-        const __mmask16 high = _mm512_test_epi32_mask(i, _mm512_set1_epi32(32));
-        return _mm512_mask_blend_ps(high, _mm512_permutex2var_ps(t_[0], i, t_[1]),
-                                    _mm512_permutex2var_ps(t_[2], i, t_[3]));
-      }
-      default:
-        return _mm512_i32gather_ps(i, c_, 4);
+    if constexpr (B <= 4) {
+      return _mm512_permutexvar_ps(i, t_[0]);
+    } else if constexpr (B == 5) {
+      return _mm512_permutex2var_ps(t_[0], i, t_[1]);
+    } else if constexpr (B == 6) {
+      const __mmask16 high = _mm512_test_epi32_mask(i, _mm512_set1_epi32(32));
+      return _mm512_mask_blend_ps(high, _mm512_permutex2var_ps(t_[0], i, t_[1]),
+                                  _mm512_permutex2var_ps(t_[2], i, t_[3]));
+    } else {
+      return _mm512_i32gather_ps(i, c_, 4);
     }
   }
   bool fast_ = false;
@@ -457,6 +482,7 @@ void attend_item(const Problem& P, int64_t b, int64_t row0, int rows, int64_t li
   }
   std::vector<float> kf(L.key_bits ? TILE * d : 0), sg(L.prod ? TILE * d : 0), vf(TILE * d);
   float knorm[TILE], rnorm[TILE], vnorm[TILE];
+  const uint8_t* recs[TILE];
   std::vector<float> S(static_cast<size_t>(R) * TILE), alpha(R);  // scores, then weights
   const bool has_k = L.key_bits > 0;  // 1-bit prod keys are all QJL
   const OutlierPart& O = P.outliers;
@@ -498,22 +524,24 @@ void attend_item(const Problem& P, int64_t b, int64_t row0, int rows, int64_t li
         records = block_records(++block_i);
         prefetch_block(block_i + 1);
       }
-      const uint8_t* rec = records + (offset++) * P.record;
+      const uint8_t* rec = recs[u] = records + (offset++) * P.record;
       knorm[u] = load_half(rec);
       vnorm[u] = load_half(rec + L.value_norm);
-      if (has_k) (*decode_k)(rec + L.key_indices, &kf[u * d]);
-      if (O.count) {  // each part scaled by its own norm here, the score's scale is then 1
-        scale_row(&kf[u * d], knorm[u], regular);
-        (*decode_o)(rec + O.indices, &kf[u * d + regular]);
-        scale_row(&kf[u * d + regular], load_half(rec + O.norm), O.count);
-        knorm[u] = 1.f;
-      }
       if (L.prod) {
         rnorm[u] = load_half(rec + 2) * L.qjl_coef;
         decode_signs(rec + L.key_signs, d, &sg[u * d]);
       }
-      decode_v(rec + L.value_indices, &vf[u * d]);
     }
+    if (has_k) decode_k->rows(recs, L.key_indices, n, d, kf.data());
+    if (O.count) {  // each part scaled by its own norm here, the score's scale is then 1
+      decode_o->rows(recs, O.indices, n, d, kf.data() + regular);
+      for (int u = 0; u < n; ++u) {
+        scale_row(&kf[u * d], knorm[u], regular);
+        scale_row(&kf[u * d + regular], load_half(recs[u] + O.norm), O.count);
+        knorm[u] = 1.f;
+      }
+    }
+    decode_v.rows(recs, L.value_indices, n, d, vf.data());
 
     // Rows whose limit precedes the tile (causal) are a prefix of the item's rows.
     int first = 0;
