@@ -235,3 +235,22 @@ def test_ops_serve_split_keys_on_cpu(
     ops.store_kv(k.to(dtype), v.to(dtype), mine, slots, codec)
     store_kv_reference(k.to(dtype), v.to(dtype), expected, slots, codec)
     assert torch.equal(mine, expected) and not torch.equal(mine, cache)
+
+
+def test_calibrate_writes_a_config_the_plugin_loads(tmp_path, capsys):
+    """`tq-vllm calibrate` on the embedded model: the written YAML loads through the normal
+    config path and describes K2.5 V3 at 50 bytes per record."""
+    from tq_vllm.cli import main
+    from tq_vllm.config import load_config
+
+    out = tmp_path / "k25v3.yaml"
+    assert main(["calibrate", str(out), "--tokens", "256"]) == 0
+    assert "K2.5" in capsys.readouterr().out
+    config = load_config({"turboquant": {"config": str(out)}})
+    layouts = config.layouts(64, 30)
+    assert (config.key_bits, config.value_bits, config.key_outlier_bits) == (2, 3, 4)
+    assert all(lay.split_keys and lay.size == 50 for lay in layouts)
+    channels = torch.tensor(config.key_outlier_channels)
+    assert channels.shape == (30, 3, 16)
+    assert torch.equal(channels, channels.sort(dim=-1).values)  # ascending, as written
+    assert out.read_text().startswith("# Keys K2.5")
