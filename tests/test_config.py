@@ -187,3 +187,13 @@ def test_outlier_channels_skip_layers_kept_at_more_bits():
 def test_outlier_channel_lists_must_be_integer_and_regular(channels):
     with pytest.raises(ConfigError, match="channel-index lists of integers, all of one length"):
         TurboQuantConfig(key_outlier_bits=4, key_outlier_channels=channels)
+
+
+def test_calibrated_preset_serves_the_embedded_model_shape_only():
+    """configs/smollm2-k2.5v3.yaml (`tq-vllm calibrate` on the embedded model: 30 layers, 3 KV
+    heads, head_dim 64): K2.5 V3 at 50 bytes; another layer count is refused."""
+    cfg = load_config({"turboquant": {"config": "smollm2-k2.5v3"}})
+    assert all(lay.split_keys and lay.size == 50 for lay in cfg.layouts(64, 30))
+    assert [len(heads) for heads in cfg.key_outlier_channels] == [3] * 30
+    with pytest.raises(ConfigError, match="lists 30 layers; the model has 24"):
+        cfg.layouts(64, 24)

@@ -72,7 +72,7 @@ QUICK = Workload(
     max_concurrency=4, kv_bytes=256 << 20, max_model_len=1024,
 )  # fmt: skip
 SCENARIOS = {w.name: w for w in (THROUGHPUT, CAPACITY, QUICK)}
-DEFAULT_CONFIGS = ["auto", "default", "k2v2"]
+DEFAULT_CONFIGS = ["auto", "default", "smollm2-k2.5v3"]
 
 
 def scrape_metrics(base_url: str, timeout: float = 10) -> dict[str, float]:

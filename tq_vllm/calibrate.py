@@ -46,9 +46,10 @@ def calibrate(args: argparse.Namespace) -> int:
     from transformers import AutoConfig, AutoTokenizer
 
     from tq_vllm.config import TurboQuantConfig
-    from tq_vllm.model import ensure_default_model
+    from tq_vllm.model import MODEL_NAME, ensure_default_model
 
     model = args.model or str(ensure_default_model())
+    model_name = args.model or f"{MODEL_NAME}, the embedded model"
     hf = AutoConfig.from_pretrained(model)
     head_dim = getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads
     count = args.channels or head_dim // 4
@@ -72,7 +73,7 @@ def calibrate(args: argparse.Namespace) -> int:
     about = (
         f"Keys K{rate:g}: per layer and KV head, {count} of {head_dim} key channels (the "
         f"largest mean square)\nat {args.outlier_bits} bits, the rest at {args.key_bits}; "
-        f"values {args.value_bits} bits. Written by `tq-vllm calibrate`\nfor {model} "
+        f"values {args.value_bits} bits. Written by `tq-vllm calibrate`\nfor {model_name} "
         f"({num_layers} layers) from {len(ids)} tokens of {source}.\n"
         + config.describe(head_dim, num_layers)
     )
