@@ -2,7 +2,8 @@
 # One entry point that sets up what it needs, then runs:
 #   ./tq.sh serve [vLLM flags]   OpenAI server on the embedded model, TurboQuant KV cache
 #   ./tq.sh test [pytest args]   the test suite
-#   ./tq.sh <tq-vllm subcommand> anything else the CLI offers (eval, bench, capacity, model, demo)
+#   ./tq.sh <tq-vllm subcommand> anything else the CLI offers (eval, bench, capacity, calibrate,
+#                                model, demo)
 # The virtual environment is .venv (TQ_VENV overrides); it is reused while pyproject.toml
 # is unchanged.
 set -euo pipefail

@@ -3,7 +3,7 @@ import yaml
 
 from tq_vllm.config import CONFIG_DIR, ConfigError, TurboQuantConfig, load_config
 
-PRESETS = ["k8v4", "k6v4", "k4v4", "k4v3", "k3v3", "k2v2"]
+PRESETS = ["k8v4", "k6v5", "k6v4", "k4v4", "k4v3", "k3v3", "k2v2"]
 
 
 def test_default_and_presets_load():

@@ -73,7 +73,18 @@ def convert_model(_: argparse.Namespace) -> int:
     return 0
 
 
-CAPACITY_CONFIGS = ["auto", "fp8", "default", "k8v4", "k6v4", "k4v4", "k4v3", "k3v3", "k2v2"]
+CAPACITY_CONFIGS = [
+    "auto",
+    "fp8",
+    "default",
+    "k8v4",
+    "k6v5",
+    "k6v4",
+    "k4v4",
+    "k4v3",
+    "k3v3",
+    "k2v2",
+]
 
 
 def measure_capacity(configs: list[str], kv_gib: int = 1) -> dict[str, int]:

@@ -436,6 +436,7 @@ def evaluate(args: argparse.Namespace) -> int:
     from transformers import AutoConfig, AutoTokenizer
 
     from tq_vllm.calibrate import calibrate_channels, calibration_ids
+    from tq_vllm.config import resolve_config_path
     from tq_vllm.fidelity import capture, config_fidelity
     from tq_vllm.model import ensure_default_model
 
@@ -483,6 +484,9 @@ def evaluate(args: argparse.Namespace) -> int:
         spec = dict(config=name, **spec)
         if configs[name].calibrated:
             spec["channels"] = channels
+        preset = (configs[name].turboquant or {}).get("config")
+        if preset is not None:  # a config file: a cached run is reused only for the same text
+            spec["config_text"] = resolve_config_path(preset).read_text()
         label = f"{name}.{'+'.join(spec['tasks'])}"
         bar.set_postfix_str(label)
         cached = runs / f"{label}.json"
