@@ -17,7 +17,6 @@ import torch
 import triton
 import triton.language as tl
 
-from tq_vllm.codec import LayerCodec
 from tq_vllm.kernels.decode import (
     LOG2E,
     _decode_reduce_kernel,
@@ -25,7 +24,8 @@ from tq_vllm.kernels.decode import (
     default_num_splits,
 )
 from tq_vllm.kernels.store import store_kv
-from tq_vllm.layout import RecordLayout
+from tq_vllm.record.codec import LayerCodec
+from tq_vllm.record.layout import RecordLayout
 
 
 @triton.jit

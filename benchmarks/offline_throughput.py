@@ -24,7 +24,7 @@ def worker(spec: dict) -> dict:
 
     from vllm import LLM, SamplingParams
 
-    from tq_vllm.model import ensure_default_model
+    from tq_vllm.tools.model import ensure_default_model
 
     config = spec["config"]
     kwargs = {}

@@ -12,7 +12,7 @@ import sys
 
 from vllm import LLM, SamplingParams
 
-from tq_vllm.model import ensure_default_model
+from tq_vllm.tools.model import ensure_default_model
 
 if __name__ == "__main__":
     out_path, spec = sys.argv[1], json.loads(sys.argv[2])

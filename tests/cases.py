@@ -1,0 +1,94 @@
+"""Shared case builders of the kernel tests, and where the Triton kernels run.
+
+By default the interpreter runs them on CPU tensors (conftest sets TRITON_INTERPRET=1). On a
+machine with a GPU, `TRITON_INTERPRET=0 pytest tests/test_kernels_*.py` compiles them for real:
+inputs built on the CPU move to the GPU for the kernel, its results come back, and the PyTorch
+reference still runs on the CPU, so the comparison and its tolerance are the same either way.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from tq_vllm.kernels.store.reference import store_kv_reference
+from tq_vllm.record.codec import LayerCodec
+
+DEVICE = torch.device(
+    "cuda" if os.environ.get("TRITON_INTERPRET") == "0" and torch.cuda.is_available() else "cpu"
+)
+
+
+def _to_device(arg: Any) -> Any:
+    if isinstance(arg, torch.Tensor):
+        return arg.to(DEVICE)
+    if isinstance(arg, LayerCodec):
+        return LayerCodec(arg.layout, arg.key.seed, DEVICE)
+    return arg
+
+
+def run_kernel(kernel: Callable, *args: Any, **kwargs: Any) -> Any:
+    """kernel(*args, **kwargs) on DEVICE. Tensor arguments the kernel writes in place (the
+    cache) are copied back into the CPU originals; a tensor result comes back on the CPU."""
+    if DEVICE.type == "cpu":
+        return kernel(*args, **kwargs)
+    moved = [_to_device(a) for a in args]
+    out = kernel(*moved, **{k: _to_device(v) for k, v in kwargs.items()})
+    for orig, dev in zip(args, moved):
+        if isinstance(orig, torch.Tensor):
+            orig.copy_(dev.cpu())
+    return out.cpu() if isinstance(out, torch.Tensor) else out
+
+
+def make_cache(codec, lens, block_size, hk, seed, stored=None):
+    """Sequences of `lens` tokens (random keys and values returned in full), of which the
+    first `stored` (default: all) are written into a 0xFF-filled cache (NaN norms wherever
+    nothing was written) with shuffled blocks. Unused block-table entries point at block 0,
+    never written, so reading past a sequence's stored tokens poisons the output with NaN."""
+    stored = lens if stored is None else stored
+    gen = torch.Generator().manual_seed(seed)
+    per_seq = [max(1, -(-n // block_size)) for n in lens]
+    num_blocks = sum(per_seq) + 2
+    cache = torch.full(
+        (num_blocks, hk, block_size, codec.layout.record_bytes), 0xFF, dtype=torch.uint8
+    )
+    order = torch.randperm(num_blocks - 1, generator=gen) + 1
+    table = torch.zeros(len(lens), max(per_seq) + 1, dtype=torch.int32)
+    keys, values, taken = [], [], 0
+    for b, (n, length) in enumerate(zip(per_seq, lens)):
+        table[b, :n] = order[taken : taken + n]
+        taken += n
+        k = torch.randn(length, hk, codec.head_dim, generator=gen) * 1.5
+        v = torch.randn(length, hk, codec.head_dim, generator=gen)
+        pos = torch.arange(stored[b])
+        slots = table[b, pos // block_size].long() * block_size + pos % block_size
+        store_kv_reference(k[: stored[b]], v[: stored[b]], cache, slots, codec)
+        keys.append(k)
+        values.append(v)
+    return cache, table, keys, values
+
+
+def dense(q, k, v, context, scale):
+    """q [L, Hq, d], k/v [S, Hk, d]: plain causal softmax attention, float64."""
+    hq, hk = q.shape[1], k.shape[1]
+    k = k.double().repeat_interleave(hq // hk, 1)
+    v = v.double().repeat_interleave(hq // hk, 1)
+    s = torch.einsum("lhd,shd->hls", q.double(), k) * scale
+    allowed = torch.arange(k.shape[0]) <= torch.arange(q.shape[0]).unsqueeze(1) + context
+    p = torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
+    return torch.einsum("hls,shd->lhd", p, v)
+
+
+def dequantized(codec, k, v):
+    kd = codec.key.dequantize(codec.key.quantize(k))
+    vd = codec.value.dequantize(codec.value.quantize(v))
+    return kd, vd
+
+
+# Tolerances against the float32 reference: the fused C++ attention (same codes, another
+# summation order), and the dense path (bf16/fp16 attention over the dequantized values).
+CPU_TOL = dict(atol=1e-5, rtol=1e-4)
+DENSE_TOL = {torch.bfloat16: dict(atol=3e-2, rtol=3e-2), torch.float16: dict(atol=4e-3, rtol=4e-3)}

@@ -1,0 +1,390 @@
+"""The fused CPU attention kernels (C++) against the PyTorch reference.
+
+Tolerance: atol = 1e-5, rtol = 1e-4. Both sides compute in float32 from the same codes; they
+differ only in summation order and the kernel's exp (a polynomial, relative error < 1e-7),
+which moves outputs by ~1e-6. Caches are 0xFF-filled (NaN norms) wherever nothing was stored
+and unused block-table entries point at such a block, so a read past a sequence shows as NaN.
+Head dims that are multiples of 16 take the AVX-512 path on CPUs that have it, the others
+(40, 20: not even a whole byte group) the portable one.
+"""
+
+import logging
+
+import pytest
+import torch
+from cases import CPU_TOL, DENSE_TOL, make_cache
+
+from tq_vllm.kernels import cpu_extension, dispatch
+from tq_vllm.kernels.context import cpu_context, dense
+from tq_vllm.kernels.context.reference import context_attention_reference, gather_context
+from tq_vllm.kernels.decode import cpu_decode
+from tq_vllm.kernels.decode.reference import decode_attention_reference
+from tq_vllm.kernels.store import cpu_store
+from tq_vllm.kernels.store.reference import store_kv_reference
+from tq_vllm.record.codec import LayerCodec
+from tq_vllm.record.layout import RecordLayout
+
+
+@pytest.fixture(scope="module", autouse=True)
+def built():
+    assert cpu_extension.available(), "the CPU attention extension did not build (see the log)"
+
+
+# Every key width in both modes, every value width, head dims 16 * k and others, block sizes
+# 16/32, GQA ratios 1/3/8, lengths 1, a block, a block + 1, several blocks.
+CASES = [
+    # d, key_bits, mode, value_bits, block_size, hq, hk, lens
+    (64, 1, "mse", 1, 16, 3, 1, [1, 16, 17, 40]),
+    (128, 2, "mse", 2, 32, 8, 1, [32, 33]),
+    (96, 3, "mse", 3, 16, 2, 2, [5, 50]),
+    (256, 4, "mse", 4, 16, 8, 1, [17, 1]),
+    (64, 5, "mse", 5, 32, 3, 3, [64, 1, 31]),
+    (64, 6, "mse", 4, 16, 9, 3, [100, 16]),
+    (128, 7, "mse", 7, 16, 3, 1, [45]),
+    (40, 8, "mse", 8, 16, 3, 1, [33, 2]),
+    (64, 1, "prod", 2, 16, 1, 1, [16, 100]),
+    (96, 2, "prod", 6, 32, 3, 1, [33]),
+    (128, 3, "prod", 4, 16, 8, 2, [1, 32, 65]),
+    (256, 4, "prod", 3, 32, 3, 1, [40]),
+    (20, 5, "prod", 5, 16, 2, 2, [19, 3]),
+    (128, 6, "prod", 1, 16, 8, 1, [16, 17]),
+    (64, 7, "prod", 8, 32, 1, 1, [70]),
+    (40, 8, "prod", 7, 16, 3, 3, [48, 1]),
+]
+
+
+def setup(d, key_bits, mode, value_bits, block_size, hk, lens, seed=1):
+    codec = LayerCodec(RecordLayout(d, key_bits, mode, value_bits), seed=d + key_bits)
+    cache, table, _, _ = make_cache(codec, lens, block_size, hk, seed=seed)
+    return codec, cache, table, torch.tensor(lens, dtype=torch.int32)
+
+
+@pytest.mark.parametrize("num_splits", [0, 1, 3])
+@pytest.mark.parametrize("d,key_bits,mode,value_bits,block_size,hq,hk,lens", CASES)
+def test_decode_matches_reference(
+    d, key_bits, mode, value_bits, block_size, hq, hk, lens, num_splits
+):
+    codec, cache, table, seq_lens = setup(d, key_bits, mode, value_bits, block_size, hk, lens)
+    query = torch.randn(len(lens), hq, d, generator=torch.Generator().manual_seed(2))
+    out = cpu_decode.decode_attention(
+        query, cache, table, seq_lens, codec, d**-0.5, num_splits=num_splits
+    )
+    ref = decode_attention_reference(query, cache, table, seq_lens, codec, d**-0.5)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, **CPU_TOL)
+
+
+@pytest.mark.parametrize("d,key_bits,mode,value_bits,block_size,hq,hk,lens", CASES)
+def test_context_matches_reference(d, key_bits, mode, value_bits, block_size, hq, hk, lens):
+    codec, cache, table, seq_lens = setup(d, key_bits, mode, value_bits, block_size, hk, lens)
+    # Chunks of every shape: the whole sequence, one row, a part after some context, and a
+    # sequence with no rows at all in this step.
+    q_lens = [[n, 1, max(1, n // 3), 0][b % 4] for b, n in enumerate(lens)]
+    starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    query = torch.randn(int(starts[-1]), hq, d, generator=torch.Generator().manual_seed(3))
+    args = (cache, table, starts, seq_lens, codec, d**-0.5)
+    out = cpu_context.context_attention(query, *args)
+    ref = context_attention_reference(query, None, None, *args)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, **CPU_TOL)
+
+
+def test_context_long_chunk_and_splits():
+    """Row tiles of a long chunk after a long context, forced context splits."""
+    codec, cache, table, seq_lens = setup(64, 4, "mse", 3, 16, 3, [300, 90], seed=4)
+    starts = torch.tensor([0, 70, 160], dtype=torch.int32)
+    query = torch.randn(160, 9, 64, generator=torch.Generator().manual_seed(5))
+    args = (cache, table, starts, seq_lens, codec, 0.125)
+    ref = context_attention_reference(query, None, None, *args)
+    for num_splits in (1, 4):
+        out = cpu_context.context_attention(query, *args, num_splits=num_splits)
+        torch.testing.assert_close(out, ref, **CPU_TOL)
+
+
+# -- the dense path: 16-bit queries with at least DENSE_ROWS new rows ------------------------
+# Keys and values are dequantized once (exactly the reference's float32 values, rounded once to
+# the query's dtype) and SDPA attends over them. Against the float32 reference the output then
+# differs by the 16-bit rounding of q, k, v and the output: atol/rtol 3e-2 for bf16 (8-bit
+# significand), 4e-3 for fp16.
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("d", [64, 128, 40])
+def test_dequantize_matches_reference_values(d, dtype):
+    codec, cache, table, _ = setup(d, 5, "mse", 3, 16, 3, [50])
+    got_k, got_v = torch.ops.tq_vllm_cpu.dequantize(
+        cache,
+        table[0],
+        50,
+        codec.key.centroids.float(),
+        codec.value.centroids.float(),
+        cpu_extension.layout_fields(codec),
+        -1,
+        d,
+        dtype,
+    )
+    ref_k, ref_v = gather_context(cache, table[0], 50, codec)
+    assert got_k.dtype == dtype and torch.equal(got_k, ref_k.to(dtype))
+    assert torch.equal(got_v, ref_v.to(dtype))
+
+
+# d, key bits, value bits, block size, hq, hk
+DENSE_CASES = [
+    (64, 6, 4, 16, 9, 3),
+    (128, 3, 3, 32, 8, 2),
+    (40, 4, 2, 16, 4, 4),
+    (256, 2, 5, 16, 2, 1),
+]
+
+
+@pytest.mark.parametrize("attend", ["vllm", "sdpa"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d,key_bits,value_bits,block_size,hq,hk", DENSE_CASES)
+def test_dense_context_matches_reference(
+    d, key_bits, value_bits, block_size, hq, hk, dtype, attend, monkeypatch
+):
+    """attend: vLLM's CPU attention kernel where it runs (head_dim 40 is not among its sizes:
+    SDPA then), or SDPA forced."""
+    lens = [70, 40, 33, 90, 5]
+    codec, cache, table, seq_lens = setup(d, key_bits, "mse", value_bits, block_size, hk, lens)
+    # Dense: a whole sequence (plain causal), a chunk after context (masked), exactly
+    # DENSE_ROWS rows; fused in the same call: 15 rows, one row, and none.
+    q_lens = [70, 20, cpu_context.DENSE_ROWS, 15, 1]
+    taken, kernel = [], []
+    dense_attention, vllm_kernel = dense.dense_attention, dense.vllm_cpu_attention
+    monkeypatch.setattr(
+        cpu_context,
+        "dense_attention",
+        lambda q, cache, table, seqs, *a: (
+            taken.append(seqs) or dense_attention(q, cache, table, seqs, *a)
+        ),
+    )
+    if attend == "sdpa":
+        monkeypatch.setattr(dense, "vllm_cpu_attention", lambda *a: kernel.append(0))
+    else:
+        monkeypatch.setattr(
+            dense, "vllm_cpu_attention", lambda *a: kernel.append(1) or vllm_kernel(*a)
+        )
+    starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    query = torch.randn(int(starts[-1]), hq, d, generator=torch.Generator().manual_seed(7))
+    args = (cache, table, starts, seq_lens, codec, d**-0.5)
+    out = cpu_context.context_attention(query.to(dtype), *args)
+    ref = context_attention_reference(query, None, None, *args)
+    assert taken == [[0, 1, 2]] and len(kernel) == 1
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, **DENSE_TOL[dtype])
+
+
+def test_vllm_kernel_runs_for_the_embedded_model_shape():
+    """bf16, head_dim 64: the shape the embedded model serves with must not fall back to SDPA."""
+    q = torch.randn(8, 9, 64).bfloat16()
+    kv = [torch.randn(3, 20, 64).bfloat16()]
+    out = dense.vllm_cpu_attention(q, kv, kv, [8], 0.125)
+    assert out is not None and out.shape == q.shape
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_uniform_values_context_matches_reference(dtype):
+    """value_mode 'uniform' (the upstream emulation) has no fused kernel: 16-bit chunks of
+    DENSE_ROWS or more take the dense path, whose dequantized values (zero + scale * idx,
+    unrotated) are exactly the reference's in float32; the rest runs the reference."""
+    layout = RecordLayout(64, 4, "mse", 3, value_mode="uniform")
+    codec = LayerCodec(layout, seed=1)
+    lens = [60, 30, 7]
+    cache, table, _, _ = make_cache(codec, lens, 16, 3, seed=2)
+    got_k, got_v = torch.ops.tq_vllm_cpu.dequantize(
+        cache,
+        table[0],
+        60,
+        codec.key.centroids.float(),
+        torch.arange(8, dtype=torch.float32),
+        cpu_extension.layout_fields(codec),
+        layout.value_zero,
+        64,
+        torch.float32,
+    )
+    ref_k, ref_v = gather_context(cache, table[0], 60, codec)  # values rotated
+    assert torch.equal(got_k, ref_k)
+    torch.testing.assert_close(codec.rotate(got_v), ref_v, atol=1e-5, rtol=1e-5)
+    starts = torch.tensor([0, 60, 80, 83], dtype=torch.int32)  # dense, dense, reference
+    query = torch.randn(83, 9, 64, generator=torch.Generator().manual_seed(4))
+    args = (cache, table, starts, torch.tensor(lens, dtype=torch.int32), codec, 0.125)
+    out = dispatch.context_attention(query.to(dtype), None, None, *args)
+    ref = context_attention_reference(query, None, None, *args)
+    tol = DENSE_TOL[dtype] if dtype in DENSE_TOL else CPU_TOL
+    torch.testing.assert_close(out.float(), ref, **tol)
+
+
+def test_dense_path_not_for_float32_or_prod_keys(monkeypatch):
+    monkeypatch.setattr(cpu_context, "dense_attention", None)  # calling it would fail
+    for mode, dtype in (("mse", torch.float32), ("prod", torch.bfloat16)):
+        codec, cache, table, seq_lens = setup(64, 3, mode, 3, 16, 1, [40])
+        starts = torch.tensor([0, 40], dtype=torch.int32)
+        query = torch.randn(40, 2, 64).to(dtype)
+        cpu_context.context_attention(query, cache, table, starts, seq_lens, codec, 0.1)
+
+
+def test_bf16_query_padded_records_int64_tables():
+    codec = LayerCodec(RecordLayout(128, 3, "prod", 3).padded(110), seed=0)
+    lens = [70, 2]
+    cache, table, _, _ = make_cache(codec, lens, 16, 2, seed=3)
+    query = torch.randn(2, 4, 128).to(torch.bfloat16)
+    seq_lens = torch.tensor(lens, dtype=torch.int64)
+    out = cpu_decode.decode_attention(query, cache, table.long(), seq_lens, codec, 0.1)
+    ref = decode_attention_reference(query.float(), cache, table, seq_lens, codec, 0.1)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=1e-2, rtol=1e-2)  # bf16 output rounding
+
+
+def test_ops_dispatches_cpu_tensors_to_the_kernel():
+    codec, cache, table, seq_lens = setup(64, 3, "mse", 3, 16, 1, [20, 5])
+    query = torch.randn(2, 3, 64)
+    kernel = cpu_decode.decode_attention(query, cache, table, seq_lens, codec, 0.1)
+    assert torch.equal(dispatch.decode_attention(query, cache, table, seq_lens, codec, 0.1), kernel)
+    starts = torch.tensor([0, 4, 6], dtype=torch.int32)
+    query = torch.randn(6, 3, 64)
+    args = (cache, table, starts, seq_lens, codec, 0.1)
+    kernel = cpu_context.context_attention(query, *args)
+    assert torch.equal(dispatch.context_attention(query, None, None, *args), kernel)
+
+
+def test_argument_errors():
+    codec, cache, table, seq_lens = setup(64, 3, "mse", 3, 16, 2, [3])
+    q = torch.randn(1, 4, 64)
+    with pytest.raises(ValueError, match="query"):
+        cpu_decode.decode_attention(q.to(torch.int32), cache, table, seq_lens, codec, 0.1)
+    with pytest.raises(ValueError, match="not a multiple"):
+        cpu_decode.decode_attention(torch.randn(1, 3, 64), cache, table, seq_lens, codec, 0.1)
+    with pytest.raises(ValueError, match="block_table"):
+        cpu_decode.decode_attention(q, cache, table.float(), seq_lens, codec, 0.1)
+    with pytest.raises(ValueError, match="for 2 sequences"):
+        cpu_decode.decode_attention(q, cache, table, torch.tensor([3, 4]), codec, 0.1)
+    with pytest.raises(ValueError, match="kv_cache"):
+        cpu_decode.decode_attention(q, cache[:, :, :, :10], table, seq_lens, codec, 0.1)
+    with pytest.raises(ValueError, match="query_start_loc"):
+        cpu_context.context_attention(q, cache, table, torch.tensor([0]), seq_lens, codec, 0.1)
+    with pytest.raises(RuntimeError, match="more blocks than block_table"):
+        cpu_decode.decode_attention(q, cache, table[:, :0], seq_lens, codec, 0.1)
+
+
+def test_build_failure_warns(tmp_path, monkeypatch, caplog):
+    """A source the compiler rejects: one warning naming the cause, and no kernel."""
+    broken = tmp_path / "cpu_attention.cpp"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(cpu_extension, "SOURCE", broken)
+    monkeypatch.setenv("TQ_VLLM_CACHE_DIR", str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING, logger="tq_vllm"):
+        assert cpu_extension.available.__wrapped__() is False
+    assert "could not be built" in caplog.text and "PyTorch reference" in caplog.text
+
+
+# -- the fused store: byte-identical records ------------------------------------------------
+# The kernel takes its matrix products and norms from the same ATen calls as the reference
+# and does the elementwise steps in the same float32 order, so no index may flip at a
+# boundary and no norm may round differently: every comparison below is exact.
+
+
+def stores(key, value, slots, codec, num_blocks=4, block_size=16, extra=3):
+    """(reference cache, fused cache), both 0xFF-filled before the store; records padded by
+    `extra` bytes past the layout's record, which must stay 0xFF too."""
+    shape = (num_blocks, key.shape[1], block_size, codec.layout.record_bytes + extra)
+    ref = torch.full(shape, 0xFF, dtype=torch.uint8)
+    got = ref.clone()
+    store_kv_reference(key, value, ref, slots, codec)
+    cpu_store.store_kv(key, value, got, slots, codec)
+    return ref, got
+
+
+def store_inputs(tokens, hk, d, dtype=torch.bfloat16, seed=0, num_slots=64):
+    gen = torch.Generator().manual_seed(seed)
+    key = (torch.randn(tokens, hk, d, generator=gen) * 2).to(dtype)
+    value = torch.randn(tokens, hk, d, generator=gen).to(dtype)
+    slots = torch.randperm(num_slots, generator=gen)[:tokens]
+    return key, value, slots
+
+
+# 40: not a multiple of 16, the portable path.
+@pytest.mark.parametrize("d", [40, 64, 96, 128, 256])
+@pytest.mark.parametrize("mode", ["mse", "prod"])
+def test_store_matches_reference_every_width(d, mode):
+    key, value, slots = store_inputs(37, 2, d)
+    for bits in range(1, 9):
+        codec = LayerCodec(RecordLayout(d, bits, mode, 9 - bits), seed=bits)
+        ref, got = stores(key, value, slots, codec)
+        assert torch.equal(got, ref), f"d={d} {mode} K{bits}V{9 - bits}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_store_padded_layout_padding_slots_and_dtypes(dtype):
+    codec = LayerCodec(RecordLayout(64, 4, "prod", 3).padded(100), seed=2)
+    key, value, slots = store_inputs(20, 3, 64, dtype)
+    slots[[0, 7, 19]] = -1  # vLLM's padding: those tokens write nothing
+    ref, got = stores(key, value, slots, codec)
+    assert torch.equal(got, ref)
+    assert int((got != 0xFF).any(dim=(1, 3)).sum()) <= 17  # 17 slots written, no more
+    ref, got = stores(key, value, torch.full_like(slots, -1), codec)
+    assert (got == 0xFF).all()
+
+
+def test_store_strided_views_of_a_fused_qkv():
+    """vLLM passes key and value as views into one [T, (Hq + 2 Hk) d] qkv tensor."""
+    hq, hk, d = 9, 3, 64
+    qkv = torch.randn(16, (hq + 2 * hk) * d).bfloat16()
+    _, key, value = qkv.split([hq * d, hk * d, hk * d], dim=-1)
+    key, value = key.view(16, hk, d), value.view(16, hk, d)
+    assert not key.is_contiguous()
+    slots = torch.arange(16) * 3
+    for layout in (RecordLayout(d, 6, "mse", 4), RecordLayout(d, 3, "prod", 2)):
+        codec = LayerCodec(layout, seed=0)
+        ref, got = stores(key, value, slots, codec)
+        assert torch.equal(got, ref)
+        contiguous = stores(key.contiguous(), value.contiguous(), slots, codec)[1]
+        assert torch.equal(got, contiguous)
+
+
+@pytest.mark.parametrize("mode", ["mse", "prod"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), 0.0, 3e38, 1e5, 1e-30])
+def test_store_bad_tokens_as_the_reference(mode, bad):
+    """A non-finite coordinate, an all-zero vector, huge and tiny norms: the same bytes as
+    the reference (a NaN norm, a saturated 65504, a zero record), see test_bad_input.py."""
+    key, value, slots = store_inputs(12, 3, 64, torch.float32)
+    key[2, 1, 5] = bad
+    value[4, 0, 9] = bad
+    key[6, 2] = 0.0 if bad != bad or abs(bad) == float("inf") else bad  # a whole vector
+    value[7, 1] = key[6, 2]
+    for bits in (1, 2, 6):
+        codec = LayerCodec(RecordLayout(64, bits, mode, bits), seed=0)
+        ref, got = stores(key, value, slots, codec)
+        assert torch.equal(got, ref), f"{mode} {bits} bits, bad={bad}"
+
+
+def test_ops_dispatches_cpu_stores_to_the_kernel(monkeypatch):
+    key, value, slots = store_inputs(8, 3, 64)
+    called = []
+    monkeypatch.setattr(
+        cpu_store, "store_kv", lambda *a: called.append(1) or store_kv_reference(*a)
+    )
+    mse = RecordLayout(64, 6, "mse", 4)
+    for layout in (mse, RecordLayout(64, 6, "mse", 4, value_mode="uniform")):
+        cache = torch.zeros(4, 3, 16, layout.record_bytes, dtype=torch.uint8)
+        dispatch.store_kv(key, value, cache, slots, LayerCodec(layout, seed=0))
+    assert called == [1]  # uniform values: the reference
+
+
+def test_store_argument_errors():
+    codec = LayerCodec(RecordLayout(64, 4, "mse", 4), seed=0)
+    key, value, slots = store_inputs(4, 2, 64)
+    cache = torch.zeros(4, 2, 16, codec.layout.record_bytes, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="value shape"):
+        cpu_store.store_kv(key, value[:, :1], cache, slots, codec)
+    with pytest.raises(ValueError, match="KV heads"):
+        cpu_store.store_kv(key[:, :1], value[:, :1], cache, slots, codec)
+    with pytest.raises(ValueError, match="slot_mapping has 3 slots"):
+        cpu_store.store_kv(key, value, cache, slots[:3], codec)
+    with pytest.raises(ValueError, match="kv_cache records"):
+        cpu_store.store_kv(key, value, cache[..., :10].contiguous(), slots, codec)
+    with pytest.raises(ValueError, match="key must"):
+        cpu_store.store_kv(key.int(), value, cache, slots, codec)
+    uniform = LayerCodec(RecordLayout(64, 4, "mse", 4, value_mode="uniform"), seed=0)
+    with pytest.raises(ValueError, match="uniform"):
+        cpu_store.store_kv(key, value, cache, slots, uniform)

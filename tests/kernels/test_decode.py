@@ -1,0 +1,86 @@
+"""The Triton decode kernel against decode_attention_reference (Triton interpreter here).
+
+Tolerance: atol = rtol = 2e-3 in float32. The kernel feeds its dots fp16 operands (rotated
+query, centroids, signs, p * value norm) with fp32 accumulation; the reference is fp32.
+"""
+
+import pytest
+import torch
+from cases import make_cache, run_kernel
+
+from tq_vllm.kernels.decode.reference import decode_attention_reference
+from tq_vllm.kernels.decode.triton_decode import decode_attention
+from tq_vllm.record.codec import LayerCodec
+from tq_vllm.record.layout import RecordLayout
+
+TOL = dict(atol=2e-3, rtol=2e-3)
+
+
+# A covering set over head_dim x key bits (1..8) x value bits x mode x block size x GQA ratio,
+# with lengths 1, one block, one past a block and several blocks, and splits that leave some
+# programs empty.
+CASES = [
+    # d, key_bits, mode, value_bits, block_size, hq, hk, lens, num_splits
+    (64, 2, "mse", 2, 16, 3, 1, [1, 16, 17, 40], None),
+    (64, 3, "prod", 4, 32, 8, 1, [32, 33], 4),
+    (64, 8, "mse", 3, 16, 2, 2, [5, 50], 1),
+    (128, 4, "prod", 3, 16, 16, 2, [17, 1], 3),
+    (128, 3, "mse", 8, 32, 3, 3, [64, 1, 31], 2),
+    (128, 1, "prod", 2, 16, 1, 1, [16, 100], 8),
+    (128, 1, "mse", 4, 32, 8, 1, [33], None),
+    (256, 3, "prod", 2, 32, 3, 1, [1, 32, 65], 2),
+    (256, 4, "mse", 1, 16, 8, 1, [16, 17], None),
+    (256, 2, "prod", 3, 16, 2, 2, [40], 16),
+    (64, 5, "mse", 6, 16, 2, 2, [19, 3], 2),
+    (128, 7, "prod", 7, 32, 4, 1, [45], 2),
+]
+
+
+@pytest.mark.parametrize("d,key_bits,mode,value_bits,block_size,hq,hk,lens,num_splits", CASES)
+def test_decode_matches_reference(
+    d, key_bits, mode, value_bits, block_size, hq, hk, lens, num_splits
+):
+    codec = LayerCodec(RecordLayout(d, key_bits, mode, value_bits), seed=d + key_bits)
+    cache, table, _, _ = make_cache(codec, lens, block_size, hk, seed=1)
+    query = torch.randn(len(lens), hq, d, generator=torch.Generator().manual_seed(2))
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    scale = d**-0.5
+    out = run_kernel(
+        decode_attention, query, cache, table, seq_lens, codec, scale, num_splits=num_splits
+    )
+    ref = decode_attention_reference(query, cache, table, seq_lens, codec, scale)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, **TOL)
+
+
+def test_decode_bf16_query_padded_records_and_tiles():
+    codec = LayerCodec(RecordLayout(128, 3, "prod", 3).padded(110), seed=0)
+    lens = [70, 2]
+    cache, table, _, _ = make_cache(codec, lens, 16, 2, seed=3)
+    query = torch.randn(2, 4, 128).to(torch.bfloat16)
+    seq_lens = torch.tensor(lens, dtype=torch.int64)
+    ref = decode_attention_reference(query.float(), cache, table, seq_lens, codec, 0.1)
+    out = run_kernel(
+        decode_attention, query, cache, table, seq_lens, codec, 0.1, num_splits=3, block_n=64
+    )
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=1e-2, rtol=1e-2)  # bf16 output rounding
+
+
+def test_decode_argument_errors():
+    codec = LayerCodec(RecordLayout(64, 3, "mse", 3), seed=0)
+    cache, table, _, _ = make_cache(codec, [3], 16, 2, seed=0)
+    q = torch.randn(1, 4, 64)
+    lens = torch.tensor([3], dtype=torch.int32)
+    with pytest.raises(ValueError, match="query"):
+        decode_attention(q.to(torch.int32), cache, table, lens, codec, 0.1)
+    with pytest.raises(ValueError, match="not a multiple"):
+        decode_attention(torch.randn(1, 3, 64), cache, table, lens, codec, 0.1)
+    with pytest.raises(ValueError, match="block_table"):
+        decode_attention(q, cache, table.float(), lens, codec, 0.1)
+    with pytest.raises(ValueError, match="seq_lens"):
+        decode_attention(q, cache, table, torch.tensor([3, 4], dtype=torch.int32), codec, 0.1)
+    with pytest.raises(ValueError, match="kv_cache"):
+        decode_attention(q, cache[:, :, :, :10], table, lens, codec, 0.1)
+    with pytest.raises(ValueError, match="block_n"):
+        decode_attention(q, cache, table, lens, codec, 0.1, block_n=24)

