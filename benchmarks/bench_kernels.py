@@ -17,13 +17,13 @@ import torch
 import triton
 import triton.language as tl
 
-from tq_vllm.kernels.decode import (
-    LOG2E,
+from tq_vllm.kernels.decode.triton_decode import (
     _decode_reduce_kernel,
     decode_attention,
     default_num_splits,
 )
-from tq_vllm.kernels.store import store_kv
+from tq_vllm.kernels.store.triton_store import store_kv
+from tq_vllm.kernels.triton_tiles import LOG2E
 from tq_vllm.record.codec import LayerCodec
 from tq_vllm.record.layout import RecordLayout
 

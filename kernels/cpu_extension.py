@@ -21,7 +21,10 @@ from tq_vllm.quant.centroids import cache_dir
 from tq_vllm.record.codec import LayerCodec
 
 logger = logging.getLogger("tq_vllm")
-SOURCE = Path(__file__).parent / "csrc" / "cpu_attention.cpp"
+HERE = Path(__file__).parent
+SOURCES = [HERE / "store" / "store.cpp", HERE / "decode" / "attention.cpp",
+           HERE / "context" / "dequantize.cpp"]  # fmt: skip
+HEADERS = [HERE / "csrc" / "records.h", HERE / "decode" / "attention_math.h"]
 
 
 def _cpu_fingerprint() -> str:
@@ -33,9 +36,9 @@ def _cpu_fingerprint() -> str:
 
 
 def build_directory() -> Path:
-    key = SOURCE.read_bytes() + f"{torch.__version__}|{platform.machine()}|".encode()
-    digest = hashlib.sha256(key + _cpu_fingerprint().encode()).hexdigest()[:16]
-    return cache_dir() / "extensions" / f"cpu_attention-{digest}"
+    key = b"".join(path.read_bytes() for path in [*SOURCES, *HEADERS])
+    key += f"{torch.__version__}|{platform.machine()}|{_cpu_fingerprint()}".encode()
+    return cache_dir() / "extensions" / f"cpu_ops-{hashlib.sha256(key).hexdigest()[:16]}"
 
 
 @functools.cache
@@ -47,8 +50,8 @@ def available() -> bool:
         build = build_directory()
         build.mkdir(parents=True, exist_ok=True)
         cpp_extension.load(
-            name="tq_vllm_cpu_attention",
-            sources=[str(SOURCE)],
+            name="tq_vllm_cpu_ops",
+            sources=[str(path) for path in SOURCES],
             build_directory=str(build),
             extra_cflags=["-O3", "-march=native"],
             is_python_module=False,
@@ -59,7 +62,7 @@ def available() -> bool:
         # The compiler's first "error:" line says most; cpp_extension wraps it in its log.
         reason = next((line for line in lines if "error:" in line), lines[-1])
         logger.warning(
-            "the fused CPU attention kernel could not be built (%s: %s); using the PyTorch "
+            "the C++ CPU kernels could not be built (%s: %s); using the PyTorch "
             "reference instead (correct, slower)",
             type(e).__name__,
             reason.strip(),
@@ -68,31 +71,14 @@ def available() -> bool:
 
 
 def layout_fields(codec: LayerCodec) -> list[int]:
-    """The record layout as the C++ ops take it (the store appends the residual norm's offset)."""
-    layout = codec.layout
-    return [
-        layout.key_index_bits,
-        int(layout.prod),
-        layout.value_bits,
-        layout.value_norm,
-        layout.key_indices,
-        layout.key_signs,
-        layout.value_indices,
-    ]
+    """The record layout as the C++ ops take it (records.h's struct Layout)."""
+    return list(codec.layout.kernel_fields())
 
 
-def key_args(codec: LayerCodec) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
-    """(key centroids, outlier centroids, outlier fields) as the C++ ops take them: for split
-    keys the regular part's centroids, then the outlier part's, and its [count, bits, norm
-    offset, indices offset]; for plain keys (centroids, None, [])."""
-    layout = codec.layout
-    if not layout.split_keys:
-        return codec.key.centroids.float().contiguous(), None, []
-    fields = [
-        layout.key_outliers,
-        layout.key_outlier_bits,
-        layout.key_outlier_norm,
-        layout.key_outlier_indices,
-    ]
+def key_centroids(codec: LayerCodec) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The key centroids as the C++ ops take them: for split keys the regular part's and the
+    outlier part's, for plain keys (centroids, None)."""
+    if not codec.layout.split_keys:
+        return codec.key.centroids.float().contiguous(), None
     regular, outlier = codec.key.regular.centroids, codec.key.outlier.centroids
-    return regular.float().contiguous(), outlier.float().contiguous(), fields
+    return regular.float().contiguous(), outlier.float().contiguous()

@@ -159,6 +159,8 @@ def score_tile(
     rec,
     tmask,
     kcent_ptr,
+    KEY_NORM_OFF: tl.constexpr,
+    KEY_RNORM_OFF: tl.constexpr,
     KEY_IDX_OFF: tl.constexpr,
     KEY_SIGN_OFF: tl.constexpr,
     D: tl.constexpr,
@@ -175,7 +177,7 @@ def score_tile(
     folds a join/reshape tile straight into its shared-memory copy and builds an illegal rank-5
     NVMMA layout, so an op must sit between the reshape and the dot. Elsewhere it only costs
     instructions (the tile has more elements than the scores)."""
-    norm = load_fp16(rec, tmask)
+    norm = load_fp16(rec + KEY_NORM_OFF, tmask)
     if KEY_BITS > 0:
         kc = load_centroids(rec, tmask, kcent_ptr, KEY_IDX_OFF, D, KEY_BITS)
         if NORM_ON_TILE:
@@ -185,7 +187,7 @@ def score_tile(
     else:
         s = tl.zeros([q.shape[0], rec.shape[0]], dtype=tl.float32)
     if PROD:
-        rnorm = load_fp16(rec + 2, tmask)
+        rnorm = load_fp16(rec + KEY_RNORM_OFF, tmask)
         signs = load_signs(rec, tmask, KEY_SIGN_OFF, D)
         if NORM_ON_TILE:  # +-rnorm is exact in fp16
             s += tl.dot(qs, tl.trans(signs * rnorm.to(tl.float16)[:, None])) * QJL_COEF
@@ -228,16 +230,18 @@ def centroid_table(centroids: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def layout_constexprs(codec: LayerCodec) -> dict:
+    """The record layout's fields the Triton kernels read, as their constexprs."""
     layout = codec.layout
     return dict(
         KEY_BITS=layout.key_index_bits,
         PROD=layout.prod,
         VALUE_BITS=layout.value_bits,
+        KEY_NORM_OFF=layout.key_norm,
+        KEY_RNORM_OFF=layout.key_residual_norm,
         VALUE_NORM_OFF=layout.value_norm,
         KEY_IDX_OFF=layout.key_indices,
         KEY_SIGN_OFF=layout.key_signs,
         VALUE_IDX_OFF=layout.value_indices,
-        QJL_COEF=math.sqrt(math.pi / 2) / codec.head_dim,
     )
 
 
@@ -247,11 +251,13 @@ def _launch_state(codec: LayerCodec) -> tuple[dict, tuple[torch.Tensor, torch.Te
         centroid_table(codec.key.centroids, layout.key_index_bits),
         centroid_table(codec.value.centroids, layout.value_bits),
     )
-    return layout_constexprs(codec), tables
+    qjl_coef = math.sqrt(math.pi / 2) / codec.head_dim
+    return {**layout_constexprs(codec), "QJL_COEF": qjl_coef}, tables
 
 
 def launch_state(codec: LayerCodec) -> tuple[dict, tuple[torch.Tensor, torch.Tensor]]:
-    """(layout_constexprs, (key table, value table)) of the attention kernels, built once."""
+    """(layout_constexprs and QJL_COEF, (key table, value table)) of the attention kernels,
+    built once."""
     return per_codec(codec, "attention", _launch_state)
 
 

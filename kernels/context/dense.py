@@ -18,7 +18,7 @@ import itertools
 import torch
 import torch.nn.functional as F
 
-from tq_vllm.kernels.cpu_extension import key_args, layout_fields
+from tq_vllm.kernels.cpu_extension import key_centroids, layout_fields
 from tq_vllm.record.codec import LayerCodec
 
 DENSE_BLOCK = 128  # temporary cache block size: a multiple of 32, as the AMX path needs
@@ -125,21 +125,19 @@ def dense_attention(
         levels = torch.arange(1 << layout.value_bits, dtype=torch.float32)
     else:
         levels = codec.value.centroids.float().contiguous()
-    key_centroids, outlier_centroids, outliers = key_args(codec)
+    regular, outlier = key_centroids(codec)
     keys, values = [], []
     for b, length in zip(seqs, lens):
         k, v = torch.ops.tq_vllm_cpu.dequantize(
             kv_cache,
             block_table[b].to(torch.int32).contiguous(),
             length,
-            key_centroids,
+            regular,
             levels,
             layout_fields(codec),
-            layout.value_zero if layout.uniform_values else -1,
             codec.head_dim,
             query.dtype,
-            outlier_centroids,
-            outliers,
+            outlier,
         )
         keys.append(k)
         values.append(v)

@@ -67,6 +67,8 @@ def _context_kernel(
     KEY_BITS: tl.constexpr,
     PROD: tl.constexpr,
     VALUE_BITS: tl.constexpr,
+    KEY_NORM_OFF: tl.constexpr,
+    KEY_RNORM_OFF: tl.constexpr,
     VALUE_NORM_OFF: tl.constexpr,
     KEY_IDX_OFF: tl.constexpr,
     KEY_SIGN_OFF: tl.constexpr,
@@ -118,8 +120,8 @@ def _context_kernel(
             cache_ptr, table_row, h, t, tmask, BLOCK_SIZE, cache_sb, cache_sh, cache_ss
         )
         s = score_tile(
-            q, qs, rec, tmask, kcent_ptr, KEY_IDX_OFF, KEY_SIGN_OFF, D, KEY_BITS, PROD, QJL_COEF,
-            norm_on_tile,
+            q, qs, rec, tmask, kcent_ptr, KEY_NORM_OFF, KEY_RNORM_OFF, KEY_IDX_OFF,
+            KEY_SIGN_OFF, D, KEY_BITS, PROD, QJL_COEF, norm_on_tile,
         )  # fmt: skip
         if ALL_CACHED:
             s = tl.where(t[None, :] <= (context + pos)[:, None], s, float("-inf"))

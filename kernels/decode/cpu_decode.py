@@ -20,7 +20,7 @@ from tq_vllm.kernels.common import (
     check_records,
     check_tensor,
 )
-from tq_vllm.kernels.cpu_extension import key_args, layout_fields
+from tq_vllm.kernels.cpu_extension import key_centroids, layout_fields
 from tq_vllm.record.codec import LayerCodec
 
 
@@ -57,7 +57,7 @@ def run_attention(
     layout = codec.layout
     q = (codec.rotate_queries(query) * scale).contiguous()
     qs = (q @ codec.key.qjl.T).contiguous() if layout.prod else q
-    key_centroids, outlier_centroids, outliers = key_args(codec)
+    regular, outlier = key_centroids(codec)
     out = torch.ops.tq_vllm_cpu.attention(
         q,
         qs,
@@ -65,14 +65,13 @@ def run_attention(
         block_table.to(torch.int32),
         query_start_loc.to(torch.int32).contiguous(),
         seq_lens.to(torch.int32).contiguous(),
-        key_centroids,
+        regular,
         codec.value.centroids.float().contiguous(),
         layout_fields(codec),
         math.sqrt(math.pi / 2) / codec.head_dim,
         rows_per_tile,
         num_splits,
-        outlier_centroids,
-        outliers,
+        outlier,
     )
     return codec.unrotate(out).to(query.dtype)
 

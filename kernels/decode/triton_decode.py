@@ -66,6 +66,8 @@ def _decode_split_kernel(
     KEY_BITS: tl.constexpr,
     PROD: tl.constexpr,
     VALUE_BITS: tl.constexpr,
+    KEY_NORM_OFF: tl.constexpr,
+    KEY_RNORM_OFF: tl.constexpr,
     VALUE_NORM_OFF: tl.constexpr,
     KEY_IDX_OFF: tl.constexpr,
     KEY_SIGN_OFF: tl.constexpr,
@@ -104,8 +106,9 @@ def _decode_split_kernel(
             cache_ptr, table_row, h, t, tmask, BLOCK_SIZE, cache_sb, cache_sh, cache_ss
         )
         s = score_tile(
-            q, qs, rec, tmask, kcent_ptr, KEY_IDX_OFF, KEY_SIGN_OFF, D, KEY_BITS, PROD, QJL_COEF
-        )
+            q, qs, rec, tmask, kcent_ptr, KEY_NORM_OFF, KEY_RNORM_OFF, KEY_IDX_OFF,
+            KEY_SIGN_OFF, D, KEY_BITS, PROD, QJL_COEF,
+        )  # fmt: skip
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])

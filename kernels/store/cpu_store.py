@@ -35,5 +35,5 @@ def store_kv(
         codec.key.qjl if layout.prod else None,
         codec.value.centroids,
         codec.value.boundaries,
-        [*layout_fields(codec), layout.key_residual_norm],
+        layout_fields(codec),
     )

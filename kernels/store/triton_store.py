@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 from tq_vllm.kernels.common import check_cache, check_store_inputs
-from tq_vllm.kernels.triton_tiles import fp16_norm, store_fp16
+from tq_vllm.kernels.triton_tiles import fp16_norm, layout_constexprs, store_fp16
 from tq_vllm.record.codec import LayerCodec
 
 
@@ -128,6 +128,7 @@ def _store_kv_kernel(
     KEY_BITS: tl.constexpr,
     PROD: tl.constexpr,
     VALUE_BITS: tl.constexpr,
+    KEY_NORM_OFF: tl.constexpr,
     KEY_RNORM_OFF: tl.constexpr,
     VALUE_NORM_OFF: tl.constexpr,
     KEY_IDX_OFF: tl.constexpr,
@@ -151,7 +152,7 @@ def _store_kv_kernel(
     t64 = t.to(tl.int64)
     _quantize_store(
         key_ptr + t64 * key_st + h * key_sh, tmask, rec, rot_ptr, kcent_ptr, kbnd_ptr, qjl_ptr,
-        0, KEY_IDX_OFF, KEY_RNORM_OFF, KEY_SIGN_OFF, BLOCK_T, D, NC, KEY_BITS, PROD,
+        KEY_NORM_OFF, KEY_IDX_OFF, KEY_RNORM_OFF, KEY_SIGN_OFF, BLOCK_T, D, NC, KEY_BITS, PROD,
     )  # fmt: skip
     _quantize_store(
         value_ptr + t64 * value_st + h * value_sh, tmask, rec, rot_ptr, vcent_ptr, vbnd_ptr,
@@ -191,9 +192,6 @@ def store_kv(
         codec.value.centroids, codec.value.boundaries,
         num_tokens, key.stride(0), key.stride(1), value.stride(0), value.stride(1),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.shape[2],
-        KEY_BITS=layout.key_index_bits, PROD=layout.prod, VALUE_BITS=layout.value_bits,
-        KEY_RNORM_OFF=layout.key_residual_norm, VALUE_NORM_OFF=layout.value_norm,
-        KEY_IDX_OFF=layout.key_indices, KEY_SIGN_OFF=layout.key_signs,
-        VALUE_IDX_OFF=layout.value_indices, BLOCK_T=block_t, D=head_dim, NC=64,
+        BLOCK_T=block_t, D=head_dim, NC=64, **layout_constexprs(codec),
         num_warps=num_warps,
     )  # fmt: skip

@@ -3,7 +3,7 @@
 import importlib.util
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_kernels.py"
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_kernels.py"
 
 
 def test_bench_kernels_quick(capsys):

@@ -119,7 +119,6 @@ def test_dequantize_matches_reference_values(d, dtype):
         codec.key.centroids.float(),
         codec.value.centroids.float(),
         cpu_extension.layout_fields(codec),
-        -1,
         d,
         dtype,
     )
@@ -199,7 +198,6 @@ def test_uniform_values_context_matches_reference(dtype):
         codec.key.centroids.float(),
         torch.arange(8, dtype=torch.float32),
         cpu_extension.layout_fields(codec),
-        layout.value_zero,
         64,
         torch.float32,
     )
@@ -269,9 +267,9 @@ def test_argument_errors():
 
 def test_build_failure_warns(tmp_path, monkeypatch, caplog):
     """A source the compiler rejects: one warning naming the cause, and no kernel."""
-    broken = tmp_path / "cpu_attention.cpp"
+    broken = tmp_path / "store.cpp"
     broken.write_text("this is not C++\n")
-    monkeypatch.setattr(cpu_extension, "SOURCE", broken)
+    monkeypatch.setattr(cpu_extension, "SOURCES", [broken, *cpu_extension.SOURCES[1:]])
     monkeypatch.setenv("TQ_VLLM_CACHE_DIR", str(tmp_path / "cache"))
     with caplog.at_level(logging.WARNING, logger="tq_vllm"):
         assert cpu_extension.available.__wrapped__() is False

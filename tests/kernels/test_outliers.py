@@ -159,7 +159,6 @@ def test_dequantize_split_keys_matches_reference(
 ):
     assert cpu_extension.available()
     codec, cache, table, _, _ = setup(d, bits, outlier_bits, n, value_bits, block_size, hk, [50])
-    layout = codec.layout
     got_k, got_v = torch.ops.tq_vllm_cpu.dequantize(
         cache,
         table[0],
@@ -167,11 +166,9 @@ def test_dequantize_split_keys_matches_reference(
         codec.key.regular.centroids.float(),
         codec.value.centroids.float(),
         cpu_extension.layout_fields(codec),
-        -1,
         d,
         dtype,
         codec.key.outlier.centroids.float(),
-        [n, outlier_bits, layout.key_outlier_norm, layout.key_outlier_indices],
     )
     ref_k, ref_v = gather_context(cache, table[0], 50, codec)
     assert torch.equal(got_k, ref_k.to(dtype)) and torch.equal(got_v, ref_v.to(dtype))

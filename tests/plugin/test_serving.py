@@ -105,7 +105,7 @@ def test_16_concurrent_requests(client):
 def generate(tmp_path: Path, llm_kwargs: dict, prompts: list[str], repeat: int = 1):
     out = tmp_path / f"out{len(list(tmp_path.iterdir()))}.json"
     spec = {"llm": llm_kwargs, "prompts": prompts, "repeat": repeat, "max_tokens": 24}
-    script = Path(__file__).parent / "scripts" / "generate.py"
+    script = Path(__file__).parents[1] / "scripts" / "generate.py"
     subprocess.run(
         [sys.executable, str(script), str(out), json.dumps(spec)],
         check=True,

@@ -5,7 +5,7 @@ from pathlib import Path
 
 
 def test_readme_python_example_runs(capsys):
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
     block = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
     exec(compile(block, "README.md", "exec"), {})
     printed = capsys.readouterr().out.split("\n")

@@ -35,6 +35,24 @@ from tq_vllm.quant.uniform import UniformCodes
 from tq_vllm.record.packing import packed_bytes
 
 VALUE_MODES = ("mse", "uniform")
+# What a kernel needs to read or write a record: bit widths, flags and every byte offset.
+KERNEL_FIELDS = (
+    "key_index_bits",
+    "prod",
+    "value_bits",
+    "key_norm",
+    "key_residual_norm",
+    "value_norm",
+    "value_zero",
+    "key_indices",
+    "key_signs",
+    "value_indices",
+    "key_outliers",
+    "key_outlier_bits",
+    "key_outlier_norm",
+    "key_outlier_indices",
+    "uniform_values",
+)
 
 
 @dataclass(frozen=True)
@@ -143,6 +161,11 @@ class RecordLayout:
         if record_bytes < self.size:
             raise ValueError(f"cannot pad a {self.size}-byte record to {record_bytes} bytes")
         return replace(self, padded_size=record_bytes)
+
+    def kernel_fields(self) -> tuple[int, ...]:
+        """The layout as the kernels receive it, in KERNEL_FIELDS order: the C++ ops take this
+        tuple (their struct Layout), the Triton kernels the same values as constexprs."""
+        return tuple(int(getattr(self, name)) for name in KERNEL_FIELDS)
 
     def compression_ratio(self, model_bytes_per_value: int = 2) -> float:
         """Bytes of K and V in the model dtype over the record's bytes (padding included)."""

@@ -1,0 +1,132 @@
+#include "../csrc/records.h"
+
+namespace tq {
+namespace {
+
+// Dequantize: one sequence's cached tokens as dense rotated keys and values.
+// For chunked prefill on bf16 models: the caller attends over the result with a dense kernel
+// (oneDNN, AMX where the CPU has it), far faster per score than the fused float32 loop once
+// a chunk has more than a few rows. Lloyd-Max values are norm * c[idx] in float32; uniform
+// values (value_mode "uniform", unrotated) are zero + scale * idx, two roundings as in
+// uniform.py; either is then rounded once to the output dtype. Split keys (outliers.py) are
+// two Lloyd-Max parts with their own norms and centroids, written side by side: the regular
+// channels first, then the outlier channels.
+
+// dst[:n] = scale * src[:n] (+ shift, where shifted) in T, rounded twice as uniform.py does
+// (no fused multiply-add).
+#define TQ_NO_FMA __attribute__((noinline, optimize("fp-contract=off")))
+template <typename T>
+TQ_NO_FMA void write_scaled(const float* src, float scale, float shift, bool shifted, int n,
+                            T* dst) {
+  for (int j = 0; j < n; ++j) {
+    const float product = scale * src[j];
+    dst[j] = static_cast<T>(shifted ? shift + product : product);
+  }
+}
+#if defined(TQ_AVX512) && defined(__AVX512BF16__)
+template <>
+TQ_NO_FMA void write_scaled<c10::BFloat16>(const float* src, float scale, float shift,
+                                           bool shifted, int n, c10::BFloat16* dst) {
+  int j = 0;
+  for (; j + 16 <= n; j += 16) {  // round to nearest even, as c10::BFloat16 does
+    __m512 x = _mm512_mul_ps(_mm512_set1_ps(scale), _mm512_loadu_ps(src + j));
+    if (shifted) x = _mm512_add_ps(_mm512_set1_ps(shift), x);
+    const __m256bh h = _mm512_cvtneps_pbh(x);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + j), reinterpret_cast<const __m256i&>(h));
+  }
+  for (; j < n; ++j) {
+    const float product = scale * src[j];
+    dst[j] = static_cast<c10::BFloat16>(shifted ? shift + product : product);
+  }
+}
+#endif
+
+template <typename T>
+void dequantize_into(const uint8_t* cache, int64_t hk, int64_t block_size, int64_t record,
+                     int64_t num_blocks, const int32_t* blocks, int64_t length, int d,
+                     const Layout& L, const float* kc, const float* vc,
+                     const OutlierPart& O, T* out) {
+  const int64_t nb = (length + block_size - 1) / block_size;
+  const int regular = d - O.count;
+  const RowDecoder decode_k(kc, L.key_bits, regular), decode_v(vc, L.value_bits, d);
+  const RowDecoder decode_o(O.count ? O.centroids : kc, O.count ? O.bits : 1, O.count);
+  const bool uniform = L.uniform_values;
+  T* keys = out;
+  T* values = out + hk * length * d;
+  at::parallel_for(0, hk * nb, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(d);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t h = item / nb, i = item % nb, block = blocks[i];
+      TORCH_CHECK(block >= 0 && block < num_blocks, "block_table entry ", block,
+                  " out of range for a cache of ", num_blocks, " blocks");
+      const uint8_t* rec = cache + (block * hk + h) * block_size * record;
+      const int64_t t0 = i * block_size, t1 = std::min(length, t0 + block_size);
+      for (int64_t t = t0; t < t1; ++t, rec += record) {
+        const int64_t at = (h * length + t) * d;
+        decode_k(rec + L.key_indices, row.data());
+        write_scaled(row.data(), load_half(rec + L.key_norm), 0.f, false, regular, keys + at);
+        if (O.count) {
+          decode_o(rec + O.indices, row.data());
+          write_scaled(row.data(), load_half(rec + O.norm), 0.f, false, O.count,
+                       keys + at + regular);
+        }
+        decode_v(rec + L.value_indices, row.data());
+        const float zero = uniform ? load_half(rec + L.value_zero) : 0.f;
+        write_scaled(row.data(), load_half(rec + L.value_norm), zero, uniform, d, values + at);
+      }
+    }
+  });
+}
+
+// Uniform values: their scale sits at the layout's value_norm, their zero point at value_zero,
+// and value_centroids must be 0, 1, ..., 2^b - 1. Split keys: key_centroids are the regular
+// part's, outlier_centroids the outlier part's.
+at::Tensor dequantize(const at::Tensor& kv_cache, const at::Tensor& blocks, int64_t length,
+                      const at::Tensor& key_centroids, const at::Tensor& value_centroids,
+                      at::IntArrayRef layout, int64_t head_dim, at::ScalarType dtype,
+                      const std::optional<at::Tensor>& outlier_centroids) {
+  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.scalar_type() == at::kByte &&
+                  kv_cache.is_contiguous(),
+              "kv_cache must be a contiguous uint8 [num_blocks, Hk, block_size, C] tensor");
+  const Layout L = parse_layout(layout, head_dim, kv_cache.size(3));
+  TORCH_CHECK(!L.prod && L.key_bits >= 1, "dequantize reads mse keys of 1..8 bits");
+  const int64_t block_size = kv_cache.size(2), hk = kv_cache.size(1);
+  TORCH_CHECK(length >= 0 && blocks.dim() == 1 && blocks.scalar_type() == at::kInt &&
+                  blocks.is_contiguous() &&
+                  blocks.size(0) >= (length + block_size - 1) / block_size,
+              "blocks must be contiguous int32 with an entry for each block of the sequence");
+  TORCH_CHECK(key_centroids.scalar_type() == at::kFloat && key_centroids.is_contiguous() &&
+                  key_centroids.numel() >= (int64_t{1} << L.key_bits) &&
+                  value_centroids.scalar_type() == at::kFloat &&
+                  value_centroids.is_contiguous() &&
+                  value_centroids.numel() >= (int64_t{1} << L.value_bits),
+              "centroids must be contiguous float32 with 2^bits entries");
+  const int d = static_cast<int>(head_dim);
+  const OutlierPart O = outlier_part(L, outlier_centroids);
+  auto out = at::empty({2, hk, length, head_dim}, kv_cache.options().dtype(dtype));
+  auto run = [&](auto* dst) {
+    dequantize_into(kv_cache.data_ptr<uint8_t>(), hk, block_size, kv_cache.size(3),
+                    kv_cache.size(0), blocks.data_ptr<int32_t>(), length, d, L,
+                    key_centroids.data_ptr<float>(), value_centroids.data_ptr<float>(), O, dst);
+  };
+  switch (dtype) {
+    case at::kFloat: run(out.data_ptr<float>()); break;
+    case at::kBFloat16: run(out.data_ptr<c10::BFloat16>()); break;
+    case at::kHalf: run(out.data_ptr<c10::Half>()); break;
+    default: TORCH_CHECK(false, "dequantize writes float32, bfloat16 or float16");
+  }
+  return out;
+}
+
+
+}  // namespace
+}  // namespace tq
+
+TORCH_LIBRARY_FRAGMENT(tq_vllm_cpu, m) {
+  m.def(
+      "dequantize(Tensor kv_cache, Tensor blocks, int length, Tensor key_centroids, "
+      "Tensor value_centroids, int[] layout, int head_dim, ScalarType dtype, "
+      "Tensor? outlier_centroids=None) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tq_vllm_cpu, CPU, m) { m.impl("dequantize", &tq::dequantize); }

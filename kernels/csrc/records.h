@@ -1,0 +1,225 @@
+// Reading and writing the paged records, shared by the C++ ops (store.cpp, attention.cpp,
+// dequantize.cpp). Every byte offset comes from tq_vllm/record/layout.py through Layout, in the
+// order RecordLayout.kernel_fields() lists them; nothing here restates one. Packed indices are
+// LSB-first bit streams, 8 indices of b bits in b bytes (tq_vllm/record/packing.py).
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
+#include <immintrin.h>
+#define TQ_AVX512 1
+#endif
+
+namespace tq {
+
+inline float load_half(const uint8_t* p) {
+  uint16_t bits;
+  std::memcpy(&bits, p, 2);  // records have any length: the field may be unaligned
+  return static_cast<float>(c10::Half(bits, c10::Half::from_bits()));
+}
+
+template <int B>
+inline void unpack_bits(const uint8_t* p, int n, uint8_t* out) {
+  constexpr uint64_t mask = (uint64_t{1} << B) - 1;
+  int j = 0;
+  for (; j + 8 <= n; j += 8, p += B) {  // 8 indices fill exactly B bytes
+    uint64_t w = 0;
+    std::memcpy(&w, p, B);
+    for (int k = 0; k < 8; ++k) out[j + k] = static_cast<uint8_t>((w >> (k * B)) & mask);
+  }
+  if (j < n) {  // a head_dim that is not a multiple of 8: the row's last, partial group
+    const int rest = n - j;
+    uint64_t w = 0;
+    std::memcpy(&w, p, (rest * B + 7) / 8);
+    for (int k = 0; k < rest; ++k) out[j + k] = static_cast<uint8_t>((w >> (k * B)) & mask);
+  }
+}
+
+
+using UnpackFn = void (*)(const uint8_t*, int, uint8_t*);
+constexpr UnpackFn UNPACK[9] = {nullptr,         unpack_bits<1>, unpack_bits<2>,
+                                unpack_bits<3>, unpack_bits<4>, unpack_bits<5>,
+                                unpack_bits<6>, unpack_bits<7>, unpack_bits<8>};
+
+// Centroid values of one row of b-bit indices: c[idx] for each of the n indices at p.
+class RowDecoder {
+ public:
+  RowDecoder(const float* centroids, int bits, int n) : c_(centroids), bits_(bits), n_(n) {
+#ifdef TQ_AVX512
+    fast_ = n % 16 == 0;
+    if (!fast_) return;
+    // 64 indices at a time: byte-permute each group of 8 indices (b bytes) into its own
+    // 64-bit lane, pull every index's bits out with one multishift, mask them.
+    alignas(64) uint8_t perm[64], shift[64];
+    for (int g = 0; g < 8; ++g)
+      for (int i = 0; i < 8; ++i) {
+        perm[8 * g + i] = static_cast<uint8_t>(g * bits + i);
+        shift[8 * g + i] = static_cast<uint8_t>(i * bits);
+      }
+    perm_ = _mm512_load_si512(perm);
+    shift_ = _mm512_load_si512(shift);
+    mask_ = _mm512_set1_epi8(static_cast<char>((1 << bits) - 1));
+    alignas(64) float table[64] = {};  // up to 6 bits the table sits in four registers
+    for (int i = 0; i < std::min(64, 1 << bits); ++i) table[i] = centroids[i];
+    for (int i = 0; i < 4; ++i) t_[i] = _mm512_load_ps(table + 16 * i);
+#endif
+  }
+
+  void operator()(const uint8_t* p, float* out) const {
+    const uint8_t* rows[1] = {p};
+    this->rows(rows, 0, 1, 0, out);
+  }
+
+  // Rows recs[u] + offset for u < n into out + u * stride: one dispatch on the bit width per
+  // call, the per-row work then inlined with the width known at compile time.
+  void rows(const uint8_t* const* recs, int offset, int n, int stride, float* out) const {
+#ifdef TQ_AVX512
+    if (fast_) switch (bits_) {
+        case 1: return rows_fixed<1>(recs, offset, n, stride, out);
+        case 2: return rows_fixed<2>(recs, offset, n, stride, out);
+        case 3: return rows_fixed<3>(recs, offset, n, stride, out);
+        case 4: return rows_fixed<4>(recs, offset, n, stride, out);
+        case 5: return rows_fixed<5>(recs, offset, n, stride, out);
+        case 6: return rows_fixed<6>(recs, offset, n, stride, out);
+        case 7: return rows_fixed<7>(recs, offset, n, stride, out);
+        default: return rows_fixed<8>(recs, offset, n, stride, out);
+      }
+#endif
+    alignas(64) uint8_t idx[256];
+    for (int u = 0; u < n; ++u) {
+      const uint8_t* p = recs[u] + offset;
+      for (int c = 0; c < n_; c += 256) {  // chunks of whole groups of 8 indices
+        const int m = std::min(256, n_ - c);
+        UNPACK[bits_](p + c * bits_ / 8, m, idx);
+        for (int i = 0; i < m; ++i) out[u * stride + c + i] = c_[idx[i]];
+      }
+    }
+  }
+
+ private:
+#ifdef TQ_AVX512
+  template <int B>
+  void rows_fixed(const uint8_t* const* recs, int offset, int n, int stride, float* out) const {
+    for (int u = 0; u < n; ++u) {
+      if (u + 2 < n) __builtin_prefetch(recs[u + 2] + offset);  // the next rows' bytes to L1
+      const uint8_t* p = recs[u] + offset;
+      float* o = out + static_cast<size_t>(u) * stride;
+      alignas(64) uint8_t idx[64];
+      for (int c = 0; c < n_; c += 64) {
+        const int m = std::min(64, n_ - c), bytes = m * B / 8;
+        const __mmask64 keep = bytes == 64 ? ~__mmask64{0} : (__mmask64{1} << bytes) - 1;
+        const __m512i data = _mm512_maskz_loadu_epi8(keep, p + c * B / 8);
+        const __m512i lanes = _mm512_permutexvar_epi8(perm_, data);
+        _mm512_store_si512(idx, _mm512_and_si512(_mm512_multishift_epi64_epi8(shift_, lanes),
+                                                 mask_));
+        for (int v = 0; v < m; v += 16) {
+          const __m512i i = _mm512_cvtepu8_epi32(_mm_load_si128(
+              reinterpret_cast<const __m128i*>(idx + v)));
+          _mm512_storeu_ps(o + c + v, lookup<B>(i));
+        }
+      }
+    }
+  }
+
+  template <int B>
+  __m512 lookup(__m512i i) const {
+    if constexpr (B <= 4) {
+      return _mm512_permutexvar_ps(i, t_[0]);
+    } else if constexpr (B == 5) {
+      return _mm512_permutex2var_ps(t_[0], i, t_[1]);
+    } else if constexpr (B == 6) {
+      const __mmask16 high = _mm512_test_epi32_mask(i, _mm512_set1_epi32(32));
+      return _mm512_mask_blend_ps(high, _mm512_permutex2var_ps(t_[0], i, t_[1]),
+                                  _mm512_permutex2var_ps(t_[2], i, t_[3]));
+    } else {
+      return _mm512_i32gather_ps(i, c_, 4);
+    }
+  }
+  bool fast_ = false;
+  __m512i perm_, shift_, mask_;
+  __m512 t_[4];
+#endif
+  const float* c_;
+  int bits_, n_;
+};
+
+// QJL sign bits of one row as +-1.
+inline void decode_signs(const uint8_t* p, int n, float* out) {
+  int j = 0;
+#ifdef TQ_AVX512
+  const __m512 pos = _mm512_set1_ps(1.f), neg = _mm512_set1_ps(-1.f);
+  for (; j + 16 <= n; j += 16) {
+    uint16_t bits;
+    std::memcpy(&bits, p + j / 8, 2);
+    _mm512_storeu_ps(out + j, _mm512_mask_blend_ps(bits, neg, pos));
+  }
+#endif
+  for (; j < n; ++j) out[j] = ((p[j >> 3] >> (j & 7)) & 1) ? 1.f : -1.f;
+}
+
+
+// The record layout: tq_vllm/record/layout.py's RecordLayout.kernel_fields(), in this order.
+struct Layout {
+  int key_bits;  // mse index bits of the (regular) keys, 0 for 1-bit prod (no mse part)
+  bool prod;
+  int value_bits;
+  int key_norm, key_residual_norm, value_norm, value_zero;  // fp16 fields
+  int key_indices, key_signs, value_indices;                // packed fields
+  // Split keys (outliers.py): key_outliers channels at key_outlier_bits, their fp16 norm and
+  // packed indices here; the regular part is the key fields over the first d - count rotated
+  // coordinates. 0 outliers: plain keys.
+  int key_outliers, key_outlier_bits, key_outlier_norm, key_outlier_indices;
+  bool uniform_values;  // value_mode "uniform": scale at value_norm, zero point at value_zero
+};
+constexpr size_t LAYOUT_FIELDS = 15;
+
+inline Layout parse_layout(at::IntArrayRef f, int64_t head_dim, int64_t record) {
+  TORCH_CHECK(f.size() == LAYOUT_FIELDS, "layout must hold ", LAYOUT_FIELDS,
+              " integers (RecordLayout.kernel_fields())");
+  auto i = [&](size_t k) { return static_cast<int>(f[k]); };
+  const Layout L{i(0), f[1] != 0, i(2),  i(3),  i(4),  i(5),  i(6), i(7),
+                 i(8), i(9),      i(10), i(11), i(12), i(13), f[14] != 0};
+  TORCH_CHECK(L.key_bits >= 0 && L.key_bits <= 8 && L.value_bits >= 1 && L.value_bits <= 8,
+              "key bits 0..8 and value bits 1..8");
+  TORCH_CHECK(L.key_outliers >= 0 && L.key_outliers < head_dim, "key_outliers out of range");
+  if (L.key_outliers) {
+    TORCH_CHECK(!L.prod && L.key_bits > 0, "split keys are Lloyd-Max (mse) keys");
+    TORCH_CHECK(L.key_outlier_bits >= 1 && L.key_outlier_bits <= 8 && L.key_outlier_norm >= 0 &&
+                    L.key_outlier_norm + 2 <= record && L.key_outlier_indices >= 0 &&
+                    L.key_outlier_indices + (L.key_outliers * L.key_outlier_bits + 7) / 8 <= record,
+                "split keys' outlier fields must lie inside the record");
+  }
+  return L;
+}
+
+// The outlier part of split keys with its centroids; count 0: plain keys.
+struct OutlierPart {
+  int count = 0, bits = 0, norm = 0, indices = 0;
+  const float* centroids = nullptr;
+};
+
+inline OutlierPart outlier_part(const Layout& L, const std::optional<at::Tensor>& centroids) {
+  if (!L.key_outliers) return {};
+  TORCH_CHECK(centroids.has_value() && centroids->scalar_type() == at::kFloat &&
+                  centroids->is_contiguous() &&
+                  centroids->numel() >= (int64_t{1} << L.key_outlier_bits),
+              "split keys need contiguous float32 outlier_centroids with 2^bits entries");
+  return OutlierPart{L.key_outliers, L.key_outlier_bits, L.key_outlier_norm,
+                     L.key_outlier_indices, centroids->data_ptr<float>()};
+}
+
+}  // namespace tq

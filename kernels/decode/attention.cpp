@@ -1,0 +1,305 @@
+// Fused CPU attention over the TurboQuant paged cache (decode and chunked prefill).
+//
+// Contract: tq_vllm/kernels/decode/cpu_decode.py (it rotates queries before and outputs after).
+// One work item is (sequence, query-row tile, KV head, context split). It walks the
+// sequence's records through the block table in tiles of TILE tokens, unpacks the b-bit
+// indices straight from the record bytes (LSB-first, 8 indices of b bits = b bytes, see
+// tq_vllm/record/packing.py), looks up centroids, scores every query row of the GQA group against
+// norm * c[idx] (+ the QJL term in prod mode), and accumulates norm * c_v[vidx] under an
+// online softmax, all in the rotated domain. Splits of one row tile are merged by their
+// log-sum-exp. Everything is float32.
+
+#include "attention_math.h"
+
+namespace tq {
+namespace {
+
+// x[:n] *= scale
+inline void scale_row(float* x, float scale, int n) {
+  for (int j = 0; j < n; ++j) x[j] *= scale;
+}
+
+struct Problem {
+  const float* q;   // [T, Hq, d] rotated, scaled queries
+  const float* qs;  // [T, Hq, d] S q' (prod mode)
+  const uint8_t* cache;
+  int64_t num_blocks, hk, block_size, record;
+  const int32_t* table;
+  int64_t table_stride;
+  const float* kc;
+  const float* vc;
+  int d, g, hq;
+  Layout lay;
+  float qjl_coef;
+  OutlierPart outliers;
+};
+
+// One (sequence, rows [row0, row0 + rows), KV head) over tokens [t0, t1). Row r of the item
+// is query row row0 + r / g, head h * g + r % g, and sees tokens t <= lim0 + r / g.
+// Writes acc[r] / l[r] to out (row stride out_stride) and log(l[r]) + m[r] to lse if given.
+void attend_item(const Problem& P, int64_t b, int64_t row0, int rows, int64_t lim0, int64_t h,
+                 int64_t t0, int64_t t1, float* out, int64_t out_stride, float* lse) {
+  const int d = P.d, g = P.g, R = rows * g;
+  const Layout& L = P.lay;
+  std::vector<float> Q(static_cast<size_t>(R) * d), QS(L.prod ? static_cast<size_t>(R) * d : 0);
+  std::vector<float> acc(static_cast<size_t>(R) * d, 0.f), m(R, NEG_INF), l(R, 0.f);
+  std::vector<int64_t> lim(R);
+  for (int r = 0; r < R; ++r) {
+    const int64_t src = ((row0 + r / g) * P.hq + h * g + r % g) * d;
+    std::memcpy(&Q[static_cast<size_t>(r) * d], P.q + src, sizeof(float) * d);
+    if (L.prod) std::memcpy(&QS[static_cast<size_t>(r) * d], P.qs + src, sizeof(float) * d);
+    lim[r] = lim0 + r / g;
+  }
+  std::vector<float> kf(L.key_bits ? TILE * d : 0), sg(L.prod ? TILE * d : 0), vf(TILE * d);
+  float knorm[TILE], rnorm[TILE], vnorm[TILE];
+  const uint8_t* recs[TILE];
+  std::vector<float> S(static_cast<size_t>(R) * TILE), alpha(R);  // scores, then weights
+  const bool has_k = L.key_bits > 0;  // 1-bit prod keys are all QJL
+  const OutlierPart& O = P.outliers;
+  const int regular = d - O.count;
+  std::optional<RowDecoder> decode_k, decode_o;
+  if (has_k) decode_k.emplace(P.kc, L.key_bits, regular);
+  if (O.count) decode_o.emplace(O.centroids, O.bits, O.count);
+  const RowDecoder decode_v(P.vc, L.value_bits, d);
+  const int32_t* row_table = P.table + b * P.table_stride;
+
+  // The walk through the block table: token t sits in row_table[t / block_size] at offset
+  // t % block_size, advanced one token at a time (a division per token cost as much as the
+  // decode). A head's records of one block are contiguous, so on entering a block the next
+  // one is prefetched whole.
+  const int64_t head_bytes = P.block_size * P.record;
+  auto block_records = [&](int64_t i) -> const uint8_t* {
+    const int64_t block = row_table[i];
+    TORCH_CHECK(block >= 0 && block < P.num_blocks, "block_table entry ", block,
+                " out of range for a cache of ", P.num_blocks, " blocks");
+    return P.cache + (block * P.hk + h) * head_bytes;
+  };
+  const int64_t last_block = (t1 - 1) / P.block_size;
+  int64_t block_i = t0 / P.block_size, offset = t0 % P.block_size;
+  const uint8_t* records = t1 > t0 ? block_records(block_i) : nullptr;
+  auto prefetch_block = [&](int64_t i) {
+    if (i > last_block) return;
+    const int64_t block = row_table[i];
+    if (block < 0 || block >= P.num_blocks) return;  // checked when it is read
+    const uint8_t* next = P.cache + (block * P.hk + h) * head_bytes;
+    for (int64_t line = 0; line < head_bytes; line += 64) __builtin_prefetch(next + line);
+  };
+  prefetch_block(block_i + 1);
+
+  for (int64_t ts = t0; ts < t1; ts += TILE) {
+    const int n = static_cast<int>(std::min<int64_t>(TILE, t1 - ts));
+    for (int u = 0; u < n; ++u) {
+      if (offset == P.block_size) {
+        offset = 0;
+        records = block_records(++block_i);
+        prefetch_block(block_i + 1);
+      }
+      const uint8_t* rec = recs[u] = records + (offset++) * P.record;
+      knorm[u] = load_half(rec + L.key_norm);
+      vnorm[u] = load_half(rec + L.value_norm);
+      if (L.prod) {
+        rnorm[u] = load_half(rec + L.key_residual_norm) * P.qjl_coef;
+        decode_signs(rec + L.key_signs, d, &sg[u * d]);
+      }
+    }
+    if (has_k) decode_k->rows(recs, L.key_indices, n, d, kf.data());
+    if (O.count) {  // each part scaled by its own norm here, the score's scale is then 1
+      decode_o->rows(recs, O.indices, n, d, kf.data() + regular);
+      for (int u = 0; u < n; ++u) {
+        scale_row(&kf[u * d], knorm[u], regular);
+        scale_row(&kf[u * d + regular], load_half(recs[u] + O.norm), O.count);
+        knorm[u] = 1.f;
+      }
+    }
+    decode_v.rows(recs, L.value_indices, n, d, vf.data());
+
+    // Rows whose limit precedes the tile (causal) are a prefix of the item's rows.
+    int first = 0;
+    while (first < R && lim[first] < ts) ++first;
+    for (int r = first; r < R; ++r) {
+      const int visible = static_cast<int>(std::min<int64_t>(n, lim[r] - ts + 1));
+      float* sr = &S[static_cast<size_t>(r) * TILE];
+      for (int u = 0; u < TILE; ++u) sr[u] = 0.f;  // past `visible`: weight 0 below
+      if (has_k) add_scores(&Q[static_cast<size_t>(r) * d], kf.data(), knorm, visible, d, sr);
+      if (L.prod) add_scores(&QS[static_cast<size_t>(r) * d], sg.data(), rnorm, visible, d, sr);
+      const float m_new = std::max(m[r], max_score(sr, visible));
+      alpha[r] = m[r] == NEG_INF ? 0.f : std::exp(m[r] - m_new);
+      l[r] = l[r] * alpha[r] + softmax_weights(sr, vnorm, m_new, visible, sr);  // in place
+      m[r] = m_new;
+    }
+    for (int r0 = first; r0 < R; r0 += ROW_BLOCK) {
+      const int rows = std::min(ROW_BLOCK, R - r0);
+      float* accs[ROW_BLOCK];
+      const float* ws[ROW_BLOCK];
+      for (int i = 0; i < rows; ++i) {
+        accs[i] = &acc[static_cast<size_t>(r0 + i) * d];
+        ws[i] = &S[static_cast<size_t>(r0 + i) * TILE];
+      }
+      // A block's last row sees the most tokens; the others' weights are 0 past theirs.
+      const int visible = static_cast<int>(std::min<int64_t>(n, lim[r0 + rows - 1] - ts + 1));
+      accumulate(accs, &alpha[r0], ws, rows, vf.data(), visible, d);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float* o = out + (r / g) * out_stride + (r % g) * d;
+    const float* ar = &acc[static_cast<size_t>(r) * d];
+    const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;  // no tokens (an empty split): 0
+    for (int j = 0; j < d; ++j) o[j] = ar[j] * inv;
+    if (lse) lse[r] = l[r] > 0.f ? m[r] + std::log(l[r]) : NEG_INF;
+  }
+}
+
+// A bijection of [0, n): 0, n-1, 1, n-2, ... Row tiles later in a chunk see more (causal)
+// context; parallel_for hands each thread a contiguous range, which this way mixes light
+// and heavy items instead of giving one thread all the heavy ones.
+inline int64_t interleaved(int64_t pos, int64_t n) {
+  return pos % 2 == 0 ? pos / 2 : n - 1 - pos / 2;
+}
+
+struct RowTile {
+  int64_t b, row0, lim0, end;  // end: tokens the tile reads (its last row's limit + 1)
+  int rows;
+};
+
+at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor& kv_cache,
+                     const at::Tensor& block_table, const at::Tensor& query_start_loc,
+                     const at::Tensor& seq_lens, const at::Tensor& key_centroids,
+                     const at::Tensor& value_centroids, at::IntArrayRef layout, double qjl_coef,
+                     int64_t rows_per_tile, int64_t num_splits,
+                     const std::optional<at::Tensor>& outlier_centroids) {
+  TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(),
+              "q must be a contiguous float32 [T, Hq, d] tensor");
+  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.scalar_type() == at::kByte &&
+                  kv_cache.is_contiguous(),
+              "kv_cache must be a contiguous uint8 [num_blocks, Hk, block_size, C] tensor");
+  TORCH_CHECK(block_table.dim() == 2 && block_table.scalar_type() == at::kInt &&
+                  block_table.stride(1) == 1,
+              "block_table must be int32 [B, max_blocks] with unit column stride");
+  TORCH_CHECK(query_start_loc.scalar_type() == at::kInt && query_start_loc.is_contiguous() &&
+                  seq_lens.scalar_type() == at::kInt && seq_lens.is_contiguous(),
+              "query_start_loc and seq_lens must be contiguous int32");
+  TORCH_CHECK(rows_per_tile >= 1 && num_splits >= 0, "rows_per_tile >= 1, num_splits >= 0");
+  const int64_t batch = seq_lens.size(0);
+  TORCH_CHECK(query_start_loc.size(0) == batch + 1 && block_table.size(0) == batch,
+              "query_start_loc needs B + 1 entries and block_table B rows");
+  Problem P;
+  P.d = static_cast<int>(q.size(2));
+  P.hq = static_cast<int>(q.size(1));
+  P.hk = kv_cache.size(1);
+  TORCH_CHECK(P.hq % P.hk == 0, "query heads must be a multiple of KV heads");
+  P.g = static_cast<int>(P.hq / P.hk);
+  P.lay = parse_layout(layout, P.d, kv_cache.size(3));
+  TORCH_CHECK(!P.lay.uniform_values, "the fused attention reads Lloyd-Max values only");
+  P.qjl_coef = static_cast<float>(qjl_coef);
+  TORCH_CHECK(key_centroids.scalar_type() == at::kFloat && key_centroids.is_contiguous() &&
+                  key_centroids.numel() >= (int64_t{1} << P.lay.key_bits) &&
+                  value_centroids.scalar_type() == at::kFloat &&
+                  value_centroids.is_contiguous() &&
+                  value_centroids.numel() >= (int64_t{1} << P.lay.value_bits),
+              "centroids must be contiguous float32 with 2^bits entries");
+  TORCH_CHECK(!P.lay.prod || (qs.sizes() == q.sizes() && qs.scalar_type() == at::kFloat &&
+                              qs.is_contiguous()),
+              "prod mode needs qs shaped like q, contiguous float32");
+  P.q = q.data_ptr<float>();
+  P.qs = P.lay.prod ? qs.data_ptr<float>() : nullptr;
+  P.cache = kv_cache.data_ptr<uint8_t>();
+  P.num_blocks = kv_cache.size(0);
+  P.block_size = kv_cache.size(2);
+  P.record = kv_cache.size(3);
+  P.table = block_table.data_ptr<int32_t>();
+  P.table_stride = block_table.stride(0);
+  P.kc = key_centroids.data_ptr<float>();
+  P.vc = value_centroids.data_ptr<float>();
+  P.outliers = outlier_part(P.lay, outlier_centroids);
+
+  const int32_t* qsl = query_start_loc.data_ptr<int32_t>();
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  std::vector<RowTile> tiles;
+  int64_t longest = 0;
+  for (int64_t b = 0; b < batch; ++b) {
+    const int64_t lo = qsl[b], hi = qsl[b + 1], len = lens[b];
+    TORCH_CHECK(hi >= lo && hi <= q.size(0) && len >= hi - lo,
+                "sequence ", b, ": bad query_start_loc or seq_len");
+    TORCH_CHECK((len + P.block_size - 1) / P.block_size <= block_table.size(1),
+                "sequence ", b, " has more blocks than block_table columns");
+    for (int64_t row = lo; row < hi; row += rows_per_tile) {
+      const int rows = static_cast<int>(std::min<int64_t>(rows_per_tile, hi - row));
+      const int64_t lim0 = len - (hi - lo) + (row - lo);  // first row's last visible token
+      tiles.push_back(RowTile{b, row, lim0, lim0 + rows, rows});
+      longest = std::max(longest, lim0 + rows);
+    }
+  }
+  auto out = at::empty_like(q);
+  const int64_t units = static_cast<int64_t>(tiles.size()) * P.hk;
+  if (units == 0) return out;
+  if (num_splits == 0) {  // about 4 items per thread, splits no shorter than 256 tokens
+    const int64_t want = (4 * at::get_num_threads() + units - 1) / units;
+    num_splits = std::max<int64_t>(1, std::min(want, (longest + 255) / 256));
+  }
+  float* o = out.data_ptr<float>();
+  const int64_t hq = P.hq, d = P.d, g = P.g, rpt = rows_per_tile;
+  if (num_splits == 1) {
+    at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t pos = begin; pos < end; ++pos) {
+        const int64_t i = interleaved(pos, units);
+        const RowTile& tile = tiles[i / P.hk];
+        const int64_t h = i % P.hk;
+        attend_item(P, tile.b, tile.row0, tile.rows, tile.lim0, h, 0, tile.end,
+                    o + (tile.row0 * hq + h * g) * d, hq * d, nullptr);
+      }
+    });
+    return out;
+  }
+  // Split items write [rows_per_tile, g, d] partials and their lse; a second pass merges.
+  const int64_t ns = num_splits, unit_rows = rpt * g;
+  std::vector<float> part(static_cast<size_t>(units * ns * unit_rows * d));
+  std::vector<float> lse(static_cast<size_t>(units * ns * unit_rows));
+  at::parallel_for(0, units * ns, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t pos = begin; pos < end; ++pos) {
+      const int64_t i = interleaved(pos, units * ns);
+      const int64_t unit = i / ns, split = i % ns;
+      const RowTile& tile = tiles[unit / P.hk];
+      const int64_t per = (tile.end + ns - 1) / ns;
+      const int64_t t0 = std::min(split * per, tile.end), t1 = std::min(t0 + per, tile.end);
+      attend_item(P, tile.b, tile.row0, tile.rows, tile.lim0, unit % P.hk, t0, t1,
+                  &part[i * unit_rows * d], g * d, &lse[i * unit_rows]);
+    }
+  });
+  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const RowTile& tile = tiles[unit / P.hk];
+      const int64_t h = unit % P.hk;
+      for (int64_t r = 0; r < tile.rows * g; ++r) {
+        float top = NEG_INF;
+        for (int64_t s = 0; s < ns; ++s) top = std::max(top, lse[(unit * ns + s) * unit_rows + r]);
+        float* dst = o + ((tile.row0 + r / g) * hq + h * g + r % g) * d;
+        std::fill(dst, dst + d, 0.f);
+        if (top == NEG_INF) continue;  // no tokens at all
+        float total = 0.f;
+        for (int64_t s = 0; s < ns; ++s) {
+          const int64_t item = unit * ns + s;
+          const float w = std::exp(lse[item * unit_rows + r] - top);
+          total += w;
+          const float* src = &part[(item * unit_rows + r) * d];
+          for (int64_t j = 0; j < d; ++j) dst[j] += w * src[j];
+        }
+        for (int64_t j = 0; j < d; ++j) dst[j] /= total;
+      }
+    }
+  });
+  return out;
+}
+
+
+}  // namespace
+}  // namespace tq
+
+TORCH_LIBRARY_FRAGMENT(tq_vllm_cpu, m) {
+  m.def(
+      "attention(Tensor q, Tensor qs, Tensor kv_cache, Tensor block_table, "
+      "Tensor query_start_loc, Tensor seq_lens, Tensor key_centroids, Tensor value_centroids, "
+      "int[] layout, float qjl_coef, int rows_per_tile, int num_splits, "
+      "Tensor? outlier_centroids=None) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(tq_vllm_cpu, CPU, m) { m.impl("attention", &tq::attention); }

@@ -1,0 +1,246 @@
+// The float32 arithmetic of the fused attention (attention.cpp): dots, scores, the online
+// softmax's weights and the weighted value sums, with AVX-512 paths where the CPU has them.
+#pragma once
+
+#include "../csrc/records.h"
+
+namespace tq {
+
+constexpr int TILE = 64;    // tokens decoded together
+constexpr int LANES = 16;   // independent partial sums per dot: vectorizes without -ffast-math
+constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
+
+inline float dot(const float* a, const float* b, int n) {
+#ifdef TQ_AVX512
+  if (n % 16 == 0) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int j = 0; j < n; j += 16)
+      acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j), acc);
+    return _mm512_reduce_add_ps(acc);
+  }
+#endif
+  float lanes[LANES] = {};
+  int j = 0;
+  for (; j + LANES <= n; j += LANES)
+    for (int k = 0; k < LANES; ++k) lanes[k] += a[j + k] * b[j + k];
+  float s = 0.f;
+  for (; j < n; ++j) s += a[j] * b[j];
+  for (int k = 0; k < LANES; ++k) s += lanes[k];
+  return s;
+}
+
+#ifdef TQ_AVX512
+// Lane i of the result: the sum of the 16 lanes of a[i].
+inline __m512 transpose_sum(const __m512 a[16]) {
+  __m512 b[8], c[4];
+  for (int i = 0; i < 8; ++i)  // per 128-bit block: [a2i 0+2, a2i+1 0+2, a2i 1+3, a2i+1 1+3]
+    b[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]),
+                         _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128-bit block: the block's sums of a4i .. a4i+3
+    const __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
+    c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  const __m512 e01 = _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x44),
+                                   _mm512_shuffle_f32x4(c[0], c[1], 0xEE));
+  const __m512 e23 = _mm512_add_ps(_mm512_shuffle_f32x4(c[2], c[3], 0x44),
+                                   _mm512_shuffle_f32x4(c[2], c[3], 0xEE));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(e01, e23, 0x88),
+                       _mm512_shuffle_f32x4(e01, e23, 0xDD));
+}
+
+// e^x for x <= 0 (a NaN stays NaN): 2^round(t) * 2^f, |f| <= 1/2, 2^f by its degree-7 Taylor
+// polynomial (relative error < 1e-8 there).
+inline __m512 exp_nonpositive(__m512 x) {
+  const __m512 t = _mm512_mul_ps(_mm512_max_ps(_mm512_set1_ps(-104.f), x),
+                                 _mm512_set1_ps(1.44269504088896341f));
+  const __m512 k = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_mul_ps(_mm512_sub_ps(t, k), _mm512_set1_ps(0.693147180559945309f));
+  __m512 p = _mm512_set1_ps(1.f / 5040);
+  for (const float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f})
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+  return _mm512_scalef_ps(p, k);
+}
+#endif
+
+#ifdef TQ_AVX512
+// add_scores for a head_dim D known at compile time: q stays in registers and the 16 dots of a
+// token group are 16 independent, fully unrolled FMA chains (a runtime-length loop instead
+// left one dependent chain per token and spilled the partial sums to the stack).
+template <int D>
+inline void add_scores_fixed(const float* q, const float* x, const float* scale, int n,
+                             float* s) {
+  constexpr int V = D / 16;
+  __m512 qv[V];
+  for (int k = 0; k < V; ++k) qv[k] = _mm512_loadu_ps(q + 16 * k);
+  for (int u0 = 0; u0 < n; u0 += 16) {
+    const int cnt = std::min(16, n - u0);
+    __m512 a[16];
+#pragma GCC unroll 16
+    for (int t = 0; t < 16; ++t) {
+      // Rows past n read the tile's next rows (the buffers hold whole tiles); masked below.
+      const float* xt = x + static_cast<size_t>(u0 + std::min(t, cnt - 1)) * D;
+      __m512 dot = _mm512_mul_ps(qv[0], _mm512_loadu_ps(xt));
+#pragma GCC unroll 16
+      for (int k = 1; k < V; ++k) dot = _mm512_fmadd_ps(qv[k], _mm512_loadu_ps(xt + 16 * k), dot);
+      a[t] = dot;
+    }
+    const __mmask16 keep = static_cast<__mmask16>((1u << cnt) - 1);
+    const __m512 dots =
+        _mm512_mul_ps(transpose_sum(a), _mm512_maskz_loadu_ps(keep, scale + u0));
+    _mm512_mask_storeu_ps(s + u0, keep, _mm512_add_ps(_mm512_maskz_loadu_ps(keep, s + u0), dots));
+  }
+}
+#endif
+
+// s[u] += scale[u] * <q, x[u]> for the n rows x[u] of d floats.
+inline void add_scores(const float* q, const float* x, const float* scale, int n, int d,
+                       float* s) {
+#ifdef TQ_AVX512
+  switch (d) {
+    case 64: return add_scores_fixed<64>(q, x, scale, n, s);
+    case 128: return add_scores_fixed<128>(q, x, scale, n, s);
+    case 256: return add_scores_fixed<256>(q, x, scale, n, s);
+    default: break;
+  }
+  if (d % 16 == 0) {  // 16 tokens' dots reduced together, not one horizontal sum each
+    for (int u0 = 0; u0 < n; u0 += 16) {
+      const int cnt = std::min(16, n - u0);
+      __m512 a[16];
+      for (int k = 0; k < 16; ++k) a[k] = _mm512_setzero_ps();
+      for (int k = 0; k < cnt; ++k) {  // a register chain per token: tokens overlap
+        const float* xk = x + static_cast<size_t>(u0 + k) * d;
+        __m512 dot = _mm512_setzero_ps();
+        for (int j = 0; j < d; j += 16)
+          dot = _mm512_fmadd_ps(_mm512_loadu_ps(q + j), _mm512_loadu_ps(xk + j), dot);
+        a[k] = dot;
+      }
+      const __mmask16 keep = static_cast<__mmask16>((1u << cnt) - 1);
+      const __m512 dots =
+          _mm512_mul_ps(transpose_sum(a), _mm512_maskz_loadu_ps(keep, scale + u0));
+      _mm512_mask_storeu_ps(s + u0, keep,
+                            _mm512_add_ps(_mm512_maskz_loadu_ps(keep, s + u0), dots));
+    }
+    return;
+  }
+#endif
+  for (int u = 0; u < n; ++u) s[u] += scale[u] * dot(q, x + static_cast<size_t>(u) * d, d);
+}
+
+// max_u s[u] over u < n, skipping NaNs (a NaN score still poisons the softmax sum).
+inline float max_score(const float* s, int n) {
+#ifdef TQ_AVX512
+  __m512 top = _mm512_set1_ps(NEG_INF);
+  for (int u = 0; u < n; u += 16) {
+    const __mmask16 keep = static_cast<__mmask16>((1u << std::min(16, n - u)) - 1);
+    top = _mm512_max_ps(_mm512_mask_loadu_ps(_mm512_set1_ps(NEG_INF), keep, s + u), top);
+  }
+  return _mm512_reduce_max_ps(top);
+#else
+  float top = NEG_INF;
+  for (int u = 0; u < n; ++u) top = s[u] > top ? s[u] : top;
+  return top;
+#endif
+}
+
+// w[u] = e^(s[u] - m) * vnorm[u] for u < n; returns sum_u e^(s[u] - m).
+inline float softmax_weights(const float* s, const float* vnorm, float m, int n, float* w) {
+#ifdef TQ_AVX512
+  __m512 sum = _mm512_setzero_ps();
+  for (int u = 0; u < n; u += 16) {
+    const __mmask16 keep = static_cast<__mmask16>((1u << std::min(16, n - u)) - 1);
+    const __m512 x = _mm512_sub_ps(_mm512_maskz_loadu_ps(keep, s + u), _mm512_set1_ps(m));
+    const __m512 p = _mm512_maskz_mov_ps(keep, exp_nonpositive(x));
+    sum = _mm512_add_ps(sum, p);
+    _mm512_mask_storeu_ps(w + u, keep, _mm512_mul_ps(p, _mm512_maskz_loadu_ps(keep, vnorm + u)));
+  }
+  return _mm512_reduce_add_ps(sum);
+#else
+  float total = 0.f;
+  for (int u = 0; u < n; ++u) {
+    const float p = std::exp(s[u] - m);
+    total += p;
+    w[u] = p * vnorm[u];
+  }
+  return total;
+#endif
+}
+
+// For the rows r < rows (at most ROW_BLOCK): acc[r][:d] = alpha[r] * acc[r] +
+// sum_u w[r][u] * v[u, :d] over n rows v of d floats. Rows share each loaded v.
+constexpr int ROW_BLOCK = 4;
+#ifdef TQ_AVX512
+// accumulate over the 64 columns [j0, j0 + 64) for a row count known at compile time: the
+// ROWS x 4 partial sums stay in registers (runtime bounds left them on the stack).
+template <int ROWS>
+inline void accumulate_columns(float* const* acc, const float* alpha, const float* const* w,
+                               const float* v, int n, int d, int j0) {
+  __m512 a[ROWS][4];
+#pragma GCC unroll 8
+  for (int r = 0; r < ROWS; ++r)
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k)
+      a[r][k] = _mm512_mul_ps(_mm512_loadu_ps(acc[r] + j0 + 16 * k), _mm512_set1_ps(alpha[r]));
+  for (int u = 0; u < n; ++u) {
+    const float* vu = v + static_cast<size_t>(u) * d + j0;
+    __m512 x[4];
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) x[k] = _mm512_loadu_ps(vu + 16 * k);
+#pragma GCC unroll 8
+    for (int r = 0; r < ROWS; ++r) {
+      const __m512 wr = _mm512_set1_ps(w[r][u]);
+#pragma GCC unroll 4
+      for (int k = 0; k < 4; ++k) a[r][k] = _mm512_fmadd_ps(wr, x[k], a[r][k]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < ROWS; ++r)
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) _mm512_storeu_ps(acc[r] + j0 + 16 * k, a[r][k]);
+}
+#endif
+
+inline void accumulate(float* const* acc, const float* alpha, const float* const* w, int rows,
+                       const float* v, int n, int d) {
+#ifdef TQ_AVX512
+  if (d % 64 == 0) {
+    for (int j0 = 0; j0 < d; j0 += 64) switch (rows) {
+        case 1: accumulate_columns<1>(acc, alpha, w, v, n, d, j0); break;
+        case 2: accumulate_columns<2>(acc, alpha, w, v, n, d, j0); break;
+        case 3: accumulate_columns<3>(acc, alpha, w, v, n, d, j0); break;
+        default: accumulate_columns<4>(acc, alpha, w, v, n, d, j0); break;
+      }
+    return;
+  }
+  if (d % 16 == 0) {
+    for (int j0 = 0; j0 < d; j0 += 64) {  // 4 vectors x 4 rows: 16 independent FMA chains
+      const int nv = std::min(4, (d - j0) / 16);
+      __m512 a[ROW_BLOCK][4];
+      for (int r = 0; r < rows; ++r)
+        for (int k = 0; k < nv; ++k)
+          a[r][k] = _mm512_mul_ps(_mm512_loadu_ps(acc[r] + j0 + 16 * k),
+                                  _mm512_set1_ps(alpha[r]));
+      for (int u = 0; u < n; ++u) {
+        const float* vu = v + static_cast<size_t>(u) * d + j0;
+        __m512 x[4];
+        for (int k = 0; k < nv; ++k) x[k] = _mm512_loadu_ps(vu + 16 * k);
+        for (int r = 0; r < rows; ++r) {
+          const __m512 wr = _mm512_set1_ps(w[r][u]);
+          for (int k = 0; k < nv; ++k) a[r][k] = _mm512_fmadd_ps(wr, x[k], a[r][k]);
+        }
+      }
+      for (int r = 0; r < rows; ++r)
+        for (int k = 0; k < nv; ++k) _mm512_storeu_ps(acc[r] + j0 + 16 * k, a[r][k]);
+    }
+    return;
+  }
+#endif
+  for (int r = 0; r < rows; ++r) {
+    for (int j = 0; j < d; ++j) acc[r][j] *= alpha[r];
+    for (int u = 0; u < n; ++u)
+      for (int j = 0; j < d; ++j) acc[r][j] += w[r][u] * v[static_cast<size_t>(u) * d + j];
+  }
+}
+
+
+}  // namespace tq

@@ -1,0 +1,216 @@
+#include "../csrc/records.h"
+
+namespace tq {
+namespace {
+
+// Store: quantize a step's keys and values and pack them into their records (the contract:
+// tq_vllm/kernels/store/reference.py).
+//
+// The records must be the bytes store_kv_reference writes. Everything rounding could change
+// (the matrix products, and the norms, which ATen reduces in an order of its own) comes from
+// the ATen calls the reference makes, on tensors of the same shapes; the steps between them
+// are single IEEE operations done here in the reference's order. The reference's many small
+// ops (packing, record assembly, the scatter) were what cost the time.
+
+// to_fp16_norm: a non-finite norm becomes 0, a larger one 65504; then round to nearest even.
+inline void store_fp16_norm(uint8_t* p, float n) {
+  if (!std::isfinite(n)) n = 0.f;
+  if (n > 65504.f) n = 65504.f;
+  const uint16_t bits = c10::Half(n).x;
+  std::memcpy(p, &bits, 2);
+}
+
+// torch.bucketize (right=False) of u [n] over the 2^bits - 1 sorted boundaries: idx = the
+// number of boundaries b with !(b >= u), by a binary search one step at a time over the whole
+// row, so each step vectorizes (a search per coordinate is a chain of dependent loads and
+// cost ~10x more). A NaN u compares false everywhere and gets the last index, as in ATen.
+inline void bucketize(const float* bnd, int bits, const float* u, int64_t n, int32_t* idx) {
+#ifdef TQ_AVX512
+  if (n % 16 == 0) {  // hardware gathers; _CMP_NGE_UQ is !(b >= u), NaN included
+    for (int64_t j = 0; j < n; j += 16) _mm512_storeu_si512(idx + j, _mm512_setzero_si512());
+    for (int s = bits - 1; s >= 0; --s) {  // steps outermost: the gathers of a step overlap
+      for (int64_t j = 0; j < n; j += 16) {
+        const __m512i i = _mm512_loadu_si512(idx + j);
+        const __m512i cand = _mm512_add_epi32(i, _mm512_set1_epi32(1 << s));
+        const __m512 b = _mm512_i32gather_ps(_mm512_sub_epi32(cand, _mm512_set1_epi32(1)), bnd, 4);
+        const __mmask16 lower = _mm512_cmp_ps_mask(b, _mm512_loadu_ps(u + j), _CMP_NGE_UQ);
+        _mm512_storeu_si512(idx + j, _mm512_mask_blend_epi32(lower, i, cand));
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t j = 0; j < n; ++j) idx[j] = 0;
+  for (int s = bits - 1; s >= 0; --s) {
+    for (int64_t j = 0; j < n; ++j) {
+      const int32_t cand = idx[j] + (1 << s);
+      idx[j] = !(bnd[cand - 1] >= u[j]) ? cand : idx[j];
+    }
+  }
+}
+
+// packing.py: index j at bits [j*bits, (j+1)*bits), LSB first; the last byte's spare high
+// bits are zero. Every byte of the field is written.
+inline void pack_indices(const int32_t* idx, int64_t n, int bits, uint8_t* out) {
+  uint64_t acc = 0;
+  int filled = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    acc |= static_cast<uint64_t>(idx[j]) << filled;
+    filled += bits;
+    while (filled >= 8) {
+      *out++ = static_cast<uint8_t>(acc & 0xFF);
+      acc >>= 8;
+      filled -= 8;
+    }
+  }
+  if (filled > 0) *out = static_cast<uint8_t>(acc & 0xFF);
+}
+
+// y - n * c rounded twice, as the reference's two tensor ops: a fused multiply-add would
+// change the residual's last bits, and so its signs and norm.
+__attribute__((noinline, optimize("fp-contract=off"))) void residual_row(
+    const float* y, const float* c, float n, int64_t d, float* r) {
+  for (int64_t j = 0; j < d; ++j) {
+    const float t = n * c[j];
+    r[j] = y[j] - t;
+  }
+}
+
+struct StoreTarget {
+  uint8_t* cache;
+  const int64_t* slots;
+  int64_t heads, block_size, sb, sh, ss;
+  uint8_t* record(int64_t row) const {
+    const int64_t slot = slots[row / heads];
+    return cache + (slot / block_size) * sb + (row % heads) * sh + (slot % block_size) * ss;
+  }
+};
+
+// Rows of x [T, H, d] rotated, indexed and packed at idx_off; returns what the norms need:
+// (x as float, y, centroids at the indices), and the indices in idx.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> index_rows(
+    const at::Tensor& x_in, const at::Tensor& rotation, const at::Tensor& centroids,
+    const at::Tensor& boundaries, int bits, int64_t idx_off, const StoreTarget& target,
+    std::vector<int32_t>& idx) {
+  at::Tensor x = x_in.to(at::kFloat);                    // the reference's x.float()
+  at::Tensor y = at::matmul(x, rotation.t()).contiguous();  // x @ R^T
+  at::Tensor ynorm = at::linalg_vector_norm(y, 2, {-1}, false, std::nullopt).contiguous();
+  const int64_t rows = y.size(0) * y.size(1), d = y.size(2);
+  at::Tensor c = at::empty_like(y);
+  idx.resize(rows * d);
+  const float* yp = y.data_ptr<float>();
+  const float* yn = ynorm.data_ptr<float>();
+  const float* cent = centroids.data_ptr<float>();
+  const float* bnd = boundaries.data_ptr<float>();
+  TORCH_CHECK(boundaries.numel() == (int64_t{1} << bits) - 1, "store: boundaries need 2^bits - 1 entries");
+  float* cp = c.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    std::vector<float> u(d);
+    for (int64_t row = begin; row < end; ++row) {
+      float n = yn[row];
+      if (n < 1e-30f) n = 1e-30f;  // clamp_min(1e-30), which keeps a NaN
+      int32_t* ri = &idx[row * d];
+      for (int64_t j = 0; j < d; ++j) u[j] = yp[row * d + j] / n;
+      bucketize(bnd, bits, u.data(), d, ri);
+      for (int64_t j = 0; j < d; ++j) cp[row * d + j] = cent[ri[j]];
+      if (bits > 0) pack_indices(ri, d, bits, target.record(row) + idx_off);
+    }
+  });
+  return {x, y, c};
+}
+
+// mse mode: the stored norm is ||x|| / ||c[idx]|| (quantizer._code_norms).
+void store_mse_norms(const at::Tensor& x, const at::Tensor& c, int64_t norm_off,
+                     const StoreTarget& target) {
+  at::Tensor xnorm = at::linalg_vector_norm(x, 2, {-1}, false, std::nullopt).contiguous();
+  at::Tensor cnorm = at::linalg_vector_norm(c, 2, {-1}, false, std::nullopt).contiguous();
+  const float* xn = xnorm.data_ptr<float>();
+  const float* cn = cnorm.data_ptr<float>();
+  for (int64_t row = 0; row < xnorm.numel(); ++row) {
+    store_fp16_norm(target.record(row) + norm_off, xn[row] / (cn[row] > 0 ? cn[row] : 1.f));
+  }
+}
+
+void store(const at::Tensor& key_in, const at::Tensor& value_in, at::Tensor kv_cache,
+           const at::Tensor& slot_mapping, const at::Tensor& rotation,
+           const at::Tensor& key_centroids, const at::Tensor& key_boundaries,
+           const std::optional<at::Tensor>& qjl, const at::Tensor& value_centroids,
+           const at::Tensor& value_boundaries, at::IntArrayRef layout) {
+  const Layout L = parse_layout(layout, key_in.size(-1), kv_cache.size(3));
+  TORCH_CHECK(!L.key_outliers && !L.uniform_values,
+              "store: no fused store for split keys or uniform values");
+  const int key_bits = L.key_bits, value_bits = L.value_bits;
+  const bool prod = L.prod;
+  at::Tensor slots = slot_mapping.to(at::kLong).contiguous();
+  at::Tensor key = key_in, value = value_in;
+  // Tokens with a negative slot (vLLM's padding) are dropped as the reference drops them, so
+  // that the matrix products run on the same rows and round the same way.
+  std::vector<int64_t> keep;
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t capacity = kv_cache.size(0) * kv_cache.size(2);
+  for (int64_t t = 0; t < slots.numel(); ++t) {
+    TORCH_CHECK(sp[t] < capacity, "store: slot_mapping[", t, "] = ", sp[t],
+                " is past the cache's ", capacity, " slots");
+    if (sp[t] >= 0) keep.push_back(t);
+  }
+  if (static_cast<int64_t>(keep.size()) < slots.numel()) {
+    if (keep.empty()) return;
+    const at::Tensor rows = at::tensor(keep, at::kLong);
+    key = key.index_select(0, rows);
+    value = value.index_select(0, rows);
+    slots = slots.index_select(0, rows);
+  }
+  const StoreTarget target{kv_cache.data_ptr<uint8_t>(), slots.data_ptr<int64_t>(),
+                           kv_cache.size(1),  kv_cache.size(2),
+                           kv_cache.stride(0), kv_cache.stride(1),
+                           kv_cache.stride(2)};
+  std::vector<int32_t> idx;
+  auto [vx, vy, vc] = index_rows(value, rotation, value_centroids, value_boundaries, value_bits,
+                                 L.value_indices, target, idx);
+  store_mse_norms(vx, vc, L.value_norm, target);
+  auto [kx, ky, kc] = index_rows(key, rotation, key_centroids, key_boundaries, key_bits,
+                                 L.key_indices, target, idx);
+  if (!prod) {
+    store_mse_norms(kx, kc, L.key_norm, target);
+    return;
+  }
+  // prod: the stored norm is ||x||; the residual of that (rounded) norm keeps QJL signs.
+  TORCH_CHECK(qjl.has_value(), "store: prod mode needs the QJL matrix");
+  at::Tensor xnorm = at::linalg_vector_norm(kx, 2, {-1}, false, std::nullopt).contiguous();
+  const float* xn = xnorm.data_ptr<float>();
+  const int64_t rows = xnorm.numel(), d = ky.size(2);
+  at::Tensor residual = at::empty_like(ky);
+  const float* yp = ky.data_ptr<float>();
+  const float* cp = kc.data_ptr<float>();
+  float* rp = residual.data_ptr<float>();
+  for (int64_t row = 0; row < rows; ++row) {
+    uint8_t* rec = target.record(row);
+    store_fp16_norm(rec + L.key_norm, xn[row]);
+    const float n = load_half(rec + L.key_norm);
+    residual_row(yp + row * d, cp + row * d, n, d, rp + row * d);
+  }
+  at::Tensor proj = at::matmul(residual, qjl->t()).contiguous();  // residual @ S^T
+  at::Tensor rnorm = at::linalg_vector_norm(residual, 2, {-1}, false, std::nullopt).contiguous();
+  const float* pp = proj.data_ptr<float>();
+  const float* rn = rnorm.data_ptr<float>();
+  for (int64_t row = 0; row < rows; ++row) {
+    uint8_t* rec = target.record(row);
+    store_fp16_norm(rec + L.key_residual_norm, rn[row]);
+    int32_t* signs = &idx[row * d];  // the key indices are packed already: reuse the buffer
+    for (int64_t j = 0; j < d; ++j) signs[j] = pp[row * d + j] >= 0;
+    pack_indices(signs, d, 1, rec + L.key_signs);
+  }
+}
+
+
+}  // namespace
+}  // namespace tq
+
+TORCH_LIBRARY_FRAGMENT(tq_vllm_cpu, m) {
+  m.def(
+      "store(Tensor key, Tensor value, Tensor(a!) kv_cache, Tensor slot_mapping, "
+      "Tensor rotation, Tensor key_centroids, Tensor key_boundaries, Tensor? qjl, "
+      "Tensor value_centroids, Tensor value_boundaries, int[] layout) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(tq_vllm_cpu, CPU, m) { m.impl("store", &tq::store); }
