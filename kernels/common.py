@@ -84,7 +84,7 @@ def check_records(
     ):
         if unreadable:
             raise ValueError(
-                f"{what} records cannot be read by this kernel; ops.py routes them to one "
+                f"{what} records cannot be read by this kernel; dispatch.py routes them to one "
                 "that can (the CPU path or the PyTorch reference)"
             )
     check_tensor("kv_cache", kv_cache, 4, (torch.uint8,))

@@ -1,7 +1,7 @@
 """Shared case builders of the kernel tests, and where the Triton kernels run.
 
 By default the interpreter runs them on CPU tensors (conftest sets TRITON_INTERPRET=1). On a
-machine with a GPU, `TRITON_INTERPRET=0 pytest tests/test_kernels_*.py` compiles them for real:
+machine with a GPU, `TRITON_INTERPRET=0 pytest tests/kernels` compiles them for real:
 inputs built on the CPU move to the GPU for the kernel, its results come back, and the PyTorch
 reference still runs on the CPU, so the comparison and its tolerance are the same either way.
 """

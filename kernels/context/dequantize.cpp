@@ -8,11 +8,11 @@ namespace {
 // (oneDNN, AMX where the CPU has it), far faster per score than the fused float32 loop once
 // a chunk has more than a few rows. Lloyd-Max values are norm * c[idx] in float32; uniform
 // values (value_mode "uniform", unrotated) are zero + scale * idx, two roundings as in
-// uniform.py; either is then rounded once to the output dtype. Split keys (outliers.py) are
+// tq_vllm/quant/uniform.py; either is then rounded once to the output dtype. Split keys (tq_vllm/quant/outliers.py) are
 // two Lloyd-Max parts with their own norms and centroids, written side by side: the regular
 // channels first, then the outlier channels.
 
-// dst[:n] = scale * src[:n] (+ shift, where shifted) in T, rounded twice as uniform.py does
+// dst[:n] = scale * src[:n] (+ shift, where shifted) in T, rounded twice as tq_vllm/quant/uniform.py does
 // (no fused multiply-add).
 #define TQ_NO_FMA __attribute__((noinline, optimize("fp-contract=off")))
 template <typename T>

@@ -1,15 +1,15 @@
 """Attention of prefill chunks (q_len >= 1) over compressed context + fresh tokens (Triton).
 
-Same contract as attention_reference.context_attention_reference. Fused, not dequantize-then-
+Same contract as reference.context_attention_reference. Fused, not dequantize-then-
 attend: one program takes a tile of query positions x all G query heads of one KV head, runs
-the decode kernel's tile code (decode.py: scores and values straight from the packed
+the decode kernel's tile code (triton_tiles.py: scores and values straight from the packed
 records) over the sequence's earlier, compressed tokens, then flash-attends causally over the
 chunk's own fresh keys and values in full precision, all under one online softmax. Everything
 is in the rotated domain: queries and fresh keys/values are rotated in PyTorch first, the
 output rotated back once. No workspace, no host sync (given max_query_len). With key and
 value None, the chunk's own tokens are read back from the cache like the context (causal).
 
-Precision: compressed tokens are scored with fp16 tensor-core dots as in decode.py. Fresh
+Precision: compressed tokens are scored with fp16 tensor-core dots as in triton_decode.py. Fresh
 tokens take fp16 dots for fp16/bf16 queries (their rounding is below the inputs' own) and
 float32-accurate dots for float32 queries, which would otherwise lose ~1e-3 on peaked
 softmaxes. Those are 3xTF32 on tensor cores: exact FMA dots ("ieee") spilled kilobytes of

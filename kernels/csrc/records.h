@@ -179,7 +179,7 @@ struct Layout {
   int value_bits;
   int key_norm, key_residual_norm, value_norm, value_zero;  // fp16 fields
   int key_indices, key_signs, value_indices;                // packed fields
-  // Split keys (outliers.py): key_outliers channels at key_outlier_bits, their fp16 norm and
+  // Split keys (tq_vllm/quant/outliers.py): key_outliers channels at key_outlier_bits, their fp16 norm and
   // packed indices here; the regular part is the key fields over the first d - count rotated
   // coordinates. 0 outliers: plain keys.
   int key_outliers, key_outlier_bits, key_outlier_norm, key_outlier_indices;

@@ -1,6 +1,6 @@
 // Fused CPU attention over the TurboQuant paged cache (decode and chunked prefill).
 //
-// Contract: tq_vllm/kernels/decode/cpu_decode.py (it rotates queries before and outputs after).
+// Contract: kernels/decode/cpu_decode.py (it rotates queries before and outputs after).
 // One work item is (sequence, query-row tile, KV head, context split). It walks the
 // sequence's records through the block table in tiles of TILE tokens, unpacks the b-bit
 // indices straight from the record bytes (LSB-first, 8 indices of b bits = b bytes, see

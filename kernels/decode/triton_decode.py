@@ -1,7 +1,7 @@
 """Split-K flash-decoding over the compressed paged cache (Triton).
 
 Same contract as reference.decode_attention_reference. Work happens in the rotated
-domain (codec.py): the query is rotated once in PyTorch, a split kernel scores packed keys
+domain (tq_vllm/record/codec.py): the query is rotated once in PyTorch, a split kernel scores packed keys
 straight from the records (n <q', c[idx]>, plus the QJL term in prod mode) and accumulates
 sum_i p_i n_i c[idx_i] for the values, a reduce kernel merges the splits, and the output is
 rotated back once. Dequantized keys and values only ever exist in registers.

@@ -4,7 +4,7 @@ namespace tq {
 namespace {
 
 // Store: quantize a step's keys and values and pack them into their records (the contract:
-// tq_vllm/kernels/store/reference.py).
+// kernels/store/reference.py).
 //
 // The records must be the bytes store_kv_reference writes. Everything rounding could change
 // (the matrix products, and the norms, which ATen reduces in an order of its own) comes from
@@ -49,7 +49,7 @@ inline void bucketize(const float* bnd, int bits, const float* u, int64_t n, int
   }
 }
 
-// packing.py: index j at bits [j*bits, (j+1)*bits), LSB first; the last byte's spare high
+// tq_vllm/record/packing.py: index j at bits [j*bits, (j+1)*bits), LSB first; the last byte's spare high
 // bits are zero. Every byte of the field is written.
 inline void pack_indices(const int32_t* idx, int64_t n, int bits, uint8_t* out) {
   uint64_t acc = 0;

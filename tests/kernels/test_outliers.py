@@ -1,9 +1,9 @@
 """Split keys (outlier channels): the math, the record, and every CPU path that reads them.
 
 Tolerances: the C++ dequantize is compared exactly (float32, and one rounding to 16 bits); the
-fused C++ attention against the float32 reference at test_kernels_cpu.TOL (same codes, other
+fused C++ attention against the float32 reference at cases.CPU_TOL (same codes, other
 summation order); the dense path (bf16/fp16 attention over the dequantized values) at the dense
-path's tolerances (test_kernels_cpu.DENSE_TOL); rotations and reconstructions at 1e-5.
+path's tolerances (cases.DENSE_TOL); rotations and reconstructions at 1e-5.
 Caches are 0xFF-filled (NaN norms) wherever nothing was stored (make_cache).
 """
 

@@ -8,7 +8,7 @@ from tq_vllm.record.layout import RecordLayout, decode_records, encode_records
 @pytest.mark.parametrize(
     "d,kb,mode,vb,size",
     [
-        (128, 3, "mse", 3, 48 + 2 + 48 + 2),  # DESIGN.md section 2: 100 bytes, 5.1x
+        (128, 3, "mse", 3, 48 + 2 + 48 + 2),  # 100 bytes against bf16's 512: 5.1x
         (64, 3, "mse", 3, 24 + 2 + 24 + 2),
         (64, 4, "mse", 3, 32 + 2 + 24 + 2),
         (128, 3, "prod", 3, 32 + 16 + 4 + 48 + 2),

@@ -17,7 +17,7 @@ Fields (all optional):
                          value_mode}};
                          negative indices count from the end
   key_outlier_bits, key_outlier_channels
-                         outlier channels (the paper's fractional rates, outliers.py): per
+                         outlier channels (the paper's fractional rates, quant/outliers.py): per
                          attention layer, per KV head, a list of n key channels quantized
                          apart at key_outlier_bits (the rest at the layer's key_bits); written
                          for one model by `tq-vllm calibrate`; CPU path only

@@ -5,7 +5,7 @@ so a layer rotates its queries once, compares them with R k_hat straight from th
 rotates the attention output back once; dequantized keys and values never leave that domain.
 Uniform values (value_mode "uniform", upstream vLLM's format) are quantized unrotated, so they
 are rotated after dequantization: a matmul more, on the PyTorch path only. Split keys (outlier
-channels, outliers.py) have their own rotation per KV head, M_h: queries are rotated by it
+channels, quant/outliers.py) have their own rotation per KV head, M_h: queries are rotated by it
 (rotate_queries), the attention output, a sum of values, still by R.
 """
 

@@ -17,9 +17,9 @@ record, byte offsets from its start (all fields little-endian, no alignment need
                            so that every layer in one KV-cache group has the same page size
 
 Norms come first so that a kernel finds them at fixed offsets whatever the bit widths are.
-value_mode "uniform" (uniform.py: upstream vLLM's value format, for comparison) is read by the
+value_mode "uniform" (tq_vllm/quant/uniform.py: upstream vLLM's value format, for comparison) is read by the
 PyTorch path only; kernels check `RecordLayout.uniform_values` and must not read such records.
-Split keys (key_outliers > 0, outliers.py: n outlier channels per head at more bits) are read by
+Split keys (key_outliers > 0, tq_vllm/quant/outliers.py: n outlier channels per head at more bits) are read by
 the PyTorch path and the CPU dense path (C++ dequantize) only, likewise checked.
 """
 
@@ -62,8 +62,8 @@ class RecordLayout:
     key_mode: str
     value_bits: int
     padded_size: int = 0  # 0: no padding
-    value_mode: str = "mse"  # "uniform": fp16 scale + zero point, no rotation (uniform.py)
-    key_outliers: int = 0  # n outlier channels per key (outliers.py); 0: plain keys
+    value_mode: str = "mse"  # "uniform": fp16 scale + zero point, no rotation (quant/uniform.py)
+    key_outliers: int = 0  # n outlier channels per key (quant/outliers.py); 0: plain keys
     key_outlier_bits: int = 0  # their bits
 
     def __post_init__(self) -> None:

@@ -1,6 +1,6 @@
 """`tq-vllm calibrate`: choose each layer's outlier key channels on real text, write a config.
 
-Outlier channels (outliers.py) belong to one model: per attention layer and KV head, the n key
+Outlier channels (quant/outliers.py) belong to one model: per attention layer and KV head, the n key
 channels of largest mean square over calibration text, measured on the post-RoPE keys that
 attention sees (captured in transformers, fidelity.capture). The written config serves that
 model only: the plugin refuses it at startup for a model with other layer or KV-head counts.

@@ -17,6 +17,7 @@ PROMISED_PPL_INCREASE = 0.01
 QUICK_PPL_INCREASE = 0.02
 
 
+@dataclass
 class Row:
     config: EvalConfig
     bytes_per_token: int
