@@ -15,8 +15,8 @@ cd "$stage"  # first on sys.path: the staged tq_vllm, not the repository's
 export PYTHONPATH=$stage${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TRITON_INTERPRET=${TRITON_INTERPRET:-0}
 [ "$TRITON_INTERPRET" = 1 ] || nvidia-smi -L
 timeout 240 python3 -m pytest -q -p no:cacheprovider --rootdir "$repo" \
-    "$repo/tests/kernels/test_store.py" "$repo/tests/kernels/test_decode.py" \
-    "$repo/tests/kernels/test_context.py" 2>&1 | tee "$out/kernel_tests.log"
+    "$repo/tests/kernels/test_triton_store.py" "$repo/tests/kernels/test_triton_decode.py" \
+    "$repo/tests/kernels/test_triton_context.py" 2>&1 | tee "$out/kernel_tests.log"
 for shape in "--key-bits 3 --value-bits 3" "--key-bits 6 --value-bits 4" \
     "--head-dim 64 --kv-heads 3 --gqa 3 --key-bits 6 --value-bits 4"; do
     # shellcheck disable=SC2086

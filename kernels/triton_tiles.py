@@ -54,7 +54,8 @@ def tile_records(
 
 @triton.jit
 def _group_words(rec, tmask, OFF: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
-    """The packed field at rec + OFF (tq_vllm/record/packing.py's layout) as words [BLOCK_N, D // 8] x 2.
+    """The packed field at rec + OFF (tq_vllm/record/packing.py's layout) as words
+    [BLOCK_N, D // 8] x 2.
 
     Eight BITS-bit indices fill exactly BITS bytes, least significant bit first: each group of
     eight is one little-endian word of 8 * BITS bits, returned as its low and high 32 bits.

@@ -3,7 +3,8 @@ and the CPU serving path (same contracts).
 
 Layout conventions (vLLM's): query head h reads KV head h // (Hq // Hk); block_table[b, i] is
 the i-th block of sequence b; a sequence's token j sits at block_table[b, j // BS], offset
-j % BS. Attention runs in the rotated domains (tq_vllm/record/codec.py) and is rotated back once per output.
+j % BS. Attention runs in the rotated domains (tq_vllm/record/codec.py) and is rotated back
+once per output.
 """
 
 from __future__ import annotations

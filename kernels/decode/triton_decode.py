@@ -1,19 +1,19 @@
 """Split-K flash-decoding over the compressed paged cache (Triton).
 
-Same contract as reference.decode_attention_reference. Work happens in the rotated
-domain (tq_vllm/record/codec.py): the query is rotated once in PyTorch, a split kernel scores packed keys
-straight from the records (n <q', c[idx]>, plus the QJL term in prod mode) and accumulates
+Same contract as reference.decode_attention_reference. Work happens in the rotated domain
+(tq_vllm/record/codec.py): the query is rotated once in PyTorch, a split kernel scores packed
+keys straight from the records (n <q', c[idx]>, plus the QJL term in prod mode) and accumulates
 sum_i p_i n_i c[idx_i] for the values, a reduce kernel merges the splits, and the output is
 rotated back once. Dequantized keys and values only ever exist in registers.
 
-The two dots per tile take fp16 operands with fp32 accumulation (tensor cores): centroids,
-+-1 signs and the scaled query are well inside fp16's range, and p * value norm is at most
-the value norm (saturated to fp16 by the store anyway).
+The two dots per tile take fp16 operands with fp32 accumulation (tensor cores): centroids, +-1
+signs and the scaled query are well inside fp16's range, and p * value norm is at most the value
+norm (saturated to fp16 by the store anyway).
 
 Speed: the records are ~5x smaller than bf16 K/V, so the kernel is bound by the instructions
 spent per index, not by HBM. Hence packed groups unpacked in registers (_group_words), two
-centroids per gather (centroid_table), the block size as a constexpr, and the per-codec
-state built once on the host (per_codec).
+centroids per gather (centroid_table), the block size as a constexpr, and the per-codec state
+built once on the host (per_codec).
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
 """Store, the contract: quantize a step's new keys and values into the paged cache at
 slot_mapping (PyTorch). The Triton kernel (triton_store.py) and the C++ op (store.cpp) write
-the same bytes (tests/kernels/test_store.py says where float rounding may differ).
+the same bytes (tests/kernels/test_triton_store.py says where float rounding may differ;
+test_cpu_store.py compares exactly).
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ from tq_vllm.record.codec import LayerCodec
 
 @triton.jit
 def _pack_store(idx, ptr, mask, ROWS: tl.constexpr, N: tl.constexpr, BITS: tl.constexpr):
-    """idx [ROWS, N] (< 2^BITS) -> N*BITS/8 packed bytes at ptr [ROWS] (tq_vllm/record/packing.py's layout).
+    """idx [ROWS, N] (< 2^BITS) -> N*BITS/8 packed bytes at ptr [ROWS] (the layout of
+    tq_vllm/record/packing.py).
 
     Eight BITS-bit indices fill exactly BITS bytes: assemble them as one little-endian int64
     word, then split the word into bytes.

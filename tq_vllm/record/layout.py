@@ -17,10 +17,11 @@ record, byte offsets from its start (all fields little-endian, no alignment need
                            so that every layer in one KV-cache group has the same page size
 
 Norms come first so that a kernel finds them at fixed offsets whatever the bit widths are.
-value_mode "uniform" (tq_vllm/quant/uniform.py: upstream vLLM's value format, for comparison) is read by the
-PyTorch path only; kernels check `RecordLayout.uniform_values` and must not read such records.
-Split keys (key_outliers > 0, tq_vllm/quant/outliers.py: n outlier channels per head at more bits) are read by
-the PyTorch path and the CPU dense path (C++ dequantize) only, likewise checked.
+value_mode "uniform" (quant/uniform.py: upstream vLLM's value format, for comparison) is read
+by the PyTorch path only; kernels check `RecordLayout.uniform_values` and must not read such
+records. Split keys (key_outliers > 0, quant/outliers.py: n outlier channels per head at more
+bits) are read by the PyTorch path and the CPU paths (fused attention, C++ dequantize) only,
+likewise checked.
 """
 
 from __future__ import annotations

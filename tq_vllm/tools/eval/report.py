@@ -4,6 +4,7 @@ table and the plot."""
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 from tq_vllm.tools.eval.configs import EvalConfig

@@ -1,4 +1,5 @@
-"""The fused CPU attention kernels (C++) against the PyTorch reference.
+"""The C++ attention (decode, fused context) and the dense prefill path against the PyTorch
+references.
 
 Tolerance: atol = 1e-5, rtol = 1e-4. Both sides compute in float32 from the same codes; they
 differ only in summation order and the kernel's exp (a polynomial, relative error < 1e-7),
@@ -19,8 +20,6 @@ from tq_vllm.kernels.context import cpu_context, dense
 from tq_vllm.kernels.context.reference import context_attention_reference, gather_context
 from tq_vllm.kernels.decode import cpu_decode
 from tq_vllm.kernels.decode.reference import decode_attention_reference
-from tq_vllm.kernels.store import cpu_store
-from tq_vllm.kernels.store.reference import store_kv_reference
 from tq_vllm.record.codec import LayerCodec
 from tq_vllm.record.layout import RecordLayout
 
@@ -274,115 +273,3 @@ def test_build_failure_warns(tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="tq_vllm"):
         assert cpu_extension.available.__wrapped__() is False
     assert "could not be built" in caplog.text and "PyTorch reference" in caplog.text
-
-
-# -- the fused store: byte-identical records ------------------------------------------------
-# The kernel takes its matrix products and norms from the same ATen calls as the reference
-# and does the elementwise steps in the same float32 order, so no index may flip at a
-# boundary and no norm may round differently: every comparison below is exact.
-
-
-def stores(key, value, slots, codec, num_blocks=4, block_size=16, extra=3):
-    """(reference cache, fused cache), both 0xFF-filled before the store; records padded by
-    `extra` bytes past the layout's record, which must stay 0xFF too."""
-    shape = (num_blocks, key.shape[1], block_size, codec.layout.record_bytes + extra)
-    ref = torch.full(shape, 0xFF, dtype=torch.uint8)
-    got = ref.clone()
-    store_kv_reference(key, value, ref, slots, codec)
-    cpu_store.store_kv(key, value, got, slots, codec)
-    return ref, got
-
-
-def store_inputs(tokens, hk, d, dtype=torch.bfloat16, seed=0, num_slots=64):
-    gen = torch.Generator().manual_seed(seed)
-    key = (torch.randn(tokens, hk, d, generator=gen) * 2).to(dtype)
-    value = torch.randn(tokens, hk, d, generator=gen).to(dtype)
-    slots = torch.randperm(num_slots, generator=gen)[:tokens]
-    return key, value, slots
-
-
-# 40: not a multiple of 16, the portable path.
-@pytest.mark.parametrize("d", [40, 64, 96, 128, 256])
-@pytest.mark.parametrize("mode", ["mse", "prod"])
-def test_store_matches_reference_every_width(d, mode):
-    key, value, slots = store_inputs(37, 2, d)
-    for bits in range(1, 9):
-        codec = LayerCodec(RecordLayout(d, bits, mode, 9 - bits), seed=bits)
-        ref, got = stores(key, value, slots, codec)
-        assert torch.equal(got, ref), f"d={d} {mode} K{bits}V{9 - bits}"
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_store_padded_layout_padding_slots_and_dtypes(dtype):
-    codec = LayerCodec(RecordLayout(64, 4, "prod", 3).padded(100), seed=2)
-    key, value, slots = store_inputs(20, 3, 64, dtype)
-    slots[[0, 7, 19]] = -1  # vLLM's padding: those tokens write nothing
-    ref, got = stores(key, value, slots, codec)
-    assert torch.equal(got, ref)
-    assert int((got != 0xFF).any(dim=(1, 3)).sum()) <= 17  # 17 slots written, no more
-    ref, got = stores(key, value, torch.full_like(slots, -1), codec)
-    assert (got == 0xFF).all()
-
-
-def test_store_strided_views_of_a_fused_qkv():
-    """vLLM passes key and value as views into one [T, (Hq + 2 Hk) d] qkv tensor."""
-    hq, hk, d = 9, 3, 64
-    qkv = torch.randn(16, (hq + 2 * hk) * d).bfloat16()
-    _, key, value = qkv.split([hq * d, hk * d, hk * d], dim=-1)
-    key, value = key.view(16, hk, d), value.view(16, hk, d)
-    assert not key.is_contiguous()
-    slots = torch.arange(16) * 3
-    for layout in (RecordLayout(d, 6, "mse", 4), RecordLayout(d, 3, "prod", 2)):
-        codec = LayerCodec(layout, seed=0)
-        ref, got = stores(key, value, slots, codec)
-        assert torch.equal(got, ref)
-        contiguous = stores(key.contiguous(), value.contiguous(), slots, codec)[1]
-        assert torch.equal(got, contiguous)
-
-
-@pytest.mark.parametrize("mode", ["mse", "prod"])
-@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), 0.0, 3e38, 1e5, 1e-30])
-def test_store_bad_tokens_as_the_reference(mode, bad):
-    """A non-finite coordinate, an all-zero vector, huge and tiny norms: the same bytes as
-    the reference (a NaN norm, a saturated 65504, a zero record), see test_bad_input.py."""
-    key, value, slots = store_inputs(12, 3, 64, torch.float32)
-    key[2, 1, 5] = bad
-    value[4, 0, 9] = bad
-    key[6, 2] = 0.0 if bad != bad or abs(bad) == float("inf") else bad  # a whole vector
-    value[7, 1] = key[6, 2]
-    for bits in (1, 2, 6):
-        codec = LayerCodec(RecordLayout(64, bits, mode, bits), seed=0)
-        ref, got = stores(key, value, slots, codec)
-        assert torch.equal(got, ref), f"{mode} {bits} bits, bad={bad}"
-
-
-def test_ops_dispatches_cpu_stores_to_the_kernel(monkeypatch):
-    key, value, slots = store_inputs(8, 3, 64)
-    called = []
-    monkeypatch.setattr(
-        cpu_store, "store_kv", lambda *a: called.append(1) or store_kv_reference(*a)
-    )
-    mse = RecordLayout(64, 6, "mse", 4)
-    for layout in (mse, RecordLayout(64, 6, "mse", 4, value_mode="uniform")):
-        cache = torch.zeros(4, 3, 16, layout.record_bytes, dtype=torch.uint8)
-        dispatch.store_kv(key, value, cache, slots, LayerCodec(layout, seed=0))
-    assert called == [1]  # uniform values: the reference
-
-
-def test_store_argument_errors():
-    codec = LayerCodec(RecordLayout(64, 4, "mse", 4), seed=0)
-    key, value, slots = store_inputs(4, 2, 64)
-    cache = torch.zeros(4, 2, 16, codec.layout.record_bytes, dtype=torch.uint8)
-    with pytest.raises(ValueError, match="value shape"):
-        cpu_store.store_kv(key, value[:, :1], cache, slots, codec)
-    with pytest.raises(ValueError, match="KV heads"):
-        cpu_store.store_kv(key[:, :1], value[:, :1], cache, slots, codec)
-    with pytest.raises(ValueError, match="slot_mapping has 3 slots"):
-        cpu_store.store_kv(key, value, cache, slots[:3], codec)
-    with pytest.raises(ValueError, match="kv_cache records"):
-        cpu_store.store_kv(key, value, cache[..., :10].contiguous(), slots, codec)
-    with pytest.raises(ValueError, match="key must"):
-        cpu_store.store_kv(key.int(), value, cache, slots, codec)
-    uniform = LayerCodec(RecordLayout(64, 4, "mse", 4, value_mode="uniform"), seed=0)
-    with pytest.raises(ValueError, match="uniform"):
-        cpu_store.store_kv(key, value, cache, slots, uniform)
