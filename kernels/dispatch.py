@@ -1,7 +1,15 @@
 """Which kernel runs where: Triton on CUDA; on CPU the C++ ops when they build, else the
-PyTorch references (same contracts). Triton is imported only on the CUDA path."""
+PyTorch references (same contracts). Triton is imported only on the Triton path.
+
+TQ_VLLM_KERNELS=triton sends CPU tensors to the Triton kernels too, run by Triton's interpreter
+(TRITON_INTERPRET=1; startup refuses the switch without it): a served model then drives the
+CUDA path's kernels with vLLM's real block tables, slot mappings and chunked-prefill metadata
+on a machine without a GPU. Slow; for tests.
+"""
 
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -14,14 +22,27 @@ from tq_vllm.kernels.store import cpu_store
 from tq_vllm.kernels.store.reference import store_kv_reference
 from tq_vllm.record.codec import LayerCodec
 
+KERNELS_ENV = "TQ_VLLM_KERNELS"
+TRITON_EVERYWHERE = os.environ.get(KERNELS_ENV) == "triton"
+
 
 def _triton(t: torch.Tensor) -> bool:
-    return t.is_cuda
+    return t.is_cuda or TRITON_EVERYWHERE
 
 
 def _cpu_kernel(t: torch.Tensor, codec: LayerCodec) -> bool:
     # The C++ attention reads Lloyd-Max values only; uniform-value records stay on the reference.
     return t.device.type == "cpu" and not codec.layout.uniform_values and cpu_extension.available()
+
+
+def attention_kernels(device: torch.device, codec: LayerCodec) -> str:
+    """What attends for a layer on this device, in words (the backend logs it)."""
+    if device.type == "cuda" or TRITON_EVERYWHERE:
+        interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+        return "the Triton kernels" + (" (interpreted)" if interpreted else "")
+    if cpu_extension.available() and not codec.layout.uniform_values:
+        return "the C++ kernels"
+    return "the PyTorch reference"
 
 
 def store_kv(
@@ -47,11 +68,13 @@ def decode_attention(
     seq_lens: torch.Tensor,
     codec: LayerCodec,
     scale: float,
+    max_seq_len: int | None = None,
 ) -> torch.Tensor:
+    """max_seq_len: the batch's longest sequence, known on the host (sizes the Triton splits)."""
     if _triton(kv_cache):
         from tq_vllm.kernels.decode.triton_decode import decode_attention as kernel
 
-        return kernel(query, kv_cache, block_table, seq_lens, codec, scale)
+        return kernel(query, kv_cache, block_table, seq_lens, codec, scale, max_seq_len)
     if _cpu_kernel(kv_cache, codec):
         return cpu_decode.decode_attention(query, kv_cache, block_table, seq_lens, codec, scale)
     return decode_attention_reference(query, kv_cache, block_table, seq_lens, codec, scale)
@@ -67,12 +90,14 @@ def context_attention(
     seq_lens: torch.Tensor,
     codec: LayerCodec,
     scale: float,
+    max_query_len: int | None = None,
 ) -> torch.Tensor:
+    """max_query_len: the longest chunk, known on the host (spares the Triton path a sync)."""
     args = (query, key, value, kv_cache, block_table, query_start_loc, seq_lens, codec, scale)
     if _triton(kv_cache):
         from tq_vllm.kernels.context.triton_context import context_attention as kernel
 
-        return kernel(*args)
+        return kernel(*args, max_query_len=max_query_len)
     # The CPU context path reads uniform values too (dequantized for the dense attention, else
     # the reference).
     cpu = kv_cache.device.type == "cpu" and cpu_extension.available()

@@ -8,8 +8,12 @@ reference still runs on the CPU, so the comparison and its tolerance are the sam
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -92,3 +96,31 @@ def dequantized(codec, k, v):
 # summation order), and the dense path (bf16/fp16 attention over the dequantized values).
 CPU_TOL = dict(atol=1e-5, rtol=1e-4)
 DENSE_TOL = {torch.bfloat16: dict(atol=3e-2, rtol=3e-2), torch.float16: dict(atol=4e-3, rtol=4e-3)}
+
+
+def generate(
+    tmp_path: Path,
+    llm_kwargs: dict,
+    prompts: list[str],
+    repeat: int = 1,
+    max_tokens: int = 24,
+    env: dict[str, str] | None = None,
+    timeout: float = 900,
+    log: list[str] | None = None,
+) -> list[list[dict]]:
+    """Greedy generations of a real vLLM engine in its own process (scripts/generate.py); its
+    output is appended to `log` where one is given."""
+    out = tmp_path / f"out{len(list(tmp_path.iterdir()))}.json"
+    spec = {"llm": llm_kwargs, "prompts": prompts, "repeat": repeat, "max_tokens": max_tokens}
+    script = Path(__file__).parent / "scripts" / "generate.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), str(out), json.dumps(spec)],
+        timeout=timeout,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    if log is not None:
+        log.append(proc.stdout + proc.stderr)
+    return json.loads(out.read_text())["runs"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import logging
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from tq_vllm.kernels.cpu_extension import key_centroids, layout_fields
 from tq_vllm.record.codec import LayerCodec
 
+logger = logging.getLogger("tq_vllm")
 DENSE_BLOCK = 128  # temporary cache block size: a multiple of 32, as the AMX path needs
 
 
@@ -49,10 +51,36 @@ def vllm_cpu_attention(
 ) -> torch.Tensor | None:
     """Causal attention for a batch of sequences with vLLM's CPU kernel, or None where it
     cannot run. query [T, Hq, d]: sequence b's q_lens[b] rows, in order, are the last rows of
-    its keys[b] / values[b] [Hk, L_b, d] (query's dtype). Returns [T, Hq, d]."""
+    its keys[b] / values[b] [Hk, L_b, d] (query's dtype). Returns [T, Hq, d].
+
+    The ops are vLLM's internals: if a call fails for a reason of their own (a signature or
+    schema that changed), the reason is logged once and SDPA serves from then on."""
     isa = _cpu_attention_isa(query.dtype, query.shape[-1])
-    if isa is None:
+    if isa is None or _unusable:
         return None
+    try:
+        return _run_vllm_kernel(query, keys, values, q_lens, scale, isa)
+    except (AttributeError, TypeError, RuntimeError) as e:
+        _unusable.append(f"{type(e).__name__}: {e}")
+        logger.warning(
+            "vLLM's CPU attention ops failed (%s); the dense prefill path uses PyTorch's SDPA "
+            "from now on",
+            _unusable[0],
+        )
+        return None
+
+
+_unusable: list[str] = []  # why vLLM's CPU attention ops were given up, once they were
+
+
+def _run_vllm_kernel(
+    query: torch.Tensor,
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    q_lens: list[int],
+    scale: float,
+    isa: str,
+) -> torch.Tensor:
     import vllm._custom_ops as ops
 
     hk, d = keys[0].shape[0], query.shape[-1]

@@ -24,7 +24,7 @@ def decode_attention_reference(
 
     Sequences are decoded together, padded to the longest one in a group, with the padding
     masked out of both the softmax and the value sum (unused table entries may point at blocks
-    holding anything, NaN included)."""
+    holding anything, NaN included). A sequence of 0 tokens reads 0."""
     out = torch.empty_like(query)
     lens = seq_lens.tolist()
     block_size, hk = kv_cache.shape[2], kv_cache.shape[1]
@@ -48,6 +48,8 @@ def decode_attention_reference(
         scores = (q @ k.transpose(-1, -2)) * scale  # [n, Hk, G, S]
         scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
         o = torch.softmax(scores, dim=-1) @ v  # [n, Hk, G, d]
+        # A sequence of no tokens (a padding row) attends to nothing: 0, not softmax's NaN.
+        o[~valid.any(dim=1)] = 0.0
         out[start:end] = codec.unrotate(o.reshape(n, hq, d)).to(out.dtype)
         start = end
     return out

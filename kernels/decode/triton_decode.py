@@ -137,7 +137,9 @@ def _decode_reduce_kernel(o_ptr, lse_ptr, out_ptr, num_splits, D: tl.constexpr, 
     top = tl.where(top == float("-inf"), 0.0, top)  # an empty sequence: all weights 0
     w = tl.exp2(lse - top)
     d = tl.arange(0, D)
-    o = tl.load(o_ptr + (row * num_splits + s)[:, None] * D + d[None, :], mask=smask[:, None])
+    # Masked lanes must read 0, not whatever is there: their weight is 0, and 0 * NaN is NaN.
+    o_rows = o_ptr + (row * num_splits + s)[:, None] * D + d[None, :]
+    o = tl.load(o_rows, mask=smask[:, None], other=0.0)
     total = tl.sum(w, axis=0)
     out = tl.sum(w[:, None] * o, axis=0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + row * D + d, out)
@@ -151,8 +153,8 @@ def _sm_count(index: int | None) -> int:
 def default_num_splits(batch: int, num_kv_heads: int, max_len: int, device: torch.device) -> int:
     """About four programs per SM (each tile waits on a chain of dependent loads: block
     table, packed bytes, centroid table, so several resident programs hide each other's
-    latency), without splits shorter than 256 tokens. From shapes only (no seq_lens read),
-    so it costs no device sync."""
+    latency), without splits shorter than 256 tokens. From host numbers only (no seq_lens
+    read), so it costs no device sync."""
     sms = _sm_count(device.index) if device.type == "cuda" else 4
     return max(1, min(triton.cdiv(4 * sms, batch * num_kv_heads), triton.cdiv(max_len, 256)))
 
@@ -164,6 +166,7 @@ def decode_attention(
     seq_lens: torch.Tensor,
     codec: LayerCodec,
     scale: float,
+    max_seq_len: int | None = None,
     num_splits: int | None = None,
     block_n: int = 32,
     num_warps: int = 4,
@@ -171,7 +174,9 @@ def decode_attention(
 ) -> torch.Tensor:
     """Triton decode_attention_reference: query [B, Hq, d] -> [B, Hq, d] in query's dtype.
 
-    num_splits: programs per (sequence, KV head) along the context (None: from the shapes);
+    max_seq_len: the batch's longest sequence (vLLM's metadata has it on the host), which sizes
+    the splits; None takes the block table's width, an upper bound (no device sync either way).
+    num_splits: programs per (sequence, KV head) along the context (None: from the lengths);
     block_n: tokens per tile (a power of two >= 16; tiles may span paged blocks).
     num_stages: software pipelining depth; Triton's default of 3 needs 160 KB of shared
     memory at head_dim 256 (too much beside a second program per SM), 2 needs 98 KB.
@@ -192,9 +197,8 @@ def decode_attention(
         raise ValueError(f"block_n must be a power of two >= 16, got {block_n}")
     num_kv_heads, block_size = kv_cache.shape[1], kv_cache.shape[2]
     if num_splits is None:
-        num_splits = default_num_splits(
-            batch, num_kv_heads, block_table.shape[1] * block_size, device
-        )
+        longest = block_table.shape[1] * block_size if max_seq_len is None else max_seq_len
+        num_splits = default_num_splits(batch, num_kv_heads, longest, device)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     if batch == 0:

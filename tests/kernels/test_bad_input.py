@@ -189,3 +189,29 @@ def test_norms_near_the_fp16_limit_stay_finite(store):
     seq_lens = torch.tensor(LENS, dtype=torch.int32)
     for impl in DECODES.values():
         assert torch.isfinite(impl(query, cache, table, seq_lens, c, D**-0.5)).all()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_uniform_values_contain_a_non_finite_value(bad):
+    """value_mode 'uniform' (the upstream emulation) too: the bad value reads back as zeros,
+    every output stays finite and rows that never see the token are unchanged."""
+    c = LayerCodec(RecordLayout(D, 6, "mse", 4, value_mode="uniform"), seed=0)
+    key, value, slots, table = batch()
+    _, bad_value = poisoned("value", bad)
+    num_blocks = 1 + sum(-(-n // BS) for n in LENS)
+    caches = []
+    for v in (value, bad_value):
+        cache = torch.zeros(num_blocks, HK, BS, c.layout.record_bytes, dtype=torch.uint8)
+        store_kv_reference(key, v, cache, slots, c)
+        caches.append(cache)
+    slot = int(slots[BAD_POS])
+    _, codes = decode_records(c.layout, caches[1][slot // BS, BAD_HEAD, slot % BS].unsqueeze(0))
+    assert torch.equal(c.value.dequantize(codes), torch.zeros(1, D))
+    qsl = torch.tensor([0] + LENS).cumsum(0).to(torch.int32)
+    query = torch.randn(sum(LENS), HQ, D, generator=torch.Generator().manual_seed(2))
+    tail = (table, qsl, torch.tensor(LENS, dtype=torch.int32), c, D**-0.5)
+    ref, out = (dispatch.context_attention(query, None, None, cache, *tail) for cache in caches)
+    assert torch.isfinite(out).all()
+    seen = torch.zeros(sum(LENS), HQ, dtype=torch.bool)
+    seen[BAD_POS : LENS[0], BAD_HEAD * GROUP : (BAD_HEAD + 1) * GROUP] = True
+    assert torch.equal(out[~seen], ref[~seen])

@@ -273,3 +273,37 @@ def test_build_failure_warns(tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="tq_vllm"):
         assert cpu_extension.available.__wrapped__() is False
     assert "could not be built" in caplog.text and "PyTorch reference" in caplog.text
+
+
+def test_changed_vllm_ops_fall_back_to_sdpa_with_a_reason(monkeypatch, caplog):
+    """vLLM's CPU attention ops are internals: one whose signature changed must not fail the
+    forward pass; the dense path logs why and attends with SDPA."""
+    import vllm._custom_ops as ops
+
+    def changed(query, key_cache):  # another signature than the one dense.py calls
+        raise AssertionError("not reached")
+
+    monkeypatch.setattr(ops, "cpu_attention_with_kv_cache", changed)
+    monkeypatch.setattr(dense, "_unusable", [])
+    codec, cache, table, seq_lens = setup(64, 6, "mse", 5, 16, 3, [40])
+    starts = torch.tensor([0, 40], dtype=torch.int32)
+    query = torch.randn(40, 9, 64, generator=torch.Generator().manual_seed(3))
+    args = (cache, table, starts, seq_lens, codec, 0.125)
+    with caplog.at_level(logging.WARNING, logger="tq_vllm"):
+        out = cpu_context.context_attention(query.bfloat16(), *args)
+        again = cpu_context.context_attention(query.bfloat16(), *args)
+    ref = context_attention_reference(query, None, None, *args)
+    torch.testing.assert_close(out.float(), ref, **DENSE_TOL[torch.bfloat16])
+    assert torch.equal(out, again)
+    assert caplog.text.count("vLLM's CPU attention ops failed (TypeError") == 1
+
+
+def test_decode_of_empty_and_one_token_sequences():
+    """Padding rows of 0 tokens read 0 (as the reference and the Triton kernel), one token
+    attends to itself."""
+    codec, cache, table, seq_lens = setup(64, 6, "mse", 5, 128, 3, [0, 1, 130])
+    query = torch.randn(3, 9, 64, generator=torch.Generator().manual_seed(5))
+    ref = decode_attention_reference(query, cache, table, seq_lens, codec, 0.125)
+    out = cpu_decode.decode_attention(query, cache, table, seq_lens, codec, 0.125)
+    assert torch.equal(out[0], torch.zeros_like(out[0]))
+    torch.testing.assert_close(out, ref, **CPU_TOL)

@@ -125,3 +125,18 @@ def test_store_argument_errors():
     uniform = LayerCodec(RecordLayout(64, 4, "mse", 4, value_mode="uniform"), seed=0)
     with pytest.raises(ValueError, match="uniform"):
         cpu_store.store_kv(key, value, cache, slots, uniform)
+
+
+def test_store_refuses_a_slot_past_the_cache():
+    """A slot past the cache's last block raises and writes nothing, rather than writing out of
+    bounds (the reference's indexing raises too)."""
+    codec = LayerCodec(RecordLayout(64, 4, "mse", 4), seed=0)
+    key, value, slots = store_inputs(4, 2, 64)
+    cache = torch.zeros(4, 2, 16, codec.layout.record_bytes, dtype=torch.uint8)
+    slots = slots.clone()
+    slots[2] = 4 * 16  # one past the last slot
+    with pytest.raises(RuntimeError, match=r"slot_mapping\[2\] = 64 is past the cache's 64"):
+        cpu_store.store_kv(key, value, cache, slots, codec)
+    assert not cache.any()
+    with pytest.raises(IndexError):
+        store_kv_reference(key, value, cache, slots, codec)

@@ -103,3 +103,29 @@ def test_new_tokens_from_cache(d, mode, hq, hk, lens, q_lens):
     args = (None, None, cache, table, qsl, torch.tensor(lens, dtype=torch.int32), codec, 0.1)
     out = run_kernel(context_attention, query, *args)
     torch.testing.assert_close(out, context_attention_reference(query, *args), **TOL)
+
+
+# The path the backend serves (key = value = None) in every query dtype, with the default's
+# 5-bit values, block sizes 16 to 128, and sequences of 0 and 1 tokens.
+SERVED = [
+    # dtype, d, key_bits, value_bits, block_size, hq, hk, lens, q_lens
+    (torch.float32, 64, 6, 5, 16, 9, 3, [1, 40, 0], [1, 40, 0]),
+    (torch.float16, 64, 6, 5, 32, 9, 3, [70, 1], [30, 1]),
+    (torch.bfloat16, 128, 4, 5, 64, 8, 2, [130, 5], [65, 0]),
+    (torch.float16, 128, 3, 3, 128, 4, 1, [200, 0], [72, 0]),
+    (torch.bfloat16, 256, 4, 5, 128, 2, 1, [129, 1], [1, 1]),
+]
+
+
+@pytest.mark.parametrize("dtype,d,key_bits,value_bits,block_size,hq,hk,lens,q_lens", SERVED)
+def test_served_path_every_dtype(dtype, d, key_bits, value_bits, block_size, hq, hk, lens, q_lens):
+    codec = LayerCodec(RecordLayout(d, key_bits, "mse", value_bits), seed=d + key_bits)
+    cache, table, _, _ = make_cache(codec, lens, block_size, hk, seed=9)
+    qsl = torch.tensor([0] + q_lens).cumsum(0).to(torch.int32)
+    query = torch.randn(int(qsl[-1]), hq, d, generator=torch.Generator().manual_seed(10))
+    args = (None, None, cache, table, qsl, torch.tensor(lens, dtype=torch.int32), codec, 0.1)
+    out = run_kernel(context_attention, query.to(dtype), *args, max_query_len=max(q_lens))
+    ref = context_attention_reference(query, *args)
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    tol = TOL if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)  # 16-bit output
+    torch.testing.assert_close(out.float(), ref, **tol)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from cases import make_cache, run_kernel
 
+from tq_vllm.kernels.decode import triton_decode
 from tq_vllm.kernels.decode.reference import decode_attention_reference
 from tq_vllm.kernels.decode.triton_decode import decode_attention
 from tq_vllm.record.codec import LayerCodec
@@ -84,3 +85,44 @@ def test_decode_argument_errors():
         decode_attention(q, cache[:, :, :, :10], table, lens, codec, 0.1)
     with pytest.raises(ValueError, match="block_n"):
         decode_attention(q, cache, table, lens, codec, 0.1, block_n=24)
+
+
+def test_split_count_follows_the_batch_lengths(monkeypatch):
+    """The splits come from the batch's longest sequence (max_seq_len, on the host), not from
+    the block table's width (max_model_len): short sequences in a wide table take one split,
+    which needs no reduce kernel."""
+    codec = LayerCodec(RecordLayout(64, 4, "mse", 4), seed=0)
+    cache, table, _, _ = make_cache(codec, [40, 7], 16, 1, seed=0)
+    wide = torch.zeros(2, 256, dtype=torch.int32)  # 4,096 tokens of table per sequence
+    wide[:, : table.shape[1]] = table
+    query = torch.randn(2, 2, 64)
+    lens = torch.tensor([40, 7], dtype=torch.int32)
+    ref = decode_attention_reference(query, cache, wide, lens, codec, 0.1)
+    assert triton_decode.default_num_splits(2, 1, 4096, torch.device("cpu")) > 1
+
+    def no_reduce(*args, **kwargs):
+        raise AssertionError("one split per row needs no reduce")
+
+    monkeypatch.setattr(triton_decode, "_decode_reduce_kernel", no_reduce)
+    out = run_kernel(decode_attention, query, cache, wide, lens, codec, 0.1, max_seq_len=40)
+    torch.testing.assert_close(out, ref, **TOL)
+
+
+# The default's 5-bit values, block sizes up to 128, and sequences of 0 tokens (padding rows of
+# a batch: they attend to nothing and read 0) and 1 token.
+@pytest.mark.parametrize(
+    "d,key_bits,value_bits,block_size,hq,hk,lens",
+    [(64, 6, 5, 64, 9, 3, [0, 1, 130]), (128, 4, 5, 128, 8, 2, [1, 0, 257])],
+)
+def test_decode_served_shapes(d, key_bits, value_bits, block_size, hq, hk, lens):
+    codec = LayerCodec(RecordLayout(d, key_bits, "mse", value_bits), seed=d)
+    cache, table, _, _ = make_cache(codec, lens, block_size, hk, seed=11)
+    query = torch.randn(len(lens), hq, d, generator=torch.Generator().manual_seed(12))
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    ref = decode_attention_reference(query, cache, table, seq_lens, codec, 0.1)
+    assert torch.equal(ref[seq_lens == 0], torch.zeros_like(ref[seq_lens == 0]))
+    for num_splits in (1, 3):
+        out = run_kernel(
+            decode_attention, query, cache, table, seq_lens, codec, 0.1, num_splits=num_splits
+        )
+        torch.testing.assert_close(out, ref, **TOL)

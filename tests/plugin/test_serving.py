@@ -2,14 +2,13 @@
 
 import concurrent.futures
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 vllm = pytest.importorskip("vllm")
 openai = pytest.importorskip("openai")
+
+from cases import generate  # noqa: E402
 
 from tq_vllm.plugin.config import load_config  # noqa: E402
 from tq_vllm.tools.cli import CAPACITY_CONFIGS, capacity_table, measure_capacity  # noqa: E402
@@ -100,19 +99,6 @@ def test_16_concurrent_requests(client):
     assert len(texts) == 16
     assert all(len(t.strip()) > 0 for t in texts)
     assert sum(str(i + 1) in t for i, t in enumerate(texts)) >= 12  # they do count
-
-
-def generate(tmp_path: Path, llm_kwargs: dict, prompts: list[str], repeat: int = 1):
-    out = tmp_path / f"out{len(list(tmp_path.iterdir()))}.json"
-    spec = {"llm": llm_kwargs, "prompts": prompts, "repeat": repeat, "max_tokens": 24}
-    script = Path(__file__).parents[1] / "scripts" / "generate.py"
-    subprocess.run(
-        [sys.executable, str(script), str(out), json.dumps(spec)],
-        check=True,
-        timeout=900,
-        capture_output=True,
-    )
-    return json.loads(out.read_text())["runs"]
 
 
 LONG_PROMPT = (

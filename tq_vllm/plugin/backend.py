@@ -37,6 +37,8 @@ class TurboQuantMetadata:
     num_actual_tokens: int
     num_reqs: int
     num_decodes: int  # requests [0, num_decodes) have one query token each
+    max_query_len: int  # host copies of the batch's longest chunk and sequence
+    max_seq_len: int
     query_start_loc: torch.Tensor  # int32 [num_reqs + 1]
     seq_lens: torch.Tensor  # int32 [num_reqs]
     block_table: torch.Tensor  # int32 [num_reqs, max_blocks]
@@ -68,6 +70,8 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
             num_actual_tokens=m.num_actual_tokens,
             num_reqs=m.num_reqs,
             num_decodes=num_decodes,
+            max_query_len=m.max_query_len,
+            max_seq_len=m.max_seq_len,
             query_start_loc=m.query_start_loc,
             seq_lens=m.seq_lens,
             block_table=m.block_table_tensor,
@@ -131,8 +135,8 @@ class TurboQuantBackend(AttentionBackend):
             reasons.append(f"head_size {head_size} is below 16")
         from vllm.platforms import current_platform
 
-        if current_platform.is_cuda_alike() and head_size not in TRITON_HEAD_DIMS:
-            reasons.append(f"head_size {head_size}: the CUDA kernels support {TRITON_HEAD_DIMS}")
+        if startup.serves_with_triton(current_platform) and head_size not in TRITON_HEAD_DIMS:
+            reasons.append(f"head_size {head_size}: the Triton kernels support {TRITON_HEAD_DIMS}")
         return reasons
 
 
@@ -180,8 +184,8 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         self._codecs: dict[tuple[str, torch.device], LayerCodec] = {}
         from vllm.platforms import current_platform
 
-        if not current_platform.is_cuda_alike():
-            # Build (or load) the fused CPU kernels now, not in the first request's forward.
+        if not startup.serves_with_triton(current_platform):
+            # Build (or load) the C++ CPU ops now, not in the first request's forward.
             cpu_extension.available()
 
     def _codec(self, layer: AttentionLayer, device: torch.device) -> LayerCodec:
@@ -196,9 +200,10 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
             self._codecs[(name, device)] = codec
             if len(self._codecs) == 1:
                 logger.info(
-                    "TurboQuant attention backend serving %s on %s (%d-byte records)",
+                    "TurboQuant attention backend serving %s on %s with %s (%d-byte records)",
                     name,
                     device,
+                    dispatch.attention_kernels(device, codec),
                     codec.layout.record_bytes,
                 )
         return codec
@@ -242,7 +247,13 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         out = output[:n].view(n, self.num_heads, self.head_size)
         if d:
             out[:d] = dispatch.decode_attention(
-                query[:d], kv_cache, m.block_table[:d], m.seq_lens[:d], codec, self.scale
+                query[:d],
+                kv_cache,
+                m.block_table[:d],
+                m.seq_lens[:d],
+                codec,
+                self.scale,
+                m.max_seq_len,
             )
         if d < m.num_reqs:
             # New tokens are read back from the cache like the context: every query sees what
@@ -257,5 +268,6 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                 m.seq_lens[d:],
                 codec,
                 self.scale,
+                m.max_query_len,
             )
         return output

