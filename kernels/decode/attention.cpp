@@ -218,7 +218,8 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor
   int64_t longest = 0;
   for (int64_t b = 0; b < batch; ++b) {
     const int64_t lo = qsl[b], hi = qsl[b + 1], len = lens[b];
-    TORCH_CHECK(hi >= lo && hi <= q.size(0) && len >= hi - lo,
+    // len 0 with one query row: a padding row of a decode batch, which attends to nothing (0).
+    TORCH_CHECK(hi >= lo && hi <= q.size(0) && (len >= hi - lo || (len == 0 && hi - lo == 1)),
                 "sequence ", b, ": bad query_start_loc or seq_len");
     TORCH_CHECK((len + P.block_size - 1) / P.block_size <= block_table.size(1),
                 "sequence ", b, " has more blocks than block_table columns");
