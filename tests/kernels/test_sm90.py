@@ -1,0 +1,84 @@
+"""Every served Triton kernel variant compiled for sm_90 (and a subset for sm_80) on this
+machine, without a GPU (tq_vllm.tools.cuda_compile): it must compile, fit in the chip's shared
+memory, and spill no registers beyond the caps stated below. `pytest -m sm90` runs these."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+pytestmark = pytest.mark.sm90
+
+# Register spills (local memory, bytes per thread) measured with Triton 3.9 on 2026-12-01, as
+# caps: the store and the context kernel with fresh tokens hold [tokens, head_dim] float32
+# tiles of two matrix products at once and run out of registers from head_dim 128 on. Decode
+# and the reduce kernel, the serving hot path, spill nothing. Anything not listed: 0.
+SPILL_CAPS = {
+    (90, "d128 K4mse V4 float16 bs16", "store"): 248,
+    (90, "d128 K4mse V4 float16 bs16", "context (fresh)"): 40,
+    (90, "d128 K3prod V3 bfloat16 bs32", "store"): 144,
+    (90, "d128 K3prod V3 bfloat16 bs32", "context (fresh)"): 32,
+    (90, "d256 K2mse V8 bfloat16 bs16", "store"): 616,
+    (90, "d256 K2mse V8 bfloat16 bs16", "context (cached)"): 248,
+    (90, "d256 K2mse V8 bfloat16 bs16", "context (fresh)"): 400,
+    (90, "d256 K8prod V1 float16 bs16", "store"): 2240,
+    (90, "d256 K8prod V1 float16 bs16", "context (cached)"): 256,
+    (90, "d256 K8prod V1 float16 bs16", "context (fresh)"): 400,
+    (90, "d128 K5mse V6 bfloat16 bs16", "store"): 88,
+    (90, "d128 K5mse V6 bfloat16 bs16", "context (fresh)"): 64,
+    (90, "d128 K7mse V7 float16 bs32", "store"): 16,
+    (90, "d128 K7mse V7 float16 bs32", "context (fresh)"): 64,
+    (80, "d64 K6mse V5 bfloat16 bs16", "context (fresh)"): 64,
+    (80, "d128 K4mse V4 float16 bs16", "context (fresh)"): 304,
+    (80, "d128 K3prod V3 bfloat16 bs32", "store"): 64,
+    (80, "d128 K3prod V3 bfloat16 bs32", "context (cached)"): 80,
+    (80, "d128 K3prod V3 bfloat16 bs32", "context (fresh)"): 264,
+}
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton 3.9's default, said explicitly
+    proc = subprocess.run(
+        [sys.executable, "-m", "tq_vllm.tools.cuda_compile", "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert proc.stdout.startswith("["), proc.stderr[-5000:]
+    return json.loads(proc.stdout)
+
+
+def test_at_least_20_sm90_variants_compile(compiled):
+    sm90 = [r for r in compiled if r["arch"] == 90]
+    assert len(sm90) >= 20
+    kernels = {r["kernel"].split(":")[0] for r in sm90}
+    assert kernels == {"store", "decode", "context (cached)", "context (fresh)"}
+    for bits in range(1, 9):
+        assert any(f"K{bits}" in r["variant"] for r in sm90), f"no {bits}-bit keys"
+        assert any(f" V{bits} " in r["variant"] for r in sm90), f"no {bits}-bit values"
+    assert all(r["sass_lines"] > 50 and r["registers"] > 0 for r in compiled)
+
+
+def test_shared_memory_within_the_chip(compiled):
+    over = [
+        f"sm_{r['arch']} {r['variant']} {r['kernel']}: {r['shared_bytes']} > {r['shared_limit']}"
+        for r in compiled
+        if r["shared_bytes"] > r["shared_limit"]
+    ]
+    assert not over, over
+
+
+def test_no_spills_beyond_the_stated_caps(compiled):
+    over = []
+    for r in compiled:
+        cap = SPILL_CAPS.get((r["arch"], r["variant"], r["kernel"].split(":")[0]), 0)
+        if r["spill_bytes"] > cap:
+            over.append(f"sm_{r['arch']} {r['variant']} {r['kernel']}: {r['spill_bytes']} > {cap}")
+    assert not over, over
+    assert not any(r["spill_bytes"] for r in compiled if r["kernel"].startswith("decode"))
