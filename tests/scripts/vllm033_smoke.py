@@ -1,0 +1,81 @@
+"""The plugin inside vLLM 0.33 (the CUDA wheel) on a machine without a GPU.
+
+python vllm033_smoke.py: with vLLM's CUDA platform as the current platform, checks that the
+plugin registers through register_kv_cache_dtype, that `--kv-cache-dtype turboquant` parses and
+CacheConfig accepts it, that the CUDA platform's backend selection routes the dtype to our
+backend (and refuses what it cannot serve, with the reason), and that the backend class loads.
+Prints one line per check; any failure raises.
+"""
+
+import sys
+import types
+
+import torch
+import vllm
+import vllm.platforms as platforms
+
+# vLLM's CUDA platform module loads the compiled ops, which need the NVIDIA driver (libcuda)
+# that a machine without a GPU lacks; the checks below call none of them.
+sys.modules["vllm._C_stable_libtorch"] = types.ModuleType("vllm._C_stable_libtorch")
+from vllm.platforms.cuda import CudaPlatform  # noqa: E402
+
+platforms.current_platform = platforms._current_platform = CudaPlatform()
+
+from vllm.config.cache import (  # noqa: E402
+    KV_CACHE_DTYPES,
+    CacheConfig,
+    get_kv_cache_dtype_handler,
+)
+from vllm.engine.arg_utils import EngineArgs  # noqa: E402
+from vllm.utils.argparse_utils import FlexibleArgumentParser  # noqa: E402
+from vllm.utils.torch_utils import STR_DTYPE_TO_TORCH_DTYPE  # noqa: E402
+from vllm.v1.attention.backends.registry import AttentionBackendEnum  # noqa: E402
+from vllm.v1.attention.selector import AttentionSelectorConfig  # noqa: E402
+from vllm.v1.kv_cache_interface import KVQuantMode  # noqa: E402
+
+import tq_vllm.plugin  # noqa: E402
+
+assert vllm.__version__.startswith("0.33"), vllm.__version__
+tq_vllm.plugin.register()
+tq_vllm.plugin.register()  # idempotent
+assert KV_CACHE_DTYPES.count("turboquant") == 1
+assert get_kv_cache_dtype_handler("turboquant").quant_mode() == KVQuantMode.CUSTOM
+assert STR_DTYPE_TO_TORCH_DTYPE["turboquant"] == torch.uint8
+print("OK registered through register_kv_cache_dtype")
+
+parser = EngineArgs.add_cli_args(FlexibleArgumentParser())
+assert parser.parse_args(["--kv-cache-dtype", "turboquant"]).kv_cache_dtype == "turboquant"
+print("OK --kv-cache-dtype turboquant parses")
+assert CacheConfig(cache_dtype="turboquant").cache_dtype == "turboquant"
+print("OK CacheConfig accepts it")
+
+path = tq_vllm.plugin.BACKEND_PATH
+select = CudaPlatform.get_attn_backend_cls
+for head_size in (64, 128, 256):
+    config = AttentionSelectorConfig(head_size, torch.bfloat16, "turboquant", 16)
+    assert select(None, config) == path, head_size
+assert AttentionBackendEnum.CUSTOM.get_path() == path
+print("OK the CUDA platform routes turboquant layers to", path)
+
+refused = {
+    "MLA attention is not supported": dict(use_mla=True),
+    "head_size 96: the Triton kernels support": dict(head_size=96),
+    "attention sinks is not supported": dict(has_sink=True),
+}
+for message, change in refused.items():
+    config = AttentionSelectorConfig(128, torch.bfloat16, "turboquant", 16)._replace(**change)
+    try:
+        select(None, config)
+    except ValueError as e:
+        assert message in str(e), (message, str(e))
+    else:
+        raise AssertionError(f"not refused: {change}")
+print("OK refusals:", "; ".join(refused))
+
+from tq_vllm.plugin.backend import TurboQuantBackend  # noqa: E402
+from tq_vllm.plugin.startup import unsupported_platform_reasons  # noqa: E402
+
+assert TurboQuantBackend.get_name() == "CUSTOM"
+assert unsupported_platform_reasons(platforms.current_platform, {}) == []
+assert CudaPlatform.check_and_update_config._tq_vllm_validated  # the startup check's hook
+print("OK the backend class loads; the CUDA platform passes the startup check")
