@@ -79,3 +79,18 @@ assert TurboQuantBackend.get_name() == "CUSTOM"
 assert unsupported_platform_reasons(platforms.current_platform, {}) == []
 assert CudaPlatform.check_and_update_config._tq_vllm_validated  # the startup check's hook
 print("OK the backend class loads; the CUDA platform passes the startup check")
+
+# CUDA graphs: the builder declares no support (AttentionCGSupport.NEVER), so with the splitting
+# ops an engine sets, vLLM's default FULL_AND_PIECEWISE (and FULL_DECODE_ONLY) resolve to
+# PIECEWISE: the layers between attention calls run as captured graphs, attention eagerly.
+from vllm.config.compilation import CompilationConfig, CompilationMode, CUDAGraphMode  # noqa: E402
+
+from tq_vllm.plugin.backend import TurboQuantMetadataBuilder  # noqa: E402
+
+support = TurboQuantMetadataBuilder._cudagraph_support
+for requested in (CUDAGraphMode.FULL_AND_PIECEWISE, CUDAGraphMode.FULL_DECODE_ONLY):
+    compilation = CompilationConfig(mode=CompilationMode.VLLM_COMPILE, cudagraph_mode=requested)
+    compilation.set_splitting_ops_for_v1("allgather_reducescatter")
+    resolved = compilation.resolve_cudagraph_mode_and_sizes(support, "CUSTOM", max_num_reqs=8)
+    assert resolved == CUDAGraphMode.PIECEWISE, (requested, resolved)
+print("OK CUDA graphs: FULL_AND_PIECEWISE and FULL_DECODE_ONLY resolve to PIECEWISE")
