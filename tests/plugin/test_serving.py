@@ -187,15 +187,18 @@ def test_bad_config_refused_at_startup(extra, field):
     assert "ConfigError" in log or "TurboQuant" in log
 
 
-def test_tensor_parallel_3(tmp_path, monkeypatch):
-    """TP3: one KV head per rank, every rank builds the same rotation from the seed. (TP2 is
-    refused by vLLM for this model: 9 attention heads do not divide by 2.)"""
+@pytest.mark.parametrize("config", ["default", "smollm2-k2.5v3"])
+def test_tensor_parallel_3(tmp_path, monkeypatch, config):
+    """TP3: one KV head per rank, every rank builds the same rotation from the seed; with
+    outlier channels each rank takes its own KV head's channel lists. (TP2 is refused by vLLM
+    for this model: 9 attention heads do not divide by 2.)"""
     monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # else vLLM asserts on NUMA
     args = {
         "kv_cache_dtype": "turboquant",
         "tensor_parallel_size": 3,
         "max_model_len": 1024,
         "kv_cache_memory_bytes": 1 << 28,
+        "additional_config": {"turboquant": {"config": config}},
     }
     texts = [r["text"] for r in generate(tmp_path, args, list(FACTS)[:2])[0]]
     assert "Paris" in texts[0] and "Jupiter" in texts[1], texts

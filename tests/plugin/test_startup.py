@@ -45,3 +45,16 @@ def test_the_triton_switch_on_cpu_needs_the_interpreter():
     assert unsupported_platform_reasons(Platform("cuda"), switch) == []
     (reason,) = unsupported_platform_reasons(Platform("cpu"), {"TQ_VLLM_KERNELS": "cuda"})
     assert "'cuda' is unknown" in reason
+
+
+@pytest.mark.parametrize(
+    "total,size,expected",
+    [(3, 1, [[0, 1, 2]]), (3, 3, [[0], [1], [2]]), (8, 2, [[0, 1, 2, 3], [4, 5, 6, 7]]),
+     (2, 4, [[0], [0], [1], [1]])],
+)  # fmt: skip
+def test_each_rank_takes_its_kv_heads(total, size, expected):
+    """Outlier channels under tensor parallelism: a rank's codec gets its own heads' lists."""
+    pytest.importorskip("vllm")
+    from tq_vllm.plugin.backend import local_kv_heads
+
+    assert [local_kv_heads(total, rank, size) for rank in range(size)] == expected

@@ -195,7 +195,11 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
             index = compat.layer_index(name)
             config = self.settings.config
             layout = self.settings.layouts[index]
-            channels = config.outlier_channels(index) if layout.split_keys else None
+            channels = None
+            if layout.split_keys:  # this rank's KV heads' channel lists
+                rank, size = compat.tensor_parallel()
+                heads = local_kv_heads(len(config.key_outlier_channels[index]), rank, size)
+                channels = config.outlier_channels(index)[heads]
             codec = LayerCodec(layout, config.seed, device, channels)
             self._codecs[(name, device)] = codec
             if len(self._codecs) == 1:
@@ -271,3 +275,13 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                 m.max_query_len,
             )
         return output
+
+
+def local_kv_heads(total: int, rank: int, size: int) -> list[int]:
+    """The KV heads tensor-parallel rank `rank` of `size` holds, as vLLM shards them: a slice
+    of total / size heads each, or, with more ranks than heads, one head per size / total
+    consecutive ranks."""
+    if size <= total:
+        per_rank = total // size
+        return list(range(rank * per_rank, (rank + 1) * per_rank))
+    return [rank // (size // total)]

@@ -165,3 +165,13 @@ def cpu_memory_node() -> tuple[int, int, int] | None:
     node = get_allowed_cpu_list()[0].numa_node
     info = get_memory_node_info(node)
     return node, info.total_memory, info.available_memory
+
+
+def tensor_parallel() -> tuple[int, int]:
+    """(this worker's tensor-parallel rank, the tensor-parallel size)."""
+    from vllm.distributed import (
+        get_tensor_model_parallel_rank,
+        get_tensor_model_parallel_world_size,
+    )
+
+    return get_tensor_model_parallel_rank(), get_tensor_model_parallel_world_size()

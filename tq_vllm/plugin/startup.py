@@ -55,19 +55,17 @@ def settings_from(vllm_config: Any) -> Settings:
     num_layers = model.get_total_num_hidden_layers()
     settings = Settings(config, head_dim, num_layers, tuple(config.layouts(head_dim, num_layers)))
     if config.key_outlier_bits:
-        _check_outlier_heads(config, model.get_total_num_kv_heads(), vllm_config)
+        _check_outlier_heads(config, model.get_total_num_kv_heads())
     return settings
 
 
-def _check_outlier_heads(config: TurboQuantConfig, num_kv_heads: int, vllm_config: Any) -> None:
+def _check_outlier_heads(config: TurboQuantConfig, num_kv_heads: int) -> None:
     heads = len(config.key_outlier_channels[0])
     if heads != num_kv_heads:
         raise ConfigError(
             f"key_outlier_channels list {heads} KV heads per layer; the model has "
             f"{num_kv_heads} (calibrate for this model)"
         )
-    if vllm_config.parallel_config.tensor_parallel_size > 1:
-        raise ConfigError("outlier channels (key_outlier_bits) support tensor_parallel_size 1 only")
 
 
 def serves_with_triton(platform: Any) -> bool:
