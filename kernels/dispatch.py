@@ -56,7 +56,7 @@ def store_kv(
         from tq_vllm.kernels.store.triton_store import store_kv as kernel
 
         return kernel(key, value, kv_cache, slot_mapping, codec)
-    if _cpu_kernel(kv_cache, codec) and not codec.layout.split_keys:  # the reference splits keys
+    if _cpu_kernel(kv_cache, codec):
         return cpu_store.store_kv(key, value, kv_cache, slot_mapping, codec)
     return store_kv_reference(key, value, kv_cache, slot_mapping, codec)
 

@@ -107,9 +107,10 @@ def generate(
     env: dict[str, str] | None = None,
     timeout: float = 900,
     log: list[str] | None = None,
+    counters: dict | None = None,
 ) -> list[list[dict]]:
     """Greedy generations of a real vLLM engine in its own process (scripts/generate.py); its
-    output is appended to `log` where one is given."""
+    output is appended to `log` and its metric counters put in `counters` where given."""
     out = tmp_path / f"out{len(list(tmp_path.iterdir()))}.json"
     spec = {"llm": llm_kwargs, "prompts": prompts, "repeat": repeat, "max_tokens": max_tokens}
     script = Path(__file__).parent / "scripts" / "generate.py"
@@ -123,4 +124,7 @@ def generate(
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     if log is not None:
         log.append(proc.stdout + proc.stderr)
-    return json.loads(out.read_text())["runs"]
+    result = json.loads(out.read_text())
+    if counters is not None:
+        counters.update({k: v for k, v in result.items() if k != "runs"})
+    return result["runs"]

@@ -17,23 +17,30 @@ def store_kv(
     slot_mapping: torch.Tensor,
     codec: LayerCodec,
 ) -> None:
-    """store_kv_reference, fused: the same bytes (value_mode "uniform" and split keys have no
-    fused store)."""
-    check_records(kv_cache, codec)
+    """store_kv_reference, fused: the same bytes (value_mode "uniform" has no fused store)."""
+    check_records(kv_cache, codec, split_ok=True)
     check_store_inputs(key, value, kv_cache, slot_mapping, codec)
     if slot_mapping.numel() == 0:
         return
     layout = codec.layout
+    split = layout.split_keys
+    plain = codec.key.regular if split else codec.key  # the keys' (regular part's) quantizer
+    outlier = codec.key.outlier if split else None
     torch.ops.tq_vllm_cpu.store(
         key,
         value,
         kv_cache,
         slot_mapping,
         codec.rotation,
-        codec.key.centroids,
-        codec.key.boundaries,
-        codec.key.qjl if layout.prod else None,
         codec.value.centroids,
         codec.value.boundaries,
+        plain.rotation,
+        plain.centroids,
+        plain.boundaries,
+        plain.qjl if layout.prod else None,
         layout_fields(codec),
+        codec.key.order if split else None,
+        outlier.rotation if split else None,
+        outlier.centroids if split else None,
+        outlier.boundaries if split else None,
     )

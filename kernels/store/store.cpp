@@ -131,14 +131,50 @@ void store_mse_norms(const at::Tensor& x, const at::Tensor& c, int64_t norm_off,
   }
 }
 
+// Split keys (tq_vllm/quant/outliers.py): each head's channels gathered into its regular and
+// outlier parts (key_order [Hk, d]: regular channels, then outlier channels), each part
+// quantized by its own rotation and codebook, as two mse keys; a key with a non-finite
+// coordinate gets zero norms in both parts, as SplitKeyQuantizer.quantize gives it.
+void store_split_keys(const at::Tensor& key, const Layout& L, const at::Tensor& key_order,
+                      const at::Tensor& rotation, const at::Tensor& centroids,
+                      const at::Tensor& boundaries, const at::Tensor& outlier_rotation,
+                      const at::Tensor& outlier_centroids,
+                      const at::Tensor& outlier_boundaries, const StoreTarget& target,
+                      std::vector<int32_t>& idx) {
+  const at::Tensor x = key.to(at::kFloat);
+  const at::Tensor parts = x.gather(-1, key_order.expand(x.sizes()));
+  const int64_t d = x.size(-1), regular = d - L.key_outliers;
+  auto [rx, ry, rc] = index_rows(parts.slice(-1, 0, regular), rotation, centroids, boundaries,
+                                 L.key_bits, L.key_indices, target, idx);
+  store_mse_norms(rx, rc, L.key_norm, target);
+  auto [ox, oy, oc] = index_rows(parts.slice(-1, regular, d), outlier_rotation,
+                                 outlier_centroids, outlier_boundaries, L.key_outlier_bits,
+                                 L.key_outlier_indices, target, idx);
+  store_mse_norms(ox, oc, L.key_outlier_norm, target);
+  const at::Tensor finite = x.isfinite().all(-1).contiguous();
+  const bool* ok = finite.data_ptr<bool>();
+  for (int64_t row = 0; row < finite.numel(); ++row) {
+    if (ok[row]) continue;
+    store_fp16_norm(target.record(row) + L.key_norm, 0.f);
+    store_fp16_norm(target.record(row) + L.key_outlier_norm, 0.f);
+  }
+}
+
 void store(const at::Tensor& key_in, const at::Tensor& value_in, at::Tensor kv_cache,
-           const at::Tensor& slot_mapping, const at::Tensor& rotation,
-           const at::Tensor& key_centroids, const at::Tensor& key_boundaries,
-           const std::optional<at::Tensor>& qjl, const at::Tensor& value_centroids,
-           const at::Tensor& value_boundaries, at::IntArrayRef layout) {
+           const at::Tensor& slot_mapping, const at::Tensor& value_rotation,
+           const at::Tensor& value_centroids, const at::Tensor& value_boundaries,
+           const at::Tensor& key_rotation, const at::Tensor& key_centroids,
+           const at::Tensor& key_boundaries, const std::optional<at::Tensor>& qjl,
+           at::IntArrayRef layout, const std::optional<at::Tensor>& key_order,
+           const std::optional<at::Tensor>& outlier_rotation,
+           const std::optional<at::Tensor>& outlier_centroids,
+           const std::optional<at::Tensor>& outlier_boundaries) {
   const Layout L = parse_layout(layout, key_in.size(-1), kv_cache.size(3));
-  TORCH_CHECK(!L.key_outliers && !L.uniform_values,
-              "store: no fused store for split keys or uniform values");
+  TORCH_CHECK(!L.uniform_values, "store: no fused store for uniform values");
+  TORCH_CHECK(!L.key_outliers || (key_order && outlier_rotation && outlier_centroids &&
+                                  outlier_boundaries),
+              "store: split keys need key_order and the outlier part's rotation, centroids "
+              "and boundaries");
   const int key_bits = L.key_bits, value_bits = L.value_bits;
   const bool prod = L.prod;
   at::Tensor slots = slot_mapping.to(at::kLong).contiguous();
@@ -165,10 +201,15 @@ void store(const at::Tensor& key_in, const at::Tensor& value_in, at::Tensor kv_c
                            kv_cache.stride(0), kv_cache.stride(1),
                            kv_cache.stride(2)};
   std::vector<int32_t> idx;
-  auto [vx, vy, vc] = index_rows(value, rotation, value_centroids, value_boundaries, value_bits,
-                                 L.value_indices, target, idx);
+  auto [vx, vy, vc] = index_rows(value, value_rotation, value_centroids, value_boundaries,
+                                 value_bits, L.value_indices, target, idx);
   store_mse_norms(vx, vc, L.value_norm, target);
-  auto [kx, ky, kc] = index_rows(key, rotation, key_centroids, key_boundaries, key_bits,
+  if (L.key_outliers) {
+    store_split_keys(key, L, *key_order, key_rotation, key_centroids, key_boundaries,
+                     *outlier_rotation, *outlier_centroids, *outlier_boundaries, target, idx);
+    return;
+  }
+  auto [kx, ky, kc] = index_rows(key, key_rotation, key_centroids, key_boundaries, key_bits,
                                  L.key_indices, target, idx);
   if (!prod) {
     store_mse_norms(kx, kc, L.key_norm, target);
@@ -209,8 +250,10 @@ void store(const at::Tensor& key_in, const at::Tensor& value_in, at::Tensor kv_c
 TORCH_LIBRARY_FRAGMENT(tq_vllm_cpu, m) {
   m.def(
       "store(Tensor key, Tensor value, Tensor(a!) kv_cache, Tensor slot_mapping, "
-      "Tensor rotation, Tensor key_centroids, Tensor key_boundaries, Tensor? qjl, "
-      "Tensor value_centroids, Tensor value_boundaries, int[] layout) -> ()");
+      "Tensor value_rotation, Tensor value_centroids, Tensor value_boundaries, "
+      "Tensor key_rotation, Tensor key_centroids, Tensor key_boundaries, Tensor? qjl, "
+      "int[] layout, Tensor? key_order=None, Tensor? outlier_rotation=None, "
+      "Tensor? outlier_centroids=None, Tensor? outlier_boundaries=None) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(tq_vllm_cpu, CPU, m) { m.impl("store", &tq::store); }

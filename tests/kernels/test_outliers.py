@@ -17,6 +17,7 @@ from tq_vllm.kernels.context import cpu_context
 from tq_vllm.kernels.context.reference import context_attention_reference, gather_context
 from tq_vllm.kernels.decode import cpu_decode
 from tq_vllm.kernels.decode.reference import decode_attention_reference
+from tq_vllm.kernels.store import cpu_store
 from tq_vllm.kernels.store.reference import store_kv_reference
 from tq_vllm.quant.outliers import SplitKeyQuantizer
 from tq_vllm.quant.quantizer import TurboQuantizer
@@ -101,7 +102,7 @@ def test_non_finite_key_reads_back_as_zero_and_stays_contained():
     )
 
 
-def test_triton_kernels_and_cpu_store_refuse_split_records():
+def test_triton_kernels_refuse_split_records():
     codec = split_codec()
     cache = torch.zeros(2, 3, 16, codec.layout.record_bytes, dtype=torch.uint8)
     with pytest.raises(ValueError, match="split-key"):
@@ -251,3 +252,28 @@ def test_calibrate_writes_a_config_the_plugin_loads(tmp_path, capsys):
     assert channels.shape == (30, 3, 16)
     assert torch.equal(channels, channels.sort(dim=-1).values)  # ascending, as written
     assert out.read_text().startswith("# Keys K2.5")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("d,bits,outlier_bits,n,value_bits,block_size,hq,hk", CASES)
+def test_cpu_store_writes_the_reference_bytes_for_split_keys(
+    d, bits, outlier_bits, n, value_bits, block_size, hq, hk, dtype
+):
+    """The C++ store splits keys itself: byte-identical records, padding slots (-1) and bytes
+    past the record untouched, a key with a NaN or inf coordinate zeroed in both parts."""
+    codec = split_codec(d, bits, outlier_bits, n, value_bits, hk, seed=d + bits)
+    gen = torch.Generator().manual_seed(d)
+    key = (torch.randn(40, hk, d, generator=gen) * 2).to(dtype)
+    value = torch.randn(40, hk, d, generator=gen).to(dtype)
+    key[3, 0, 5], key[7, hk - 1, 0] = float("nan"), float("inf")
+    slots = torch.randperm(64, generator=gen)[:40]
+    slots[[2, 11]] = -1
+    shape = (64 // block_size, hk, block_size, codec.layout.record_bytes + 3)
+    ref = torch.full(shape, 0xFF, dtype=torch.uint8)
+    got = ref.clone()
+    store_kv_reference(key, value, ref, slots, codec)
+    cpu_store.store_kv(key, value, got, slots, codec)
+    assert torch.equal(got, ref)
+    slot = int(slots[3])
+    k, _ = decode_records(codec.layout, got[slot // block_size, 0, slot % block_size].clone())
+    assert float(k.regular.norms) == 0.0 and float(k.outlier.norms) == 0.0

@@ -4,7 +4,8 @@ JSON_ARGS: {"llm": {LLM kwargs}, "prompts": [...], "max_tokens": N, "repeat": R}
 one at a time (batch composition changes the model's GEMM results slightly, in bf16 too), the
 list R times over. The first pass also returns the prompt's logprobs; vLLM skips reading the
 prefix cache for such requests, so later passes ask for none and do read it. OUT gets
-{"runs": [[{"text", "token_ids", "prompt_logprobs"}...] per pass], "prefix_cache_hits": N}.
+{"runs": [[{"text", "token_ids", "prompt_logprobs"}...] per pass], "prefix_cache_hits": N,
+and the speculative-decoding counters where drafts ran ("spec_decode_num_draft_tokens", ...)}.
 """
 
 import json
@@ -13,6 +14,13 @@ import sys
 from vllm import LLM, SamplingParams
 
 from tq_vllm.tools.model import ensure_default_model
+
+COUNTERS = (
+    "vllm:prefix_cache_hits",
+    "vllm:spec_decode_num_drafts",
+    "vllm:spec_decode_num_draft_tokens",
+    "vllm:spec_decode_num_accepted_tokens",
+)
 
 if __name__ == "__main__":
     out_path, spec = sys.argv[1], json.loads(sys.argv[2])
@@ -45,6 +53,9 @@ if __name__ == "__main__":
                 }
             )
         runs.append(results)
-    hits = sum(m.value for m in llm.get_metrics() if m.name == "vllm:prefix_cache_hits")
+    counters = {name.removeprefix("vllm:"): 0 for name in COUNTERS}
+    for m in llm.get_metrics():
+        if m.name in COUNTERS:
+            counters[m.name.removeprefix("vllm:")] += m.value
     with open(out_path, "w") as f:
-        json.dump({"runs": runs, "prefix_cache_hits": hits}, f)
+        json.dump({"runs": runs, **counters}, f)

@@ -13,6 +13,9 @@ from tq_vllm.plugin.config import ConfigError, TurboQuantConfig, load_config
 from tq_vllm.record.layout import RecordLayout
 
 logger = logging.getLogger("tq_vllm")
+# Drafts that need no attention of their own: a verify step is then one more multi-token query
+# over the compressed cache, which reads every key and value after the step's store.
+SPECULATIVE_METHODS = ("ngram",)
 
 
 @dataclass(frozen=True)
@@ -30,8 +33,14 @@ class Settings:
 def unsupported_model_reasons(vllm_config: Any) -> list[str]:
     model = vllm_config.model_config
     reasons = []
-    if vllm_config.speculative_config is not None:
-        reasons.append("speculative decoding is not supported")
+    spec = vllm_config.speculative_config
+    if spec is not None and spec.method not in SPECULATIVE_METHODS:
+        # A draft model's own attention layers, and EAGLE-style drafts that read the target's
+        # hidden states, have never run against compressed pages here.
+        reasons.append(
+            f"speculative decoding method {spec.method!r} is not supported "
+            f"(supported: {', '.join(SPECULATIVE_METHODS)})"
+        )
     if getattr(model, "use_mla", False):
         reasons.append("MLA attention is not supported")
     if getattr(model, "is_encoder_decoder", False):

@@ -6,7 +6,39 @@ import argparse
 import sys
 
 
-def demo(_: argparse.Namespace) -> int:
+def generate_demo(args: argparse.Namespace) -> int:
+    """Greedy generation on the embedded model with the TurboQuantCache; print the text and the
+    KV bytes held against a DynamicCache's for the same tokens."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tq_vllm.hf import TurboQuantCache
+    from tq_vllm.tools.model import ensure_default_model
+
+    path = ensure_default_model()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    cache = TurboQuantCache(args.key_bits, args.value_bits, args.residual_length)
+    inputs = tokenizer(args.generate, return_tensors="pt")
+    out = model.generate(
+        **inputs, past_key_values=cache, max_new_tokens=args.max_new_tokens, do_sample=False
+    )
+    print(tokenizer.decode(out[0], skip_special_tokens=True))
+    held, dense = cache.memory_bytes(), cache.uncompressed_bytes()
+    compressed, kv_heads = cache.layers[0].compressed_tokens, cache.layers[0].keys.shape[1]
+    print(
+        f"KV cache: {cache.get_seq_length()} tokens x {len(cache.layers)} layers x {kv_heads} "
+        f"KV heads, "
+        f"K{args.key_bits} V{args.value_bits}, {compressed} tokens compressed, "
+        f"{cache.get_seq_length() - compressed} in the bf16 residual"
+    )
+    print(f"KV bytes: {held:,} held vs {dense:,} in a DynamicCache (bf16): {dense / held:.2f}x")
+    return 0
+
+
+def demo(args: argparse.Namespace) -> int:
+    if args.generate is not None:
+        return generate_demo(args)
     import torch
 
     from tq_vllm import TurboQuantizer
@@ -91,7 +123,18 @@ def capacity(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tq-vllm", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("demo", help="quantize random and key-like vectors, print the error table")
+    demo_parser = sub.add_parser(
+        "demo",
+        help="quantize random and key-like vectors, print the error table; with --generate, "
+        "generate with the TurboQuantCache in transformers",
+    )
+    demo_parser.add_argument("--generate", metavar="PROMPT", help="greedy text from PROMPT")
+    demo_parser.add_argument("--max-new-tokens", type=int, default=32)
+    demo_parser.add_argument("--key-bits", type=int, default=4)
+    demo_parser.add_argument("--value-bits", type=int, default=4)
+    demo_parser.add_argument(
+        "--residual-length", type=int, default=128, help="newest tokens kept in bf16"
+    )
     sub.add_parser("model", help="convert the embedded SmolLM2-135M-Instruct, print its path")
     sub.add_parser(
         "serve",
