@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -82,3 +83,28 @@ def test_no_spills_beyond_the_stated_caps(compiled):
             over.append(f"sm_{r['arch']} {r['variant']} {r['kernel']}: {r['spill_bytes']} > {cap}")
     assert not over, over
     assert not any(r["spill_bytes"] for r in compiled if r["kernel"].startswith("decode"))
+
+
+def test_sass_report_json():
+    """benchmarks/sass_report.py --json: the decode kernel's static figures per variant."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    script = Path(__file__).parents[2] / "benchmarks" / "sass_report.py"
+    proc = subprocess.run(
+        [sys.executable, str(script), "--json"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    rows = json.loads(proc.stdout)
+    keys = {"kernel", "head_dim", "key_bits", "value_bits", "gqa", "registers", "spills"}
+    keys |= {"shared_bytes", "issue_per_token_head", "bytes_in_flight_per_sm"}
+    assert len(rows) == 18 and all(keys <= set(r) for r in rows)
+    assert {(r["head_dim"], r["gqa"]) for r in rows} == {
+        (d, g) for d in (64, 128) for g in (1, 4, 8)
+    }
+    for r in rows:
+        assert r["kernel"] == "decode" and r["spills"] == 0
+        assert 20 < r["issue_per_token_head"] < 1000 and r["bytes_in_flight_per_sm"] > 0

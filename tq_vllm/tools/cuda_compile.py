@@ -91,8 +91,6 @@ class Compiled:
 
 def record_launches(variant: Variant) -> list[tuple[str, Any, tuple, dict]]:
     """(what, kernel, args, kwargs) of every launch the wrappers make for this variant."""
-    from triton.runtime.jit import JITFunction
-
     from tq_vllm.kernels.context.triton_context import context_attention
     from tq_vllm.kernels.decode.triton_decode import decode_attention
     from tq_vllm.kernels.store.triton_store import store_kv
@@ -119,6 +117,14 @@ def record_launches(variant: Variant) -> list[tuple[str, Any, tuple, dict]]:
             query, key, key, cache, table, qsl, lens, codec, 0.1, max_query_len=1
         ),
     }
+    return record_calls(calls)
+
+
+def record_calls(calls: dict[str, Any]) -> list[tuple[str, Any, tuple, dict]]:
+    """Run each call with Triton's launcher replaced by a recorder: (name, kernel, args,
+    kwargs) of every launch, nothing run."""
+    from triton.runtime.jit import JITFunction
+
     launches = []
     original = JITFunction.run
 
@@ -135,6 +141,20 @@ def record_launches(variant: Variant) -> list[tuple[str, Any, tuple, dict]]:
 
 
 def compile_launch(kernel: Any, args: tuple, kwargs: dict, arch: int) -> dict[str, Any]:
+    """Registers, spills, shared memory and SASS size of one recorded launch."""
+    compiled, usage, sass = build(kernel, args, kwargs, arch)
+    return dict(
+        num_warps=compiled.metadata.num_warps,
+        registers=usage["REG"],
+        spill_bytes=usage["LOCAL"] + usage["STACK"],
+        shared_bytes=usage["SHARED"] + compiled.metadata.shared,
+        sass_lines=len(sass_instructions(sass)),
+    )
+
+
+def build(kernel: Any, args: tuple, kwargs: dict, arch: int) -> tuple[Any, dict[str, int], str]:
+    """Compile one recorded launch for sm_<arch>: (Triton's compiled kernel, cuobjdump's
+    resource usage (REG, STACK, SHARED, LOCAL, ...), the SASS listing)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -154,18 +174,16 @@ def compile_launch(kernel: Any, args: tuple, kwargs: dict, arch: int) -> dict[st
             signature[name] = "fp32" if isinstance(value, float) else "i32"
     source = ASTSource(kernel, signature, constexprs)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
-    usage, sass = _cubin_facts(compiled.asm["cubin"])
-    return dict(
-        num_warps=compiled.metadata.num_warps,
-        registers=usage["REG"],
-        spill_bytes=usage["LOCAL"] + usage["STACK"],
-        shared_bytes=usage["SHARED"] + compiled.metadata.shared,
-        sass_lines=sass,
-    )
+    return (compiled, *_cubin_facts(compiled.asm["cubin"]))
 
 
-def _cubin_facts(cubin: bytes) -> tuple[dict[str, int], int]:
-    """(cuobjdump's resource usage: REG, STACK, SHARED, LOCAL, ...; SASS instruction lines)."""
+def sass_instructions(sass: str) -> list[tuple[int, str]]:
+    """(address, instruction) of every line of a cuobjdump SASS listing."""
+    found = re.findall(r"^\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", sass, re.M)
+    return [(int(address, 16), text) for address, text in found]
+
+
+def _cubin_facts(cubin: bytes) -> tuple[dict[str, int], str]:
     import triton
 
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
@@ -175,8 +193,7 @@ def _cubin_facts(cubin: bytes) -> tuple[dict[str, int], int]:
         usage = subprocess.run([tool, "-res-usage", path], capture_output=True, text=True)
         sass = subprocess.run([tool, "-sass", path], capture_output=True, text=True)
     line = next(x for x in usage.stdout.splitlines() if "REG:" in x)
-    facts = {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", line)}
-    return facts, sum(1 for x in sass.stdout.splitlines() if re.match(r"\s+/\*[0-9a-f]{4,}\*/", x))
+    return {k: int(v) for k, v in re.findall(r"(\w+):(\d+)", line)}, sass.stdout
 
 
 def compile_variant(variant: Variant, arch: int) -> list[Compiled]:
