@@ -75,9 +75,10 @@ def _codec_device(codec: LayerCodec) -> torch.device:
 def check_records(
     kv_cache: object, codec: LayerCodec, uniform_ok: bool = False, split_ok: bool = False
 ) -> None:
-    """kv_cache uint8 [num_blocks, num_kv_heads, block_size, record_bytes], contiguous, with
-    records the calling kernel can read: uniform_ok, it reads value_mode 'uniform' records too
-    (the CPU context path, which dequantizes them); split_ok, split keys (the C++ attention)."""
+    """kv_cache uint8 [num_blocks, num_kv_heads, block_size, record_bytes] (each record's bytes
+    contiguous), with records the calling kernel can read: uniform_ok, it reads value_mode
+    'uniform' records too (the CPU context path, which dequantizes them); split_ok, split keys
+    (the C++ attention)."""
     for unreadable, what in (
         (codec.layout.uniform_values and not uniform_ok, "value_mode 'uniform'"),
         (codec.layout.split_keys and not split_ok, "split-key (outlier channel)"),
@@ -88,8 +89,14 @@ def check_records(
                 "that can (the CPU path or the PyTorch reference)"
             )
     check_tensor("kv_cache", kv_cache, 4, (torch.uint8,))
-    if not kv_cache.is_contiguous():
-        raise ValueError("kv_cache must be contiguous [num_blocks, num_kv_heads, block_size, C]")
+    # vLLM may hand a layer a strided view of a buffer shared with layers of another page size
+    # (hybrid models): the kernels take any block and head strides, only a record's own bytes
+    # must be contiguous.
+    if kv_cache.stride(3) != 1 or kv_cache.stride(2) < kv_cache.shape[3]:
+        raise ValueError(
+            "kv_cache [num_blocks, num_kv_heads, block_size, C] must keep each record's bytes "
+            f"contiguous; got strides {kv_cache.stride()}"
+        )
     if kv_cache.shape[3] < codec.layout.size:
         raise ValueError(
             f"kv_cache records have {kv_cache.shape[3]} bytes; the codec's layout needs "

@@ -128,3 +128,13 @@ def generate(
     if counters is not None:
         counters.update({k: v for k, v in result.items() if k != "runs"})
     return result["runs"]
+
+
+def strided_view(cache: torch.Tensor, fill: int = 0xA5) -> tuple[torch.Tensor, torch.Tensor]:
+    """(view, buffer): `cache`'s bytes in a view of a larger buffer, as vLLM hands a hybrid
+    model's layers their pages: gaps between records, heads and blocks hold `fill`."""
+    nb, hk, bs, c = cache.shape
+    buffer = torch.full((nb, hk + 1, bs, c + 5), fill, dtype=torch.uint8)
+    view = buffer[:, :hk, :, :c]
+    view.copy_(cache)
+    return view, buffer

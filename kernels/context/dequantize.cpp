@@ -42,10 +42,10 @@ TQ_NO_FMA void write_scaled<c10::BFloat16>(const float* src, float scale, float 
 #endif
 
 template <typename T>
-void dequantize_into(const uint8_t* cache, int64_t hk, int64_t block_size, int64_t record,
-                     int64_t num_blocks, const int32_t* blocks, int64_t length, int d,
-                     const Layout& L, const float* kc, const float* vc,
-                     const OutlierPart& O, T* out) {
+void dequantize_into(const PagedCache& C, const int32_t* blocks, int64_t length, int d,
+                     const Layout& L, const float* kc, const float* vc, const OutlierPart& O,
+                     T* out) {
+  const int64_t hk = C.hk, block_size = C.block_size;
   const int64_t nb = (length + block_size - 1) / block_size;
   const int regular = d - O.count;
   const RowDecoder decode_k(kc, L.key_bits, regular), decode_v(vc, L.value_bits, d);
@@ -57,11 +57,11 @@ void dequantize_into(const uint8_t* cache, int64_t hk, int64_t block_size, int64
     std::vector<float> row(d);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t h = item / nb, i = item % nb, block = blocks[i];
-      TORCH_CHECK(block >= 0 && block < num_blocks, "block_table entry ", block,
-                  " out of range for a cache of ", num_blocks, " blocks");
-      const uint8_t* rec = cache + (block * hk + h) * block_size * record;
+      TORCH_CHECK(block >= 0 && block < C.num_blocks, "block_table entry ", block,
+                  " out of range for a cache of ", C.num_blocks, " blocks");
+      const uint8_t* rec = C.head(block, h);
       const int64_t t0 = i * block_size, t1 = std::min(length, t0 + block_size);
-      for (int64_t t = t0; t < t1; ++t, rec += record) {
+      for (int64_t t = t0; t < t1; ++t, rec += C.ss) {
         const int64_t at = (h * length + t) * d;
         decode_k(rec + L.key_indices, row.data());
         write_scaled(row.data(), load_half(rec + L.key_norm), 0.f, false, regular, keys + at);
@@ -85,12 +85,10 @@ at::Tensor dequantize(const at::Tensor& kv_cache, const at::Tensor& blocks, int6
                       const at::Tensor& key_centroids, const at::Tensor& value_centroids,
                       at::IntArrayRef layout, int64_t head_dim, at::ScalarType dtype,
                       const std::optional<at::Tensor>& outlier_centroids) {
-  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.scalar_type() == at::kByte &&
-                  kv_cache.is_contiguous(),
-              "kv_cache must be a contiguous uint8 [num_blocks, Hk, block_size, C] tensor");
-  const Layout L = parse_layout(layout, head_dim, kv_cache.size(3));
+  const PagedCache C = paged_cache(kv_cache);
+  const Layout L = parse_layout(layout, head_dim, C.record);
   TORCH_CHECK(!L.prod && L.key_bits >= 1, "dequantize reads mse keys of 1..8 bits");
-  const int64_t block_size = kv_cache.size(2), hk = kv_cache.size(1);
+  const int64_t block_size = C.block_size, hk = C.hk;
   TORCH_CHECK(length >= 0 && blocks.dim() == 1 && blocks.scalar_type() == at::kInt &&
                   blocks.is_contiguous() &&
                   blocks.size(0) >= (length + block_size - 1) / block_size,
@@ -105,9 +103,8 @@ at::Tensor dequantize(const at::Tensor& kv_cache, const at::Tensor& blocks, int6
   const OutlierPart O = outlier_part(L, outlier_centroids);
   auto out = at::empty({2, hk, length, head_dim}, kv_cache.options().dtype(dtype));
   auto run = [&](auto* dst) {
-    dequantize_into(kv_cache.data_ptr<uint8_t>(), hk, block_size, kv_cache.size(3),
-                    kv_cache.size(0), blocks.data_ptr<int32_t>(), length, d, L,
-                    key_centroids.data_ptr<float>(), value_centroids.data_ptr<float>(), O, dst);
+    dequantize_into(C, blocks.data_ptr<int32_t>(), length, d, L, key_centroids.data_ptr<float>(),
+                    value_centroids.data_ptr<float>(), O, dst);
   };
   switch (dtype) {
     case at::kFloat: run(out.data_ptr<float>()); break;

@@ -206,6 +206,26 @@ inline Layout parse_layout(at::IntArrayRef f, int64_t head_dim, int64_t record) 
   return L;
 }
 
+// A layer's paged cache [num_blocks, Hk, block_size, record bytes] as vLLM hands it over: a
+// contiguous tensor, or a strided view into a buffer shared with layers of another page size
+// (hybrid models). Only a record's own bytes must be contiguous.
+struct PagedCache {
+  const uint8_t* base;
+  int64_t num_blocks, hk, block_size, record, sb, sh, ss;  // sizes, then byte strides
+
+  const uint8_t* head(int64_t block, int64_t h) const { return base + block * sb + h * sh; }
+};
+
+inline PagedCache paged_cache(const at::Tensor& kv_cache) {
+  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.scalar_type() == at::kByte &&
+                  kv_cache.stride(3) == 1 && kv_cache.stride(2) >= kv_cache.size(3),
+              "kv_cache must be a uint8 [num_blocks, Hk, block_size, C] tensor whose records "
+              "are contiguous");
+  return PagedCache{kv_cache.data_ptr<uint8_t>(), kv_cache.size(0),    kv_cache.size(1),
+                    kv_cache.size(2),             kv_cache.size(3),    kv_cache.stride(0),
+                    kv_cache.stride(1),           kv_cache.stride(2)};
+}
+
 // The outlier part of split keys with its centroids; count 0: plain keys.
 struct OutlierPart {
   int count = 0, bits = 0, norm = 0, indices = 0;

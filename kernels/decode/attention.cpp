@@ -22,8 +22,8 @@ inline void scale_row(float* x, float scale, int n) {
 struct Problem {
   const float* q;   // [T, Hq, d] rotated, scaled queries
   const float* qs;  // [T, Hq, d] S q' (prod mode)
-  const uint8_t* cache;
-  int64_t num_blocks, hk, block_size, record;
+  PagedCache cache;
+  int64_t hk;
   const int32_t* table;
   int64_t table_stride;
   const float* kc;
@@ -65,23 +65,24 @@ void attend_item(const Problem& P, int64_t b, int64_t row0, int rows, int64_t li
 
   // The walk through the block table: token t sits in row_table[t / block_size] at offset
   // t % block_size, advanced one token at a time (a division per token cost as much as the
-  // decode). A head's records of one block are contiguous, so on entering a block the next
+  // decode). A head's records of one block lie together, so on entering a block the next
   // one is prefetched whole.
-  const int64_t head_bytes = P.block_size * P.record;
+  const PagedCache& C = P.cache;
+  const int64_t head_bytes = C.block_size * C.ss;
   auto block_records = [&](int64_t i) -> const uint8_t* {
     const int64_t block = row_table[i];
-    TORCH_CHECK(block >= 0 && block < P.num_blocks, "block_table entry ", block,
-                " out of range for a cache of ", P.num_blocks, " blocks");
-    return P.cache + (block * P.hk + h) * head_bytes;
+    TORCH_CHECK(block >= 0 && block < C.num_blocks, "block_table entry ", block,
+                " out of range for a cache of ", C.num_blocks, " blocks");
+    return C.head(block, h);
   };
-  const int64_t last_block = (t1 - 1) / P.block_size;
-  int64_t block_i = t0 / P.block_size, offset = t0 % P.block_size;
+  const int64_t last_block = (t1 - 1) / C.block_size;
+  int64_t block_i = t0 / C.block_size, offset = t0 % C.block_size;
   const uint8_t* records = t1 > t0 ? block_records(block_i) : nullptr;
   auto prefetch_block = [&](int64_t i) {
     if (i > last_block) return;
     const int64_t block = row_table[i];
-    if (block < 0 || block >= P.num_blocks) return;  // checked when it is read
-    const uint8_t* next = P.cache + (block * P.hk + h) * head_bytes;
+    if (block < 0 || block >= C.num_blocks) return;  // checked when it is read
+    const uint8_t* next = C.head(block, h);
     for (int64_t line = 0; line < head_bytes; line += 64) __builtin_prefetch(next + line);
   };
   prefetch_block(block_i + 1);
@@ -89,12 +90,12 @@ void attend_item(const Problem& P, int64_t b, int64_t row0, int rows, int64_t li
   for (int64_t ts = t0; ts < t1; ts += TILE) {
     const int n = static_cast<int>(std::min<int64_t>(TILE, t1 - ts));
     for (int u = 0; u < n; ++u) {
-      if (offset == P.block_size) {
+      if (offset == C.block_size) {
         offset = 0;
         records = block_records(++block_i);
         prefetch_block(block_i + 1);
       }
-      const uint8_t* rec = recs[u] = records + (offset++) * P.record;
+      const uint8_t* rec = recs[u] = records + (offset++) * C.ss;
       knorm[u] = load_half(rec + L.key_norm);
       vnorm[u] = load_half(rec + L.value_norm);
       if (L.prod) {
@@ -169,9 +170,6 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor
                      const std::optional<at::Tensor>& outlier_centroids) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(),
               "q must be a contiguous float32 [T, Hq, d] tensor");
-  TORCH_CHECK(kv_cache.dim() == 4 && kv_cache.scalar_type() == at::kByte &&
-                  kv_cache.is_contiguous(),
-              "kv_cache must be a contiguous uint8 [num_blocks, Hk, block_size, C] tensor");
   TORCH_CHECK(block_table.dim() == 2 && block_table.scalar_type() == at::kInt &&
                   block_table.stride(1) == 1,
               "block_table must be int32 [B, max_blocks] with unit column stride");
@@ -183,12 +181,13 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor
   TORCH_CHECK(query_start_loc.size(0) == batch + 1 && block_table.size(0) == batch,
               "query_start_loc needs B + 1 entries and block_table B rows");
   Problem P;
+  P.cache = paged_cache(kv_cache);
   P.d = static_cast<int>(q.size(2));
   P.hq = static_cast<int>(q.size(1));
-  P.hk = kv_cache.size(1);
+  P.hk = P.cache.hk;
   TORCH_CHECK(P.hq % P.hk == 0, "query heads must be a multiple of KV heads");
   P.g = static_cast<int>(P.hq / P.hk);
-  P.lay = parse_layout(layout, P.d, kv_cache.size(3));
+  P.lay = parse_layout(layout, P.d, P.cache.record);
   TORCH_CHECK(!P.lay.uniform_values, "the fused attention reads Lloyd-Max values only");
   P.qjl_coef = static_cast<float>(qjl_coef);
   TORCH_CHECK(key_centroids.scalar_type() == at::kFloat && key_centroids.is_contiguous() &&
@@ -202,10 +201,6 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor
               "prod mode needs qs shaped like q, contiguous float32");
   P.q = q.data_ptr<float>();
   P.qs = P.lay.prod ? qs.data_ptr<float>() : nullptr;
-  P.cache = kv_cache.data_ptr<uint8_t>();
-  P.num_blocks = kv_cache.size(0);
-  P.block_size = kv_cache.size(2);
-  P.record = kv_cache.size(3);
   P.table = block_table.data_ptr<int32_t>();
   P.table_stride = block_table.stride(0);
   P.kc = key_centroids.data_ptr<float>();
@@ -221,7 +216,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor
     // len 0 with one query row: a padding row of a decode batch, which attends to nothing (0).
     TORCH_CHECK(hi >= lo && hi <= q.size(0) && (len >= hi - lo || (len == 0 && hi - lo == 1)),
                 "sequence ", b, ": bad query_start_loc or seq_len");
-    TORCH_CHECK((len + P.block_size - 1) / P.block_size <= block_table.size(1),
+    TORCH_CHECK((len + P.cache.block_size - 1) / P.cache.block_size <= block_table.size(1),
                 "sequence ", b, " has more blocks than block_table columns");
     for (int64_t row = lo; row < hi; row += rows_per_tile) {
       const int rows = static_cast<int>(std::min<int64_t>(rows_per_tile, hi - row));

@@ -169,6 +169,7 @@ void store(const at::Tensor& key_in, const at::Tensor& value_in, at::Tensor kv_c
            const std::optional<at::Tensor>& outlier_rotation,
            const std::optional<at::Tensor>& outlier_centroids,
            const std::optional<at::Tensor>& outlier_boundaries) {
+  paged_cache(kv_cache);  // checks the view: records contiguous, any block and head strides
   const Layout L = parse_layout(layout, key_in.size(-1), kv_cache.size(3));
   TORCH_CHECK(!L.uniform_values, "store: no fused store for uniform values");
   TORCH_CHECK(!L.key_outliers || (key_order && outlier_rotation && outlier_centroids &&

@@ -13,7 +13,7 @@ import logging
 
 import pytest
 import torch
-from cases import CPU_TOL, DENSE_TOL, make_cache
+from cases import CPU_TOL, DENSE_TOL, make_cache, strided_view
 
 from tq_vllm.kernels import cpu_extension, dispatch
 from tq_vllm.kernels.context import cpu_context, dense
@@ -307,3 +307,19 @@ def test_decode_of_empty_and_one_token_sequences():
     out = cpu_decode.decode_attention(query, cache, table, seq_lens, codec, 0.125)
     assert torch.equal(out[0], torch.zeros_like(out[0]))
     torch.testing.assert_close(out, ref, **CPU_TOL)
+
+
+def test_strided_cache_views():
+    """A hybrid model's layers get strided views of a shared buffer: decode, fused and dense
+    context read them as they read a contiguous cache."""
+    codec, cache, table, seq_lens = setup(64, 6, "mse", 5, 16, 3, [40, 70])
+    view, _ = strided_view(cache)
+    assert not view.is_contiguous()
+    query = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(6))
+    ref = cpu_decode.decode_attention(query, cache, table, seq_lens, codec, 0.125)
+    assert torch.equal(cpu_decode.decode_attention(query, view, table, seq_lens, codec, 0.125), ref)
+    starts = torch.tensor([0, 3, 23], dtype=torch.int32)  # a fused chunk and a dense one
+    rows = torch.randn(23, 9, 64, generator=torch.Generator().manual_seed(7)).bfloat16()
+    ref = cpu_context.context_attention(rows, cache, table, starts, seq_lens, codec, 0.125)
+    out = cpu_context.context_attention(rows, view, table, starts, seq_lens, codec, 0.125)
+    assert torch.equal(out, ref)

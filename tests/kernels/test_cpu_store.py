@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from cases import strided_view
 
 from tq_vllm.kernels import cpu_extension, dispatch
 from tq_vllm.kernels.store import cpu_store
@@ -140,3 +141,18 @@ def test_store_refuses_a_slot_past_the_cache():
     assert not cache.any()
     with pytest.raises(IndexError):
         store_kv_reference(key, value, cache, slots, codec)
+
+
+@pytest.mark.parametrize("store", [cpu_store.store_kv, store_kv_reference])
+def test_store_into_a_strided_view(store):
+    """Records land in the view's slots; the buffer's bytes around them stay untouched."""
+    codec = LayerCodec(RecordLayout(64, 6, "mse", 5), seed=0)
+    key, value, slots = store_inputs(20, 2, 64)
+    expected = torch.zeros(4, 2, 16, codec.layout.record_bytes, dtype=torch.uint8)
+    store_kv_reference(key, value, expected, slots, codec)
+    view, buffer = strided_view(torch.zeros_like(expected))
+    store(key, value, view, slots, codec)
+    assert torch.equal(view, expected)
+    outside = torch.ones_like(buffer, dtype=torch.bool)
+    outside[:, :2, :, : expected.shape[-1]] = False
+    assert bool((buffer[outside] == 0xA5).all())

@@ -6,7 +6,7 @@ query, centroids, signs, p * value norm) with fp32 accumulation; the reference i
 
 import pytest
 import torch
-from cases import make_cache, run_kernel
+from cases import make_cache, run_kernel, strided_view
 
 from tq_vllm.kernels.decode import triton_decode
 from tq_vllm.kernels.decode.reference import decode_attention_reference
@@ -126,3 +126,15 @@ def test_decode_served_shapes(d, key_bits, value_bits, block_size, hq, hk, lens)
             decode_attention, query, cache, table, seq_lens, codec, 0.1, num_splits=num_splits
         )
         torch.testing.assert_close(out, ref, **TOL)
+
+
+def test_decode_reads_a_strided_cache_view():
+    """A hybrid model's layers get strided views of a shared buffer (kernels take strides)."""
+    codec = LayerCodec(RecordLayout(64, 6, "mse", 5), seed=0)
+    cache, table, _, _ = make_cache(codec, [40, 7], 16, 3, seed=0)
+    view, _ = strided_view(cache)
+    query = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(1))
+    lens = torch.tensor([40, 7], dtype=torch.int32)
+    ref = decode_attention_reference(query, cache, table, lens, codec, 0.1)
+    out = run_kernel(decode_attention, query, view, table, lens, codec, 0.1)
+    torch.testing.assert_close(out, ref, **TOL)

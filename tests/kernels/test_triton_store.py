@@ -9,7 +9,7 @@ indices all match, QJL sign bits exactly except where |S r'| < 1e-4 ||r'||.
 
 import pytest
 import torch
-from cases import DEVICE, run_kernel
+from cases import DEVICE, run_kernel, strided_view
 
 from tq_vllm.kernels.store.reference import store_kv_reference
 from tq_vllm.kernels.store.triton_store import store_kv
@@ -173,3 +173,20 @@ def test_store_argument_errors():
         codec96 = LayerCodec(RecordLayout(96, 3, "mse", 3), seed=0)
         cache96 = torch.zeros(2, 1, 16, codec96.layout.record_bytes, dtype=torch.uint8)
         store_kv(torch.randn(2, 1, 96), torch.randn(2, 1, 96), cache96, slots, codec96)
+
+
+def test_store_into_a_strided_view():
+    codec = LayerCodec(RecordLayout(64, 6, "mse", 5), seed=0)
+    gen = torch.Generator().manual_seed(3)
+    key, value = torch.randn(20, 2, 64, generator=gen), torch.randn(20, 2, 64, generator=gen)
+    slots = torch.randperm(64, generator=gen)[:20]
+    expected = torch.zeros(4, 2, 16, codec.layout.record_bytes, dtype=torch.uint8)
+    store_kv_reference(key, value, expected, slots, codec)
+    view, buffer = strided_view(torch.zeros_like(expected))
+    run_kernel(store_kv, key, value, view, slots, codec)
+    got, _ = decode_records(codec.layout, view.clone())
+    ref, _ = decode_records(codec.layout, expected)
+    assert_fp16_close(got.norms, ref.norms, "key norms")
+    outside = torch.ones_like(buffer, dtype=torch.bool)
+    outside[:, :2, :, : expected.shape[-1]] = False
+    assert bool((buffer[outside] == 0xA5).all())
