@@ -138,3 +138,34 @@ def strided_view(cache: torch.Tensor, fill: int = 0xA5) -> tuple[torch.Tensor, t
     view = buffer[:, :hk, :, :c]
     view.copy_(cache)
     return view, buffer
+
+
+def tiny_hybrid_model(path: Path) -> Path:
+    """A Gemma-3-like model with random weights in `path`: three sliding-window layers (64
+    tokens) and one global layer, head_dim 256, one KV head, the embedded model's tokenizer."""
+    import shutil
+
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from tq_vllm.tools.model import ensure_default_model
+
+    config = Gemma3TextConfig(
+        vocab_size=49152,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=256,
+        sliding_window=64,
+        layer_types=["sliding_attention"] * 3 + ["full_attention"],
+        max_position_embeddings=2048,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    Gemma3ForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ensure_default_model() / name, path / name)
+    return path

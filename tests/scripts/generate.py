@@ -1,6 +1,7 @@
 """Greedy generations through the real vLLM engine: python generate.py OUT.json JSON_ARGS.
 
-JSON_ARGS: {"llm": {LLM kwargs}, "prompts": [...], "max_tokens": N, "repeat": R}. Prompts run
+JSON_ARGS: {"llm": {LLM kwargs; model: the embedded one unless given}, "prompts": [...],
+"max_tokens": N, "repeat": R}. Prompts run
 one at a time (batch composition changes the model's GEMM results slightly, in bf16 too), the
 list R times over. The first pass also returns the prompt's logprobs; vLLM skips reading the
 prefix cache for such requests, so later passes ask for none and do read it. OUT gets
@@ -24,12 +25,8 @@ COUNTERS = (
 
 if __name__ == "__main__":
     out_path, spec = sys.argv[1], json.loads(sys.argv[2])
-    llm = LLM(
-        model=str(ensure_default_model()),
-        enforce_eager=True,
-        disable_log_stats=False,
-        **spec["llm"],
-    )
+    defaults = dict(model=str(ensure_default_model()), enforce_eager=True, disable_log_stats=False)
+    llm = LLM(**{**defaults, **spec["llm"]})
     max_tokens = spec.get("max_tokens", 24)
     runs = []
     for index in range(spec.get("repeat", 1)):

@@ -64,7 +64,8 @@ class TurboQuantLayer(DynamicLayer):
         check_bits(key_bits, "key_bits")
         check_bits(value_bits, "value_bits")
         check_mode(key_mode, "key_mode")
-        if not isinstance(residual_length, int) or residual_length < 0:
+        bad = isinstance(residual_length, bool) or not isinstance(residual_length, int)
+        if bad or residual_length < 0:
             raise ValueError(f"residual_length must be an integer >= 0, got {residual_length!r}")
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
@@ -190,14 +191,15 @@ class TurboQuantLayer(DynamicLayer):
 
 
 class TurboQuantCache(Cache):
-    """A transformers `Cache` of TurboQuantLayer, one per attention layer, created as the
-    model first writes to it (as DynamicCache does without a config).
+    """A transformers `Cache` of TurboQuantLayer, one per layer, created as the model first
+    writes to it (as DynamicCache does without a config):
 
-    >>> cache = TurboQuantCache(key_bits=4, value_bits=4, residual_length=128)
-    >>> out = model.generate(input_ids, past_key_values=cache, max_new_tokens=32)
-    >>> cache.memory_bytes(), cache.uncompressed_bytes()
+        cache = TurboQuantCache(key_bits=4, value_bits=4, residual_length=128)
+        out = model.generate(input_ids, past_key_values=cache, max_new_tokens=32)
+        print(cache.memory_bytes(), cache.uncompressed_bytes())
 
-    Sliding-window layers keep every token (the model's mask still limits what they read).
+    Every layer is an attention layer here: models with recurrent (linear-attention) layers
+    need transformers' own caches.
     """
 
     def __init__(
