@@ -4,7 +4,8 @@ PyTorch references (same contracts). Triton is imported only on the Triton path.
 TQ_VLLM_KERNELS=triton sends CPU tensors to the Triton kernels too, run by Triton's interpreter
 (TRITON_INTERPRET=1; startup refuses the switch without it): a served model then drives the
 CUDA path's kernels with vLLM's real block tables, slot mappings and chunked-prefill metadata
-on a machine without a GPU. Slow; for tests.
+on a machine without a GPU. TQ_VLLM_KERNELS=reference serves with the PyTorch references (the
+float32 contract every kernel is measured against). Both are slow; for tests.
 """
 
 from __future__ import annotations
@@ -23,24 +24,31 @@ from tq_vllm.kernels.store.reference import store_kv_reference
 from tq_vllm.record.codec import LayerCodec
 
 KERNELS_ENV = "TQ_VLLM_KERNELS"
+KERNEL_CHOICES = ("triton", "reference")
 TRITON_EVERYWHERE = os.environ.get(KERNELS_ENV) == "triton"
+REFERENCE_ONLY = os.environ.get(KERNELS_ENV) == "reference"
 
 
 def _triton(t: torch.Tensor) -> bool:
-    return t.is_cuda or TRITON_EVERYWHERE
+    return (t.is_cuda or TRITON_EVERYWHERE) and not REFERENCE_ONLY
+
+
+def _cpu(t: torch.Tensor) -> bool:
+    return t.device.type == "cpu" and not REFERENCE_ONLY and cpu_extension.available()
 
 
 def _cpu_kernel(t: torch.Tensor, codec: LayerCodec) -> bool:
     # The C++ attention reads Lloyd-Max values only; uniform-value records stay on the reference.
-    return t.device.type == "cpu" and not codec.layout.uniform_values and cpu_extension.available()
+    return _cpu(t) and not codec.layout.uniform_values
 
 
 def attention_kernels(device: torch.device, codec: LayerCodec) -> str:
     """What attends for a layer on this device, in words (the backend logs it)."""
-    if device.type == "cuda" or TRITON_EVERYWHERE:
+    probe = torch.empty(0, device=device)
+    if _triton(probe):
         interpreted = os.environ.get("TRITON_INTERPRET") == "1"
         return "the Triton kernels" + (" (interpreted)" if interpreted else "")
-    if cpu_extension.available() and not codec.layout.uniform_values:
+    if _cpu_kernel(probe, codec):
         return "the C++ kernels"
     return "the PyTorch reference"
 
@@ -100,8 +108,7 @@ def context_attention(
         return kernel(*args, max_query_len=max_query_len)
     # The CPU context path reads uniform values too (dequantized for the dense attention, else
     # the reference).
-    cpu = kv_cache.device.type == "cpu" and cpu_extension.available()
-    if key is None and value is None and cpu:
+    if key is None and value is None and _cpu(kv_cache):
         return cpu_context.context_attention(
             query, kv_cache, block_table, query_start_loc, seq_lens, codec, scale
         )

@@ -27,6 +27,16 @@ PROMPTS = [
 ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # On 2 cores shared with another process (CI), OpenMP's barriers made one 32-token
+    # generation of this small model take 60 s with 2 threads; it takes 3 s with 1.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def model():
     path = ensure_default_model()

@@ -45,6 +45,7 @@ def test_the_triton_switch_on_cpu_needs_the_interpreter():
     assert unsupported_platform_reasons(Platform("cuda"), switch) == []
     (reason,) = unsupported_platform_reasons(Platform("cpu"), {"TQ_VLLM_KERNELS": "cuda"})
     assert "'cuda' is unknown" in reason
+    assert unsupported_platform_reasons(Platform("cpu"), {"TQ_VLLM_KERNELS": "reference"}) == []
 
 
 @pytest.mark.parametrize(

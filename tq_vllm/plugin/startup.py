@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tq_vllm.kernels.dispatch import KERNELS_ENV, TRITON_EVERYWHERE
+from tq_vllm.kernels.dispatch import KERNEL_CHOICES, KERNELS_ENV, TRITON_EVERYWHERE
 from tq_vllm.plugin.config import ConfigError, TurboQuantConfig, load_config
 from tq_vllm.record.layout import RecordLayout
 
@@ -91,9 +91,9 @@ def unsupported_platform_reasons(platform: Any, env: Mapping[str, str]) -> list[
     elif not (platform.is_cuda() or platform.is_cpu()):
         reasons.append(f"device {platform.device_type!r} is not supported (CUDA and CPU only)")
     switch = env.get(KERNELS_ENV, "")
-    if switch not in ("", "triton"):
-        reasons.append(f"{KERNELS_ENV}={switch!r} is unknown (the one value is 'triton')")
-    elif switch and platform.is_cpu() and env.get("TRITON_INTERPRET") != "1":
+    if switch and switch not in KERNEL_CHOICES:
+        reasons.append(f"{KERNELS_ENV}={switch!r} is unknown (choices: {KERNEL_CHOICES})")
+    elif switch == "triton" and platform.is_cpu() and env.get("TRITON_INTERPRET") != "1":
         reasons.append(
             f"{KERNELS_ENV}=triton on CPU runs the Triton kernels in Triton's interpreter: "
             "set TRITON_INTERPRET=1 too"

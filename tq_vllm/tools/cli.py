@@ -26,11 +26,11 @@ def generate_demo(args: argparse.Namespace) -> int:
     print(tokenizer.decode(out[0], skip_special_tokens=True))
     held, dense = cache.memory_bytes(), cache.uncompressed_bytes()
     compressed, kv_heads = cache.layers[0].compressed_tokens, cache.layers[0].keys.shape[1]
+    tokens = cache.get_seq_length()
     print(
-        f"KV cache: {cache.get_seq_length()} tokens x {len(cache.layers)} layers x {kv_heads} "
-        f"KV heads, "
+        f"KV cache: {tokens} tokens x {len(cache.layers)} layers x {kv_heads} KV heads, "
         f"K{args.key_bits} V{args.value_bits}, {compressed} tokens compressed, "
-        f"{cache.get_seq_length() - compressed} in the bf16 residual"
+        f"{tokens - compressed} in the bf16 residual"
     )
     print(f"KV bytes: {held:,} held vs {dense:,} in a DynamicCache (bf16): {dense / held:.2f}x")
     return 0
