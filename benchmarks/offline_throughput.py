@@ -18,6 +18,8 @@ import subprocess
 import sys
 import time
 
+from tq_vllm.tools import machine
+
 
 def worker(spec: dict) -> dict:
     import pydoc_data.topics as topics
@@ -36,6 +38,7 @@ def worker(spec: dict) -> dict:
         enforce_eager=True,
         max_model_len=spec["prompt"] + spec["output"],
         kv_cache_memory_bytes=spec["kv_bytes"],
+        dtype=spec["dtype"],
         seed=0,
         **kwargs,
     )
@@ -74,8 +77,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=int, default=128, help="output tokens per sequence")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--kv-bytes", type=int, default=1 << 29, help="KV cache budget")
+    parser.add_argument("--dtype", help="model dtype (default: the CPU's best, see machine.py)")
     args = parser.parse_args(argv)
+    dtype = args.dtype or machine.best_cpu_dtype()
     base = dict(seqs=args.seqs, prompt=args.prompt, output=args.output, kv_bytes=args.kv_bytes)
+    base["dtype"] = dtype
+    print(machine.describe(dtype))
     print(
         f"{args.seqs} sequences x {args.prompt}-token prompts, {args.output} output tokens, "
         f"KV budget {args.kv_bytes / 2**20:.0f} MiB, eager\n"

@@ -25,6 +25,7 @@ import urllib.request
 from dataclasses import dataclass, replace
 from typing import Any
 
+from tq_vllm.tools import machine
 from tq_vllm.tools.server import Server, kv_cache_flags
 
 MAX_CONCURRENCY = re.compile(r"Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x")
@@ -174,10 +175,10 @@ def reported_concurrency(log: str) -> float:
     return float(found[-1][1])
 
 
-def run_config(name: str, workload: Workload) -> dict[str, Any]:
+def run_config(name: str, workload: Workload, dtype: str) -> dict[str, Any]:
     """Start a server for one KV config at the workload's budget and measure it."""
     flags = [
-        "--enforce-eager", "--max-model-len", str(workload.max_model_len),
+        "--enforce-eager", "--dtype", dtype, "--max-model-len", str(workload.max_model_len),
         "--kv-cache-memory-bytes", str(workload.kv_bytes),
         "--max-num-seqs", str(max(workload.num_prompts, 1)),
         *kv_cache_flags(name),
@@ -220,12 +221,13 @@ def table(results: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def run(configs: list[str], workload: Workload) -> dict[str, dict[str, Any]]:
+def run(configs: list[str], workload: Workload, dtype: str) -> dict[str, dict[str, Any]]:
     print(workload.describe(), flush=True)
+    print(machine.describe(dtype), flush=True)
     results = {}
     for name in configs:
         start = time.monotonic()
-        results[name] = run_config(name, workload)
+        results[name] = run_config(name, workload, dtype)
         print(f"  {name}: done in {time.monotonic() - start:.0f} s", flush=True)
     print(table(results), flush=True)
     return results
@@ -246,6 +248,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-prompts", type=int, help="override the scenario's request count")
     p.add_argument("--output-len", type=int, help="override the scenario's output length")
     p.add_argument("--max-concurrency", type=int, help="override the client concurrency")
+    p.add_argument(
+        "--dtype",
+        help="the model's dtype (default: bfloat16 where the CPU multiplies it natively "
+        "(AVX512-BF16, AMX), else float32)",
+    )
 
 
 def bench(args: argparse.Namespace) -> int:
@@ -259,5 +266,5 @@ def bench(args: argparse.Namespace) -> int:
             "max_concurrency": args.max_concurrency,
         }
         workload = replace(workload, **{k: v for k, v in overrides.items() if v is not None})
-        run(configs, workload)
+        run(configs, workload, args.dtype or machine.best_cpu_dtype())
     return 0
