@@ -60,6 +60,6 @@ def test_serve_fits_its_budget_to_available_memory(memory_taken, monkeypatch):
             model=MODEL_NAME, prompt="The capital of France is", max_tokens=8, temperature=0
         )
         assert "Paris" in r.choices[0].text
-        chosen = float(server.log.split("tq-vllm: --gpu-memory-utilization ")[1].split()[0])
-    # It leaves HEADROOM of what was available (other processes' memory moves by a little).
-    assert 0.05 <= chosen < 0.92 and chosen * total < available - HEADROOM / 2
+        chosen = int(server.log.split("tq-vllm: --kv-cache-memory-bytes ")[1].split()[0])
+    # Half of what was available beyond HEADROOM (other processes' memory moves a little).
+    assert 256 << 20 <= chosen < (available - HEADROOM) / 2 + (1 << 30)

