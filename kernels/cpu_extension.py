@@ -1,10 +1,15 @@
 """The C++ CPU ops (store/store.cpp, decode/attention.cpp, context/dequantize.cpp, with the
-shared csrc/*.h): built once, loaded into torch.ops.tq_vllm_cpu.
+shared csrc/*.h): built once per ISA variant, the best one this CPU runs chosen at load time.
 
-The extension is compiled at first use with torch.utils.cpp_extension into the tq_vllm cache
-directory, keyed by the sources, torch version and CPU (it is built with -march=native);
-cpp_extension's lock file lets concurrent processes share one build. If it cannot be built,
-available() logs why once and returns False, and dispatch.py keeps the PyTorch reference.
+Variants (VARIANTS): the same sources compiled for AVX-512 with BF16, AVX-512, AVX2 + FMA
+(x86-64-v3) and the compiler's portable baseline. Each registers its ops under its own
+namespace (torch.ops.tq_vllm_cpu_<variant>), so one process can load several (the tests compare
+them); ops() hands out the chosen one. A build goes to the tq_vllm cache directory keyed by
+what it contains (sources, torch version, variant), never by the machine that compiled it, so
+the cache can be shared between hosts. TQ_VLLM_CPU_ISA forces a variant (it must run here).
+cpp_extension's lock file lets concurrent processes share one build. If the chosen variant
+cannot be built, available() logs why once and returns False, and dispatch.py keeps the
+PyTorch reference.
 """
 
 from __future__ import annotations
@@ -12,8 +17,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
 import platform
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -25,37 +32,100 @@ HERE = Path(__file__).parent
 SOURCES = [HERE / "store" / "store.cpp", HERE / "decode" / "attention.cpp",
            HERE / "context" / "dequantize.cpp"]  # fmt: skip
 HEADERS = [HERE / "csrc" / "records.h", HERE / "decode" / "attention_math.h"]
+ISA_ENV = "TQ_VLLM_CPU_ISA"
 
 
-def _cpu_fingerprint() -> str:
+# Best first: (name, compiler flags, /proc/cpuinfo flags the code then needs). The AVX-512
+# paths need VBMI (byte permutes decode the packed indices); BF16 adds the bf16 conversions.
+VARIANTS: list[tuple[str, list[str], set[str]]] = [
+    (
+        "avx512_bf16",
+        ["-march=x86-64-v4", "-mavx512vbmi", "-mavx512bf16"],
+        {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd", "avx512vbmi",
+         "avx512_bf16", "avx2", "fma"},
+    ),
+    (
+        "avx512",
+        ["-march=x86-64-v4", "-mavx512vbmi"],
+        {"avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512cd", "avx512vbmi", "avx2",
+         "fma"},
+    ),
+    ("avx2", ["-march=x86-64-v3"], {"avx2", "fma", "f16c", "bmi1", "bmi2", "movbe"}),
+    ("portable", [], set()),
+]  # fmt: skip
+
+
+def cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:
-            return next((line for line in f if line.startswith("flags")), "")
+            line = next((line for line in f if line.startswith("flags")), "")
     except OSError:
-        return platform.processor()
+        return set()
+    return set(line.partition(":")[2].split())
 
 
-def build_directory() -> Path:
+def runnable_variants() -> list[str]:
+    """The variants this CPU executes, best first ("portable" always)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return ["portable"]
+    flags = cpu_flags()
+    return [name for name, _, needs in VARIANTS if needs <= flags]
+
+
+def chosen_variant() -> str:
+    runnable = runnable_variants()
+    forced = os.environ.get(ISA_ENV)
+    if forced is None:
+        return runnable[0]
+    if forced not in runnable:
+        names = [name for name, _, _ in VARIANTS]
+        why = "unknown" if forced not in names else "not executable on this CPU"
+        raise ValueError(f"{ISA_ENV}={forced!r}: {why} (this CPU runs {runnable})")
+    return forced
+
+
+def namespace(variant: str) -> str:
+    return f"tq_vllm_cpu_{variant}"
+
+
+def build_directory(variant: str) -> Path:
     key = b"".join(path.read_bytes() for path in [*SOURCES, *HEADERS])
-    key += f"{torch.__version__}|{platform.machine()}|{_cpu_fingerprint()}".encode()
-    return cache_dir() / "extensions" / f"cpu_ops-{hashlib.sha256(key).hexdigest()[:16]}"
+    key += f"{torch.__version__}|{platform.machine()}|{_flags(variant)}".encode()
+    digest = hashlib.sha256(key).hexdigest()[:16]
+    return cache_dir() / "extensions" / f"cpu_ops-{variant}-{digest}"
+
+
+def _flags(variant: str) -> list[str]:
+    flags = next(flags for name, flags, _ in VARIANTS if name == variant)
+    # Hidden symbols: variants loaded side by side never resolve each other's functions.
+    return ["-O3", "-fvisibility=hidden", f"-DTQ_OPS={namespace(variant)}", *flags]
+
+
+@functools.cache
+def load(variant: str) -> Any:
+    """Builds (or loads the cached build of) one variant; its torch.ops namespace."""
+    from torch.utils import cpp_extension
+
+    build = build_directory(variant)
+    build.mkdir(parents=True, exist_ok=True)
+    cpp_extension.load(
+        name=f"tq_vllm_cpu_ops_{variant}",
+        sources=[str(path) for path in SOURCES],
+        build_directory=str(build),
+        extra_cflags=_flags(variant),
+        is_python_module=False,
+    )
+    return getattr(torch.ops, namespace(variant))
 
 
 @functools.cache
 def available() -> bool:
-    """Builds (or loads the cached build of) the extension once per process."""
+    """Loads the chosen variant once per process; False (logged) if it cannot be built."""
     try:
-        from torch.utils import cpp_extension
-
-        build = build_directory()
-        build.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load(
-            name="tq_vllm_cpu_ops",
-            sources=[str(path) for path in SOURCES],
-            build_directory=str(build),
-            extra_cflags=["-O3", "-march=native"],
-            is_python_module=False,
-        )
+        variant = chosen_variant()
+        load(variant)
+        logger.info("C++ CPU kernels: the %s build (this CPU runs %s)", variant,
+                    ", ".join(runnable_variants()))  # fmt: skip
         return True
     except Exception as e:  # noqa: BLE001 - any build failure means: use the reference
         lines = str(e).strip().splitlines() or [""]
@@ -68,6 +138,11 @@ def available() -> bool:
             reason.strip(),
         )
         return False
+
+
+def ops() -> Any:
+    """The chosen variant's ops (call after available() returned True)."""
+    return load(chosen_variant())
 
 
 def layout_fields(codec: LayerCodec) -> list[int]:

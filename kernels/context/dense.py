@@ -19,6 +19,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from tq_vllm.kernels import cpu_extension
 from tq_vllm.kernels.cpu_extension import key_centroids, layout_fields
 from tq_vllm.record.codec import LayerCodec
 
@@ -156,7 +157,7 @@ def dense_attention(
     regular, outlier = key_centroids(codec)
     keys, values = [], []
     for b, length in zip(seqs, lens):
-        k, v = torch.ops.tq_vllm_cpu.dequantize(
+        k, v = cpu_extension.ops().dequantize(
             kv_cache,
             block_table[b].to(torch.int32).contiguous(),
             length,

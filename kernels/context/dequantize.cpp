@@ -119,11 +119,11 @@ at::Tensor dequantize(const at::Tensor& kv_cache, const at::Tensor& blocks, int6
 }  // namespace
 }  // namespace tq
 
-TORCH_LIBRARY_FRAGMENT(tq_vllm_cpu, m) {
+TORCH_LIBRARY_FRAGMENT(TQ_OPS, m) {
   m.def(
       "dequantize(Tensor kv_cache, Tensor blocks, int length, Tensor key_centroids, "
       "Tensor value_centroids, int[] layout, int head_dim, ScalarType dtype, "
       "Tensor? outlier_centroids=None) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(tq_vllm_cpu, CPU, m) { m.impl("dequantize", &tq::dequantize); }
+TORCH_LIBRARY_IMPL(TQ_OPS, CPU, m) { m.impl("dequantize", &tq::dequantize); }

@@ -290,7 +290,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor
 }  // namespace
 }  // namespace tq
 
-TORCH_LIBRARY_FRAGMENT(tq_vllm_cpu, m) {
+TORCH_LIBRARY_FRAGMENT(TQ_OPS, m) {
   m.def(
       "attention(Tensor q, Tensor qs, Tensor kv_cache, Tensor block_table, "
       "Tensor query_start_loc, Tensor seq_lens, Tensor key_centroids, Tensor value_centroids, "
@@ -298,4 +298,4 @@ TORCH_LIBRARY_FRAGMENT(tq_vllm_cpu, m) {
       "Tensor? outlier_centroids=None) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(tq_vllm_cpu, CPU, m) { m.impl("attention", &tq::attention); }
+TORCH_LIBRARY_IMPL(TQ_OPS, CPU, m) { m.impl("attention", &tq::attention); }

@@ -20,7 +20,7 @@ from tq_vllm.kernels.common import (
     check_records,
     check_tensor,
 )
-from tq_vllm.kernels.cpu_extension import key_centroids, layout_fields
+from tq_vllm.kernels.cpu_extension import key_centroids, layout_fields, ops
 from tq_vllm.record.codec import LayerCodec
 
 
@@ -58,7 +58,7 @@ def run_attention(
     q = (codec.rotate_queries(query) * scale).contiguous()
     qs = (q @ codec.key.qjl.T).contiguous() if layout.prod else q
     regular, outlier = key_centroids(codec)
-    out = torch.ops.tq_vllm_cpu.attention(
+    out = ops().attention(
         q,
         qs,
         kv_cache,

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from tq_vllm.kernels.common import check_records, check_store_inputs
-from tq_vllm.kernels.cpu_extension import layout_fields
+from tq_vllm.kernels.cpu_extension import layout_fields, ops
 from tq_vllm.record.codec import LayerCodec
 
 
@@ -26,7 +26,7 @@ def store_kv(
     split = layout.split_keys
     plain = codec.key.regular if split else codec.key  # the keys' (regular part's) quantizer
     outlier = codec.key.outlier if split else None
-    torch.ops.tq_vllm_cpu.store(
+    ops().store(
         key,
         value,
         kv_cache,

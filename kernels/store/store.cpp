@@ -248,7 +248,7 @@ void store(const at::Tensor& key_in, const at::Tensor& value_in, at::Tensor kv_c
 }  // namespace
 }  // namespace tq
 
-TORCH_LIBRARY_FRAGMENT(tq_vllm_cpu, m) {
+TORCH_LIBRARY_FRAGMENT(TQ_OPS, m) {
   m.def(
       "store(Tensor key, Tensor value, Tensor(a!) kv_cache, Tensor slot_mapping, "
       "Tensor value_rotation, Tensor value_centroids, Tensor value_boundaries, "
@@ -257,4 +257,4 @@ TORCH_LIBRARY_FRAGMENT(tq_vllm_cpu, m) {
       "Tensor? outlier_centroids=None, Tensor? outlier_boundaries=None) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(tq_vllm_cpu, CPU, m) { m.impl("store", &tq::store); }
+TORCH_LIBRARY_IMPL(TQ_OPS, CPU, m) { m.impl("store", &tq::store); }

@@ -4,16 +4,13 @@ import pytest
 import torch
 from cases import strided_view
 
-from tq_vllm.kernels import cpu_extension, dispatch
+from tq_vllm.kernels import dispatch
 from tq_vllm.kernels.store import cpu_store
 from tq_vllm.kernels.store.reference import store_kv_reference
 from tq_vllm.record.codec import LayerCodec
 from tq_vllm.record.layout import RecordLayout
 
-
-@pytest.fixture(scope="module", autouse=True)
-def built():
-    assert cpu_extension.available(), "the C++ CPU ops did not build (see the log)"
+pytestmark = pytest.mark.usefixtures("cpu_isa")  # every test, once per runnable C++ build
 
 
 # -- the fused store: byte-identical records ------------------------------------------------

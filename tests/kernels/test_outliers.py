@@ -156,11 +156,10 @@ def test_reference_attention_equals_attention_over_the_reconstruction(
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("d,bits,outlier_bits,n,value_bits,block_size,hq,hk", CASES)
 def test_dequantize_split_keys_matches_reference(
-    d, bits, outlier_bits, n, value_bits, block_size, hq, hk, dtype
+    d, bits, outlier_bits, n, value_bits, block_size, hq, hk, dtype, cpu_isa
 ):
-    assert cpu_extension.available()
     codec, cache, table, _, _ = setup(d, bits, outlier_bits, n, value_bits, block_size, hk, [50])
-    got_k, got_v = torch.ops.tq_vllm_cpu.dequantize(
+    got_k, got_v = cpu_extension.ops().dequantize(
         cache,
         table[0],
         50,
@@ -178,7 +177,7 @@ def test_dequantize_split_keys_matches_reference(
 @pytest.mark.parametrize("num_splits", [0, 3])
 @pytest.mark.parametrize("d,bits,outlier_bits,n,value_bits,block_size,hq,hk", CASES)
 def test_fused_cpu_attention_reads_split_keys(
-    d, bits, outlier_bits, n, value_bits, block_size, hq, hk, num_splits
+    d, bits, outlier_bits, n, value_bits, block_size, hq, hk, num_splits, cpu_isa
 ):
     lens = [70, 33, 5, 1]
     codec, cache, table, _, _ = setup(d, bits, outlier_bits, n, value_bits, block_size, hk, lens)
@@ -257,7 +256,7 @@ def test_calibrate_writes_a_config_the_plugin_loads(tmp_path, capsys):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("d,bits,outlier_bits,n,value_bits,block_size,hq,hk", CASES)
 def test_cpu_store_writes_the_reference_bytes_for_split_keys(
-    d, bits, outlier_bits, n, value_bits, block_size, hq, hk, dtype
+    d, bits, outlier_bits, n, value_bits, block_size, hq, hk, dtype, cpu_isa
 ):
     """The C++ store splits keys itself: byte-identical records, padding slots (-1) and bytes
     past the record untouched, a key with a NaN or inf coordinate zeroed in both parts."""

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+from tq_vllm.kernels import cpu_extension
 from tq_vllm.tools import machine
 
 
@@ -16,3 +17,4 @@ def test_isa_and_dtype_follow_the_cpu_flags():
     line = machine.describe("float32")
     assert line.startswith("CPU: ") and line.endswith("model dtype: float32")
     assert all(f in line for f in isa)
+    assert f"C++ ops: {cpu_extension.chosen_variant()} build" in line

@@ -10,8 +10,10 @@ from __future__ import annotations
 import platform
 from pathlib import Path
 
+from tq_vllm.kernels import cpu_extension
+
 # The instruction-set extensions that decide the CPU paths (C++ ops, vLLM's kernels, matmuls).
-ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vbmi", "avx512_bf16", "amx_bf16")
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vbmi", "avx512_bf16", "amx_bf16")
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
@@ -21,8 +23,8 @@ def cpu_flags() -> tuple[str, set[str]]:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
         return platform.processor(), set()
-    field = lambda key: next((x.split(":", 1)[1].strip() for x in lines if x.startswith(key)), "")
-    return field("model name"), set(field("flags").split())
+    name = next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")), "")
+    return name, cpu_extension.cpu_flags()
 
 
 def cpu_isa() -> list[str]:
@@ -37,9 +39,14 @@ def best_cpu_dtype() -> str:
 
 
 def describe(dtype: str) -> str:
-    """One line for a benchmark table: CPU, ISA, cores and the model dtype measured."""
+    """One line for a benchmark table: CPU, ISA, cores, the C++ build that runs and the model
+    dtype measured."""
     import os
 
     name, _ = cpu_flags()
     isa = " ".join(cpu_isa()) or "no AVX2"
-    return f"CPU: {name or 'unknown'} ({os.cpu_count()} cores; {isa}); model dtype: {dtype}"
+    build = cpu_extension.chosen_variant()
+    return (
+        f"CPU: {name or 'unknown'} ({os.cpu_count()} cores; {isa}; C++ ops: {build} build); "
+        f"model dtype: {dtype}"
+    )
