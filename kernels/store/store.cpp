@@ -119,7 +119,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> index_rows(
   return {x, y, c};
 }
 
-// mse mode: the stored norm is ||x|| / ||c[idx]|| (quantizer._code_norms).
+// mse mode: the stored norm is ||x|| / ||c[idx]|| (quantizer._gain_norms, gain "norm").
 void store_mse_norms(const at::Tensor& x, const at::Tensor& c, int64_t norm_off,
                      const StoreTarget& target) {
   at::Tensor xnorm = at::linalg_vector_norm(x, 2, {-1}, false, std::nullopt).contiguous();

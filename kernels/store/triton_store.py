@@ -98,7 +98,7 @@ def _quantize_store(
             s_rows = tl.load(qjl_ptr + k[:, None] * D + d[None, :])  # S rows c0..c0+NC
             proj = tl.dot(r, tl.trans(s_rows), input_precision="tf32x3")
             _pack_store((proj >= 0).to(tl.int32), rec + SIGN_OFF + c0 // 8, tmask, BLOCK_T, NC, 1)
-    else:  # norm correction, as quantizer.TurboQuantizer._code_norms (0 norm: divide by 1)
+    else:  # norm correction: TurboQuantizer._gain_norms, gain "norm" (0 norm: divide by 1)
         cnorm = tl.sqrt(tl.sum(c * c, axis=1))
         cnorm = tl.where(cnorm > 0, cnorm, 1.0)
         norm = tl.fdiv(xnorm, cnorm, ieee_rounding=False)

@@ -10,6 +10,7 @@ transformers = pytest.importorskip("transformers")
 
 from tq_vllm import TurboQuantizer  # noqa: E402
 from tq_vllm.hf import TurboQuantCache, TurboQuantKVCache  # noqa: E402
+from tq_vllm.quant.quantizer import SERVED_GAIN  # noqa: E402
 from tq_vllm.record.layout import RecordLayout  # noqa: E402
 from tq_vllm.tools import cli  # noqa: E402
 from tq_vllm.tools.model import ensure_default_model  # noqa: E402
@@ -127,7 +128,7 @@ def test_seed_interface_reads_the_dequantized_tokens():
     keys, values = torch.cat([keys, keys[:, :, :2]], 2), torch.cat([values, values[:, :, :2]], 2)
 
     def expected(x: torch.Tensor, bits: int) -> torch.Tensor:
-        tq = TurboQuantizer(64, bits, "mse", seed=7)
+        tq = TurboQuantizer(64, bits, "mse", seed=7, gain=SERVED_GAIN)
         return torch.cat([tq.dequantize(tq.quantize(x[:, :, :11])), x[:, :, 11:]], dim=2)
 
     k_hat, v_hat = expected(keys, 4), expected(values, 3)

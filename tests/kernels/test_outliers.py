@@ -20,7 +20,7 @@ from tq_vllm.kernels.decode.reference import decode_attention_reference
 from tq_vllm.kernels.store import cpu_store
 from tq_vllm.kernels.store.reference import store_kv_reference
 from tq_vllm.quant.outliers import SplitKeyQuantizer
-from tq_vllm.quant.quantizer import TurboQuantizer
+from tq_vllm.quant.quantizer import SERVED_GAIN, TurboQuantizer
 from tq_vllm.record.codec import LayerCodec
 from tq_vllm.record.layout import RecordLayout, decode_records
 
@@ -52,7 +52,8 @@ def test_split_quantizer_is_two_turboquantizers_on_the_gathered_channels():
     split = SplitKeyQuantizer(d, 2, 4, chosen, seed=5)
     x = torch.randn(7, hk, d, generator=torch.Generator().manual_seed(1))
     got = split.dequantize(split.quantize(x))
-    regular, outlier = TurboQuantizer(d - n, 2, "mse", 5), TurboQuantizer(n, 4, "mse", 5)
+    regular = TurboQuantizer(d - n, 2, "mse", 5, gain=SERVED_GAIN)
+    outlier = TurboQuantizer(n, 4, "mse", 5, gain=SERVED_GAIN)
     for h in range(hk):
         mask = torch.zeros(d, dtype=torch.bool)
         mask[chosen[h]] = True

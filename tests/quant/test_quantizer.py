@@ -86,9 +86,9 @@ def test_zero_and_large_vectors():
 
 @pytest.mark.parametrize("bits", [1, 3, 4, 8])
 def test_mse_norm_correction_keeps_input_norms(bits):
-    """mse mode stores ||x|| / ||c[idx]||: the reconstruction has the input's norm, up to the
-    fp16 rounding of the stored norm (relative 2^-11)."""
-    tq = TurboQuantizer(head_dim=64, bits=bits, mode="mse", seed=2)
+    """gain "norm" stores ||x|| / ||c[idx]||: the reconstruction has the input's norm, up to
+    the fp16 rounding of the stored norm (relative 2^-11)."""
+    tq = TurboQuantizer(head_dim=64, bits=bits, mode="mse", seed=2, gain="norm")
     x = torch.randn(500, 64, generator=torch.Generator().manual_seed(9)) * 3
     x[0] = 0.0
     codes = tq.quantize(x)
@@ -96,6 +96,36 @@ def test_mse_norm_correction_keeps_input_norms(bits):
     want = x.norm(dim=-1)
     assert float(got[0]) == 0.0
     torch.testing.assert_close(got, want, rtol=2**-11, atol=0)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+def test_least_squares_gain_never_above_lloyd_max(d):
+    """The public mse quantizer's default gain minimises each vector's error over the gain, so
+    at every width its error is at most plain Lloyd-Max's (gain 1), fp16 rounding of the norm
+    aside; norm correction is above Lloyd-Max at 1-2 bits."""
+    x = torch.randn(4000, d, generator=torch.Generator().manual_seed(3)) * 2
+    for bits in range(1, 9):
+        tq = TurboQuantizer(head_dim=d, bits=bits, mode="mse", seed=1)
+        assert tq.gain == "least_squares"
+        u = tq.rotate(x) / x.norm(dim=-1, keepdim=True)
+        lloyd_max = (
+            tq.centroids[torch.bucketize(u, tq.boundaries)]
+            @ tq.rotation
+            * x.norm(dim=-1, keepdim=True)
+        )
+        err = lambda y: float(((y - x) ** 2).sum() / (x**2).sum())  # noqa: E731
+        least_squares = err(tq.dequantize(tq.quantize(x)))
+        norm = TurboQuantizer(head_dim=d, bits=bits, mode="mse", seed=1, gain="norm")
+        corrected = err(norm.dequantize(norm.quantize(x)))
+        assert least_squares <= err(lloyd_max) * (1 + 1e-3), bits
+        assert least_squares <= corrected * (1 + 1e-3), bits
+        if bits <= 2:
+            assert corrected > err(lloyd_max), bits
+
+
+def test_gain_is_checked():
+    with pytest.raises(ValueError, match="gain must be one of"):
+        TurboQuantizer(head_dim=64, bits=3, mode="mse", gain="unit")
 
 
 def test_prod_norms_are_not_corrected():

@@ -21,7 +21,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
 from tq_vllm.quant.centroids import check_bits
-from tq_vllm.quant.quantizer import TurboCodes, TurboQuantizer, check_mode
+from tq_vllm.quant.quantizer import SERVED_GAIN, TurboCodes, TurboQuantizer, check_mode
 
 
 def _code_tensors(codes: TurboCodes | None) -> dict[str, torch.Tensor]:
@@ -78,10 +78,10 @@ class TurboQuantLayer(DynamicLayer):
         self.dtype, self.device = key_states.dtype, key_states.device
         head_dim = key_states.shape[-1]
         self.key_quantizer = TurboQuantizer(
-            head_dim, self.key_bits, self.key_mode, self.seed, self.device, self.dtype
+            head_dim, self.key_bits, self.key_mode, self.seed, self.device, self.dtype, SERVED_GAIN
         )
         self.value_quantizer = TurboQuantizer(
-            head_dim, self.value_bits, "mse", self.seed, self.device, self.dtype
+            head_dim, self.value_bits, "mse", self.seed, self.device, self.dtype, SERVED_GAIN
         )
         self.keys, self.values = _no_tokens(key_states), _no_tokens(value_states)
         self.is_initialized = True

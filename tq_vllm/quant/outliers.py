@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from tq_vllm.quant.centroids import MIN_HEAD_DIM
-from tq_vllm.quant.quantizer import TurboCodes, TurboQuantizer
+from tq_vllm.quant.quantizer import SERVED_GAIN, TurboCodes, TurboQuantizer
 
 
 @dataclass
@@ -67,8 +67,8 @@ class SplitKeyQuantizer:
         check_channels(channels, head_dim)
         n = channels.shape[1]
         self.head_dim, self.num_regular = head_dim, head_dim - n
-        self.regular = TurboQuantizer(head_dim - n, bits, "mse", seed, device)
-        self.outlier = TurboQuantizer(n, outlier_bits, "mse", seed, device)
+        self.regular = TurboQuantizer(head_dim - n, bits, "mse", seed, device, gain=SERVED_GAIN)
+        self.outlier = TurboQuantizer(n, outlier_bits, "mse", seed, device, gain=SERVED_GAIN)
         chosen = torch.zeros(channels.shape[0], head_dim, dtype=torch.int64)
         chosen.scatter_(1, channels.long().cpu(), 1)
         # Per head: its regular channels in ascending order, then its outlier channels.

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from tq_vllm.quant.outliers import SplitKeyQuantizer
-from tq_vllm.quant.quantizer import TurboQuantizer
+from tq_vllm.quant.quantizer import SERVED_GAIN, TurboQuantizer
 from tq_vllm.quant.rotation import rotation_matrix
 from tq_vllm.quant.uniform import UniformQuantizer
 from tq_vllm.record.layout import RecordLayout, decode_records, encode_records
@@ -51,13 +51,15 @@ class LayerCodec:
             )
         else:
             self.key = TurboQuantizer(
-                layout.head_dim, layout.key_bits, layout.key_mode, seed, device
+                layout.head_dim, layout.key_bits, layout.key_mode, seed, device, gain=SERVED_GAIN
             )
         self.value: TurboQuantizer | UniformQuantizer
         if layout.uniform_values:
             self.value = UniformQuantizer(layout.head_dim, layout.value_bits)
         else:
-            self.value = TurboQuantizer(layout.head_dim, layout.value_bits, "mse", seed, device)
+            self.value = TurboQuantizer(
+                layout.head_dim, layout.value_bits, "mse", seed, device, gain=SERVED_GAIN
+            )
         # R, float32 [d, d]: the values' rotation, and the keys' unless they are split.
         self.rotation = rotation_matrix(layout.head_dim, seed, device)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from tq_vllm.quant.outliers import SplitKeyQuantizer
-from tq_vllm.quant.quantizer import TurboQuantizer
+from tq_vllm.quant.quantizer import SERVED_GAIN, TurboQuantizer
 from tq_vllm.record.layout import RecordLayout
 
 
@@ -71,7 +71,7 @@ def outlier_channels(cap: Capture, count: int) -> list[torch.Tensor]:
 
 @functools.cache
 def _quantizer(head_dim: int, bits: int, mode: str, seed: int) -> TurboQuantizer:
-    return TurboQuantizer(head_dim, bits, mode, seed)
+    return TurboQuantizer(head_dim, bits, mode, seed, gain=SERVED_GAIN)  # as served
 
 
 @dataclass
