@@ -95,7 +95,11 @@ def dequantized(codec, k, v):
 # Tolerances against the float32 reference: the fused C++ attention (same codes, another
 # summation order), and the dense path (bf16/fp16 attention over the dequantized values).
 CPU_TOL = dict(atol=1e-5, rtol=1e-4)
-DENSE_TOL = {torch.bfloat16: dict(atol=3e-2, rtol=3e-2), torch.float16: dict(atol=4e-3, rtol=4e-3)}
+DENSE_TOL = {
+    torch.bfloat16: dict(atol=3e-2, rtol=3e-2),
+    torch.float16: dict(atol=4e-3, rtol=4e-3),
+    torch.float32: CPU_TOL,
+}
 
 
 def generate(

@@ -22,6 +22,9 @@
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VBMI__)
 #include <immintrin.h>
 #define TQ_AVX512 1
+#elif defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#define TQ_AVX2 1
 #endif
 
 namespace tq {
@@ -76,6 +79,11 @@ class RowDecoder {
     alignas(64) float table[64] = {};  // up to 6 bits the table sits in four registers
     for (int i = 0; i < std::min(64, 1 << bits); ++i) table[i] = centroids[i];
     for (int i = 0; i < 4; ++i) t_[i] = _mm512_load_ps(table + 16 * i);
+#elif defined(TQ_AVX2)
+    fast_ = n % 8 == 0;
+    alignas(32) float table[32] = {};  // up to 5 bits the table sits in four registers
+    for (int i = 0; i < std::min(32, 1 << bits); ++i) table[i] = centroids[i];
+    for (int i = 0; i < 4; ++i) t_[i] = _mm256_load_ps(table + 8 * i);
 #endif
   }
 
@@ -88,6 +96,17 @@ class RowDecoder {
   // call, the per-row work then inlined with the width known at compile time.
   void rows(const uint8_t* const* recs, int offset, int n, int stride, float* out) const {
 #ifdef TQ_AVX512
+    if (fast_) switch (bits_) {
+        case 1: return rows_fixed<1>(recs, offset, n, stride, out);
+        case 2: return rows_fixed<2>(recs, offset, n, stride, out);
+        case 3: return rows_fixed<3>(recs, offset, n, stride, out);
+        case 4: return rows_fixed<4>(recs, offset, n, stride, out);
+        case 5: return rows_fixed<5>(recs, offset, n, stride, out);
+        case 6: return rows_fixed<6>(recs, offset, n, stride, out);
+        case 7: return rows_fixed<7>(recs, offset, n, stride, out);
+        default: return rows_fixed<8>(recs, offset, n, stride, out);
+      }
+#elif defined(TQ_AVX2)
     if (fast_) switch (bits_) {
         case 1: return rows_fixed<1>(recs, offset, n, stride, out);
         case 2: return rows_fixed<2>(recs, offset, n, stride, out);
@@ -152,6 +171,46 @@ class RowDecoder {
   bool fast_ = false;
   __m512i perm_, shift_, mask_;
   __m512 t_[4];
+#elif defined(TQ_AVX2)
+  // Indices unpacked by shifts (no pdep: microcoded on AMD before Zen 3), then looked up 8 at
+  // a time in the registers: vpermps takes 3 index bits, blends on bits 3 and 4 pick among
+  // up to four 8-entry tables; wider codebooks gather.
+  template <int B>
+  void rows_fixed(const uint8_t* const* recs, int offset, int n, int stride, float* out) const {
+    alignas(32) uint8_t idx[256];
+    for (int u = 0; u < n; ++u) {
+      if (u + 2 < n) __builtin_prefetch(recs[u + 2] + offset);
+      const uint8_t* p = recs[u] + offset;
+      float* o = out + static_cast<size_t>(u) * stride;
+      for (int c = 0; c < n_; c += 256) {
+        const int m = std::min(256, n_ - c);
+        unpack_bits<B>(p + c * B / 8, m, idx);
+        for (int v = 0; v < m; v += 8) {
+          const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(idx + v));
+          _mm256_storeu_ps(o + c + v, lookup<B>(_mm256_cvtepu8_epi32(bytes)));
+        }
+      }
+    }
+  }
+
+  template <int B>
+  __m256 lookup(__m256i i) const {
+    if constexpr (B <= 3) {
+      return _mm256_permutevar8x32_ps(t_[0], i);
+    } else if constexpr (B <= 5) {
+      const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(i, 28));  // bit 3 -> sign
+      const __m256 low = _mm256_blendv_ps(_mm256_permutevar8x32_ps(t_[0], i),
+                                          _mm256_permutevar8x32_ps(t_[1], i), bit3);
+      if constexpr (B == 4) return low;
+      const __m256 high = _mm256_blendv_ps(_mm256_permutevar8x32_ps(t_[2], i),
+                                           _mm256_permutevar8x32_ps(t_[3], i), bit3);
+      return _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(i, 27)));
+    } else {
+      return _mm256_i32gather_ps(c_, i, 4);
+    }
+  }
+  bool fast_ = false;
+  __m256 t_[4];
 #endif
   const float* c_;
   int bits_, n_;

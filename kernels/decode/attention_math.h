@@ -10,6 +10,39 @@ constexpr int TILE = 64;    // tokens decoded together
 constexpr int LANES = 16;   // independent partial sums per dot: vectorizes without -ffast-math
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
+#ifdef TQ_AVX2
+inline float hsum(__m256 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+// Lane i of the result: the sum of the 8 lanes of a[i].
+inline __m256 transpose_sum(const __m256 a[8]) {
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20),
+                       _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// e^x for x <= 0 as exp_nonpositive's AVX-512 form, with 2^k built in the exponent bits: x is
+// clamped at -87 (e^-87 ~ 1.6e-38, the smallest normal float), which a weight next to the
+// row's maximum (e^0 = 1) cannot notice.
+inline __m256 exp_nonpositive(__m256 x) {
+  const __m256 t = _mm256_mul_ps(_mm256_max_ps(_mm256_set1_ps(-87.f), x),
+                                 _mm256_set1_ps(1.44269504088896341f));
+  const __m256 k = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m256 f = _mm256_mul_ps(_mm256_sub_ps(t, k), _mm256_set1_ps(0.693147180559945309f));
+  __m256 p = _mm256_set1_ps(1.f / 5040);
+  for (const float c : {1.f / 720, 1.f / 120, 1.f / 24, 1.f / 6, 0.5f, 1.f, 1.f})
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(c));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k),
+                                                       _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+#endif
+
 inline float dot(const float* a, const float* b, int n) {
 #ifdef TQ_AVX512
   if (n % 16 == 0) {
@@ -17,6 +50,14 @@ inline float dot(const float* a, const float* b, int n) {
     for (int j = 0; j < n; j += 16)
       acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + j), _mm512_loadu_ps(b + j), acc);
     return _mm512_reduce_add_ps(acc);
+  }
+#endif
+#ifdef TQ_AVX2
+  if (n % 8 == 0) {
+    __m256 acc = _mm256_setzero_ps();
+    for (int j = 0; j < n; j += 8)
+      acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc);
+    return hsum(acc);
   }
 #endif
   float lanes[LANES] = {};
@@ -123,6 +164,24 @@ inline void add_scores(const float* q, const float* x, const float* scale, int n
     }
     return;
   }
+#elif defined(TQ_AVX2)
+  if (d % 8 == 0) {  // 8 tokens' dots reduced together, not one horizontal sum each
+    int u0 = 0;
+    for (; u0 + 8 <= n; u0 += 8) {
+      __m256 a[8];
+      for (int k = 0; k < 8; ++k) {  // a register chain per token: tokens overlap
+        const float* xk = x + static_cast<size_t>(u0 + k) * d;
+        __m256 dot = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(xk));
+        for (int j = 8; j < d; j += 8)
+          dot = _mm256_fmadd_ps(_mm256_loadu_ps(q + j), _mm256_loadu_ps(xk + j), dot);
+        a[k] = dot;
+      }
+      const __m256 dots = _mm256_mul_ps(transpose_sum(a), _mm256_loadu_ps(scale + u0));
+      _mm256_storeu_ps(s + u0, _mm256_add_ps(_mm256_loadu_ps(s + u0), dots));
+    }
+    for (int u = u0; u < n; ++u) s[u] += scale[u] * dot(q, x + static_cast<size_t>(u) * d, d);
+    return;
+  }
 #endif
   for (int u = 0; u < n; ++u) s[u] += scale[u] * dot(q, x + static_cast<size_t>(u) * d, d);
 }
@@ -157,7 +216,17 @@ inline float softmax_weights(const float* s, const float* vnorm, float m, int n,
   return _mm512_reduce_add_ps(sum);
 #else
   float total = 0.f;
-  for (int u = 0; u < n; ++u) {
+  int u = 0;
+#ifdef TQ_AVX2
+  __m256 sum = _mm256_setzero_ps();
+  for (; u + 8 <= n; u += 8) {
+    const __m256 p = exp_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(s + u), _mm256_set1_ps(m)));
+    sum = _mm256_add_ps(sum, p);
+    _mm256_storeu_ps(w + u, _mm256_mul_ps(p, _mm256_loadu_ps(vnorm + u)));
+  }
+  total = hsum(sum);
+#endif
+  for (; u < n; ++u) {
     const float p = std::exp(s[u] - m);
     total += p;
     w[u] = p * vnorm[u];

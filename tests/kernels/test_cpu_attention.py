@@ -133,7 +133,7 @@ DENSE_CASES = [
 
 
 @pytest.mark.parametrize("attend", ["vllm", "sdpa"])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("d,key_bits,value_bits,block_size,hq,hk", DENSE_CASES)
 def test_dense_context_matches_reference(
     d, key_bits, value_bits, block_size, hq, hk, dtype, attend, monkeypatch
@@ -209,9 +209,9 @@ def test_uniform_values_context_matches_reference(dtype):
     torch.testing.assert_close(out.float(), ref, **tol)
 
 
-def test_dense_path_not_for_float32_or_prod_keys(monkeypatch):
+def test_dense_path_not_for_prod_keys(monkeypatch):
     monkeypatch.setattr(cpu_context, "dense_attention", None)  # calling it would fail
-    for mode, dtype in (("mse", torch.float32), ("prod", torch.bfloat16)):
+    for mode, dtype in (("prod", torch.float32), ("prod", torch.bfloat16)):
         codec, cache, table, seq_lens = setup(64, 3, mode, 3, 16, 1, [40])
         starts = torch.tensor([0, 40], dtype=torch.int32)
         query = torch.randn(40, 2, 64).to(dtype)
