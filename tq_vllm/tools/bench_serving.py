@@ -1,13 +1,16 @@
 """`tq-vllm bench`: vLLM's own serving benchmark (vllm.benchmarks.serve) against a real OpenAI
 server on loopback, one server per KV config, all at the same KV memory budget.
 
-Two scenarios:
+Three scenarios:
   throughput  mixed prompt lengths up to 4K, fixed output length, fixed client concurrency
               (equal for every config, and small enough that bf16 fits it): output tokens/s,
               TTFT and TPOT (p50/p99), peak running requests, each as a ratio to auto (bf16).
   capacity    a KV budget small enough that bf16 must queue or preempt (256 MiB), N 2K-token
               conversations offered at once: the concurrency vLLM reports for 2K-token requests,
               the peak it actually runs, preemptions and the throughput that results.
+  long        4 conversations of 8,000 prompt tokens at once (the embedded model's context is
+              8,192): decode TPOT where the cache is long, and the compressed one moves far
+              fewer bytes per token.
 
 Numbers on a shared CPU are noisy; the ratios come from one run of all configs back to back.
 """
@@ -72,7 +75,11 @@ QUICK = Workload(
     "quick", num_prompts=4, input_len=256, range_ratio=0.5, output_len=8,
     max_concurrency=4, kv_bytes=256 << 20, max_model_len=1024,
 )  # fmt: skip
-SCENARIOS = {w.name: w for w in (THROUGHPUT, CAPACITY, QUICK)}
+LONG = Workload(
+    "long", num_prompts=4, input_len=8000, range_ratio=0.0, output_len=64,
+    max_concurrency=4, kv_bytes=1 << 30, max_model_len=8192,
+)  # fmt: skip
+SCENARIOS = {w.name: w for w in (THROUGHPUT, CAPACITY, LONG, QUICK)}
 DEFAULT_CONFIGS = ["auto", "default", "smollm2-k2.5v3"]
 
 
@@ -243,7 +250,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--scenario",
         choices=[*SCENARIOS, "all"],
         default="all",
-        help="all = throughput then capacity; quick = a tiny CI smoke run",
+        help="all = throughput then capacity; long = decode at 8K context; quick = a tiny CI "
+        "smoke run",
     )
     p.add_argument("--num-prompts", type=int, help="override the scenario's request count")
     p.add_argument("--output-len", type=int, help="override the scenario's output length")
