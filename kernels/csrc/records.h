@@ -81,9 +81,9 @@ class RowDecoder {
     for (int i = 0; i < 4; ++i) t_[i] = _mm512_load_ps(table + 16 * i);
 #elif defined(TQ_AVX2)
     fast_ = n % 8 == 0;
-    alignas(32) float table[32] = {};  // up to 5 bits the table sits in four registers
-    for (int i = 0; i < std::min(32, 1 << bits); ++i) table[i] = centroids[i];
-    for (int i = 0; i < 4; ++i) t_[i] = _mm256_load_ps(table + 8 * i);
+    alignas(32) float table[64] = {};  // up to 6 bits the table sits in eight registers
+    for (int i = 0; i < std::min(64, 1 << bits); ++i) table[i] = centroids[i];
+    for (int i = 0; i < 8; ++i) t_[i] = _mm256_load_ps(table + 8 * i);
 #endif
   }
 
@@ -172,45 +172,72 @@ class RowDecoder {
   __m512i perm_, shift_, mask_;
   __m512 t_[4];
 #elif defined(TQ_AVX2)
-  // Indices unpacked by shifts (no pdep: microcoded on AMD before Zen 3), then looked up 8 at
-  // a time in the registers: vpermps takes 3 index bits, blends on bits 3 and 4 pick among
-  // up to four 8-entry tables; wider codebooks gather.
+  // 8 indices (B bytes) at a time: variable shifts of the broadcast word put index k in lane
+  // k (no pdep: microcoded on AMD before Zen 3), then a lookup in registers: vpermps takes 3
+  // index bits, blends on bits 3 and 4 pick among up to four 8-entry tables; wider codebooks
+  // gather.
   template <int B>
   void rows_fixed(const uint8_t* const* recs, int offset, int n, int stride, float* out) const {
-    alignas(32) uint8_t idx[256];
+    const __m256i mask = _mm256_set1_epi32((1 << B) - 1);
+    // A load of a fixed LOAD bytes (an odd-sized memcpy costs a call) while it stays inside
+    // the row's packed field: the first `wide` groups; the rest byte by byte.
+    constexpr int LOAD = B <= 4 ? 4 : 8;
+    const int wide = std::max(0, (n_ / 8 * B - LOAD) / B + 1);
     for (int u = 0; u < n; ++u) {
       if (u + 2 < n) __builtin_prefetch(recs[u + 2] + offset);
       const uint8_t* p = recs[u] + offset;
       float* o = out + static_cast<size_t>(u) * stride;
-      for (int c = 0; c < n_; c += 256) {
-        const int m = std::min(256, n_ - c);
-        unpack_bits<B>(p + c * B / 8, m, idx);
-        for (int v = 0; v < m; v += 8) {
-          const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(idx + v));
-          _mm256_storeu_ps(o + c + v, lookup<B>(_mm256_cvtepu8_epi32(bytes)));
+      for (int g = 0; g < n_ / 8; ++g, p += B) {
+        uint64_t w = 0;
+        if (g < wide) {
+          std::memcpy(&w, p, LOAD);
+        } else {
+#pragma GCC unroll 8
+          for (int k = 0; k < B; ++k) w |= static_cast<uint64_t>(p[k]) << (8 * k);
         }
+        _mm256_storeu_ps(o + 8 * g, lookup<B>(_mm256_and_si256(spread<B>(w), mask)));
       }
+    }
+  }
+
+  // Lane k: w >> (k * B) (the low 32 bits).
+  template <int B>
+  static __m256i spread(uint64_t w) {
+    if constexpr (B <= 4) {  // 8 indices in 32 bits
+      const __m256i shifts = _mm256_setr_epi32(0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B);
+      return _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int32_t>(w)), shifts);
+    } else {
+      const __m256i all = _mm256_set1_epi64x(static_cast<int64_t>(w));
+      const __m256 lo = _mm256_castsi256_ps(
+          _mm256_srlv_epi64(all, _mm256_setr_epi64x(0, B, 2 * B, 3 * B)));
+      const __m256 hi = _mm256_castsi256_ps(
+          _mm256_srlv_epi64(all, _mm256_setr_epi64x(4 * B, 5 * B, 6 * B, 7 * B)));
+      // Low dwords per 128-bit half: [0, 1, 4, 5 | 2, 3, 6, 7]; the permute puts them in order.
+      const __m256 mixed = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0));
+      return _mm256_permutevar8x32_epi32(_mm256_castps_si256(mixed),
+                                         _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7));
+    }
+  }
+
+  // Entries [8 * first, 8 * first + 2^(B - 3) * 8) of the table, by index bits 3..B-1.
+  template <int B>
+  __m256 pick(__m256i i, int first) const {
+    if constexpr (B <= 3) {
+      return _mm256_permutevar8x32_ps(t_[first], i);
+    } else {
+      const __m256 low = pick<B - 1>(i, first), high = pick<B - 1>(i, first + (1 << (B - 4)));
+      // Index bit B - 1 moved to the sign bit selects.
+      return _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(i, 32 - B)));
     }
   }
 
   template <int B>
   __m256 lookup(__m256i i) const {
-    if constexpr (B <= 3) {
-      return _mm256_permutevar8x32_ps(t_[0], i);
-    } else if constexpr (B <= 5) {
-      const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(i, 28));  // bit 3 -> sign
-      const __m256 low = _mm256_blendv_ps(_mm256_permutevar8x32_ps(t_[0], i),
-                                          _mm256_permutevar8x32_ps(t_[1], i), bit3);
-      if constexpr (B == 4) return low;
-      const __m256 high = _mm256_blendv_ps(_mm256_permutevar8x32_ps(t_[2], i),
-                                           _mm256_permutevar8x32_ps(t_[3], i), bit3);
-      return _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(i, 27)));
-    } else {
-      return _mm256_i32gather_ps(c_, i, 4);
-    }
+    if constexpr (B <= 6) return pick<B>(i, 0);
+    return _mm256_i32gather_ps(c_, i, 4);
   }
   bool fast_ = false;
-  __m256 t_[4];
+  __m256 t_[8];
 #endif
   const float* c_;
   int bits_, n_;
