@@ -95,18 +95,7 @@ class RowDecoder {
   // Rows recs[u] + offset for u < n into out + u * stride: one dispatch on the bit width per
   // call, the per-row work then inlined with the width known at compile time.
   void rows(const uint8_t* const* recs, int offset, int n, int stride, float* out) const {
-#ifdef TQ_AVX512
-    if (fast_) switch (bits_) {
-        case 1: return rows_fixed<1>(recs, offset, n, stride, out);
-        case 2: return rows_fixed<2>(recs, offset, n, stride, out);
-        case 3: return rows_fixed<3>(recs, offset, n, stride, out);
-        case 4: return rows_fixed<4>(recs, offset, n, stride, out);
-        case 5: return rows_fixed<5>(recs, offset, n, stride, out);
-        case 6: return rows_fixed<6>(recs, offset, n, stride, out);
-        case 7: return rows_fixed<7>(recs, offset, n, stride, out);
-        default: return rows_fixed<8>(recs, offset, n, stride, out);
-      }
-#elif defined(TQ_AVX2)
+#if defined(TQ_AVX512) || defined(TQ_AVX2)
     if (fast_) switch (bits_) {
         case 1: return rows_fixed<1>(recs, offset, n, stride, out);
         case 2: return rows_fixed<2>(recs, offset, n, stride, out);
@@ -174,7 +163,7 @@ class RowDecoder {
 #elif defined(TQ_AVX2)
   // 8 indices (B bytes) at a time: variable shifts of the broadcast word put index k in lane
   // k (no pdep: microcoded on AMD before Zen 3), then a lookup in registers: vpermps takes 3
-  // index bits, blends on bits 3 and 4 pick among up to four 8-entry tables; wider codebooks
+  // index bits, blends on bits 3-5 pick among up to eight 8-entry tables; 7-8 bit codebooks
   // gather.
   template <int B>
   void rows_fixed(const uint8_t* const* recs, int offset, int n, int stride, float* out) const {
