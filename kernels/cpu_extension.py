@@ -55,13 +55,14 @@ VARIANTS: list[tuple[str, list[str], set[str]]] = [
 ]  # fmt: skip
 
 
-def cpu_flags() -> set[str]:
+@functools.cache  # ops() asks on every kernel call: read /proc/cpuinfo once per process
+def cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as f:
             line = next((line for line in f if line.startswith("flags")), "")
     except OSError:
-        return set()
-    return set(line.partition(":")[2].split())
+        return frozenset()
+    return frozenset(line.partition(":")[2].split())
 
 
 def runnable_variants() -> list[str]:

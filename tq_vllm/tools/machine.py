@@ -17,12 +17,12 @@ ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512vbmi", "avx512_bf16", 
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
-def cpu_flags() -> tuple[str, set[str]]:
-    """(CPU model name, its flags) from /proc/cpuinfo; ("", set()) where there is none."""
+def cpu_flags() -> tuple[str, frozenset[str]]:
+    """(CPU model name, its flags) from /proc/cpuinfo; ("", no flags) where there is none."""
     try:
         lines = Path("/proc/cpuinfo").read_text().splitlines()
     except OSError:
-        return platform.processor(), set()
+        return platform.processor(), frozenset()
     name = next((x.split(":", 1)[1].strip() for x in lines if x.startswith("model name")), "")
     return name, cpu_extension.cpu_flags()
 
