@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from tq_vllm.quant.quantizer import TurboQuantizer
 from tq_vllm.record.codec import LayerCodec
 
 TRITON_HEAD_DIMS = (64, 128, 256)  # head dims the Triton kernels are built and tested for
@@ -72,22 +73,15 @@ def _codec_device(codec: LayerCodec) -> torch.device:
     return device
 
 
-def check_records(
-    kv_cache: object, codec: LayerCodec, uniform_ok: bool = False, split_ok: bool = False
-) -> None:
+def check_records(kv_cache: object, codec: LayerCodec, uniform_ok: bool = False) -> None:
     """kv_cache uint8 [num_blocks, num_kv_heads, block_size, record_bytes] (each record's bytes
     contiguous), with records the calling kernel can read: uniform_ok, it reads value_mode
-    'uniform' records too (the CPU context path, which dequantizes them); split_ok, split keys
-    (the C++ attention)."""
-    for unreadable, what in (
-        (codec.layout.uniform_values and not uniform_ok, "value_mode 'uniform'"),
-        (codec.layout.split_keys and not split_ok, "split-key (outlier channel)"),
-    ):
-        if unreadable:
-            raise ValueError(
-                f"{what} records cannot be read by this kernel; dispatch.py routes them to one "
-                "that can (the CPU path or the PyTorch reference)"
-            )
+    'uniform' records too (the CPU context path, which dequantizes them)."""
+    if codec.layout.uniform_values and not uniform_ok:
+        raise ValueError(
+            "value_mode 'uniform' records cannot be read by this kernel; dispatch.py routes "
+            "them to one that can (the CPU path or the PyTorch reference)"
+        )
     check_tensor("kv_cache", kv_cache, 4, (torch.uint8,))
     # vLLM may hand a layer a strided view of a buffer shared with layers of another page size
     # (hybrid models): the kernels take any block and head strides, only a record's own bytes
@@ -138,15 +132,18 @@ def check_cache(kv_cache: object, codec: LayerCodec) -> torch.Tensor:
 
 
 def codec_tensors(codec: LayerCodec) -> dict[str, torch.Tensor]:
-    tensors = {
-        "rotation": codec.rotation,
-        "key centroids": codec.key.centroids,
-        "key boundaries": codec.key.boundaries,
-        "value centroids": codec.value.centroids,
-        "value boundaries": codec.value.boundaries,
-    }
+    key = codec.key
+    parts = {"key": key} if isinstance(key, TurboQuantizer) else {
+        "key regular": key.regular, "key outlier": key.outlier
+    }  # fmt: skip
+    tensors = {"rotation": codec.rotation}
+    for name, quantizer in (*parts.items(), ("value", codec.value)):
+        tensors[f"{name} centroids"] = quantizer.centroids
+        tensors[f"{name} boundaries"] = quantizer.boundaries
     if codec.layout.prod:
-        tensors["key qjl"] = codec.key.qjl
+        tensors["key qjl"] = key.qjl
+    if codec.layout.split_keys:
+        tensors["key rotations"] = key.rotation
     return tensors
 
 

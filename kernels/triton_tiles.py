@@ -42,6 +42,15 @@ def load_fp16(ptr, mask):
 
 
 @triton.jit
+def load_rows(ptr, rows, rmask, WIDTH: tl.constexpr):
+    """Rows `rows` of a contiguous float32 [*, WIDTH] tensor as fp16 [len(rows), WIDTH]; 0
+    where rmask is false."""
+    cols = tl.arange(0, WIDTH)
+    x = tl.load(ptr + rows[:, None] * WIDTH + cols[None, :], mask=rmask[:, None], other=0.0)
+    return x.to(tl.float16)
+
+
+@triton.jit
 def tile_records(
     cache_ptr, table_row_ptr, h, t, tmask, BLOCK_SIZE: tl.constexpr, cache_sb, cache_sh, cache_ss
 ):  # fmt: skip
@@ -53,9 +62,12 @@ def tile_records(
 
 
 @triton.jit
-def _group_words(rec, tmask, OFF: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
+def _group_words(
+    rec, tmask, OFF: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, N: tl.constexpr
+):  # fmt: skip
     """The packed field at rec + OFF (tq_vllm/record/packing.py's layout) as words
-    [BLOCK_N, D // 8] x 2.
+    [BLOCK_N, D // 8] x 2. The field holds N <= D indices (N < D: a split key's part, its tile
+    padded to a power of two); bytes past its ceil(N * BITS / 8) read as 0.
 
     Eight BITS-bit indices fill exactly BITS bytes, least significant bit first: each group of
     eight is one little-endian word of 8 * BITS bits, returned as its low and high 32 bits.
@@ -63,11 +75,15 @@ def _group_words(rec, tmask, OFF: tl.constexpr, D: tl.constexpr, BITS: tl.conste
     unpacking needs no data from other lanes. (One or two byte loads per index made the
     kernel instruction-bound, far below HBM speed.)
     """
-    grp = rec[:, None] + OFF + (tl.arange(0, D // 8) * BITS)[None, :]
+    first = (tl.arange(0, D // 8) * BITS)[None, :]
+    grp = rec[:, None] + OFF + first
     lo = tl.zeros(grp.shape, dtype=tl.uint32)
     hi = tl.zeros(grp.shape, dtype=tl.uint32)
     for k in tl.static_range(BITS):
-        byte = tl.load(grp + k, mask=tmask[:, None], other=0).to(tl.uint32)
+        mask = tmask[:, None]
+        if N < D:
+            mask = mask & (first + k < (N * BITS + 7) // 8)
+        byte = tl.load(grp + k, mask=mask, other=0).to(tl.uint32)
         if k < 4:
             lo |= byte << (8 * k)
         else:
@@ -113,14 +129,17 @@ def _half(pair, H: tl.constexpr):
 
 
 @triton.jit
-def load_centroids(rec, tmask, cent_ptr, OFF: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr):
-    """c[idx] [BLOCK_N, D] (float16) for the BITS-bit indices packed at rec + OFF.
+def load_centroids(
+    rec, tmask, cent_ptr, OFF: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, N: tl.constexpr
+):  # fmt: skip
+    """c[idx] [BLOCK_N, D] (float16) for the N <= D BITS-bit indices packed at rec + OFF
+    (columns from N on: c[0], to be met by zero query columns).
 
     cent_ptr is centroid_table(centroids, BITS): for BITS <= 4 it holds both centroids of
     every pair of adjacent indices (2 * BITS contiguous bits of the word), so one gather
     fetches two values; the gathers and their 64-bit addresses are most of the work per index.
     """
-    lo, hi = _group_words(rec, tmask, OFF, D, BITS)
+    lo, hi = _group_words(rec, tmask, OFF, D, BITS, N)
     if BITS <= 4:
         p0 = tl.load(cent_ptr + _group_index(lo, hi, 0, 2 * BITS))
         p1 = tl.load(cent_ptr + _group_index(lo, hi, 1, 2 * BITS))
@@ -146,11 +165,19 @@ def _sign(lo, J: tl.constexpr):
 @triton.jit
 def load_signs(rec, tmask, OFF: tl.constexpr, D: tl.constexpr):
     """The QJL sign bits at rec + OFF as +-1 [BLOCK_N, D] (float16)."""
-    lo, _ = _group_words(rec, tmask, OFF, D, 1)
+    lo, _ = _group_words(rec, tmask, OFF, D, 1, D)
     return _interleave8(
         _sign(lo, 0), _sign(lo, 1), _sign(lo, 2), _sign(lo, 3),
         _sign(lo, 4), _sign(lo, 5), _sign(lo, 6), _sign(lo, 7), D,
     )  # fmt: skip
+
+
+@triton.jit
+def _scaled_dot(q, tile, norm, NORM_ON_TILE: tl.constexpr):
+    """q [M, K] . (norm_n tile[n]) [BLOCK_N, K]^T -> [M, BLOCK_N], fp16 operands."""
+    if NORM_ON_TILE:
+        return tl.dot(q, tl.trans(tile * norm.to(tl.float16)[:, None]))
+    return tl.dot(q, tl.trans(tile)) * norm[None, :]
 
 
 @triton.jit
@@ -160,40 +187,48 @@ def score_tile(
     rec,
     tmask,
     kcent_ptr,
+    kocent_ptr,
     KEY_NORM_OFF: tl.constexpr,
     KEY_RNORM_OFF: tl.constexpr,
     KEY_IDX_OFF: tl.constexpr,
     KEY_SIGN_OFF: tl.constexpr,
+    KEY_ONORM_OFF: tl.constexpr,
+    KEY_OIDX_OFF: tl.constexpr,
     D: tl.constexpr,
     KEY_BITS: tl.constexpr,
     PROD: tl.constexpr,
     QJL_COEF: tl.constexpr,
+    KEY_N: tl.constexpr,
+    KEY_OUTLIERS: tl.constexpr,
+    KEY_OUTLIER_BITS: tl.constexpr,
     NORM_ON_TILE: tl.constexpr = False,
 ):
-    """Scores [M, BLOCK_N] of fp16 rotated queries q [M, D] (qs = S q', prod mode) against the
-    compressed keys at rec [BLOCK_N]; -inf where tmask is false.
+    """Scores [M, BLOCK_N] of fp16 rotated queries against the compressed keys at rec
+    [BLOCK_N]; -inf where tmask is false. Plain keys: q [M, D] (qs = S q', prod mode). Split
+    keys (KEY_OUTLIERS > 0): q holds the regular part of M_h q' (its KEY_N columns, zero-padded
+    to a power of two), qs the outlier part (likewise), each scored against its own run.
 
     NORM_ON_TILE scales the [BLOCK_N, D] tiles by the norms before the dots instead of the
     scores after them. Needed where M >= 64 (wgmma, B operand in shared memory): Triton 3.6
     folds a join/reshape tile straight into its shared-memory copy and builds an illegal rank-5
     NVMMA layout, so an op must sit between the reshape and the dot. Elsewhere it only costs
     instructions (the tile has more elements than the scores)."""
-    norm = load_fp16(rec + KEY_NORM_OFF, tmask)
     if KEY_BITS > 0:
-        kc = load_centroids(rec, tmask, kcent_ptr, KEY_IDX_OFF, D, KEY_BITS)
-        if NORM_ON_TILE:
-            s = tl.dot(q, tl.trans(kc * norm.to(tl.float16)[:, None]))
-        else:
-            s = tl.dot(q, tl.trans(kc)) * norm[None, :]
+        norm = load_fp16(rec + KEY_NORM_OFF, tmask)
+        kc = load_centroids(rec, tmask, kcent_ptr, KEY_IDX_OFF, q.shape[1], KEY_BITS, KEY_N)
+        s = _scaled_dot(q, kc, norm, NORM_ON_TILE)
     else:
         s = tl.zeros([q.shape[0], rec.shape[0]], dtype=tl.float32)
-    if PROD:
+    if PROD:  # +-rnorm is exact in fp16
         rnorm = load_fp16(rec + KEY_RNORM_OFF, tmask)
         signs = load_signs(rec, tmask, KEY_SIGN_OFF, D)
-        if NORM_ON_TILE:  # +-rnorm is exact in fp16
-            s += tl.dot(qs, tl.trans(signs * rnorm.to(tl.float16)[:, None])) * QJL_COEF
-        else:
-            s += tl.dot(qs, tl.trans(signs)) * (rnorm * QJL_COEF)[None, :]
+        s += _scaled_dot(qs, signs, rnorm, NORM_ON_TILE) * QJL_COEF
+    if KEY_OUTLIERS > 0:
+        onorm = load_fp16(rec + KEY_ONORM_OFF, tmask)
+        oc = load_centroids(
+            rec, tmask, kocent_ptr, KEY_OIDX_OFF, qs.shape[1], KEY_OUTLIER_BITS, KEY_OUTLIERS
+        )
+        s += _scaled_dot(qs, oc, onorm, NORM_ON_TILE)
     return tl.where(tmask[None, :], s, float("-inf"))
 
 
@@ -212,7 +247,7 @@ def value_tile(
     """sum_n p[:, n] * norm_n * c[idx_n]: [M, D] for weights p [M, BLOCK_N]. NORM_ON_TILE: as
     in score_tile."""
     norm = load_fp16(rec + VALUE_NORM_OFF, tmask)
-    vc = load_centroids(rec, tmask, vcent_ptr, VALUE_IDX_OFF, D, VALUE_BITS)
+    vc = load_centroids(rec, tmask, vcent_ptr, VALUE_IDX_OFF, D, VALUE_BITS, D)
     if NORM_ON_TILE:
         return tl.dot(p.to(tl.float16), vc * norm.to(tl.float16)[:, None])
     return tl.dot((p * norm[None, :]).to(tl.float16), vc)
@@ -230,9 +265,22 @@ def centroid_table(centroids: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(pairs >= 1 << 31, pairs - (1 << 32), pairs).to(torch.int32)
 
 
+def key_tiles(codec: LayerCodec) -> tuple[int, int]:
+    """Widths of the query tiles a key is scored with (powers of two): (regular part, qs). Plain
+    keys: (d, d); split keys: their regular and outlier channel counts, rounded up."""
+    layout = codec.layout
+    if not layout.split_keys:
+        return layout.head_dim, layout.head_dim
+    return (
+        triton.next_power_of_2(layout.key_regular_channels),
+        triton.next_power_of_2(layout.key_outliers),
+    )
+
+
 def layout_constexprs(codec: LayerCodec) -> dict:
     """The record layout's fields the Triton kernels read, as their constexprs."""
     layout = codec.layout
+    key_tile, qs_tile = key_tiles(codec)
     return dict(
         KEY_BITS=layout.key_index_bits,
         PROD=layout.prod,
@@ -243,33 +291,57 @@ def layout_constexprs(codec: LayerCodec) -> dict:
         KEY_IDX_OFF=layout.key_indices,
         KEY_SIGN_OFF=layout.key_signs,
         VALUE_IDX_OFF=layout.value_indices,
+        KEY_N=layout.key_regular_channels,
+        KEY_OUTLIERS=layout.key_outliers,
+        KEY_OUTLIER_BITS=layout.key_outlier_bits,
+        KEY_ONORM_OFF=layout.key_outlier_norm,
+        KEY_OIDX_OFF=layout.key_outlier_indices,
+        KEY_TILE=key_tile,
+        QS_TILE=qs_tile,
     )
 
 
-def _launch_state(codec: LayerCodec) -> tuple[dict, tuple[torch.Tensor, torch.Tensor]]:
+def _launch_state(codec: LayerCodec) -> tuple[dict, tuple[torch.Tensor, ...]]:
     layout = codec.layout
-    tables = (
-        centroid_table(codec.key.centroids, layout.key_index_bits),
-        centroid_table(codec.value.centroids, layout.value_bits),
+    key = codec.key
+    regular = key.regular if layout.split_keys else key
+    key_table = centroid_table(regular.centroids, layout.key_index_bits)
+    outlier_table = (  # unread for plain keys
+        centroid_table(key.outlier.centroids, layout.key_outlier_bits)
+        if layout.split_keys
+        else key_table
     )
+    tables = (key_table, centroid_table(codec.value.centroids, layout.value_bits), outlier_table)
     qjl_coef = math.sqrt(math.pi / 2) / codec.head_dim
     return {**layout_constexprs(codec), "QJL_COEF": qjl_coef}, tables
 
 
-def launch_state(codec: LayerCodec) -> tuple[dict, tuple[torch.Tensor, torch.Tensor]]:
-    """(layout_constexprs and QJL_COEF, (key table, value table)) of the attention kernels,
-    built once."""
+def launch_state(codec: LayerCodec) -> tuple[dict, tuple[torch.Tensor, ...]]:
+    """(layout_constexprs and QJL_COEF, (key, value, outlier key table)) of the attention
+    kernels, built once."""
     return per_codec(codec, "attention", _launch_state)
+
+
+def _pad_columns(x: torch.Tensor, width: int) -> torch.Tensor:
+    return torch.nn.functional.pad(x, (0, width - x.shape[-1])).contiguous()
 
 
 def rotated_queries(
     query: torch.Tensor, codec: LayerCodec, scale: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """q' = R q with softmax scale and log2(e) folded in (the kernels use exp2), and S q'
-    (prod mode; q' itself otherwise, unread)."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(q', q, qs), float32 [T, H, *]: q' the query in its keys' rotated domain (R q; M_h q for
+    split keys) with softmax scale and log2(e) folded in (the kernels use exp2); q and qs the
+    score_tile operands: q' and S q' (prod mode; q' otherwise, unread) for plain keys, q'
+    split into its regular and outlier columns (zero-padded to key_tiles) for split keys."""
+    if codec.layout.split_keys:
+        q = codec.rotate_queries(query) * (scale * LOG2E)
+        regular = codec.layout.key_regular_channels
+        key_tile, qs_tile = key_tiles(codec)
+        parts = _pad_columns(q[..., :regular], key_tile), _pad_columns(q[..., regular:], qs_tile)
+        return q, *parts
     rt = per_codec(
         codec, f"scaled rotation {scale!r}", lambda c: c.rotation.T * (scale * LOG2E)
     )  # one GEMM per call, no separate scaling kernel
-    q = query.float() @ rt
-    qs = q @ codec.key.qjl.T if codec.layout.prod else q
-    return q.contiguous(), qs.contiguous()
+    q = (query.float() @ rt).contiguous()
+    qs = (q @ codec.key.qjl.T).contiguous() if codec.layout.prod else q
+    return q, q, qs

@@ -20,6 +20,8 @@ import torch
 
 from tq_vllm.kernels.store.reference import store_kv_reference
 from tq_vllm.record.codec import LayerCodec
+from tq_vllm.record.layout import RecordLayout
+from tq_vllm.record.packing import unpack_indices
 
 DEVICE = torch.device(
     "cuda" if os.environ.get("TRITON_INTERPRET") == "0" and torch.cuda.is_available() else "cpu"
@@ -30,7 +32,10 @@ def _to_device(arg: Any) -> Any:
     if isinstance(arg, torch.Tensor):
         return arg.to(DEVICE)
     if isinstance(arg, LayerCodec):
-        return LayerCodec(arg.layout, arg.key.seed, DEVICE)
+        if not arg.layout.split_keys:
+            return LayerCodec(arg.layout, arg.key.seed, DEVICE)
+        outliers = arg.key.order[:, arg.layout.key_regular_channels :]
+        return LayerCodec(arg.layout, arg.key.regular.seed, DEVICE, outliers)
     return arg
 
 
@@ -73,6 +78,45 @@ def make_cache(codec, lens, block_size, hk, seed, stored=None):
         keys.append(k)
         values.append(v)
     return cache, table, keys, values
+
+
+def outlier_channels(hk, d, n, seed=0):
+    """Each of hk KV heads' n outlier channels, drawn at random."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(d, generator=gen)[:n] for _ in range(hk)])
+
+
+def split_codec(d=64, bits=2, outlier_bits=4, n=16, value_bits=3, hk=3, seed=1):
+    layout = RecordLayout(d, bits, "mse", value_bits, key_outliers=n, key_outlier_bits=outlier_bits)
+    return LayerCodec(layout, seed, None, outlier_channels(hk, d, n, seed))
+
+
+# What a kernel's store may differ from the reference's by: an index whose rotated coordinate
+# lies within NEAR_BOUNDARY of a bucket boundary (the rotation rounds differently), a norm by
+# one fp16 ulp (squares summed in another order).
+NEAR_BOUNDARY = 1e-5
+
+
+def assert_fp16_close(got, ref, what):
+    ulps = (got.view(torch.int16).int() - ref.view(torch.int16).int()).abs()
+    assert bool((ulps <= 1).all()), f"{what}: fp16 norms differ by more than 1 ulp"
+
+
+def check_indices(quantizer, got_codes, ref_codes, x):
+    """Returns a bool mask [N] of vectors whose indices all match; fails on a mismatch that
+    is not explained by a value within NEAR_BOUNDARY of a boundary."""
+    bits, d = quantizer.mse_bits, quantizer.head_dim
+    if bits == 0:
+        return torch.ones(x.shape[0], dtype=torch.bool)
+    got = unpack_indices(got_codes.indices, bits, d)
+    ref = unpack_indices(ref_codes.indices, bits, d)
+    y = x.double() @ quantizer.rotation.double().T
+    u = y / y.norm(dim=-1, keepdim=True)
+    gap = (u.unsqueeze(-1) - quantizer.boundaries.double()).abs().min(-1).values
+    differ = got != ref
+    assert bool((gap[differ] < NEAR_BOUNDARY).all()), "an index differs away from a boundary"
+    assert int(differ.sum()) <= 2 + differ.numel() // 1000, "too many boundary flips"
+    return ~differ.any(-1)
 
 
 def dense(q, k, v, context, scale):

@@ -31,6 +31,7 @@ from tq_vllm.kernels.common import (
 )
 from tq_vllm.kernels.triton_tiles import (
     launch_state,
+    load_rows,
     rotated_queries,
     score_tile,
     tile_records,
@@ -41,6 +42,7 @@ from tq_vllm.record.codec import LayerCodec
 
 @triton.jit
 def _context_kernel(
+    qf_ptr,
     q_ptr,
     qs_ptr,
     k_ptr,
@@ -51,6 +53,7 @@ def _context_kernel(
     seq_lens_ptr,
     kcent_ptr,
     vcent_ptr,
+    kocent_ptr,
     o_ptr,
     num_q_heads,
     num_kv_heads,
@@ -73,6 +76,13 @@ def _context_kernel(
     KEY_IDX_OFF: tl.constexpr,
     KEY_SIGN_OFF: tl.constexpr,
     VALUE_IDX_OFF: tl.constexpr,
+    KEY_N: tl.constexpr,
+    KEY_OUTLIERS: tl.constexpr,
+    KEY_OUTLIER_BITS: tl.constexpr,
+    KEY_ONORM_OFF: tl.constexpr,
+    KEY_OIDX_OFF: tl.constexpr,
+    KEY_TILE: tl.constexpr,
+    QS_TILE: tl.constexpr,
     QJL_COEF: tl.constexpr,
     FRESH_FP32: tl.constexpr,
     ALL_CACHED: tl.constexpr,
@@ -96,12 +106,10 @@ def _context_kernel(
     rmask = (pos < q_len) & (g < G)
     rows = (start + pos).to(tl.int64) * num_q_heads + h * G + g
     d = tl.arange(0, D)
-    q = tl.load(q_ptr + rows[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
-    q = q.to(tl.float16)
+    q = load_rows(q_ptr, rows, rmask, KEY_TILE)
     qs = q
-    if PROD:
-        qs = tl.load(qs_ptr + rows[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
-        qs = qs.to(tl.float16)
+    if PROD or KEY_OUTLIERS > 0:
+        qs = load_rows(qs_ptr, rows, rmask, QS_TILE)
     table_row = table_ptr + b.to(tl.int64) * table_stride
 
     m = tl.full([BLOCK_M * GP], float("-inf"), dtype=tl.float32)
@@ -120,8 +128,9 @@ def _context_kernel(
             cache_ptr, table_row, h, t, tmask, BLOCK_SIZE, cache_sb, cache_sh, cache_ss
         )
         s = score_tile(
-            q, qs, rec, tmask, kcent_ptr, KEY_NORM_OFF, KEY_RNORM_OFF, KEY_IDX_OFF,
-            KEY_SIGN_OFF, D, KEY_BITS, PROD, QJL_COEF, norm_on_tile,
+            q, qs, rec, tmask, kcent_ptr, kocent_ptr, KEY_NORM_OFF, KEY_RNORM_OFF, KEY_IDX_OFF,
+            KEY_SIGN_OFF, KEY_ONORM_OFF, KEY_OIDX_OFF, D, KEY_BITS, PROD, QJL_COEF, KEY_N,
+            KEY_OUTLIERS, KEY_OUTLIER_BITS, norm_on_tile,
         )  # fmt: skip
         if ALL_CACHED:
             s = tl.where(t[None, :] <= (context + pos)[:, None], s, float("-inf"))
@@ -133,8 +142,12 @@ def _context_kernel(
             p, rec, tmask, vcent_ptr, VALUE_NORM_OFF, VALUE_IDX_OFF, D, VALUE_BITS, norm_on_tile
         )
         m = m_new
+    # Fresh keys are rotated whole (M_h k for split keys): they meet the whole q'.
+    qf = q
     if FRESH_FP32:
-        qf = tl.load(q_ptr + rows[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
+        qf = tl.load(qf_ptr + rows[:, None] * D + d[None, :], mask=rmask[:, None], other=0.0)
+    elif KEY_OUTLIERS > 0:
+        qf = load_rows(qf_ptr, rows, rmask, D)
     for n0 in range(0, 0 if ALL_CACHED else fresh_end, BLOCK_N):  # the chunk's tokens, causal
         j = n0 + tl.arange(0, BLOCK_N)
         jmask = j < fresh_end
@@ -143,7 +156,7 @@ def _context_kernel(
         if FRESH_FP32:
             s = tl.dot(qf, tl.trans(k), input_precision="tf32x3")
         else:
-            s = tl.dot(q, tl.trans(k.to(tl.float16)))
+            s = tl.dot(qf, tl.trans(k.to(tl.float16)))
         s = tl.where(jmask[None, :] & (j[None, :] <= pos[:, None]), s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp2(m - m_new)
@@ -226,8 +239,8 @@ def context_attention(
         # H200's 227 KiB (compiled tests, 2026-11-27); one stage halves the staged tiles.
         num_stages = 2 if head_dim <= 128 else 1
     constexprs, tables = launch_state(codec)
-    q, qs = rotated_queries(query, codec, scale)
-    k = q if all_cached else codec.rotate(key).contiguous()  # q: a placeholder, never read
+    qf, q, qs = rotated_queries(query, codec, scale)
+    k = q if all_cached else codec.rotate_queries(key).contiguous()  # q: a placeholder
     v = q if all_cached else codec.rotate(value).contiguous()
     block_table = block_table if block_table.stride(1) == 1 else block_table.contiguous()
     group_pad = triton.next_power_of_2(group)
@@ -235,7 +248,7 @@ def context_attention(
     out = torch.zeros(num_tokens, num_q_heads, head_dim, device=device)
     grid = (triton.cdiv(max_query_len, block_m), batch, num_kv_heads)
     _context_kernel[grid](
-        q, qs, k, v, kv_cache, block_table, query_start_loc, seq_lens,
+        qf, q, qs, k, v, kv_cache, block_table, query_start_loc, seq_lens,
         *tables, out,
         num_q_heads, num_kv_heads, block_table.stride(0),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), BLOCK_SIZE=block_size,

@@ -33,7 +33,7 @@ def check_attention_inputs(
     uniform_ok: bool = False,
 ) -> None:
     check_tensor("query", query, 3, FLOAT_DTYPES)
-    check_records(kv_cache, codec, uniform_ok=uniform_ok, split_ok=True)
+    check_records(kv_cache, codec, uniform_ok=uniform_ok)
     check_tensor("block_table", block_table, 2, INDEX_DTYPES)
     check_tensor("seq_lens", seq_lens, 1, INDEX_DTYPES)
     check_gqa(query, kv_cache, codec)

@@ -33,6 +33,7 @@ from tq_vllm.kernels.common import (
 )
 from tq_vllm.kernels.triton_tiles import (
     launch_state,
+    load_rows,
     rotated_queries,
     score_tile,
     tile_records,
@@ -50,6 +51,7 @@ def _decode_split_kernel(
     seq_lens_ptr,
     kcent_ptr,
     vcent_ptr,
+    kocent_ptr,
     o_ptr,
     lse_ptr,
     num_q_heads,
@@ -72,6 +74,13 @@ def _decode_split_kernel(
     KEY_IDX_OFF: tl.constexpr,
     KEY_SIGN_OFF: tl.constexpr,
     VALUE_IDX_OFF: tl.constexpr,
+    KEY_N: tl.constexpr,
+    KEY_OUTLIERS: tl.constexpr,
+    KEY_OUTLIER_BITS: tl.constexpr,
+    KEY_ONORM_OFF: tl.constexpr,
+    KEY_OIDX_OFF: tl.constexpr,
+    KEY_TILE: tl.constexpr,
+    QS_TILE: tl.constexpr,
     QJL_COEF: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -88,12 +97,10 @@ def _decode_split_kernel(
     g = tl.arange(0, GP)
     rows = b * num_q_heads + h * G + g
     d = tl.arange(0, D)
-    q = tl.load(q_ptr + rows[:, None] * D + d[None, :], mask=(g < G)[:, None], other=0.0)
-    q = q.to(tl.float16)
+    q = load_rows(q_ptr, rows, g < G, KEY_TILE)
     qs = q
-    if PROD:
-        qs = tl.load(qs_ptr + rows[:, None] * D + d[None, :], mask=(g < G)[:, None], other=0.0)
-        qs = qs.to(tl.float16)
+    if PROD or KEY_OUTLIERS > 0:
+        qs = load_rows(qs_ptr, rows, g < G, QS_TILE)
     table_row = table_ptr + b.to(tl.int64) * table_stride
 
     m = tl.full([GP], float("-inf"), dtype=tl.float32)
@@ -106,8 +113,9 @@ def _decode_split_kernel(
             cache_ptr, table_row, h, t, tmask, BLOCK_SIZE, cache_sb, cache_sh, cache_ss
         )
         s = score_tile(
-            q, qs, rec, tmask, kcent_ptr, KEY_NORM_OFF, KEY_RNORM_OFF, KEY_IDX_OFF,
-            KEY_SIGN_OFF, D, KEY_BITS, PROD, QJL_COEF,
+            q, qs, rec, tmask, kcent_ptr, kocent_ptr, KEY_NORM_OFF, KEY_RNORM_OFF, KEY_IDX_OFF,
+            KEY_SIGN_OFF, KEY_ONORM_OFF, KEY_OIDX_OFF, D, KEY_BITS, PROD, QJL_COEF, KEY_N,
+            KEY_OUTLIERS, KEY_OUTLIER_BITS,
         )  # fmt: skip
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp2(m - m_new)
@@ -205,7 +213,7 @@ def decode_attention(
         return torch.empty_like(query)
 
     constexprs, tables = launch_state(codec)
-    q, qs = rotated_queries(query, codec, scale)
+    _, q, qs = rotated_queries(query, codec, scale)
     block_table = block_table if block_table.stride(1) == 1 else block_table.contiguous()
     partial = torch.empty(batch, num_q_heads, num_splits, head_dim, device=device)
     lse = torch.empty(batch, num_q_heads, num_splits, device=device)

@@ -18,7 +18,7 @@ def store_kv(
     codec: LayerCodec,
 ) -> None:
     """store_kv_reference, fused: the same bytes (value_mode "uniform" has no fused store)."""
-    check_records(kv_cache, codec, split_ok=True)
+    check_records(kv_cache, codec)
     check_store_inputs(key, value, kv_cache, slot_mapping, codec)
     if slot_mapping.numel() == 0:
         return

@@ -9,10 +9,10 @@ Caches are 0xFF-filled (NaN norms) wherever nothing was stored (make_cache).
 
 import pytest
 import torch
-from cases import CPU_TOL, DENSE_TOL, make_cache
+from cases import CPU_TOL, DENSE_TOL, make_cache, split_codec
+from cases import outlier_channels as channels
 
 from tq_vllm.kernels import cpu_extension, dispatch
-from tq_vllm.kernels.common import check_records
 from tq_vllm.kernels.context import cpu_context
 from tq_vllm.kernels.context.reference import context_attention_reference, gather_context
 from tq_vllm.kernels.decode import cpu_decode
@@ -23,16 +23,6 @@ from tq_vllm.quant.outliers import SplitKeyQuantizer
 from tq_vllm.quant.quantizer import SERVED_GAIN, TurboQuantizer
 from tq_vllm.record.codec import LayerCodec
 from tq_vllm.record.layout import RecordLayout, decode_records
-
-
-def channels(hk, d, n, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.stack([torch.randperm(d, generator=gen)[:n] for _ in range(hk)])
-
-
-def split_codec(d=64, bits=2, outlier_bits=4, n=16, value_bits=3, hk=3, seed=1):
-    layout = RecordLayout(d, bits, "mse", value_bits, key_outliers=n, key_outlier_bits=outlier_bits)
-    return LayerCodec(layout, seed, None, channels(hk, d, n, seed))
 
 
 def test_record_size_and_fields():
@@ -103,12 +93,8 @@ def test_non_finite_key_reads_back_as_zero_and_stays_contained():
     )
 
 
-def test_triton_kernels_refuse_split_records():
+def test_codec_needs_exactly_the_layout_s_channels():
     codec = split_codec()
-    cache = torch.zeros(2, 3, 16, codec.layout.record_bytes, dtype=torch.uint8)
-    with pytest.raises(ValueError, match="split-key"):
-        check_records(cache, codec)
-    check_records(cache, codec, split_ok=True)
     with pytest.raises(ValueError, match="required for split keys"):
         LayerCodec(codec.layout, 1)
     with pytest.raises(ValueError, match="outlier_channels has shape"):

@@ -9,7 +9,7 @@ indices all match, QJL sign bits exactly except where |S r'| < 1e-4 ||r'||.
 
 import pytest
 import torch
-from cases import DEVICE, run_kernel, strided_view
+from cases import DEVICE, assert_fp16_close, check_indices, run_kernel, strided_view
 
 from tq_vllm.kernels.store.reference import store_kv_reference
 from tq_vllm.kernels.store.triton_store import store_kv
@@ -17,30 +17,7 @@ from tq_vllm.record.codec import LayerCodec
 from tq_vllm.record.layout import RecordLayout, decode_records
 from tq_vllm.record.packing import unpack_indices
 
-NEAR_BOUNDARY = 1e-5
 NEAR_ZERO_PROJECTION = 1e-4
-
-
-def assert_fp16_close(got, ref, what):
-    ulps = (got.view(torch.int16).int() - ref.view(torch.int16).int()).abs()
-    assert bool((ulps <= 1).all()), f"{what}: fp16 norms differ by more than 1 ulp"
-
-
-def check_indices(quantizer, got_codes, ref_codes, x):
-    """Returns a bool mask [N] of vectors whose indices all match; fails on a mismatch that
-    is not explained by a value within NEAR_BOUNDARY of a boundary."""
-    bits, d = quantizer.mse_bits, quantizer.head_dim
-    if bits == 0:
-        return torch.ones(x.shape[0], dtype=torch.bool)
-    got = unpack_indices(got_codes.indices, bits, d)
-    ref = unpack_indices(ref_codes.indices, bits, d)
-    y = x.double() @ quantizer.rotation.double().T
-    u = y / y.norm(dim=-1, keepdim=True)
-    gap = (u.unsqueeze(-1) - quantizer.boundaries.double()).abs().min(-1).values
-    differ = got != ref
-    assert bool((gap[differ] < NEAR_BOUNDARY).all()), "an index differs away from a boundary"
-    assert int(differ.sum()) <= 2 + differ.numel() // 1000, "too many boundary flips"
-    return ~differ.any(-1)
 
 
 def compare(codec, got_cache, ref_cache, key, value, slots):

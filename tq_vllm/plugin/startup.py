@@ -111,16 +111,11 @@ def check_vllm_config(vllm_config: Any) -> Settings:
         raise ConfigError("--kv-cache-dtype turboquant: " + "; ".join(reasons))
     settings = settings_from(vllm_config)
     uniform = [i for i, layout in enumerate(settings.layouts) if layout.uniform_values]
-    split = any(layout.split_keys for layout in settings.layouts)
-    if uniform or split:
-        if serves_with_triton(current_platform):
-            raise ConfigError(
-                f"value_mode 'uniform' (layers {uniform}) runs on the CPU (PyTorch) path only; "
-                "the CUDA kernels read Lloyd-Max value records: use value_mode 'mse'"
-                if uniform
-                else "outlier channels (key_outlier_bits) run on the CPU path only; the CUDA "
-                "kernels read plain keys: drop key_outlier_bits and key_outlier_channels"
-            )
+    if uniform and serves_with_triton(current_platform):
+        raise ConfigError(
+            f"value_mode 'uniform' (layers {uniform}) runs on the CPU (PyTorch) path only; "
+            "the CUDA kernels read Lloyd-Max value records: use value_mode 'mse'"
+        )
     model_bytes = vllm_config.model_config.dtype.itemsize
     logger.info("%s", settings.config.describe(settings.head_dim, settings.num_layers, model_bytes))
     return settings

@@ -44,11 +44,14 @@ class Variant:
     value_bits: int
     dtype: str  # the model's (query, key, value) dtype
     block_size: int
+    key_outliers: int = 0  # split keys: outlier channels per KV head, at key_outlier_bits
+    key_outlier_bits: int = 0
 
     @property
     def name(self) -> str:
+        split = f"+{self.key_outliers}x{self.key_outlier_bits}" if self.key_outliers else ""
         return (
-            f"d{self.head_dim} K{self.key_bits}{self.key_mode} V{self.value_bits} "
+            f"d{self.head_dim} K{self.key_bits}{split}{self.key_mode} V{self.value_bits} "
             f"{self.dtype} bs{self.block_size}"
         )
 
@@ -64,6 +67,9 @@ VARIANTS = [
     Variant(64, 1, "prod", 2, "float16", 64),
     Variant(128, 5, "mse", 6, "bfloat16", 16),
     Variant(128, 7, "mse", 7, "float16", 32),
+    # Split keys: the K2.5 V3 preset's shape, and parts that end inside an 8-index group.
+    Variant(64, 2, "mse", 3, "bfloat16", 16, key_outliers=16, key_outlier_bits=4),
+    Variant(128, 3, "mse", 4, "float16", 32, key_outliers=40, key_outlier_bits=6),
 ]
 
 
@@ -99,8 +105,13 @@ def record_launches(variant: Variant) -> list[tuple[str, Any, tuple, dict]]:
 
     v = variant
     dtype = getattr(torch, v.dtype)
-    codec = LayerCodec(RecordLayout(v.head_dim, v.key_bits, v.key_mode, v.value_bits), seed=0)
     hk, group = 2, 4
+    layout = RecordLayout(
+        v.head_dim, v.key_bits, v.key_mode, v.value_bits,
+        key_outliers=v.key_outliers, key_outlier_bits=v.key_outlier_bits,
+    )  # fmt: skip
+    channels = torch.arange(v.key_outliers).repeat(hk, 1) if v.key_outliers else None
+    codec = LayerCodec(layout, seed=0, outlier_channels=channels)
     cache = torch.zeros(8, hk, v.block_size, codec.layout.record_bytes, dtype=torch.uint8)
     table = torch.zeros(2, 4, dtype=torch.int32)
     lens = torch.tensor([3 * v.block_size, 20], dtype=torch.int32)
