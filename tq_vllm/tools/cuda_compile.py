@@ -84,6 +84,7 @@ class Compiled:
     shared_bytes: int  # static + dynamic
     shared_limit: int
     sass_lines: int
+    triton: str  # the Triton version that compiled it
 
     @property
     def problems(self) -> list[str]:
@@ -208,6 +209,8 @@ def _cubin_facts(cubin: bytes) -> tuple[dict[str, int], str]:
 
 
 def compile_variant(variant: Variant, arch: int) -> list[Compiled]:
+    import triton
+
     done, results = set(), []
     for what, kernel, args, kwargs in record_launches(variant):
         name = f"{what}: {kernel.__name__}"
@@ -216,7 +219,12 @@ def compile_variant(variant: Variant, arch: int) -> list[Compiled]:
             continue
         done.add(key)
         facts = compile_launch(kernel, args, kwargs, arch)
-        results.append(Compiled(name, variant.name, arch, shared_limit=SHARED_LIMIT[arch], **facts))
+        results.append(
+            Compiled(
+                name, variant.name, arch, shared_limit=SHARED_LIMIT[arch],
+                triton=triton.__version__, **facts,
+            )
+        )  # fmt: skip
     return results
 
 
