@@ -253,6 +253,23 @@ def value_tile(
     return tl.dot((p * norm[None, :]).to(tl.float16), vc)
 
 
+@triton.jit
+def values_needed(s, m_new, rmask, SPARSE_V_LOG2: tl.constexpr):
+    """Sparse V: whether some row's weights in the tile reach 2^SPARSE_V_LOG2 times its running
+    maximum m_new (scores s [M, BLOCK_N] in log2 units); a tile none reaches adds nothing worth
+    its values (its weights still count in the softmax sum)."""
+    top = tl.max(s, axis=1)
+    gap = tl.where(rmask & (top > float("-inf")), top - m_new, float("-inf"))
+    return tl.max(gap, axis=0) >= SPARSE_V_LOG2
+
+
+def sparse_v_constexprs(sparse_v: float) -> dict:
+    """The kernels' sparse-V constexprs for a threshold in [0, 1) (0: off)."""
+    if not 0.0 <= sparse_v < 1.0:
+        raise ValueError(f"sparse_v must lie in [0, 1), got {sparse_v}")
+    return dict(SPARSE_V=sparse_v > 0, SPARSE_V_LOG2=math.log2(sparse_v) if sparse_v else 0.0)
+
+
 def centroid_table(centroids: torch.Tensor, bits: int) -> torch.Tensor:
     """What load_centroids gathers from: the float32 centroids for bits > 4; for bits <= 4
     int32 [2^(2 bits)] whose entry p holds fp16 c[p & (2^bits - 1)] in its low half and fp16

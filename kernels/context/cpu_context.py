@@ -37,11 +37,13 @@ def context_attention(
     codec: LayerCodec,
     scale: float,
     num_splits: int = 0,
+    sparse_v: float = 0.0,
 ) -> torch.Tensor:
     """context_attention_reference with key = value = None (the chunk's tokens already in
     kv_cache): query [T, Hq, d] -> [T, Hq, d] in query's dtype, causal. A sequence with at
     least DENSE_ROWS new rows takes the dense path (its keys and values rounded to the
-    query's dtype); the others run fused, in float32."""
+    query's dtype; every value read, whatever sparse_v); the others run fused, in float32,
+    with sparse V as in cpu_decode.decode_attention."""
     check_attention_inputs(query, kv_cache, block_table, seq_lens, codec, uniform_ok=True)
     check_tensor("query_start_loc", query_start_loc, 1, INDEX_DTYPES)
     if query_start_loc.shape[0] != seq_lens.shape[0] + 1:
@@ -60,7 +62,9 @@ def context_attention(
             return context_attention_reference(
                 q, None, None, kv_cache, table, q_starts, q_lens, codec, scale
             )
-        return run_attention(q, kv_cache, table, q_starts, q_lens, codec, scale, rows, num_splits)
+        return run_attention(
+            q, kv_cache, table, q_starts, q_lens, codec, scale, rows, num_splits, sparse_v
+        )
 
     if not dense:
         return fused_attention(query, block_table, query_start_loc, seq_lens)

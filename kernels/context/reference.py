@@ -27,8 +27,6 @@ def gather_context(
 
 
 # Above this many scores per call, SDPA's blocked kernel beats materializing them.
-
-# Above this many scores per call, SDPA's blocked kernel beats materializing them.
 DIRECT_SCORES = 1 << 22
 
 

@@ -34,8 +34,10 @@ from tq_vllm.kernels.triton_tiles import (
     load_rows,
     rotated_queries,
     score_tile,
+    sparse_v_constexprs,
     tile_records,
     value_tile,
+    values_needed,
 )
 from tq_vllm.record.codec import LayerCodec
 
@@ -86,6 +88,8 @@ def _context_kernel(
     QJL_COEF: tl.constexpr,
     FRESH_FP32: tl.constexpr,
     ALL_CACHED: tl.constexpr,
+    SPARSE_V: tl.constexpr,
+    SPARSE_V_LOG2: tl.constexpr,
 ):
     tile_m = tl.program_id(0)
     b = tl.program_id(1)
@@ -138,9 +142,15 @@ def _context_kernel(
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         lsum = lsum * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + value_tile(
-            p, rec, tmask, vcent_ptr, VALUE_NORM_OFF, VALUE_IDX_OFF, D, VALUE_BITS, norm_on_tile
-        )
+        acc = acc * alpha[:, None]
+        read = True
+        if SPARSE_V:
+            read = values_needed(s, m_new, rmask, SPARSE_V_LOG2)
+        if read:
+            acc += value_tile(
+                p, rec, tmask, vcent_ptr, VALUE_NORM_OFF, VALUE_IDX_OFF, D, VALUE_BITS,
+                norm_on_tile,
+            )  # fmt: skip
         m = m_new
     # Fresh keys are rotated whole (M_h k for split keys): they meet the whole q'.
     qf = q
@@ -189,6 +199,7 @@ def context_attention(
     block_n: int = 32,
     num_warps: int = 4,
     num_stages: int | None = None,
+    sparse_v: float = 0.0,
 ) -> torch.Tensor:
     """Triton context_attention_reference: query [T, Hq, d] -> [T, Hq, d] in query's dtype.
 
@@ -197,6 +208,8 @@ def context_attention(
     max_query_len: the longest chunk (vLLM's metadata has it on the host); None reads it from
     query_start_loc, a device sync. rows: query rows per program (positions x heads of a GQA
     group, a power of two >= 16); block_n: keys per tile (a power of two >= 32).
+    sparse_v: as in triton_decode.decode_attention, for the compressed tokens (the fresh ones
+    are always read).
     """
     check_cache(kv_cache, codec)
     device = kv_cache.device
@@ -254,6 +267,6 @@ def context_attention(
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), BLOCK_SIZE=block_size,
         G=group, GP=group_pad, BLOCK_M=block_m, D=head_dim, BLOCK_N=block_n,
         FRESH_FP32=query.dtype == torch.float32, ALL_CACHED=all_cached,
-        num_warps=num_warps, num_stages=num_stages, **constexprs,
+        num_warps=num_warps, num_stages=num_stages, **constexprs, **sparse_v_constexprs(sparse_v),
     )  # fmt: skip
     return (out @ codec.rotation).to(query.dtype)

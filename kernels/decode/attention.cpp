@@ -32,6 +32,7 @@ struct Problem {
   Layout lay;
   float qjl_coef;
   OutlierPart outliers;
+  float sparse_v_log;  // log of the sparse-V threshold; -inf: every value tile is read
 };
 
 // One (sequence, rows [row0, row0 + rows), KV head) over tokens [t0, t1). Row r of the item
@@ -112,22 +113,27 @@ void attend_item(const Problem& P, int64_t b, int64_t row0, int rows, int64_t li
         knorm[u] = 1.f;
       }
     }
-    decode_v.rows(recs, L.value_indices, n, d, vf.data());
 
     // Rows whose limit precedes the tile (causal) are a prefix of the item's rows.
     int first = 0;
     while (first < R && lim[first] < ts) ++first;
+    bool read_values = false;
     for (int r = first; r < R; ++r) {
       const int visible = static_cast<int>(std::min<int64_t>(n, lim[r] - ts + 1));
       float* sr = &S[static_cast<size_t>(r) * TILE];
       for (int u = 0; u < TILE; ++u) sr[u] = 0.f;  // past `visible`: weight 0 below
       if (has_k) add_scores(&Q[static_cast<size_t>(r) * d], kf.data(), knorm, visible, d, sr);
       if (L.prod) add_scores(&QS[static_cast<size_t>(r) * d], sg.data(), rnorm, visible, d, sr);
-      const float m_new = std::max(m[r], max_score(sr, visible));
+      const float top = max_score(sr, visible);
+      const float m_new = std::max(m[r], top);
+      read_values |= top - m_new >= P.sparse_v_log;
       alpha[r] = m[r] == NEG_INF ? 0.f : std::exp(m[r] - m_new);
       l[r] = l[r] * alpha[r] + softmax_weights(sr, vnorm, m_new, visible, sr);  // in place
       m[r] = m_new;
     }
+    // Sparse V: when every row's weights in the tile lie below the threshold times its running
+    // maximum, the tile's values are neither decoded nor added (its weights stay in l).
+    if (read_values) decode_v.rows(recs, L.value_indices, n, d, vf.data());
     for (int r0 = first; r0 < R; r0 += ROW_BLOCK) {
       const int rows = std::min(ROW_BLOCK, R - r0);
       float* accs[ROW_BLOCK];
@@ -138,7 +144,7 @@ void attend_item(const Problem& P, int64_t b, int64_t row0, int rows, int64_t li
       }
       // A block's last row sees the most tokens; the others' weights are 0 past theirs.
       const int visible = static_cast<int>(std::min<int64_t>(n, lim[r0 + rows - 1] - ts + 1));
-      accumulate(accs, &alpha[r0], ws, rows, vf.data(), visible, d);
+      accumulate(accs, &alpha[r0], ws, rows, vf.data(), read_values ? visible : 0, d);
     }
   }
   for (int r = 0; r < R; ++r) {
@@ -167,7 +173,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor
                      const at::Tensor& seq_lens, const at::Tensor& key_centroids,
                      const at::Tensor& value_centroids, at::IntArrayRef layout, double qjl_coef,
                      int64_t rows_per_tile, int64_t num_splits,
-                     const std::optional<at::Tensor>& outlier_centroids) {
+                     const std::optional<at::Tensor>& outlier_centroids, double sparse_v) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(),
               "q must be a contiguous float32 [T, Hq, d] tensor");
   TORCH_CHECK(block_table.dim() == 2 && block_table.scalar_type() == at::kInt &&
@@ -206,6 +212,8 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor
   P.kc = key_centroids.data_ptr<float>();
   P.vc = value_centroids.data_ptr<float>();
   P.outliers = outlier_part(P.lay, outlier_centroids);
+  TORCH_CHECK(sparse_v >= 0. && sparse_v < 1., "sparse_v must lie in [0, 1)");
+  P.sparse_v_log = sparse_v > 0. ? static_cast<float>(std::log(sparse_v)) : NEG_INF;
 
   const int32_t* qsl = query_start_loc.data_ptr<int32_t>();
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
@@ -295,7 +303,7 @@ TORCH_LIBRARY_FRAGMENT(TQ_OPS, m) {
       "attention(Tensor q, Tensor qs, Tensor kv_cache, Tensor block_table, "
       "Tensor query_start_loc, Tensor seq_lens, Tensor key_centroids, Tensor value_centroids, "
       "int[] layout, float qjl_coef, int rows_per_tile, int num_splits, "
-      "Tensor? outlier_centroids=None) -> Tensor");
+      "Tensor? outlier_centroids=None, float sparse_v=0.0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(TQ_OPS, CPU, m) { m.impl("attention", &tq::attention); }

@@ -36,8 +36,10 @@ from tq_vllm.kernels.triton_tiles import (
     load_rows,
     rotated_queries,
     score_tile,
+    sparse_v_constexprs,
     tile_records,
     value_tile,
+    values_needed,
 )
 from tq_vllm.record.codec import LayerCodec
 
@@ -82,6 +84,8 @@ def _decode_split_kernel(
     KEY_TILE: tl.constexpr,
     QS_TILE: tl.constexpr,
     QJL_COEF: tl.constexpr,
+    SPARSE_V: tl.constexpr,
+    SPARSE_V_LOG2: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -121,9 +125,14 @@ def _decode_split_kernel(
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         lsum = lsum * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + value_tile(
-            p, rec, tmask, vcent_ptr, VALUE_NORM_OFF, VALUE_IDX_OFF, D, VALUE_BITS
-        )
+        acc = acc * alpha[:, None]
+        read = True
+        if SPARSE_V:
+            read = values_needed(s, m_new, g < G, SPARSE_V_LOG2)
+        if read:
+            acc += value_tile(
+                p, rec, tmask, vcent_ptr, VALUE_NORM_OFF, VALUE_IDX_OFF, D, VALUE_BITS
+            )
         m = m_new
 
     # An empty split (short sequence) reports lse = -inf, which the reduction weighs 0.
@@ -179,6 +188,7 @@ def decode_attention(
     block_n: int = 32,
     num_warps: int = 4,
     num_stages: int = 2,
+    sparse_v: float = 0.0,
 ) -> torch.Tensor:
     """Triton decode_attention_reference: query [B, Hq, d] -> [B, Hq, d] in query's dtype.
 
@@ -188,6 +198,8 @@ def decode_attention(
     block_n: tokens per tile (a power of two >= 16; tiles may span paged blocks).
     num_stages: software pipelining depth; Triton's default of 3 needs 160 KB of shared
     memory at head_dim 256 (too much beside a second program per SM), 2 needs 98 KB.
+    sparse_v: skip a tile's values where every weight lies below sparse_v times its row's
+    running maximum (0: read every value).
     """
     check_cache(kv_cache, codec)
     device = kv_cache.device
@@ -222,7 +234,7 @@ def decode_attention(
         partial, lse, num_q_heads, num_splits, block_table.stride(0),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), BLOCK_SIZE=block_size,
         G=group, GP=max(16, triton.next_power_of_2(group)), D=head_dim, BLOCK_N=block_n,
-        num_warps=num_warps, num_stages=num_stages, **constexprs,
+        num_warps=num_warps, num_stages=num_stages, **constexprs, **sparse_v_constexprs(sparse_v),
     )  # fmt: skip
     if num_splits == 1:  # one split per row holds the whole softmax: nothing to merge
         out = partial.view(batch, num_q_heads, head_dim)

@@ -42,6 +42,8 @@ SPILL_CAPS = {
     (90, "d64 K2+16x4mse V3 bfloat16 bs16", "context (fresh)"): 40,
     (90, "d128 K3+40x6mse V4 float16 bs32", "store"): 72,
     (90, "d128 K3+40x6mse V4 float16 bs32", "context (fresh)"): 80,
+    (90, "d128 K4mse V4 float16 bs16 sparse0.001", "store"): 248,
+    (90, "d128 K4mse V4 float16 bs16 sparse0.001", "context (fresh)"): 56,
     (80, "d64 K6mse V5 bfloat16 bs16", "context (fresh)"): 64,
     (80, "d128 K4mse V4 float16 bs16", "store"): 24,
     (80, "d128 K4mse V4 float16 bs16", "context (fresh)"): 304,
@@ -90,6 +92,7 @@ def test_at_least_20_sm90_variants_compile(compiled):
         assert any(f"K{bits}" in r["variant"] for r in sm90), f"no {bits}-bit keys"
         assert any(f" V{bits} " in r["variant"] for r in sm90), f"no {bits}-bit values"
     assert sum("+" in r["variant"] for r in sm90) >= 8, "split keys (outlier channels)"
+    assert sum("sparse" in r["variant"] for r in sm90) >= 4, "sparse V"
     assert all(r["sass_lines"] > 50 and r["registers"] > 0 for r in compiled)
 
 

@@ -55,11 +55,23 @@ def test_layer_overrides_and_padding():
         ({"seed": -3}, "seed"),
         ({"key_mode": "prod", "key_bits": 1}, "key_bits"),
         ({"config": "/nonexistent/file.yaml"}, "config"),
+        ({"sparse_v": 1.0}, "sparse_v"),
+        ({"sparse_v": -0.1}, "sparse_v"),
+        ({"sparse_v": "1e-3"}, "sparse_v"),
     ],
 )
 def test_bad_configs_name_the_field(inline, field):
     with pytest.raises(ConfigError, match=field):
         load_config({"turboquant": inline})
+
+
+def test_sparse_v_is_off_by_default_and_said_when_on():
+    assert load_config({}).sparse_v == 0
+    assert "sparse V" not in load_config({}).describe(64, 30)
+    config = load_config({"turboquant": {"sparse_v": 0.001}})
+    assert config.sparse_v == 0.001 and "sparse V: value tiles below 0.001" in config.describe(
+        64, 30
+    )
 
 
 def test_bad_yaml_and_layer_range(tmp_path):

@@ -258,6 +258,7 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                 codec,
                 self.scale,
                 m.max_seq_len,
+                self.settings.config.sparse_v,
             )
         if d < m.num_reqs:
             # New tokens are read back from the cache like the context: every query sees what
@@ -273,6 +274,7 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                 codec,
                 self.scale,
                 m.max_query_len,
+                self.settings.config.sparse_v,
             )
         return output
 

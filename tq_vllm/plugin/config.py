@@ -20,7 +20,11 @@ Fields (all optional):
                          outlier channels (the paper's fractional rates, quant/outliers.py): per
                          attention layer, per KV head, a list of n key channels quantized
                          apart at key_outlier_bits (the rest at the layer's key_bits); written
-                         for one model by `tq-vllm calibrate`; CPU path only
+                         for one model by `tq-vllm calibrate`
+  sparse_v               0 (default): every value is read. t in (0, 1): the fused kernels skip
+                         a tile of values whose softmax weights all lie below t times their
+                         row's running maximum (the weights still count; the dense prefill and
+                         the references read everything)
 
 One KV-cache group has one page size, so every layer's record is padded to the largest
 layer's record: higher precision on a few layers costs bytes on all of them (the log says how
@@ -91,6 +95,7 @@ class TurboQuantConfig:
     layers: Mapping[int, Mapping[str, Any]] = field(default_factory=dict)
     key_outlier_bits: int = 0  # 0: no outlier channels
     key_outlier_channels: Sequence[Any] = ()  # [layer][kv_head] -> channel indices
+    sparse_v: float = 0.0  # 0: off
     source: str = "defaults"
 
     def __post_init__(self) -> None:
@@ -124,6 +129,9 @@ class TurboQuantConfig:
                 else:
                     _check_bits_field(value, f"{where}.{key}")
         self._check_outliers()
+        sparse = self.sparse_v
+        if isinstance(sparse, bool) or not isinstance(sparse, (int, float)) or not 0 <= sparse < 1:
+            raise ConfigError(f"sparse_v must be a number in [0, 1) (0: off), got {sparse!r}")
 
     def _check_outliers(self) -> None:
         bits, channels = self.key_outlier_bits, self.key_outlier_channels or ()
@@ -243,6 +251,8 @@ class TurboQuantConfig:
                 f"; records padded from {base_layout.size} to {record} bytes for the "
                 "higher-precision layers"
             )
+        if self.sparse_v:
+            text += f"; sparse V: value tiles below {self.sparse_v:g} of the maximum skipped"
         return text
 
 

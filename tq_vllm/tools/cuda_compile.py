@@ -46,13 +46,15 @@ class Variant:
     block_size: int
     key_outliers: int = 0  # split keys: outlier channels per KV head, at key_outlier_bits
     key_outlier_bits: int = 0
+    sparse_v: float = 0.0  # the attention kernels' sparse-V threshold (0: off)
 
     @property
     def name(self) -> str:
         split = f"+{self.key_outliers}x{self.key_outlier_bits}" if self.key_outliers else ""
+        sparse = f" sparse{self.sparse_v:g}" if self.sparse_v else ""
         return (
             f"d{self.head_dim} K{self.key_bits}{split}{self.key_mode} V{self.value_bits} "
-            f"{self.dtype} bs{self.block_size}"
+            f"{self.dtype} bs{self.block_size}{sparse}"
         )
 
 
@@ -70,6 +72,7 @@ VARIANTS = [
     # Split keys: the K2.5 V3 preset's shape, and parts that end inside an 8-index group.
     Variant(64, 2, "mse", 3, "bfloat16", 16, key_outliers=16, key_outlier_bits=4),
     Variant(128, 3, "mse", 4, "float16", 32, key_outliers=40, key_outlier_bits=6),
+    Variant(128, 4, "mse", 4, "float16", 16, sparse_v=1e-3),  # sparse V's tile skip
 ]
 
 
@@ -119,14 +122,17 @@ def record_launches(variant: Variant) -> list[tuple[str, Any, tuple, dict]]:
     query = torch.zeros(2, hk * group, v.head_dim, dtype=dtype)
     key = torch.zeros(2, hk, v.head_dim, dtype=dtype)
     qsl = torch.tensor([0, 1, 2], dtype=torch.int32)
+    sparse = {"sparse_v": v.sparse_v}
     calls = {
         "store": lambda: store_kv(key, key, cache, torch.tensor([1, 2]), codec),
-        "decode": lambda: decode_attention(query, cache, table, lens, codec, 0.1, num_splits=3),
+        "decode": lambda: decode_attention(
+            query, cache, table, lens, codec, 0.1, num_splits=3, **sparse
+        ),
         "context (cached)": lambda: context_attention(
-            query, None, None, cache, table, qsl, lens, codec, 0.1, max_query_len=1
+            query, None, None, cache, table, qsl, lens, codec, 0.1, max_query_len=1, **sparse
         ),
         "context (fresh)": lambda: context_attention(
-            query, key, key, cache, table, qsl, lens, codec, 0.1, max_query_len=1
+            query, key, key, cache, table, qsl, lens, codec, 0.1, max_query_len=1, **sparse
         ),
     }
     return record_calls(calls)

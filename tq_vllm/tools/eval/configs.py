@@ -83,6 +83,15 @@ def all_configs(num_layers: int = 30) -> dict[str, EvalConfig]:
         )
         for kb, vb in ((2, 2), (2, 3), (3, 3), (3, 4), (5, 4))
     ]
+    configs += [
+        EvalConfig(
+            f"default-sparse{t:g}",
+            f"configs/default.yaml, sparse V at {t:g} (fused kernels only: prefill chunks "
+            "under 16 rows, decode)",
+            turboquant={"config": "default", "sparse_v": t},
+        )
+        for t in (1e-3, 1e-2)
+    ]
     return {c.name: c for c in configs}
 
 
