@@ -22,6 +22,7 @@ from tq_vllm.record.codec import LayerCodec
 from tq_vllm.record.layout import RecordLayout
 
 COEF = 0.8  # how far queries lean towards their peak keys: 25-50% of the tiles are skipped
+THRESHOLD = 1e-3
 
 
 def sparse_reference(query, cache, table, lens, codec, scale, threshold, tile):
@@ -50,9 +51,11 @@ def sparse_reference(query, cache, table, lens, codec, scale, threshold, tile):
     return codec.unrotate(out.float()), skipped, total
 
 
-def peaked_case(d, hq, hk, lens, seed):
+def peaked_case(d, hq, hk, tile):
     """A cache and queries aimed at three of the first 32 tokens of each sequence (a running
-    maximum sees the peak first), so that many later tiles fall below it, but not all."""
+    maximum sees the peak first), so that many later tiles fall below it, but not all.
+    Returns the decode arguments and the rule's output for tiles of `tile` tokens."""
+    lens, seed = [300, 200, 130], d
     codec = LayerCodec(RecordLayout(d, 4, "mse", 4), seed=seed)
     cache, table, keys, _ = make_cache(codec, lens, 16, hk, seed=seed)
     gen = torch.Generator().manual_seed(seed)
@@ -62,22 +65,20 @@ def peaked_case(d, hq, hk, lens, seed):
         for h in range(hk):
             picks = torch.randint(0, min(n, 32), (3,), generator=gen)
             query[b, h * g : (h + 1) * g] += COEF * keys[b][picks, h].sum(0)
-    return codec, cache, table, query
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    ref, skipped, total = sparse_reference(
+        query, cache, table, lens, codec, d**-0.5, THRESHOLD, tile
+    )
+    assert 0 < skipped < total, (skipped, total)
+    return (query, cache, table, seq_lens, codec, d**-0.5), ref
 
 
 @pytest.mark.parametrize("d,hq,hk", [(64, 9, 3), (128, 4, 1)])
 def test_cpu_decode_skips_by_the_rule(d, hq, hk, cpu_isa):
-    lens = [300, 200, 130]
-    codec, cache, table, query = peaked_case(d, hq, hk, lens, seed=d)
-    seq_lens = torch.tensor(lens, dtype=torch.int32)
-    scale, threshold = d**-0.5, 1e-3
-    ref, skipped, total = sparse_reference(query, cache, table, lens, codec, scale, threshold, 64)
-    assert 0 < skipped < total, (skipped, total)
-    got = cpu_decode.decode_attention(
-        query, cache, table, seq_lens, codec, scale, num_splits=1, sparse_v=threshold
-    )
+    args, ref = peaked_case(d, hq, hk, 64)
+    got = cpu_decode.decode_attention(*args, num_splits=1, sparse_v=THRESHOLD)
     torch.testing.assert_close(got, ref, **CPU_TOL)
-    dense = decode_attention_reference(query, cache, table, seq_lens, codec, scale)
+    dense = decode_attention_reference(*args)
     assert not torch.allclose(dense, ref, **CPU_TOL), "the skipped tiles changed nothing"
 
 
@@ -86,14 +87,8 @@ def test_triton_decode_skips_by_the_rule(d, hq, hk):
     """Against the rule at the fp16 kernel's tolerance for peaked softmaxes (3.3e-3 measured
     with or without sparse V), and the skipping's own effect (sparse minus plain, the same
     rounding on both sides) against the rule's to 2e-5."""
-    lens = [300, 200, 130]
-    codec, cache, table, query = peaked_case(d, hq, hk, lens, seed=d)
-    seq_lens = torch.tensor(lens, dtype=torch.int32)
-    scale, threshold = d**-0.5, 1e-3
-    ref, skipped, total = sparse_reference(query, cache, table, lens, codec, scale, threshold, 32)
-    assert 0 < skipped < total, (skipped, total)
-    args = (query, cache, table, seq_lens, codec, scale)
-    got = run_kernel(triton_decode, *args, num_splits=1, sparse_v=threshold)
+    args, ref = peaked_case(d, hq, hk, 32)
+    got = run_kernel(triton_decode, *args, num_splits=1, sparse_v=THRESHOLD)
     plain = run_kernel(triton_decode, *args, num_splits=1)
     torch.testing.assert_close(got, ref, atol=5e-3, rtol=5e-3)
     effect = ref - decode_attention_reference(*args)
@@ -104,16 +99,13 @@ def test_triton_decode_skips_by_the_rule(d, hq, hk):
 def test_triton_context_skips_by_the_rule():
     """The cache-only context kernel (what vLLM calls for a chunk) on one-row chunks: the
     program's rows are then one GQA group, as in decode, so the same rule applies."""
-    d, hq, hk, lens = 64, 9, 3, [300, 200, 130]
-    codec, cache, table, query = peaked_case(d, hq, hk, lens, seed=d)
-    seq_lens = torch.tensor(lens, dtype=torch.int32)
-    starts = torch.arange(len(lens) + 1, dtype=torch.int32)
-    scale, threshold = d**-0.5, 1e-3
-    ref, skipped, total = sparse_reference(query, cache, table, lens, codec, scale, threshold, 32)
-    assert 0 < skipped < total, (skipped, total)
-    args = (query, None, None, cache, table, starts, seq_lens, codec, scale)
-    got = run_kernel(triton_context, *args, sparse_v=threshold)
-    plain = run_kernel(triton_context, *args)
-    effect = ref - decode_attention_reference(query, cache, table, seq_lens, codec, scale)
+    args, ref = peaked_case(64, 9, 3, 32)
+    query, cache, table, seq_lens, codec, scale = args
+    starts = torch.arange(len(seq_lens) + 1, dtype=torch.int32)
+    context_args = (query, None, None, cache, table, starts, seq_lens, codec, scale)
+    got = run_kernel(triton_context, *context_args, sparse_v=THRESHOLD)
+    plain = run_kernel(triton_context, *context_args)
     torch.testing.assert_close(got, ref, atol=5e-3, rtol=5e-3)
-    torch.testing.assert_close(got - plain, effect, atol=2e-5, rtol=0)
+    torch.testing.assert_close(
+        got - plain, ref - decode_attention_reference(*args), atol=2e-5, rtol=0
+    )
