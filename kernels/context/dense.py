@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -60,7 +61,7 @@ def vllm_cpu_attention(
     if isa is None or _unusable:
         return None
     try:
-        return _run_vllm_kernel(query, keys, values, q_lens, scale, isa)
+        return paged_dense_attention(query, paged_dense_cache(keys, values, isa), q_lens, scale)
     except (AttributeError, TypeError, RuntimeError) as e:
         _unusable.append(f"{type(e).__name__}: {e}")
         logger.warning(
@@ -74,22 +75,31 @@ def vllm_cpu_attention(
 _unusable: list[str] = []  # why vLLM's CPU attention ops were given up, once they were
 
 
-def _run_vllm_kernel(
-    query: torch.Tensor,
-    keys: list[torch.Tensor],
-    values: list[torch.Tensor],
-    q_lens: list[int],
-    scale: float,
-    isa: str,
-) -> torch.Tensor:
+@dataclass
+class PagedDenseCache:
+    """Sequences' keys and values in vLLM's CPU kernel layout (its reshape_and_cache op)."""
+
+    key_cache: torch.Tensor
+    value_cache: torch.Tensor
+    table: torch.Tensor
+    seq_lens: torch.Tensor
+    isa: str
+
+
+def paged_dense_cache(
+    keys: list[torch.Tensor], values: list[torch.Tensor], isa: str | None = None
+) -> PagedDenseCache:
+    """keys[b] / values[b] [Hk, L_b, d] in a temporary paged cache of their dtype, for
+    paged_dense_attention. isa: vLLM's kernel variant (None: the one it picks here)."""
     import vllm._custom_ops as ops
 
-    hk, d = keys[0].shape[0], query.shape[-1]
+    hk, d, dtype = keys[0].shape[0], keys[0].shape[-1], keys[0].dtype
+    isa = isa or _cpu_attention_isa(dtype, d)
     lens = [k.shape[1] for k in keys]
     blocks = [-(-n // DENSE_BLOCK) for n in lens]
     # Zeroed: the kernel reads whole blocks, and garbage past a sequence's end (NaN bit
     # patterns) would reach the output through 0-weight products.
-    cache = torch.zeros(sum(blocks), hk, 2 * DENSE_BLOCK, d, dtype=query.dtype)
+    cache = torch.zeros(sum(blocks), hk, 2 * DENSE_BLOCK, d, dtype=dtype)
     key_cache, value_cache = cache.chunk(2, dim=2)
     table = torch.zeros(len(keys), max(blocks), dtype=torch.int32)
     first = 0
@@ -100,34 +110,44 @@ def _run_vllm_kernel(
             k.transpose(0, 1), v.transpose(0, 1), key_cache, value_cache, slots, isa
         )
         first += blocks[b]
-    query_start_loc = torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
+    return PagedDenseCache(key_cache, value_cache, table, seq_lens, isa)
+
+
+def paged_dense_attention(
+    query: torch.Tensor, cache: PagedDenseCache, q_lens: list[int], scale: float
+) -> torch.Tensor:
+    """vLLM's CPU attention, causal: sequence b's q_lens[b] rows of query [T, Hq, d], in
+    order, are the last rows of its cached tokens. Returns [T, Hq, d]."""
+    import vllm._custom_ops as ops
+
+    query_start_loc = torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32)
     metadata = ops.cpu_attn_get_scheduler_metadata(
-        num_reqs=len(keys),
+        num_reqs=len(q_lens),
         num_heads=query.shape[1],
-        num_kv_heads=hk,
-        head_dim=d,
-        seq_lens=seq_lens,
+        num_kv_heads=cache.key_cache.shape[1],
+        head_dim=query.shape[-1],
+        seq_lens=cache.seq_lens,
         dtype=query.dtype,
         query_start_loc=query_start_loc,
         causal=True,
         sliding_window_size=-1,
-        isa=isa,
+        isa=cache.isa,
         enable_kv_split=False,
     )
     out = torch.empty_like(query)
     ops.cpu_attention_with_kv_cache(
         query=query,
-        key_cache=key_cache,
-        value_cache=value_cache,
+        key_cache=cache.key_cache,
+        value_cache=cache.value_cache,
         output=out,
         query_start_loc=query_start_loc,
-        seq_lens=seq_lens,
+        seq_lens=cache.seq_lens,
         scale=scale,
         causal=True,
         alibi_slopes=None,
         sliding_window=-1,
-        block_table=table,
+        block_table=cache.table,
         softcap=0.0,
         scheduler_metadata=metadata,
         s_aux=None,

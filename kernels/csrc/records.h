@@ -11,6 +11,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -61,7 +63,12 @@ constexpr UnpackFn UNPACK[9] = {nullptr,         unpack_bits<1>, unpack_bits<2>,
 // Centroid values of one row of b-bit indices: c[idx] for each of the n indices at p.
 class RowDecoder {
  public:
-  RowDecoder(const float* centroids, int bits, int n) : c_(centroids), bits_(bits), n_(n) {
+  // AVX2 has two exact lookups (see rows_fixed); `lookup` forces one, kChosen takes the one
+  // timed faster on this CPU (chosen_lookups).
+  enum Lookup { kChosen, kPermute, kGather };
+
+  RowDecoder(const float* centroids, int bits, int n, Lookup lookup = kChosen)
+      : c_(centroids), bits_(bits), n_(n) {
 #ifdef TQ_AVX512
     fast_ = n % 16 == 0;
     if (!fast_) return;
@@ -84,6 +91,10 @@ class RowDecoder {
     alignas(32) float table[64] = {};  // up to 6 bits the table sits in eight registers
     for (int i = 0; i < std::min(64, 1 << bits); ++i) table[i] = centroids[i];
     for (int i = 0; i < 8; ++i) t_[i] = _mm256_load_ps(table + 8 * i);
+    gather_ = bits > 6 || (bits >= 4 && (lookup == kChosen ? chosen_lookups()[bits]
+                                                           : lookup == kGather));
+#else
+    (void)lookup;
 #endif
   }
 
@@ -95,6 +106,15 @@ class RowDecoder {
   // Rows recs[u] + offset for u < n into out + u * stride: one dispatch on the bit width per
   // call, the per-row work then inlined with the width known at compile time.
   void rows(const uint8_t* const* recs, int offset, int n, int stride, float* out) const {
+#ifdef TQ_AVX2
+    if (fast_ && gather_) switch (bits_) {
+        case 4: return rows_fixed<4, true>(recs, offset, n, stride, out);
+        case 5: return rows_fixed<5, true>(recs, offset, n, stride, out);
+        case 6: return rows_fixed<6, true>(recs, offset, n, stride, out);
+        case 7: return rows_fixed<7, true>(recs, offset, n, stride, out);
+        default: return rows_fixed<8, true>(recs, offset, n, stride, out);
+      }
+#endif
 #if defined(TQ_AVX512) || defined(TQ_AVX2)
     if (fast_) switch (bits_) {
         case 1: return rows_fixed<1>(recs, offset, n, stride, out);
@@ -103,8 +123,12 @@ class RowDecoder {
         case 4: return rows_fixed<4>(recs, offset, n, stride, out);
         case 5: return rows_fixed<5>(recs, offset, n, stride, out);
         case 6: return rows_fixed<6>(recs, offset, n, stride, out);
+#ifdef TQ_AVX512
         case 7: return rows_fixed<7>(recs, offset, n, stride, out);
         default: return rows_fixed<8>(recs, offset, n, stride, out);
+#else
+        default: break;  // 7-8 bits gather (above)
+#endif
       }
 #endif
     alignas(64) uint8_t idx[256];
@@ -162,10 +186,10 @@ class RowDecoder {
   __m512 t_[4];
 #elif defined(TQ_AVX2)
   // 8 indices (B bytes) at a time: variable shifts of the broadcast word put index k in lane
-  // k (no pdep: microcoded on AMD before Zen 3), then a lookup in registers: vpermps takes 3
-  // index bits, blends on bits 3-5 pick among up to eight 8-entry tables; 7-8 bit codebooks
-  // gather.
-  template <int B>
+  // k (no pdep: microcoded on AMD before Zen 3), then a lookup: in registers (GATHER false:
+  // vpermps takes 3 index bits, blends on bits 3-5 pick among up to eight 8-entry tables) or
+  // a gather from the codebook (7-8 bits always; 4-6 bits where it was timed faster).
+  template <int B, bool GATHER = false>
   void rows_fixed(const uint8_t* const* recs, int offset, int n, int stride, float* out) const {
     const __m256i mask = _mm256_set1_epi32((1 << B) - 1);
     // A load of a fixed LOAD bytes (an odd-sized memcpy costs a call) while it stays inside
@@ -184,7 +208,12 @@ class RowDecoder {
 #pragma GCC unroll 8
           for (int k = 0; k < B; ++k) w |= static_cast<uint64_t>(p[k]) << (8 * k);
         }
-        _mm256_storeu_ps(o + 8 * g, lookup<B>(_mm256_and_si256(spread<B>(w), mask)));
+        const __m256i i = _mm256_and_si256(spread<B>(w), mask);
+        if constexpr (GATHER) {
+          _mm256_storeu_ps(o + 8 * g, _mm256_i32gather_ps(c_, i, 4));
+        } else {
+          _mm256_storeu_ps(o + 8 * g, pick<B>(i, 0));
+        }
       }
     }
   }
@@ -220,12 +249,41 @@ class RowDecoder {
     }
   }
 
-  template <int B>
-  __m256 lookup(__m256i i) const {
-    if constexpr (B <= 6) return pick<B>(i, 0);
-    return _mm256_i32gather_ps(c_, i, 4);
+  // Gathers are fast on recent Intel cores and slow on AMD Zen 2 or on Intel parts with the
+  // GDS microcode fix; the blend tree's cost grows with the bits. So per width 4-6 both are
+  // timed once per process on the same rows, and must agree exactly.
+  static const std::array<bool, 9>& chosen_lookups() {
+    static const std::array<bool, 9> gather = [] {
+      std::array<bool, 9> faster{};
+      constexpr int ROWS = 512, D = 128;
+      std::vector<uint8_t> bytes(ROWS * D);
+      std::vector<const uint8_t*> recs(ROWS);
+      uint32_t state = 12345;
+      for (auto& b : bytes) b = static_cast<uint8_t>((state = state * 1664525u + 1013904223u) >> 24);
+      for (int r = 0; r < ROWS; ++r) recs[r] = &bytes[static_cast<size_t>(r) * D];
+      alignas(32) float table[256];
+      for (int i = 0; i < 256; ++i) table[i] = 0.01f * static_cast<float>(i) - 1.f;
+      std::vector<float> out[2] = {std::vector<float>(ROWS * D), std::vector<float>(ROWS * D)};
+      for (int bits = 4; bits <= 6; ++bits) {
+        double best[2] = {1e30, 1e30};
+        for (int mode = 0; mode < 2; ++mode) {
+          const RowDecoder decoder(table, bits, D, mode ? kGather : kPermute);
+          for (int trial = 0; trial < 5; ++trial) {
+            const auto start = std::chrono::steady_clock::now();
+            decoder.rows(recs.data(), 0, ROWS, D, out[mode].data());
+            const std::chrono::duration<double> took = std::chrono::steady_clock::now() - start;
+            best[mode] = std::min(best[mode], took.count());
+          }
+        }
+        TORCH_CHECK(out[0] == out[1], "the AVX2 permute and gather lookups disagree at ", bits,
+                    " bits");
+        faster[bits] = best[1] < best[0];
+      }
+      return faster;
+    }();
+    return gather;
   }
-  bool fast_ = false;
+  bool fast_ = false, gather_ = false;
   __m256 t_[8];
 #endif
   const float* c_;

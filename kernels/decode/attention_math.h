@@ -134,6 +134,32 @@ inline void add_scores_fixed(const float* q, const float* x, const float* scale,
 }
 #endif
 
+#ifdef TQ_AVX2
+// The AVX-512 add_scores_fixed with 8-wide registers: 8 tokens' dots as 8 unrolled,
+// independent FMA chains (the runtime-length loop ran one dependent chain per token).
+template <int D>
+inline void add_scores_fixed(const float* q, const float* x, const float* scale, int n,
+                             float* s) {
+  constexpr int V = D / 8;
+  int u0 = 0;
+  for (; u0 + 8 <= n; u0 += 8) {
+    __m256 a[8];
+#pragma GCC unroll 8
+    for (int t = 0; t < 8; ++t) {
+      const float* xt = x + static_cast<size_t>(u0 + t) * D;
+      __m256 dot = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(xt));
+#pragma GCC unroll 32
+      for (int k = 1; k < V; ++k)
+        dot = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * k), _mm256_loadu_ps(xt + 8 * k), dot);
+      a[t] = dot;
+    }
+    const __m256 dots = _mm256_mul_ps(transpose_sum(a), _mm256_loadu_ps(scale + u0));
+    _mm256_storeu_ps(s + u0, _mm256_add_ps(_mm256_loadu_ps(s + u0), dots));
+  }
+  for (int u = u0; u < n; ++u) s[u] += scale[u] * dot(q, x + static_cast<size_t>(u) * D, D);
+}
+#endif
+
 // s[u] += scale[u] * <q, x[u]> for the n rows x[u] of d floats.
 inline void add_scores(const float* q, const float* x, const float* scale, int n, int d,
                        float* s) {
@@ -165,6 +191,12 @@ inline void add_scores(const float* q, const float* x, const float* scale, int n
     return;
   }
 #elif defined(TQ_AVX2)
+  switch (d) {
+    case 64: return add_scores_fixed<64>(q, x, scale, n, s);
+    case 128: return add_scores_fixed<128>(q, x, scale, n, s);
+    case 256: return add_scores_fixed<256>(q, x, scale, n, s);
+    default: break;
+  }
   if (d % 8 == 0) {  // 8 tokens' dots reduced together, not one horizontal sum each
     int u0 = 0;
     for (; u0 + 8 <= n; u0 += 8) {
@@ -269,6 +301,35 @@ inline void accumulate_columns(float* const* acc, const float* alpha, const floa
 }
 #endif
 
+#ifdef TQ_AVX2
+// The AVX-512 accumulate_columns over 16 columns [j0, j0 + 16): ROWS x 2 partial sums, the
+// two loaded vectors and a broadcast fit AVX2's 16 registers.
+template <int ROWS>
+inline void accumulate_columns(float* const* acc, const float* alpha, const float* const* w,
+                               const float* v, int n, int d, int j0) {
+  __m256 a[ROWS][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < ROWS; ++r)
+#pragma GCC unroll 2
+    for (int k = 0; k < 2; ++k)
+      a[r][k] = _mm256_mul_ps(_mm256_loadu_ps(acc[r] + j0 + 8 * k), _mm256_set1_ps(alpha[r]));
+  for (int u = 0; u < n; ++u) {
+    const float* vu = v + static_cast<size_t>(u) * d + j0;
+    const __m256 x0 = _mm256_loadu_ps(vu), x1 = _mm256_loadu_ps(vu + 8);
+#pragma GCC unroll 8
+    for (int r = 0; r < ROWS; ++r) {
+      const __m256 wr = _mm256_set1_ps(w[r][u]);
+      a[r][0] = _mm256_fmadd_ps(wr, x0, a[r][0]);
+      a[r][1] = _mm256_fmadd_ps(wr, x1, a[r][1]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < ROWS; ++r)
+#pragma GCC unroll 2
+    for (int k = 0; k < 2; ++k) _mm256_storeu_ps(acc[r] + j0 + 8 * k, a[r][k]);
+}
+#endif
+
 inline void accumulate(float* const* acc, const float* alpha, const float* const* w, int rows,
                        const float* v, int n, int d) {
 #ifdef TQ_AVX512
@@ -301,6 +362,16 @@ inline void accumulate(float* const* acc, const float* alpha, const float* const
       for (int r = 0; r < rows; ++r)
         for (int k = 0; k < nv; ++k) _mm512_storeu_ps(acc[r] + j0 + 16 * k, a[r][k]);
     }
+    return;
+  }
+#elif defined(TQ_AVX2)
+  if (d % 16 == 0) {
+    for (int j0 = 0; j0 < d; j0 += 16) switch (rows) {
+        case 1: accumulate_columns<1>(acc, alpha, w, v, n, d, j0); break;
+        case 2: accumulate_columns<2>(acc, alpha, w, v, n, d, j0); break;
+        case 3: accumulate_columns<3>(acc, alpha, w, v, n, d, j0); break;
+        default: accumulate_columns<4>(acc, alpha, w, v, n, d, j0); break;
+      }
     return;
   }
 #endif
