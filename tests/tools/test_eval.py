@@ -223,3 +223,11 @@ def test_outlier_configs_bytes():
         bytes_per_token(layouts, 64, 3)
         == bytes_per_token(layer_layouts(plain, 64, 30), 64, 3) - 3 * 30 * 2
     )
+
+
+def test_time_budget_must_be_positive(capsys):
+    from tq_vllm.tools.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["eval", "--time-budget", "0"])
+    assert "--time-budget: must be more than 0 minutes, got 0" in capsys.readouterr().err

@@ -169,6 +169,16 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive_minutes(text: str) -> float:
+    """--time-budget's type: 0 or less would run nothing after bf16, never what is meant."""
+    minutes = float(text)
+    if not minutes > 0:
+        raise argparse.ArgumentTypeError(
+            f"must be more than 0 minutes, got {text} (leave the flag out for no limit)"
+        )
+    return minutes
+
+
 def add_parser(sub: Any) -> None:
     p = sub.add_parser(
         "eval",
@@ -196,10 +206,10 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument(
         "--time-budget",
-        type=float,
+        type=positive_minutes,
         metavar="MINUTES",
         help="start no engine run after this many minutes; rows then show '-' for what was "
-        "not measured (bf16, the reference, always runs)",
+        "not measured (bf16, the reference, always runs; leave it out for no limit)",
     )
     p.add_argument("--out", default="docs", help="folder for quality.md/.json/.png")
     p.add_argument(
