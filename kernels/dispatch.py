@@ -78,18 +78,20 @@ def decode_attention(
     scale: float,
     max_seq_len: int | None = None,
     sparse_v: float = 0.0,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """max_seq_len: the batch's longest sequence, known on the host (sizes the Triton splits).
     sparse_v: the fused kernels skip value tiles whose weights all lie below sparse_v times
-    their row's running maximum (the references read every value)."""
+    their row's running maximum (the references read every value).
+    sliding_window: a query at position p sees positions p - W < t <= p (None: all)."""
     args = (query, kv_cache, block_table, seq_lens, codec, scale)
     if _triton(kv_cache):
         from tq_vllm.kernels.decode.triton_decode import decode_attention as kernel
 
-        return kernel(*args, max_seq_len, sparse_v=sparse_v)
+        return kernel(*args, max_seq_len, sparse_v=sparse_v, sliding_window=sliding_window)
     if _cpu_kernel(kv_cache, codec):
-        return cpu_decode.decode_attention(*args, sparse_v=sparse_v)
-    return decode_attention_reference(*args)
+        return cpu_decode.decode_attention(*args, sparse_v=sparse_v, sliding_window=sliding_window)
+    return decode_attention_reference(*args, sliding_window)
 
 
 def context_attention(
@@ -104,19 +106,22 @@ def context_attention(
     scale: float,
     max_query_len: int | None = None,
     sparse_v: float = 0.0,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """max_query_len: the longest chunk, known on the host (spares the Triton path a sync).
-    sparse_v: as in decode_attention."""
+    sparse_v, sliding_window: as in decode_attention."""
     args = (query, key, value, kv_cache, block_table, query_start_loc, seq_lens, codec, scale)
     if _triton(kv_cache):
         from tq_vllm.kernels.context.triton_context import context_attention as kernel
 
-        return kernel(*args, max_query_len=max_query_len, sparse_v=sparse_v)
+        return kernel(
+            *args, max_query_len=max_query_len, sparse_v=sparse_v, sliding_window=sliding_window
+        )
     # The CPU context path reads uniform values too (dequantized for the dense attention, else
     # the reference).
     if key is None and value is None and _cpu(kv_cache):
         return cpu_context.context_attention(
             query, kv_cache, block_table, query_start_loc, seq_lens, codec, scale,
-            sparse_v=sparse_v,
+            sparse_v=sparse_v, sliding_window=sliding_window,
         )  # fmt: skip
-    return context_attention_reference(*args)
+    return context_attention_reference(*args, sliding_window)

@@ -38,12 +38,14 @@ def context_attention(
     scale: float,
     num_splits: int = 0,
     sparse_v: float = 0.0,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """context_attention_reference with key = value = None (the chunk's tokens already in
     kv_cache): query [T, Hq, d] -> [T, Hq, d] in query's dtype, causal. A sequence with at
     least DENSE_ROWS new rows takes the dense path (its keys and values rounded to the
     query's dtype; every value read, whatever sparse_v); the others run fused, in float32,
-    with sparse V as in cpu_decode.decode_attention."""
+    with sparse V as in cpu_decode.decode_attention. sliding_window: as in the reference;
+    tokens before a row's window are never read."""
     check_attention_inputs(query, kv_cache, block_table, seq_lens, codec, uniform_ok=True)
     check_tensor("query_start_loc", query_start_loc, 1, INDEX_DTYPES)
     if query_start_loc.shape[0] != seq_lens.shape[0] + 1:
@@ -60,11 +62,12 @@ def context_attention(
     def fused_attention(q, table, q_starts, q_lens):
         if codec.layout.uniform_values:  # no fused kernel reads uniform values
             return context_attention_reference(
-                q, None, None, kv_cache, table, q_starts, q_lens, codec, scale
+                q, None, None, kv_cache, table, q_starts, q_lens, codec, scale, sliding_window
             )
         return run_attention(
-            q, kv_cache, table, q_starts, q_lens, codec, scale, rows, num_splits, sparse_v
-        )
+            q, kv_cache, table, q_starts, q_lens, codec, scale, rows, num_splits, sparse_v,
+            sliding_window,
+        )  # fmt: skip
 
     if not dense:
         return fused_attention(query, block_table, query_start_loc, seq_lens)
@@ -79,6 +82,7 @@ def context_attention(
         [lens[b] for b in dense],
         codec,
         scale,
+        sliding_window,
     )
     if fused:  # the sequences with few new rows, together in one fused call
         picked = torch.cat([torch.arange(starts[b], starts[b + 1]) for b in fused])

@@ -50,10 +50,12 @@ def vllm_cpu_attention(
     values: list[torch.Tensor],
     q_lens: list[int],
     scale: float,
+    sliding_window: int | None = None,
 ) -> torch.Tensor | None:
     """Causal attention for a batch of sequences with vLLM's CPU kernel, or None where it
     cannot run. query [T, Hq, d]: sequence b's q_lens[b] rows, in order, are the last rows of
-    its keys[b] / values[b] [Hk, L_b, d] (query's dtype). Returns [T, Hq, d].
+    its keys[b] / values[b] [Hk, L_b, d] (query's dtype); with sliding_window W a row sees its
+    last W positions only. Returns [T, Hq, d].
 
     The ops are vLLM's internals: if a call fails for a reason of their own (a signature or
     schema that changed), the reason is logged once and SDPA serves from then on."""
@@ -61,7 +63,8 @@ def vllm_cpu_attention(
     if isa is None or _unusable:
         return None
     try:
-        return paged_dense_attention(query, paged_dense_cache(keys, values, isa), q_lens, scale)
+        cache = paged_dense_cache(keys, values, isa)
+        return paged_dense_attention(query, cache, q_lens, scale, sliding_window)
     except (AttributeError, TypeError, RuntimeError) as e:
         _unusable.append(f"{type(e).__name__}: {e}")
         logger.warning(
@@ -115,10 +118,16 @@ def paged_dense_cache(
 
 
 def paged_dense_attention(
-    query: torch.Tensor, cache: PagedDenseCache, q_lens: list[int], scale: float
+    query: torch.Tensor,
+    cache: PagedDenseCache,
+    q_lens: list[int],
+    scale: float,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """vLLM's CPU attention, causal: sequence b's q_lens[b] rows of query [T, Hq, d], in
-    order, are the last rows of its cached tokens. Returns [T, Hq, d]."""
+    order, are the last rows of its cached tokens (with sliding_window W: of its last W).
+    Returns [T, Hq, d]."""
+    window = -1 if sliding_window is None else sliding_window
     import vllm._custom_ops as ops
 
     query_start_loc = torch.tensor([0, *itertools.accumulate(q_lens)], dtype=torch.int32)
@@ -131,7 +140,7 @@ def paged_dense_attention(
         dtype=query.dtype,
         query_start_loc=query_start_loc,
         causal=True,
-        sliding_window_size=-1,
+        sliding_window_size=window,
         isa=cache.isa,
         enable_kv_split=False,
     )
@@ -146,7 +155,7 @@ def paged_dense_attention(
         scale=scale,
         causal=True,
         alibi_slopes=None,
-        sliding_window=-1,
+        sliding_window=window,
         block_table=cache.table,
         softcap=0.0,
         scheduler_metadata=metadata,
@@ -164,11 +173,14 @@ def dense_attention(
     lens: list[int],
     codec: LayerCodec,
     scale: float,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """The new rows query [T, Hq, d] of sequences `seqs`, q_lens[i] each, in order, over their
     lens[i] cached tokens (the rows' own are the last), causal: keys and values dequantized
     once to query's dtype, then vLLM's CPU attention kernel (vllm_cpu_attention), or SDPA
-    where that cannot run."""
+    where that cannot run. With sliding_window W a row sees its last W positions only, and
+    nothing before the first row's window is dequantized (vLLM may have freed those blocks):
+    the blocks from the one holding that window's first token."""
     layout = codec.layout
     if layout.uniform_values:  # levels 0 .. 2^b - 1, scaled and shifted per vector
         levels = torch.arange(1 << layout.value_bits, dtype=torch.float32)
@@ -176,11 +188,15 @@ def dense_attention(
         levels = codec.value.centroids.float().contiguous()
     regular, outlier = key_centroids(codec)
     keys, values = [], []
-    for b, length in zip(seqs, lens):
+    block_size = kv_cache.shape[2]
+    for b, q_len, length in zip(seqs, q_lens, lens):
+        skip = 0  # whole blocks before the first row's window
+        if sliding_window is not None:
+            skip = max(0, length - q_len - sliding_window + 1) // block_size
         k, v = cpu_extension.ops().dequantize(
             kv_cache,
-            block_table[b].to(torch.int32).contiguous(),
-            length,
+            block_table[b, skip:].to(torch.int32).contiguous(),
+            length - skip * block_size,
             regular,
             levels,
             layout_fields(codec),
@@ -191,25 +207,36 @@ def dense_attention(
         keys.append(k)
         values.append(v)
     q = codec.rotate_queries(query).to(query.dtype).contiguous()
-    o = vllm_cpu_attention(q, keys, values, q_lens, scale)
+    o = vllm_cpu_attention(q, keys, values, q_lens, scale, sliding_window)
     if o is None:
-        o = torch.cat([_sdpa(qb, k, v, scale) for qb, k, v in zip(q.split(q_lens), keys, values)])
+        parts = zip(q.split(q_lens), keys, values)
+        o = torch.cat([_sdpa(qb, k, v, scale, sliding_window) for qb, k, v in parts])
     if layout.uniform_values:  # unrotated values: the output is in the model's basis already
         return o
     return codec.unrotate(o).to(query.dtype)
 
 
-def _sdpa(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [T, Hq, d], the last T of keys/values [Hk, L, d]'s positions, causal -> [T, Hq, d]."""
+def _sdpa(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scale: float,
+    window: int | None = None,
+) -> torch.Tensor:
+    """q [T, Hq, d], the last T of keys/values [Hk, L, d]'s positions, causal (with a window W:
+    a row sees its last W positions) -> [T, Hq, d]."""
     t, length = q.shape[0], keys.shape[1]
     # 4-d inputs: with 3-d ones SDPA leaves its flash kernel for the slow math path.
     q, keys, values = q.transpose(0, 1)[None], keys[None], values[None]
-    if t == length:  # the whole sequence is new: plain causal
+    if t == length and window is None:  # the whole sequence is new: plain causal
         o = F.scaled_dot_product_attention(
             q, keys, values, is_causal=True, scale=scale, enable_gqa=True
         )
     else:
-        visible = torch.arange(length) <= torch.arange(length - t, length)[:, None]
+        rows, cols = torch.arange(length - t, length)[:, None], torch.arange(length)
+        visible = cols <= rows
+        if window is not None:
+            visible &= cols > rows - window
         o = F.scaled_dot_product_attention(
             q, keys, values, attn_mask=visible, scale=scale, enable_gqa=True
         )

@@ -30,14 +30,24 @@ def gather_context(
 DIRECT_SCORES = 1 << 22
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    """q [Hq, L, d] over k, v [Hk, S, d], S = context + L, causal after the context."""
+def _attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, window: int | None = None
+) -> torch.Tensor:
+    """q [Hq, L, d] over k, v [Hk, S, d], S = context + L, causal after the context; with a
+    window W, the row at position p sees positions p - W < t <= p only."""
     hk, total = k.shape[0], k.shape[1]
     hq, length, d = q.shape
     mask = None
-    if length > 1:
+    if length > 1 or window is not None:
         rows = torch.arange(length, device=q.device).unsqueeze(1) + (total - length)
-        mask = torch.arange(total, device=q.device) <= rows
+        cols = torch.arange(total, device=q.device)
+        mask = cols <= rows
+        if window is not None:
+            mask &= cols > rows - window
+            # What no row sees may come from freed blocks (anything, NaN included): zeroed,
+            # as 0-weight products with NaN would still be NaN.
+            unseen = cols <= (total - length) - window
+            k, v = k.masked_fill(unseen[:, None], 0.0), v.masked_fill(unseen[:, None], 0.0)
     if hq * length * total > DIRECT_SCORES:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
     # A GQA group's query heads share one matmul with their KV head: no repeated K/V, and for
@@ -60,6 +70,7 @@ def context_attention_reference(
     seq_lens: torch.Tensor,
     codec: LayerCodec,
     scale: float,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Attention of query [T, Hq, d] for a batch of sequences with new tokens.
 
@@ -68,7 +79,8 @@ def context_attention_reference(
     chunked prefill, prefix-cache hits, decode history) are read from kv_cache; the new ones
     from key/value [T, Hk, d] in full precision, or, when key and value are None, from
     kv_cache too (they are stored before attention runs), so that every query sees exactly what
-    a later decode step sees. Causal. Returns [T, Hq, d] in query's dtype.
+    a later decode step sees. Causal; with sliding_window W, the row at position p sees
+    positions p - W < t <= p only. Returns [T, Hq, d] in query's dtype.
     """
     out = torch.empty_like(query)
     starts = query_start_loc.tolist()
@@ -81,16 +93,18 @@ def context_attention_reference(
         q = query[lo:hi].transpose(0, 1)  # [Hq, L, d]
         if key is None:
             k, v = gather_context(kv_cache, block_table[b], total, codec)
-            o = _attend(codec.rotate_queries(query[lo:hi]).transpose(0, 1), k, v, scale)
+            o = _attend(
+                codec.rotate_queries(query[lo:hi]).transpose(0, 1), k, v, scale, sliding_window
+            )
             out[lo:hi] = codec.unrotate(o).transpose(0, 1).to(out.dtype)
             continue
         k, v = key[lo:hi].transpose(0, 1), value[lo:hi].transpose(0, 1)
         if context == 0:  # a fresh prefill: nothing compressed to read, no rotation needed
-            out[lo:hi] = _attend(q, k, v, scale).transpose(0, 1).to(out.dtype)
+            out[lo:hi] = _attend(q, k, v, scale, sliding_window).transpose(0, 1).to(out.dtype)
             continue
         k_ctx, v_ctx = gather_context(kv_cache, block_table[b], context, codec)
         k = torch.cat([k_ctx, codec.rotate_queries(key[lo:hi]).transpose(0, 1)], dim=1)
         v = torch.cat([v_ctx, codec.rotate(v)], dim=1)
-        o = _attend(codec.rotate_queries(query[lo:hi]).transpose(0, 1), k, v, scale)
+        o = _attend(codec.rotate_queries(query[lo:hi]).transpose(0, 1), k, v, scale, sliding_window)
         out[lo:hi] = codec.unrotate(o).transpose(0, 1).to(out.dtype)
     return out

@@ -43,6 +43,15 @@ from tq_vllm.record.codec import LayerCodec
 
 
 @triton.jit
+def _reference_max(m_new, HAS_WINDOW: tl.constexpr):
+    """The maximum the tile's weights are taken against. A row whose window starts past the
+    tile has seen nothing yet (-inf): 0 instead keeps its weights 0, not -inf - -inf = NaN."""
+    if HAS_WINDOW:
+        m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new
+
+
+@triton.jit
 def _context_kernel(
     qf_ptr,
     q_ptr,
@@ -63,6 +72,7 @@ def _context_kernel(
     cache_sb,
     cache_sh,
     cache_ss,
+    window,
     BLOCK_SIZE: tl.constexpr,
     G: tl.constexpr,
     GP: tl.constexpr,
@@ -90,6 +100,7 @@ def _context_kernel(
     ALL_CACHED: tl.constexpr,
     SPARSE_V: tl.constexpr,
     SPARSE_V_LOG2: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
 ):
     tile_m = tl.program_id(0)
     b = tl.program_id(1)
@@ -125,9 +136,16 @@ def _context_kernel(
     # >= 64 rows take wgmma, whose tile operands Triton 3.6 cannot take straight from the
     # interleave (score_tile's NORM_ON_TILE).
     norm_on_tile: tl.constexpr = BLOCK_M * GP >= 64
-    for n0 in range(0, cached_end, BLOCK_N):
+    # With a sliding window, row pos sees context + pos - window < t; nothing before the first
+    # row's window is read (vLLM may have freed it).
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(context + first - window + 1, 0)
+    for n0 in range(lo // BLOCK_N * BLOCK_N, cached_end, BLOCK_N):
         t = n0 + tl.arange(0, BLOCK_N)
         tmask = t < cached_end
+        if HAS_WINDOW:
+            tmask = tmask & (t >= lo)
         rec = tile_records(
             cache_ptr, table_row, h, t, tmask, BLOCK_SIZE, cache_sb, cache_sh, cache_ss
         )
@@ -138,9 +156,12 @@ def _context_kernel(
         )  # fmt: skip
         if ALL_CACHED:
             s = tl.where(t[None, :] <= (context + pos)[:, None], s, float("-inf"))
+        if HAS_WINDOW:
+            s = tl.where(t[None, :] > (context + pos - window)[:, None], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        m_ref = _reference_max(m_new, HAS_WINDOW)
+        alpha = tl.exp2(m - m_ref)
+        p = tl.exp2(s - m_ref[:, None])
         lsum = lsum * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None]
         read = True
@@ -168,9 +189,12 @@ def _context_kernel(
         else:
             s = tl.dot(qf, tl.trans(k.to(tl.float16)))
         s = tl.where(jmask[None, :] & (j[None, :] <= pos[:, None]), s, float("-inf"))
+        if HAS_WINDOW:
+            s = tl.where(j[None, :] > (pos - window)[:, None], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        m_ref = _reference_max(m_new, HAS_WINDOW)
+        alpha = tl.exp2(m - m_ref)
+        p = tl.exp2(s - m_ref[:, None])
         lsum = lsum * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptr + fresh, mask=jmask[:, None], other=0.0)
         if FRESH_FP32:
@@ -200,6 +224,7 @@ def context_attention(
     num_warps: int = 4,
     num_stages: int | None = None,
     sparse_v: float = 0.0,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Triton context_attention_reference: query [T, Hq, d] -> [T, Hq, d] in query's dtype.
 
@@ -209,7 +234,8 @@ def context_attention(
     query_start_loc, a device sync. rows: query rows per program (positions x heads of a GQA
     group, a power of two >= 16); block_n: keys per tile (a power of two >= 32).
     sparse_v: as in triton_decode.decode_attention, for the compressed tokens (the fresh ones
-    are always read).
+    are always read). sliding_window: as in the reference; compressed tokens before a row
+    tile's window are never read.
     """
     check_cache(kv_cache, codec)
     device = kv_cache.device
@@ -264,8 +290,9 @@ def context_attention(
         qf, q, qs, k, v, kv_cache, block_table, query_start_loc, seq_lens,
         *tables, out,
         num_q_heads, num_kv_heads, block_table.stride(0),
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), BLOCK_SIZE=block_size,
-        G=group, GP=group_pad, BLOCK_M=block_m, D=head_dim, BLOCK_N=block_n,
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), sliding_window or 0,
+        HAS_WINDOW=sliding_window is not None, BLOCK_SIZE=block_size, G=group, GP=group_pad,
+        BLOCK_M=block_m, D=head_dim, BLOCK_N=block_n,
         FRESH_FP32=query.dtype == torch.float32, ALL_CACHED=all_cached,
         num_warps=num_warps, num_stages=num_stages, **constexprs, **sparse_v_constexprs(sparse_v),
     )  # fmt: skip

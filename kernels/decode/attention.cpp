@@ -33,10 +33,13 @@ struct Problem {
   float qjl_coef;
   OutlierPart outliers;
   float sparse_v_log;  // log of the sparse-V threshold; -inf: every value tile is read
+  int64_t window;      // sliding window: a row at position p sees p - window < t <= p; 0: all
 };
 
 // One (sequence, rows [row0, row0 + rows), KV head) over tokens [t0, t1). Row r of the item
-// is query row row0 + r / g, head h * g + r % g, and sees tokens t <= lim0 + r / g.
+// is query row row0 + r / g, head h * g + r % g, and sees tokens lim0 + r / g - window < t <=
+// lim0 + r / g (window 0: no lower bound). t0 must not precede the first row's window: tokens
+// before it may sit in blocks vLLM has freed.
 // Writes acc[r] / l[r] to out (row stride out_stride) and log(l[r]) + m[r] to lse if given.
 void attend_item(const Problem& P, int64_t b, int64_t row0, int rows, int64_t lim0, int64_t h,
                  int64_t t0, int64_t t1, float* out, int64_t out_stride, float* lse) {
@@ -44,12 +47,13 @@ void attend_item(const Problem& P, int64_t b, int64_t row0, int rows, int64_t li
   const Layout& L = P.lay;
   std::vector<float> Q(static_cast<size_t>(R) * d), QS(L.prod ? static_cast<size_t>(R) * d : 0);
   std::vector<float> acc(static_cast<size_t>(R) * d, 0.f), m(R, NEG_INF), l(R, 0.f);
-  std::vector<int64_t> lim(R);
+  std::vector<int64_t> lim(R), lo(R);
   for (int r = 0; r < R; ++r) {
     const int64_t src = ((row0 + r / g) * P.hq + h * g + r % g) * d;
     std::memcpy(&Q[static_cast<size_t>(r) * d], P.q + src, sizeof(float) * d);
     if (L.prod) std::memcpy(&QS[static_cast<size_t>(r) * d], P.qs + src, sizeof(float) * d);
     lim[r] = lim0 + r / g;
+    lo[r] = P.window ? lim[r] - P.window + 1 : 0;
   }
   std::vector<float> kf(L.key_bits ? TILE * d : 0), sg(L.prod ? TILE * d : 0), vf(TILE * d);
   float knorm[TILE], rnorm[TILE], vnorm[TILE];
@@ -114,16 +118,19 @@ void attend_item(const Problem& P, int64_t b, int64_t row0, int rows, int64_t li
       }
     }
 
-    // Rows whose limit precedes the tile (causal) are a prefix of the item's rows.
-    int first = 0;
+    // Rows whose limit precedes the tile (causal) are a prefix of the item's rows, rows whose
+    // window starts after it a suffix; the rows between see at least one of its tokens.
+    int first = 0, last = R;
     while (first < R && lim[first] < ts) ++first;
+    while (last > first && lo[last - 1] >= ts + n) --last;
     bool read_values = false;
-    for (int r = first; r < R; ++r) {
+    for (int r = first; r < last; ++r) {
       const int visible = static_cast<int>(std::min<int64_t>(n, lim[r] - ts + 1));
       float* sr = &S[static_cast<size_t>(r) * TILE];
       for (int u = 0; u < TILE; ++u) sr[u] = 0.f;  // past `visible`: weight 0 below
       if (has_k) add_scores(&Q[static_cast<size_t>(r) * d], kf.data(), knorm, visible, d, sr);
       if (L.prod) add_scores(&QS[static_cast<size_t>(r) * d], sg.data(), rnorm, visible, d, sr);
+      for (int u = 0; u < lo[r] - ts; ++u) sr[u] = NEG_INF;  // before the row's window
       const float top = max_score(sr, visible);
       const float m_new = std::max(m[r], top);
       read_values |= top - m_new >= P.sparse_v_log;
@@ -134,8 +141,8 @@ void attend_item(const Problem& P, int64_t b, int64_t row0, int rows, int64_t li
     // Sparse V: when every row's weights in the tile lie below the threshold times its running
     // maximum, the tile's values are neither decoded nor added (its weights stay in l).
     if (read_values) decode_v.rows(recs, L.value_indices, n, d, vf.data());
-    for (int r0 = first; r0 < R; r0 += ROW_BLOCK) {
-      const int rows = std::min(ROW_BLOCK, R - r0);
+    for (int r0 = first; r0 < last; r0 += ROW_BLOCK) {
+      const int rows = std::min(ROW_BLOCK, last - r0);
       float* accs[ROW_BLOCK];
       const float* ws[ROW_BLOCK];
       for (int i = 0; i < rows; ++i) {
@@ -164,8 +171,8 @@ inline int64_t interleaved(int64_t pos, int64_t n) {
 }
 
 struct RowTile {
-  int64_t b, row0, lim0, end;  // end: tokens the tile reads (its last row's limit + 1)
-  int rows;
+  int64_t b, row0, lim0, begin, end;  // tokens [begin, end) the tile reads: the first row's
+  int rows;                           // window start to the last row's limit + 1
 };
 
 at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor& kv_cache,
@@ -173,7 +180,8 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor
                      const at::Tensor& seq_lens, const at::Tensor& key_centroids,
                      const at::Tensor& value_centroids, at::IntArrayRef layout, double qjl_coef,
                      int64_t rows_per_tile, int64_t num_splits,
-                     const std::optional<at::Tensor>& outlier_centroids, double sparse_v) {
+                     const std::optional<at::Tensor>& outlier_centroids, double sparse_v,
+                     int64_t sliding_window) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(),
               "q must be a contiguous float32 [T, Hq, d] tensor");
   TORCH_CHECK(block_table.dim() == 2 && block_table.scalar_type() == at::kInt &&
@@ -214,6 +222,8 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor
   P.outliers = outlier_part(P.lay, outlier_centroids);
   TORCH_CHECK(sparse_v >= 0. && sparse_v < 1., "sparse_v must lie in [0, 1)");
   P.sparse_v_log = sparse_v > 0. ? static_cast<float>(std::log(sparse_v)) : NEG_INF;
+  TORCH_CHECK(sliding_window >= 0, "sliding_window must be >= 0 (0: none)");
+  P.window = sliding_window;
 
   const int32_t* qsl = query_start_loc.data_ptr<int32_t>();
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
@@ -229,8 +239,9 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor
     for (int64_t row = lo; row < hi; row += rows_per_tile) {
       const int rows = static_cast<int>(std::min<int64_t>(rows_per_tile, hi - row));
       const int64_t lim0 = len - (hi - lo) + (row - lo);  // first row's last visible token
-      tiles.push_back(RowTile{b, row, lim0, lim0 + rows, rows});
-      longest = std::max(longest, lim0 + rows);
+      const int64_t begin = P.window ? std::max<int64_t>(0, lim0 - P.window + 1) : 0;
+      tiles.push_back(RowTile{b, row, lim0, begin, lim0 + rows, rows});
+      longest = std::max(longest, lim0 + rows - begin);
     }
   }
   auto out = at::empty_like(q);
@@ -248,7 +259,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor
         const int64_t i = interleaved(pos, units);
         const RowTile& tile = tiles[i / P.hk];
         const int64_t h = i % P.hk;
-        attend_item(P, tile.b, tile.row0, tile.rows, tile.lim0, h, 0, tile.end,
+        attend_item(P, tile.b, tile.row0, tile.rows, tile.lim0, h, tile.begin, tile.end,
                     o + (tile.row0 * hq + h * g) * d, hq * d, nullptr);
       }
     });
@@ -263,8 +274,9 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor
       const int64_t i = interleaved(pos, units * ns);
       const int64_t unit = i / ns, split = i % ns;
       const RowTile& tile = tiles[unit / P.hk];
-      const int64_t per = (tile.end + ns - 1) / ns;
-      const int64_t t0 = std::min(split * per, tile.end), t1 = std::min(t0 + per, tile.end);
+      const int64_t per = (tile.end - tile.begin + ns - 1) / ns;
+      const int64_t t0 = std::min(tile.begin + split * per, tile.end);
+      const int64_t t1 = std::min(t0 + per, tile.end);
       attend_item(P, tile.b, tile.row0, tile.rows, tile.lim0, unit % P.hk, t0, t1,
                   &part[i * unit_rows * d], g * d, &lse[i * unit_rows]);
     }
@@ -303,7 +315,7 @@ TORCH_LIBRARY_FRAGMENT(TQ_OPS, m) {
       "attention(Tensor q, Tensor qs, Tensor kv_cache, Tensor block_table, "
       "Tensor query_start_loc, Tensor seq_lens, Tensor key_centroids, Tensor value_centroids, "
       "int[] layout, float qjl_coef, int rows_per_tile, int num_splits, "
-      "Tensor? outlier_centroids=None, float sparse_v=0.0) -> Tensor");
+      "Tensor? outlier_centroids=None, float sparse_v=0.0, int sliding_window=0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(TQ_OPS, CPU, m) { m.impl("attention", &tq::attention); }

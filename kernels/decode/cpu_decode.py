@@ -54,6 +54,7 @@ def run_attention(
     rows_per_tile: int,
     num_splits: int,
     sparse_v: float = 0.0,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     layout = codec.layout
     q = (codec.rotate_queries(query) * scale).contiguous()
@@ -74,6 +75,7 @@ def run_attention(
         num_splits,
         outlier,
         sparse_v,
+        sliding_window or 0,
     )
     return codec.unrotate(out).to(query.dtype)
 
@@ -87,17 +89,20 @@ def decode_attention(
     scale: float,
     num_splits: int = 0,
     sparse_v: float = 0.0,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """decode_attention_reference, fused: query [B, Hq, d] -> [B, Hq, d] in query's dtype.
 
     num_splits: context splits per (sequence, KV head), merged by log-sum-exp; 0 picks enough
     to give every thread about 4 work items, with splits of at least 256 tokens.
     sparse_v: skip a 64-token tile's values where every weight lies below sparse_v times the
-    row's running maximum (0: read every value, the reference's result)."""
+    row's running maximum (0: read every value, the reference's result).
+    sliding_window: as in the reference; tokens before the window are never read."""
     check_attention_inputs(query, kv_cache, block_table, seq_lens, codec)
     if query.shape[0] != seq_lens.shape[0]:
         raise ValueError(f"{query.shape[0]} queries for {seq_lens.shape[0]} sequences")
     starts = torch.arange(query.shape[0] + 1, dtype=torch.int32)
     return run_attention(
-        query, kv_cache, block_table, starts, seq_lens, codec, scale, 1, num_splits, sparse_v
-    )
+        query, kv_cache, block_table, starts, seq_lens, codec, scale, 1, num_splits, sparse_v,
+        sliding_window,
+    )  # fmt: skip

@@ -18,9 +18,11 @@ def decode_attention_reference(
     seq_lens: torch.Tensor,
     codec: LayerCodec,
     scale: float,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """One query per sequence, query [B, Hq, d], over all seq_lens[b] cached tokens (the new
-    token already stored). Returns [B, Hq, d] in query's dtype.
+    token already stored), or with sliding_window W over the last W of them. Returns
+    [B, Hq, d] in query's dtype.
 
     Sequences are decoded together, padded to the longest one in a group, with the padding
     masked out of both the softmax and the value sum (unused table entries may point at blocks
@@ -40,10 +42,13 @@ def decode_attention_reference(
         blocks = kv_cache[block_table[start:end, :num_blocks].long()]  # [n, nb, Hk, BS, C]
         records = blocks.transpose(1, 2).reshape(n, hk, num_blocks * block_size, -1)
         k, v = codec.decode_rotated(records[:, :, :longest])  # [n, Hk, S, d]
-        valid = torch.arange(longest, device=query.device) < seq_lens[start:end, None].to(
-            query.device
-        )  # [n, S]
+        positions = torch.arange(longest, device=query.device)
+        lens_n = seq_lens[start:end, None].to(query.device)
+        valid = positions < lens_n  # [n, S]
+        if sliding_window is not None:  # tokens before the window may sit in freed blocks
+            valid &= positions >= lens_n - sliding_window
         v = v.masked_fill(~valid[:, None, :, None], 0.0)
+        k = k.masked_fill(~valid[:, None, :, None], 0.0)
         q = codec.rotate_queries(query[start:end]).view(n, hk, hq // hk, d)
         scores = (q @ k.transpose(-1, -2)) * scale  # [n, Hk, G, S]
         scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))

@@ -62,6 +62,7 @@ def _decode_split_kernel(
     cache_sb,
     cache_sh,
     cache_ss,
+    window,
     BLOCK_SIZE: tl.constexpr,
     G: tl.constexpr,
     GP: tl.constexpr,
@@ -86,14 +87,20 @@ def _decode_split_kernel(
     QJL_COEF: tl.constexpr,
     SPARSE_V: tl.constexpr,
     SPARSE_V_LOG2: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
     split = tl.program_id(2)
     seq_len = tl.load(seq_lens_ptr + b).to(tl.int32)
     num_tiles = tl.cdiv(seq_len, BLOCK_N)
-    per_split = tl.cdiv(num_tiles, num_splits)
-    first = split * per_split
+    # A sliding window's first token: nothing before it is read (vLLM may have freed it).
+    lo = 0
+    if HAS_WINDOW:
+        lo = tl.maximum(seq_len - window, 0)
+    first_tile = lo // BLOCK_N
+    per_split = tl.cdiv(num_tiles - first_tile, num_splits)
+    first = first_tile + split * per_split
     last = tl.minimum(first + per_split, num_tiles)
 
     # All G query heads of the KV head share the program, so each block is read once; the
@@ -113,6 +120,8 @@ def _decode_split_kernel(
     for tile in range(first, last):
         t = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         tmask = t < seq_len
+        if HAS_WINDOW:
+            tmask = tmask & (t >= lo)
         rec = tile_records(
             cache_ptr, table_row, h, t, tmask, BLOCK_SIZE, cache_sb, cache_sh, cache_ss
         )
@@ -189,6 +198,7 @@ def decode_attention(
     num_warps: int = 4,
     num_stages: int = 2,
     sparse_v: float = 0.0,
+    sliding_window: int | None = None,
 ) -> torch.Tensor:
     """Triton decode_attention_reference: query [B, Hq, d] -> [B, Hq, d] in query's dtype.
 
@@ -200,6 +210,7 @@ def decode_attention(
     memory at head_dim 256 (too much beside a second program per SM), 2 needs 98 KB.
     sparse_v: skip a tile's values where every weight lies below sparse_v times its row's
     running maximum (0: read every value).
+    sliding_window: as in the reference; tokens before the window are never read.
     """
     check_cache(kv_cache, codec)
     device = kv_cache.device
@@ -232,7 +243,8 @@ def decode_attention(
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, qs, kv_cache, block_table, seq_lens, *tables,
         partial, lse, num_q_heads, num_splits, block_table.stride(0),
-        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), BLOCK_SIZE=block_size,
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), sliding_window or 0,
+        HAS_WINDOW=sliding_window is not None, BLOCK_SIZE=block_size,
         G=group, GP=max(16, triton.next_power_of_2(group)), D=head_dim, BLOCK_N=block_n,
         num_warps=num_warps, num_stages=num_stages, **constexprs, **sparse_v_constexprs(sparse_v),
     )  # fmt: skip

@@ -134,7 +134,7 @@ def test_served_path_every_dtype(dtype, d, key_bits, value_bits, block_size, hq,
 def test_dispatch_passes_the_host_maxima_down(monkeypatch):
     """The backend knows the batch's longest chunk and sequence on the host; dispatch hands
     them to the Triton kernels, which would otherwise sync the device to read them (and the
-    config's sparse-V threshold with them)."""
+    config's sparse-V threshold and the layer's sliding window with them)."""
     from tq_vllm.kernels import dispatch
     from tq_vllm.kernels.context import triton_context
     from tq_vllm.kernels.decode import triton_decode
@@ -143,12 +143,15 @@ def test_dispatch_passes_the_host_maxima_down(monkeypatch):
     monkeypatch.setattr(dispatch, "TRITON_EVERYWHERE", True)
     monkeypatch.setattr(triton_context, "context_attention", lambda *a, **k: seen.update(k))
     monkeypatch.setattr(
-        triton_decode, "decode_attention", lambda *a, **k: seen.update(m=a[-1], v=k["sparse_v"])
+        triton_decode,
+        "decode_attention",
+        lambda *a, **k: seen.update(m=a[-1], v=k["sparse_v"], w=k["sliding_window"]),
     )
     codec = LayerCodec(RecordLayout(64, 4, "mse", 4), seed=0)
     cache, table, _, _ = make_cache(codec, [5], 16, 1, seed=0)
     lens, starts = torch.tensor([5]), torch.tensor([0, 5])
     q = torch.randn(5, 1, 64)
-    dispatch.context_attention(q, None, None, cache, table, starts, lens, codec, 0.1, 5, 0.01)
-    dispatch.decode_attention(q[:1], cache, table, lens, codec, 0.1, 5, 0.02)
-    assert seen == {"max_query_len": 5, "sparse_v": 0.01, "m": 5, "v": 0.02}
+    dispatch.context_attention(q, None, None, cache, table, starts, lens, codec, 0.1, 5, 0.01, 3)
+    dispatch.decode_attention(q[:1], cache, table, lens, codec, 0.1, 5, 0.02, 4)
+    assert seen == {"max_query_len": 5, "sparse_v": 0.01, "sliding_window": 3, "m": 5, "v": 0.02,
+                    "w": 4}  # fmt: skip

@@ -172,31 +172,30 @@ def test_over_long_request_gets_400_and_server_keeps_serving(server, client):
 
 
 def test_unsupported_model_refused_at_startup(tmp_path):
-    """A sliding-window model (a tiny random-weight Mistral built offline, with the embedded
-    model's tokenizer): the server exits at startup and says why and what to do instead."""
+    """A model with attention logit soft-capping (a tiny random-weight Gemma 2 built offline,
+    with the embedded model's tokenizer): the server exits at startup and says why."""
     import shutil
 
     import torch
-    from transformers import MistralConfig, MistralForCausalLM
+    from transformers import Gemma2Config, Gemma2ForCausalLM
 
     from tq_vllm.tools.model import ensure_default_model
     from tq_vllm.tools.server import run_until_exit
 
-    config = MistralConfig(
+    config = Gemma2Config(
         vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=1, head_dim=64, sliding_window=64,
-        max_position_embeddings=1024,
+        attn_logit_softcapping=50.0, query_pre_attn_scalar=64, max_position_embeddings=1024,
     )  # fmt: skip
     torch.manual_seed(0)
-    MistralForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
+    Gemma2ForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
     for f in ensure_default_model().iterdir():
         if f.name.startswith("tokenizer"):
             shutil.copy(f, tmp_path / f.name)
     flags = ["--model", str(tmp_path), "--enforce-eager", "--max-model-len", "256"]
     code, log = run_until_exit(flags, timeout=300)
     assert code not in (0, None), log[-3000:]
-    assert "sliding-window attention is not supported" in log, log[-3000:]
-    assert "--kv-cache-dtype-skip-layers sliding_window" in log
+    assert "does not support: logits soft-capping" in log, log[-3000:]
 
 
 def test_serving_benchmark_runs_against_the_server(server):

@@ -118,7 +118,6 @@ class TurboQuantBackend(AttentionBackend):
             "use_mla": "MLA attention",
             "use_sparse": "sparse attention",
             "has_sink": "attention sinks",
-            "has_sliding_window": "sliding-window attention (see --kv-cache-dtype-skip-layers)",
             "use_non_causal": "non-causal attention",
             "use_mm_prefix": "multimodal prefix attention",
             "use_dcp": "decode context parallelism",
@@ -157,7 +156,6 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
     ) -> None:
         unsupported = {
             "ALiBi": alibi_slopes is not None,
-            "sliding window": sliding_window is not None,
             "logits soft-capping": bool(logits_soft_cap),
             "KV sharing across layers": kv_sharing_target_layer_name is not None,
             "attention sinks": extra.get("sinks") is not None,
@@ -181,6 +179,8 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         self.scale = float(scale)
         self.num_kv_heads = num_kv_heads or num_heads
         self.kv_cache_dtype = kv_cache_dtype
+        # A local layer's window: a query at position p sees p - W < t <= p.
+        self.sliding_window = sliding_window
         self._codecs: dict[tuple[str, torch.device], LayerCodec] = {}
         from vllm.platforms import current_platform
 
@@ -259,6 +259,7 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                 self.scale,
                 m.max_seq_len,
                 self.settings.config.sparse_v,
+                self.sliding_window,
             )
         if d < m.num_reqs:
             # New tokens are read back from the cache like the context: every query sees what
@@ -275,6 +276,7 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                 self.scale,
                 m.max_query_len,
                 self.settings.config.sparse_v,
+                self.sliding_window,
             )
         return output
 

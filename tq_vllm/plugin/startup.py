@@ -45,12 +45,6 @@ def unsupported_model_reasons(vllm_config: Any) -> list[str]:
         reasons.append("MLA attention is not supported")
     if getattr(model, "is_encoder_decoder", False):
         reasons.append("encoder-decoder models are not supported")
-    skip = vllm_config.cache_config.kv_cache_dtype_skip_layers or []
-    if model.get_sliding_window() is not None and "sliding_window" not in skip:
-        reasons.append(
-            "sliding-window attention is not supported (keep those layers in the model dtype "
-            "with --kv-cache-dtype-skip-layers sliding_window)"
-        )
     if getattr(model, "runner_type", "generate") != "generate":
         reasons.append(f"runner {model.runner_type!r} is not supported (generate only)")
     return reasons

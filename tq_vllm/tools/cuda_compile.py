@@ -47,14 +47,16 @@ class Variant:
     key_outliers: int = 0  # split keys: outlier channels per KV head, at key_outlier_bits
     key_outlier_bits: int = 0
     sparse_v: float = 0.0  # the attention kernels' sparse-V threshold (0: off)
+    sliding_window: int | None = None  # a local layer's window (None: global attention)
 
     @property
     def name(self) -> str:
         split = f"+{self.key_outliers}x{self.key_outlier_bits}" if self.key_outliers else ""
         sparse = f" sparse{self.sparse_v:g}" if self.sparse_v else ""
+        window = f" window{self.sliding_window}" if self.sliding_window else ""
         return (
             f"d{self.head_dim} K{self.key_bits}{split}{self.key_mode} V{self.value_bits} "
-            f"{self.dtype} bs{self.block_size}{sparse}"
+            f"{self.dtype} bs{self.block_size}{sparse}{window}"
         )
 
 
@@ -72,7 +74,8 @@ VARIANTS = [
     # Split keys: the K2.5 V3 preset's shape, and parts that end inside an 8-index group.
     Variant(64, 2, "mse", 3, "bfloat16", 16, key_outliers=16, key_outlier_bits=4),
     Variant(128, 3, "mse", 4, "float16", 32, key_outliers=40, key_outlier_bits=6),
-    Variant(128, 4, "mse", 4, "float16", 16, sparse_v=1e-3),  # sparse V's tile skip
+    # sparse V's tile skip and a local layer's window
+    Variant(128, 4, "mse", 4, "float16", 16, sparse_v=1e-3, sliding_window=512),
 ]
 
 
@@ -122,7 +125,7 @@ def record_launches(variant: Variant) -> list[tuple[str, Any, tuple, dict]]:
     query = torch.zeros(2, hk * group, v.head_dim, dtype=dtype)
     key = torch.zeros(2, hk, v.head_dim, dtype=dtype)
     qsl = torch.tensor([0, 1, 2], dtype=torch.int32)
-    sparse = {"sparse_v": v.sparse_v}
+    sparse = {"sparse_v": v.sparse_v, "sliding_window": v.sliding_window}
     calls = {
         "store": lambda: store_kv(key, key, cache, torch.tensor([1, 2]), codec),
         "decode": lambda: decode_attention(
