@@ -217,3 +217,19 @@ def tiny_hybrid_model(path: Path) -> Path:
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(ensure_default_model() / name, path / name)
     return path
+
+
+def dense_kernel_calls(monkeypatch, attend: str) -> list[int]:
+    """Where the dense prefill path attends: vLLM's CPU kernel ("vllm") or SDPA forced
+    ("sdpa"). Returns the list its calls append to (1: vLLM's kernel, 0: SDPA forced)."""
+    from tq_vllm.kernels.context import dense
+
+    calls: list[int] = []
+    vllm_kernel = dense.vllm_cpu_attention
+    if attend == "sdpa":
+        monkeypatch.setattr(dense, "vllm_cpu_attention", lambda *a: calls.append(0))
+    else:
+        monkeypatch.setattr(
+            dense, "vllm_cpu_attention", lambda *a: calls.append(1) or vllm_kernel(*a)
+        )
+    return calls

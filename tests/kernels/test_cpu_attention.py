@@ -13,7 +13,7 @@ import logging
 
 import pytest
 import torch
-from cases import CPU_TOL, DENSE_TOL, make_cache, strided_view
+from cases import CPU_TOL, DENSE_TOL, dense_kernel_calls, make_cache, strided_view
 
 from tq_vllm.kernels import cpu_extension, dispatch
 from tq_vllm.kernels.context import cpu_context, dense
@@ -145,8 +145,8 @@ def test_dense_context_matches_reference(
     # Dense: a whole sequence (plain causal), a chunk after context (masked), exactly
     # DENSE_ROWS rows; fused in the same call: 15 rows, one row, and none.
     q_lens = [70, 20, cpu_context.DENSE_ROWS, 15, 1]
-    taken, kernel = [], []
-    dense_attention, vllm_kernel = dense.dense_attention, dense.vllm_cpu_attention
+    taken = []
+    dense_attention = dense.dense_attention
     monkeypatch.setattr(
         cpu_context,
         "dense_attention",
@@ -154,12 +154,7 @@ def test_dense_context_matches_reference(
             taken.append(seqs) or dense_attention(q, cache, table, seqs, *a)
         ),
     )
-    if attend == "sdpa":
-        monkeypatch.setattr(dense, "vllm_cpu_attention", lambda *a: kernel.append(0))
-    else:
-        monkeypatch.setattr(
-            dense, "vllm_cpu_attention", lambda *a: kernel.append(1) or vllm_kernel(*a)
-        )
+    kernel = dense_kernel_calls(monkeypatch, attend)
     starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
     query = torch.randn(int(starts[-1]), hq, d, generator=torch.Generator().manual_seed(7))
     args = (cache, table, starts, seq_lens, codec, d**-0.5)

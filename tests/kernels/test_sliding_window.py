@@ -12,7 +12,7 @@ there returns NaN.
 
 import pytest
 import torch
-from cases import CPU_TOL, DENSE_TOL, make_cache, run_kernel
+from cases import CPU_TOL, DENSE_TOL, dense_kernel_calls, make_cache, run_kernel
 
 from tq_vllm.kernels import dispatch
 from tq_vllm.kernels.context import cpu_context, dense, triton_context
@@ -121,14 +121,7 @@ def test_dense_context_matches_reference(window, dtype, attend, monkeypatch):
     window start, then vLLM's kernel with its sliding window, or SDPA with a mask."""
     lens, q_lens = [200, 70, 40], [70, 70, 20]
     codec, cache, table, seq_lens = windowed_case(64, 6, 4, 16, 3, lens, q_lens, window)
-    kernel = []
-    vllm_kernel = dense.vllm_cpu_attention
-    if attend == "sdpa":
-        monkeypatch.setattr(dense, "vllm_cpu_attention", lambda *a: kernel.append(0))
-    else:
-        monkeypatch.setattr(
-            dense, "vllm_cpu_attention", lambda *a: kernel.append(1) or vllm_kernel(*a)
-        )
+    kernel = dense_kernel_calls(monkeypatch, attend)
     starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
     query = torch.randn(int(starts[-1]), 9, 64, generator=torch.Generator().manual_seed(6))
     args = (cache, table, starts, seq_lens, codec, 0.125)
