@@ -37,9 +37,14 @@ def test_layer_overrides_and_padding():
     assert (bits[0].key_bits, bits[29].value_bits, bits[1].key_bits) == (4, 4, 3)
     assert bits[5].value_bits == 2
     layouts = cfg.layouts(64, 30)
-    assert {layout.record_bytes for layout in layouts} == {68}
-    assert layouts[1].size == 52
-    assert "padded from 52 to 68" in cfg.describe(64, 30)
+    sizes = [layout.record_bytes for layout in layouts]  # each layer at its own size
+    assert (sizes[0], sizes[1], sizes[5], sizes[29]) == (68, 52, 44, 68)
+    assert set(sizes[6:29]) == {52}
+    text = cfg.describe(64, 30)
+    assert "52 bytes per token per KV head" in text
+    assert "layer 0: 68, layer 5: 44, layer 29: 68 bytes" in text
+    mean = (27 * 52 + 2 * 68 + 44) / 30
+    assert f"{256 / mean:.2f}x over all 30 layers" in text
     assert TurboQuantConfig(layers={-1: {"key_bits": 8}}).layer_bits(29, 30).key_bits == 8
 
 

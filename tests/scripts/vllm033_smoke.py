@@ -3,7 +3,8 @@
 python vllm033_smoke.py: with vLLM's CUDA platform as the current platform, checks that the
 plugin registers through register_kv_cache_dtype, that `--kv-cache-dtype turboquant` parses and
 CacheConfig accepts it, that the CUDA platform's backend selection routes the dtype to our
-backend (and refuses what it cannot serve, with the reason), and that the backend class loads.
+backend (and refuses what it cannot serve, with the reason), that the backend class loads, how
+CUDA graphs resolve, and that layers of different record sizes share one KV-cache group.
 Prints one line per check; any failure raises.
 """
 
@@ -94,3 +95,36 @@ for requested in (CUDAGraphMode.FULL_AND_PIECEWISE, CUDAGraphMode.FULL_DECODE_ON
     resolved = compilation.resolve_cudagraph_mode_and_sizes(support, "CUSTOM", max_num_reqs=8)
     assert resolved == CUDAGraphMode.PIECEWISE, (requested, resolved)
 print("OK CUDA graphs: FULL_AND_PIECEWISE and FULL_DECODE_ONLY resolve to PIECEWISE")
+
+# Per-layer record sizes: compat.size_pages_per_layer wraps Attention.get_kv_cache_spec (whose
+# module cannot be imported without the CUDA extensions: its signature is read from the source)
+# to give each layer its record size; vLLM must then put full-attention layers of different page
+# sizes in one KV-cache group.
+import importlib.util  # noqa: E402
+from dataclasses import replace  # noqa: E402
+from pathlib import Path  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+from vllm.v1.core.kv_cache_planning import get_kv_cache_groups  # noqa: E402
+from vllm.v1.kv_cache_interface import FullAttentionSpec, UniformTypeKVCacheSpecs  # noqa: E402
+
+layers_module = importlib.util.find_spec("vllm.model_executor.layers.attention")
+source = (Path(layers_module.origin).parent / "attention.py").read_text()
+assert "def get_kv_cache_spec(self, vllm_config: VllmConfig)" in source
+assert "self.kv_cache_dtype = kv_cache_dtype" in source and "self.layer_name = prefix" in source
+block, records = 16, (132, 68, 68)
+spec = FullAttentionSpec(block_size=block, num_kv_heads=2, head_size=128, dtype=torch.uint8)
+specs = {
+    f"model.layers.{i}.self_attn.attn": TurboQuantBackend.customize_spec(
+        replace(spec, state_content_bytes=size)
+    )
+    for i, size in enumerate(records)
+}
+assert [s.page_size_bytes for s in specs.values()] == [2 * block * size for size in records]
+vllm_config = SimpleNamespace(
+    scheduler_config=SimpleNamespace(disable_hybrid_kv_cache_manager=False)
+)
+(group,) = get_kv_cache_groups(vllm_config, specs)
+assert isinstance(group.kv_cache_spec, UniformTypeKVCacheSpecs), group
+assert group.kv_cache_spec.page_size_bytes == 2 * block * sum(records)
+print("OK per-layer record sizes: one KV-cache group, each layer's page at its own size")

@@ -107,8 +107,12 @@ class TurboQuantBackend(AttentionBackend):
 
     @classmethod
     def customize_spec(cls, spec: Any) -> Any:
-        """Size pages from the packed record: vLLM then fits proportionally more blocks."""
-        return replace(spec, state_content_bytes=startup.active_settings().record_bytes)
+        """Size pages from the packed records: vLLM then fits proportionally more blocks. A
+        layer's spec arrives with its own record size (compat.size_pages_per_layer); specs that
+        vLLM builds to choose block sizes get the largest record."""
+        if spec.state_content_bytes is not None:
+            return spec
+        return replace(spec, state_content_bytes=startup.active_settings().largest_record_bytes)
 
     @classmethod
     def unsupported_reasons(cls, selector_config: Any) -> list[str]:

@@ -7,6 +7,7 @@ process, sometimes more than once.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable
@@ -138,6 +139,31 @@ def validate_at_startup(check: Callable[[Any], None]) -> None:
 
     check_and_update_config._tq_vllm_validated = True
     platform_cls.check_and_update_config = classmethod(check_and_update_config)
+
+
+def size_pages_per_layer(record_bytes: Callable[[str], int]) -> None:
+    """Patch (0.32 and 0.33). Why: a backend's customize_spec sees a layer's spec but not the
+    layer, so it cannot give layers at different bits different record sizes (every record
+    would be padded to the largest). How: wrap Attention.get_kv_cache_spec so that a TurboQuant
+    layer's spec carries its own record size as state_content_bytes, which customize_spec then
+    keeps; vLLM puts attention layers of one kind but different page sizes in one KV-cache
+    group (UniformTypeKVCacheSpecs), each layer with its own tensor. When it can go: when
+    customize_spec is told which layer it sizes."""
+    from vllm.model_executor.layers.attention.attention import Attention
+
+    original = Attention.get_kv_cache_spec
+    if getattr(original, "_tq_vllm_sized", False):
+        return
+
+    @functools.wraps(original)
+    def get_kv_cache_spec(self, vllm_config):
+        spec = original(self, vllm_config)
+        if spec is None or self.kv_cache_dtype != DTYPE:
+            return spec
+        return dataclasses.replace(spec, state_content_bytes=record_bytes(self.layer_name))
+
+    get_kv_cache_spec._tq_vllm_sized = True
+    Attention.get_kv_cache_spec = get_kv_cache_spec
 
 
 def layer_index(layer_name: str) -> int:

@@ -26,9 +26,9 @@ Fields (all optional):
                          row's running maximum (the weights still count; the dense prefill and
                          the references read everything)
 
-One KV-cache group has one page size, so every layer's record is padded to the largest
-layer's record: higher precision on a few layers costs bytes on all of them (the log says how
-many). To store a layer in the model dtype instead, use vLLM's --kv-cache-dtype-skip-layers.
+Every layer's record has its own size: vLLM gives each layer its own page (one KV-cache group,
+per-layer page sizes), so higher precision on a few layers costs bytes on those layers only.
+To store a layer in the model dtype instead, use vLLM's --kv-cache-dtype-skip-layers.
 """
 
 from __future__ import annotations
@@ -195,7 +195,7 @@ class TurboQuantConfig:
         return replace(bits, key_outliers=count, key_outlier_bits=self.key_outlier_bits)
 
     def layouts(self, head_dim: int, num_layers: int) -> list[RecordLayout]:
-        """Every layer's record layout, padded to one common record size."""
+        """Every layer's record layout, each at its own size."""
         if head_dim < MIN_HEAD_DIM:
             raise ConfigError(f"head_dim {head_dim} is below the supported minimum {MIN_HEAD_DIM}")
         if self.keep_first_layers + self.keep_last_layers > num_layers:
@@ -224,32 +224,32 @@ class TurboQuantConfig:
                     check_channels(self.outlier_channels(layer), head_dim)
                 except ValueError as err:
                     raise ConfigError(f"key_outlier_channels[{layer}]: {err}") from None
-        raw = [self.layer_bits(i, num_layers).layout(head_dim) for i in range(num_layers)]
-        size = max(layout.size for layout in raw)
-        return [layout.padded(size) for layout in raw]
+        return [self.layer_bits(i, num_layers).layout(head_dim) for i in range(num_layers)]
 
     def describe(self, head_dim: int, num_layers: int, model_bytes_per_value: int = 2) -> str:
         layouts = self.layouts(head_dim, num_layers)
-        record = layouts[0].record_bytes
         base = self._with_outliers(
             LayerBits(self.key_bits, self.value_bits, self.key_mode, self.value_mode)
-        )
-        base_layout = base.layout(head_dim)
-        values = " (uniform)" if base_layout.uniform_values else ""
+        ).layout(head_dim)
+        values = " (uniform)" if base.uniform_values else ""
         keys = f"K{self.key_bits}"
-        if base_layout.split_keys:
-            n, rate = base_layout.key_outliers, base_layout.key_rate
+        if base.split_keys:
+            n, rate = base.key_outliers, base.key_rate
             keys += f" + {n} outlier channels at {self.key_outlier_bits} bits = K{rate:g}"
+        dense = 2 * head_dim * model_bytes_per_value
         text = (
             f"TurboQuant KV cache ({self.source}): {keys} ({self.key_mode}) "
-            f"V{self.value_bits}{values}, seed {self.seed}, head_dim {head_dim}: {record} bytes "
-            f"per token per KV head (model dtype: {2 * head_dim * model_bytes_per_value}), "
-            f"{layouts[0].compression_ratio(model_bytes_per_value):.2f}x"
+            f"V{self.value_bits}{values}, seed {self.seed}, head_dim {head_dim}: "
+            f"{base.record_bytes} bytes per token per KV head (model dtype: {dense}), "
+            f"{base.compression_ratio(model_bytes_per_value):.2f}x"
         )
-        if record > base_layout.size:
+        others = [i for i, layout in enumerate(layouts) if layout.record_bytes != base.record_bytes]
+        if others:
+            sizes = ", ".join(f"layer {i}: {layouts[i].record_bytes}" for i in others)
+            mean = sum(layout.record_bytes for layout in layouts) / num_layers
             text += (
-                f"; records padded from {base_layout.size} to {record} bytes for the "
-                "higher-precision layers"
+                f"; other record sizes ({sizes} bytes), {dense / mean:.2f}x over all "
+                f"{num_layers} layers"
             )
         if self.sparse_v:
             text += f"; sparse V: value tiles below {self.sparse_v:g} of the maximum skipped"

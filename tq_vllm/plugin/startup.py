@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tq_vllm.kernels.dispatch import KERNEL_CHOICES, KERNELS_ENV, TRITON_EVERYWHERE
+from tq_vllm.plugin import compat
 from tq_vllm.plugin.config import ConfigError, TurboQuantConfig, load_config
 from tq_vllm.record.layout import RecordLayout
 
@@ -26,8 +27,11 @@ class Settings:
     layouts: tuple[RecordLayout, ...]
 
     @property
-    def record_bytes(self) -> int:
-        return self.layouts[0].record_bytes
+    def largest_record_bytes(self) -> int:
+        return max(layout.record_bytes for layout in self.layouts)
+
+    def record_bytes(self, layer_name: str) -> int:
+        return self.layouts[compat.layer_index(layer_name)].record_bytes
 
 
 def unsupported_model_reasons(vllm_config: Any) -> list[str]:
@@ -119,12 +123,13 @@ _active: tuple[Any, Settings] | None = None  # (the vllm_config, its settings)
 
 
 def activate(vllm_config: Any) -> Settings:
-    """Called while the model is built (the attention impls), so that customize_spec, which
-    sees no config, can size the records of this process's deployment. Every layer asks; the
+    """Called while the model is built (the attention impls), so that the layers' specs, which
+    see no config, can size the records of this process's deployment. Every layer asks; the
     config files are read once per deployment."""
     global _active
     if _active is None or _active[0] is not vllm_config:
         _active = (vllm_config, settings_from(vllm_config))
+        compat.size_pages_per_layer(lambda name: active_settings().record_bytes(name))
     return _active[1]
 
 

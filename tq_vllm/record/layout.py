@@ -13,8 +13,9 @@ record, byte offsets from its start (all fields little-endian, no alignment need
                            (key_outlier_indices) the n outlier channels' at key_outlier_bits
     key_signs              QJL sign bits of the key residual, ceil(d / 8) bytes (prod mode only)
     value_indices          value indices, ceil(d * value_bits / 8) bytes, packed
-    size                   end of the used bytes; the record may be padded up to `padded_size`
-                           so that every layer in one KV-cache group has the same page size
+    size                   end of the used bytes. Served records are exactly this long; a
+                           record padded up to `padded_size` keeps the kernels honest about
+                           reading the record pitch from the cache, not from the layout
 
 Norms come first so that a kernel finds them at fixed offsets whatever the bit widths are.
 value_mode "uniform" (quant/uniform.py: upstream vLLM's value format, for comparison) is read

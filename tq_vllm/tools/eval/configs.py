@@ -49,7 +49,7 @@ def all_configs(num_layers: int = 30) -> dict[str, EvalConfig]:
     configs += [
         EvalConfig(
             f"k{b}v{b}-edge8",
-            f"K{b} V{b}, first/last 2 layers K8V8 (records padded)",
+            f"K{b} V{b}, first/last 2 layers K8V8",
             turboquant=_tq(b, b, keep_first_layers=2, keep_last_layers=2),
         )
         for b in (3, 4)
