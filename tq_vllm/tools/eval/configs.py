@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -93,6 +94,11 @@ def all_configs(num_layers: int = 30) -> dict[str, EvalConfig]:
         for t in (1e-3, 1e-2)
     ]
     return {c.name: c for c in configs}
+
+
+def file_config(path: str) -> EvalConfig:
+    """A config file (e.g. written by `tq-vllm calibrate`), named by its stem."""
+    return EvalConfig(Path(path).stem, path, turboquant={"config": str(Path(path).resolve())})
 
 
 FULL = list(all_configs())

@@ -70,7 +70,7 @@ def outlier_channels(cap: Capture, count: int) -> list[torch.Tensor]:
 
 
 @functools.cache
-def _quantizer(head_dim: int, bits: int, mode: str, seed: int) -> TurboQuantizer:
+def served_quantizer(head_dim: int, bits: int, mode: str, seed: int) -> TurboQuantizer:
     return TurboQuantizer(head_dim, bits, mode, seed, gain=SERVED_GAIN)  # as served
 
 
@@ -119,7 +119,7 @@ def config_fidelity(
             keys = cap.keys[layer].transpose(0, 1)  # [L, Hk, d]: heads next to channels
             k_hat = key.dequantize(key.quantize(keys)).transpose(0, 1)
         else:
-            key = _quantizer(layout.head_dim, layout.key_bits, layout.key_mode, seed)
+            key = served_quantizer(layout.head_dim, layout.key_bits, layout.key_mode, seed)
             k_hat = key.dequantize(key.quantize(cap.keys[layer], check=False)).float()
         est = cap.scores(layer, k_hat, rows)
         out.append(score_fidelity(cap.exact_scores(layer, rows), est, rows))

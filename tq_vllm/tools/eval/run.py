@@ -11,7 +11,14 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from tq_vllm.tools.eval.configs import FULL, QUICK, all_configs, bytes_per_token, layer_layouts
+from tq_vllm.tools.eval.configs import (
+    FULL,
+    QUICK,
+    all_configs,
+    bytes_per_token,
+    file_config,
+    layer_layouts,
+)
 from tq_vllm.tools.eval.data import LENGTHS, WINDOW, text_ids
 from tq_vllm.tools.eval.report import (
     PROMISED_PPL_INCREASE,
@@ -39,7 +46,16 @@ def evaluate(args: argparse.Namespace) -> int:
     # SIGTERM unwinds like Ctrl-C, so that the running engine process is killed with us.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     configs = all_configs()
-    names = args.configs or (QUICK if args.quick else FULL)
+    files = {}  # name -> a config file given on the command line
+    names = []
+    for name in args.configs or (QUICK if args.quick else FULL):
+        if name not in configs and Path(name).suffix in (".yaml", ".yml"):
+            config = file_config(name)
+            if config.name in configs:
+                raise SystemExit(f"tq-vllm eval: {name} is named like the config {config.name!r}")
+            configs[config.name], files[config.name] = config, name
+            name = config.name
+        names.append(name)
     unknown = [n for n in [*names, *(args.retrieval_configs or [])] if n not in configs]
     if unknown:
         raise SystemExit(f"tq-vllm eval: unknown configs {unknown} (known: {list(configs)})")
@@ -78,6 +94,8 @@ def evaluate(args: argparse.Namespace) -> int:
     deadline = time.time() + 60 * args.time_budget if args.time_budget is not None else None
     for name, spec in bar:
         spec = dict(config=name, **spec)
+        if name in files:
+            spec["file"] = files[name]
         if configs[name].calibrated:
             spec["channels"] = channels
         preset = (configs[name].turboquant or {}).get("config")
@@ -185,7 +203,9 @@ def add_parser(sub: Any) -> None:
         help="perplexity, passkey retrieval, attention fidelity and "
         "capacity of every KV-cache config on the embedded model, side by side",
     )
-    p.add_argument("configs", nargs="*", help=f"configs to run (default: all): {FULL}")
+    p.add_argument(
+        "configs", nargs="*", help=f"configs to run (default: all): {FULL}, or config files (.yaml)"
+    )
     p.add_argument("--tokens", type=int, help="predicted tokens for perplexity (default 50000)")
     p.add_argument("--trials", type=int, help="passkey trials per length (default 20)")
     p.add_argument("--lengths", type=int, nargs="+", help=f"passkey lengths (default {LENGTHS})")

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tq_vllm.tools.eval.configs import EvalConfig, all_configs, turboquant_fields
+from tq_vllm.tools.eval.configs import EvalConfig, all_configs, file_config, turboquant_fields
 from tq_vllm.tools.eval.passkey import measure_retrieval
 from tq_vllm.tools.eval.perplexity import measure_ppl
 
@@ -47,7 +47,8 @@ def engine(config: EvalConfig, chunk: int, channels: list | None = None) -> Any:
 
 def worker_main(argv: list[str]) -> int:
     spec = json.loads(argv[0])
-    llm = engine(all_configs()[spec["config"]], spec["chunk"], spec.get("channels"))
+    config = file_config(spec["file"]) if "file" in spec else all_configs()[spec["config"]]
+    llm = engine(config, spec["chunk"], spec.get("channels"))
     result = {}
     if "ppl" in spec["tasks"]:
         result.update(measure_ppl(llm, spec["tokens"]))
