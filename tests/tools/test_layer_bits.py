@@ -84,3 +84,16 @@ def test_calibrate_layer_bits_refuses_outlier_flags_and_bad_bits():
         main(["calibrate", "x.yaml", "--layer-bits", "--channels", "8"])
     with pytest.raises(SystemExit, match="key_bits"):
         main(["calibrate", "x.yaml", "--layer-bits", "--key-bits", "9"])
+
+
+def test_the_embedded_models_preset_stores_k4v4_bytes():
+    """configs/smollm2-k4v4-layers.yaml (`calibrate --layer-bits` on the embedded model): K4 V4's
+    68 bytes per token and KV head on average, keys one bit richer than values on the whole."""
+    config = load_config({"turboquant": {"config": "smollm2-k4v4-layers"}})
+    layouts = config.layouts(64, 30)
+    assert sum(lay.record_bytes for lay in layouts) == 30 * 68
+    assert len({lay.record_bytes for lay in layouts}) > 1  # not uniform
+    keys, values = (
+        sum(getattr(lay, f) for lay in layouts) / 30 for f in ("key_bits", "value_bits")
+    )
+    assert (keys, values) == (4.8, 3.2)
