@@ -125,7 +125,7 @@ def run(args: argparse.Namespace) -> None:
                         args.repeat, decode_attention, query, cache, table, lens, codec, SCALE
                     )
                     print(f"{str(dtype)[6:]:9} {build:12} {name:16} {what:22} "
-                          f"{t * 1e3:8.2f} {base / t:10.2f}")  # fmt: skip
+                          f"{t * 1e3:8.2f} {base / t:10.3g}")  # fmt: skip
         chunk_rows(args, dtype)
 
 
@@ -156,7 +156,7 @@ def chunk_rows(args: argparse.Namespace, dtype: torch.dtype) -> None:
             )
             for part, t in (("store", store), ("attention", attend), ("total", store + attend)):
                 print(f"{str(dtype)[6:]:9} {build:12} {name:16} {what + ' ' + part:22} "
-                      f"{t * 1e3:8.2f} {base / t:10.2f}")  # fmt: skip
+                      f"{t * 1e3:8.2f} {base / t:10.3g}")  # fmt: skip
 
 
 if __name__ == "__main__":
