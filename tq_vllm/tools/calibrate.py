@@ -42,6 +42,30 @@ def write_config(path: Path, fields: dict[str, Any], about: str) -> None:
     path.write_text("\n".join(lines) + "\n" + body)
 
 
+def outlier_fields(
+    model: str, ids: list[int], bits: tuple[int, int, int], count: int, head_dim: int
+) -> tuple:
+    """(config fields, a description) of `count` outlier key channels per layer and KV head;
+    bits = (regular key channels, outlier channels, values)."""
+    from tq_vllm.plugin.config import LayerBits
+
+    key_bits, outlier_bits, value_bits = bits
+    fields = dict(
+        key_bits=key_bits,
+        value_bits=value_bits,
+        key_mode="mse",
+        key_outlier_bits=outlier_bits,
+        key_outlier_channels=calibrate_channels(model, ids, count),
+    )
+    layout = LayerBits(key_bits, value_bits, "mse", "mse", count, outlier_bits).layout(head_dim)
+    about = (
+        f"Keys K{layout.key_rate:g}: per layer and KV head, {count} of {head_dim} key channels "
+        f"(the largest mean square)\nat {outlier_bits} bits, the rest at {key_bits}; values "
+        f"{value_bits} bits."
+    )
+    return fields, about
+
+
 def layer_bits_fields(model: str, ids: list[int], key_bits: int, value_bits: int) -> tuple:
     """(config fields, a description) of the sensitivity-driven allocation at the bytes of
     uniform K`key_bits` V`value_bits`."""
@@ -96,19 +120,8 @@ def calibrate(args: argparse.Namespace) -> int:
     if args.layer_bits:
         fields, about = layer_bits_fields(model, ids, key_bits, value_bits)
     else:
-        fields = dict(
-            key_bits=key_bits,
-            value_bits=value_bits,
-            key_mode="mse",
-            key_outlier_bits=args.outlier_bits,
-            key_outlier_channels=calibrate_channels(model, ids, count),
-        )
-        rate = load_config({"turboquant": fields}).layouts(head_dim, num_layers)[0].key_rate
-        about = (
-            f"Keys K{rate:g}: per layer and KV head, {count} of {head_dim} key channels (the "
-            f"largest mean square)\nat {args.outlier_bits} bits, the rest at {key_bits}; "
-            f"values {value_bits} bits."
-        )
+        bits = (key_bits, args.outlier_bits, value_bits)
+        fields, about = outlier_fields(model, ids, bits, count, head_dim)
     config = replace(load_config({"turboquant": fields}), source=args.out)
     about += (
         f" Written by `tq-vllm calibrate`\nfor {model_name} ({num_layers} layers) from "
