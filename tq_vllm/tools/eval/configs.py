@@ -13,7 +13,8 @@ class EvalConfig:
     label: str  # what it is, for the table
     kv_cache_dtype: str = "turboquant"
     turboquant: dict[str, Any] | None = None  # additional_config["turboquant"]
-    skip_layers: tuple[int, ...] = ()  # layers vLLM keeps in bf16 (--kv-cache-dtype-skip-layers)
+    # Layers vLLM keeps in bf16 (--kv-cache-dtype-skip-layers): indices, or kinds of layer
+    skip_layers: tuple[int | str, ...] = ()
     upstream: bool = False  # an emulation of upstream vLLM's presets
 
     @property

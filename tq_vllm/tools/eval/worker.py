@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,10 @@ MAX_MODEL_LEN = 8192
 KV_CACHE_BYTES = 1 << 30
 
 
-def engine(config: EvalConfig, chunk: int, channels: list | None = None) -> Any:
+def engine(
+    config: EvalConfig, chunk: int, channels: list | None = None, model: str | None = None
+) -> Any:
+    """An engine for `config` on `model` (a model folder; default: the embedded model)."""
     from vllm import LLM
 
     from tq_vllm.tools.model import ensure_default_model
@@ -31,7 +35,7 @@ def engine(config: EvalConfig, chunk: int, channels: list | None = None) -> Any:
     if config.skip_layers:
         kwargs["kv_cache_dtype_skip_layers"] = [str(i) for i in config.skip_layers]
     return LLM(
-        model=str(ensure_default_model()),
+        model=model or str(ensure_default_model()),
         kv_cache_dtype=config.kv_cache_dtype,
         enforce_eager=True,
         max_model_len=MAX_MODEL_LEN,
@@ -48,7 +52,9 @@ def engine(config: EvalConfig, chunk: int, channels: list | None = None) -> Any:
 def worker_main(argv: list[str]) -> int:
     spec = json.loads(argv[0])
     config = file_config(spec["file"]) if "file" in spec else all_configs()[spec["config"]]
-    llm = engine(config, spec["chunk"], spec.get("channels"))
+    if "skip_layers" in spec:  # e.g. ["sliding_window"]: vLLM's names for kinds of layers
+        config = replace(config, skip_layers=tuple(spec["skip_layers"]))
+    llm = engine(config, spec["chunk"], spec.get("channels"), spec.get("model"))
     result = {}
     if "ppl" in spec["tasks"]:
         result.update(measure_ppl(llm, spec["tokens"]))
