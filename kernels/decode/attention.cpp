@@ -181,7 +181,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor
                      const at::Tensor& value_centroids, at::IntArrayRef layout, double qjl_coef,
                      int64_t rows_per_tile, int64_t num_splits,
                      const std::optional<at::Tensor>& outlier_centroids, double sparse_v,
-                     int64_t sliding_window) {
+                     int64_t sliding_window, const std::optional<at::Tensor>& lse_out) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(),
               "q must be a contiguous float32 [T, Hq, d] tensor");
   TORCH_CHECK(block_table.dim() == 2 && block_table.scalar_type() == at::kInt &&
@@ -224,6 +224,16 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor
   P.sparse_v_log = sparse_v > 0. ? static_cast<float>(std::log(sparse_v)) : NEG_INF;
   TORCH_CHECK(sliding_window >= 0, "sliding_window must be >= 0 (0: none)");
   P.window = sliding_window;
+  // lse_out: each row's natural-log sum of exp(scores) ([T, Hq] float32; -inf where a row
+  // read no token), so that attention over another set of tokens can be merged with ours.
+  float* lse_rows = nullptr;
+  if (lse_out) {
+    TORCH_CHECK(lse_out->scalar_type() == at::kFloat && lse_out->is_contiguous() &&
+                    lse_out->dim() == 2 && lse_out->size(0) == q.size(0) &&
+                    lse_out->size(1) == q.size(1),
+                "lse_out must be a contiguous float32 [T, Hq] tensor");
+    lse_rows = lse_out->data_ptr<float>();
+  }
 
   const int32_t* qsl = query_start_loc.data_ptr<int32_t>();
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
@@ -253,7 +263,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor
   }
   float* o = out.data_ptr<float>();
   const int64_t hq = P.hq, d = P.d, g = P.g, rpt = rows_per_tile;
-  if (num_splits == 1) {
+  if (num_splits == 1 && !lse_rows) {
     at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
       for (int64_t pos = begin; pos < end; ++pos) {
         const int64_t i = interleaved(pos, units);
@@ -288,8 +298,10 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor
       for (int64_t r = 0; r < tile.rows * g; ++r) {
         float top = NEG_INF;
         for (int64_t s = 0; s < ns; ++s) top = std::max(top, lse[(unit * ns + s) * unit_rows + r]);
-        float* dst = o + ((tile.row0 + r / g) * hq + h * g + r % g) * d;
+        const int64_t out_row = (tile.row0 + r / g) * hq + h * g + r % g;
+        float* dst = o + out_row * d;
         std::fill(dst, dst + d, 0.f);
+        if (lse_rows) lse_rows[out_row] = NEG_INF;
         if (top == NEG_INF) continue;  // no tokens at all
         float total = 0.f;
         for (int64_t s = 0; s < ns; ++s) {
@@ -300,6 +312,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor
           for (int64_t j = 0; j < d; ++j) dst[j] += w * src[j];
         }
         for (int64_t j = 0; j < d; ++j) dst[j] /= total;
+        if (lse_rows) lse_rows[out_row] = top + std::log(total);
       }
     }
   });
@@ -315,7 +328,8 @@ TORCH_LIBRARY_FRAGMENT(TQ_OPS, m) {
       "attention(Tensor q, Tensor qs, Tensor kv_cache, Tensor block_table, "
       "Tensor query_start_loc, Tensor seq_lens, Tensor key_centroids, Tensor value_centroids, "
       "int[] layout, float qjl_coef, int rows_per_tile, int num_splits, "
-      "Tensor? outlier_centroids=None, float sparse_v=0.0, int sliding_window=0) -> Tensor");
+      "Tensor? outlier_centroids=None, float sparse_v=0.0, int sliding_window=0, "
+      "Tensor(a!)? lse_out=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(TQ_OPS, CPU, m) { m.impl("attention", &tq::attention); }

@@ -55,6 +55,7 @@ def run_attention(
     num_splits: int,
     sparse_v: float = 0.0,
     sliding_window: int | None = None,
+    lse_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     layout = codec.layout
     q = (codec.rotate_queries(query) * scale).contiguous()
@@ -76,6 +77,7 @@ def run_attention(
         outlier,
         sparse_v,
         sliding_window or 0,
+        lse_out,
     )
     return codec.unrotate(out).to(query.dtype)
 
@@ -90,6 +92,7 @@ def decode_attention(
     num_splits: int = 0,
     sparse_v: float = 0.0,
     sliding_window: int | None = None,
+    lse_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """decode_attention_reference, fused: query [B, Hq, d] -> [B, Hq, d] in query's dtype.
 
@@ -97,12 +100,18 @@ def decode_attention(
     to give every thread about 4 work items, with splits of at least 256 tokens.
     sparse_v: skip a 64-token tile's values where every weight lies below sparse_v times the
     row's running maximum (0: read every value, the reference's result).
-    sliding_window: as in the reference; tokens before the window are never read."""
+    sliding_window: as in the reference; tokens before the window are never read.
+    lse_out: float32 [B, Hq], written with each row's log-sum-exp of its scaled scores (-inf
+    for a row that read nothing), to merge this attention with one over other tokens."""
     check_attention_inputs(query, kv_cache, block_table, seq_lens, codec)
+    if lse_out is not None:
+        check_tensor("lse_out", lse_out, 2, (torch.float32,))
+        if lse_out.shape != query.shape[:2]:
+            raise ValueError(f"lse_out is {tuple(lse_out.shape)}, needs {tuple(query.shape[:2])}")
     if query.shape[0] != seq_lens.shape[0]:
         raise ValueError(f"{query.shape[0]} queries for {seq_lens.shape[0]} sequences")
     starts = torch.arange(query.shape[0] + 1, dtype=torch.int32)
     return run_attention(
         query, kv_cache, block_table, starts, seq_lens, codec, scale, 1, num_splits, sparse_v,
-        sliding_window,
+        sliding_window, lse_out,
     )  # fmt: skip

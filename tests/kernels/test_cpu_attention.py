@@ -70,6 +70,33 @@ def test_decode_matches_reference(
     torch.testing.assert_close(out, ref, **CPU_TOL)
 
 
+@pytest.mark.parametrize("num_splits", [0, 1, 3])
+@pytest.mark.parametrize("d,key_bits,mode,value_bits,block_size,hq,hk,lens", CASES[::3])
+def test_decode_log_sum_exp_matches_reference(
+    d, key_bits, mode, value_bits, block_size, hq, hk, lens, num_splits
+):
+    """lse_out: each row's log-sum-exp of its scaled scores over the dequantized keys (the
+    softmax's normalizer, which merges this attention with one over other tokens); -inf for a
+    row that reads nothing (a padding row of length 0), whose output is 0."""
+    codec, cache, table, seq_lens = setup(d, key_bits, mode, value_bits, block_size, hk, lens)
+    seq_lens = torch.cat([seq_lens, torch.zeros(1, dtype=torch.int32)])
+    table = torch.cat([table, table[:1]])
+    query = torch.randn(len(seq_lens), hq, d, generator=torch.Generator().manual_seed(2))
+    lse = torch.full((len(seq_lens), hq), float("nan"))
+    out = cpu_decode.decode_attention(
+        query, cache, table, seq_lens, codec, d**-0.5, num_splits=num_splits, lse_out=lse
+    )
+    torch.testing.assert_close(
+        out, decode_attention_reference(query, cache, table, seq_lens, codec, d**-0.5), **CPU_TOL
+    )
+    q = codec.rotate_queries(query) * d**-0.5
+    for b, n in enumerate(lens):
+        k, _ = gather_context(cache, table[b], n, codec)  # [Hk, n, d]
+        scores = torch.einsum("hgd,hnd->hgn", q[b].view(hk, hq // hk, d), k)
+        torch.testing.assert_close(lse[b], scores.logsumexp(-1).flatten(), **CPU_TOL)
+    assert torch.all(lse[-1] == float("-inf")) and torch.all(out[-1] == 0)
+
+
 @pytest.mark.parametrize("d,key_bits,mode,value_bits,block_size,hq,hk,lens", CASES)
 def test_context_matches_reference(d, key_bits, mode, value_bits, block_size, hq, hk, lens):
     codec, cache, table, seq_lens = setup(d, key_bits, mode, value_bits, block_size, hk, lens)
