@@ -1,0 +1,144 @@
+"""Temporal tiers: each query reads its own W-aligned segment exactly, older tokens compressed.
+
+The rule is a function of positions only, so chunked prefill, prefix-cache hits, preemption and
+speculative verify steps give the same result as one long prefill: a query at position p reads
+positions s(p) = floor(p / W) * W .. p from the model-dtype keys and values, and positions
+< s(p) from the compressed records (which every token still gets).
+
+Where the exact tokens live: a ring of R >= W slots per request and layer, position t at slot
+t mod R, K and V side by side ([num_rings, Hk, R, 2d], the model dtype). A step reads the ring
+for the tokens of its first segment that earlier steps stored, attends, then writes its own
+last R tokens (so a long chunk never overwrites what it still reads). R = W + the speculative
+lookahead keeps a rejected draft from overwriting a slot that a later query reads.
+
+How one step attends: the compressed kernels attend each row over positions < s(p) and return
+their log-sum-exp (-inf where s(p) = 0); this module attends each row over its at most W exact
+keys (the ring's, then the step's own) and merges the two by their log-sum-exps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ExactIndex:
+    """Where one step's exact keys come from, built once per step (host tensors, shared by
+    every layer). The step's exact timeline concatenates, per sequence, the ring's tokens of
+    its first segment (positions s(chunk start) .. chunk start - 1) and the step's own tokens;
+    row r reads W entries from window_start[r], of which the first visible[r] are its keys."""
+
+    row_seq: torch.Tensor  # int64 [T]: each row's sequence
+    segment_starts: torch.Tensor  # int32 [T]: s(p) per row, where its exact keys begin
+    window_start: torch.Tensor  # int64 [T]: timeline index of position s(p)
+    visible: torch.Tensor  # int64 [T]: p - s(p) + 1
+    timeline_len: int
+    ring_entries: torch.Tensor  # int64 [E]: timeline indices filled from the ring
+    ring_blocks: torch.Tensor  # int64 [E]: their ring
+    ring_slots: torch.Tensor  # int64 [E]: their slot
+    own_entries: torch.Tensor  # int64 [T]: timeline index of each of the step's tokens
+    write_tokens: torch.Tensor  # int64 [N]: the step's tokens written to the ring afterwards
+    write_blocks: torch.Tensor  # int64 [N]
+    write_slots: torch.Tensor  # int64 [N]
+
+
+def exact_index(
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    rings: torch.Tensor,
+    window: int,
+    ring_size: int,
+) -> ExactIndex:
+    """query_start_loc [B + 1] and seq_lens [B] as vLLM gives them (host tensors), rings [B]:
+    each sequence's ring; window W and ring size R >= W."""
+    if ring_size < window:
+        raise ValueError(f"a ring of {ring_size} slots cannot hold a {window}-token window")
+    starts = query_start_loc.long()
+    q_lens = starts[1:] - starts[:-1]
+    lens = seq_lens.long()
+    chunk = lens - q_lens  # each sequence's first position this step
+    base = chunk // window * window  # its first segment's start
+    from_ring = chunk - base  # tokens of that segment stored by earlier steps
+    per_seq = from_ring + q_lens
+    offsets = torch.cumsum(per_seq, 0) - per_seq  # each sequence's timeline start
+    seq = torch.repeat_interleave(torch.arange(len(lens)), q_lens)
+    row = torch.arange(int(q_lens.sum())) - starts[seq]  # row within its sequence
+    positions = chunk[seq] + row
+    segment = positions // window * window
+    own_entries = offsets[seq] + from_ring[seq] + row
+    ring_seq = torch.repeat_interleave(torch.arange(len(lens)), from_ring)
+    ring_pos = base[ring_seq] + _ranks(from_ring)
+    written = torch.minimum(q_lens, torch.full_like(q_lens, ring_size))
+    write_seq = torch.repeat_interleave(torch.arange(len(lens)), written)
+    write_pos = lens[write_seq] - written[write_seq] + _ranks(written)
+    return ExactIndex(
+        row_seq=seq,
+        segment_starts=segment.to(torch.int32),
+        window_start=offsets[seq] + segment - base[seq],
+        visible=positions - segment + 1,
+        timeline_len=int(per_seq.sum()),
+        ring_entries=offsets[ring_seq] + ring_pos - base[ring_seq],
+        ring_blocks=rings.long()[ring_seq],
+        ring_slots=ring_pos % ring_size,
+        own_entries=own_entries,
+        write_tokens=starts[write_seq] + write_pos - chunk[write_seq],
+        write_blocks=rings.long()[write_seq],
+        write_slots=write_pos % ring_size,
+    )
+
+
+def _ranks(counts: torch.Tensor) -> torch.Tensor:
+    """0 .. counts[i] - 1 for each i, concatenated."""
+    total = int(counts.sum())
+    firsts = torch.cumsum(counts, 0) - counts
+    return torch.arange(total) - torch.repeat_interleave(firsts, counts)
+
+
+def exact_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    ring: torch.Tensor,
+    index: ExactIndex,
+    window: int,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row over its exact keys: query [T, Hq, d], the step's key and value [T, Hk, d],
+    ring [num_rings, Hk, R, 2d]. Returns (out [T, Hq, d], lse [T, Hq]) in float32."""
+    n, hq, d = query.shape
+    hk = key.shape[1]
+    timeline = torch.zeros(index.timeline_len + window, hk, 2 * d, dtype=torch.float32)
+    if index.ring_entries.numel():
+        timeline[index.ring_entries] = ring[index.ring_blocks, :, index.ring_slots].float()
+    timeline[index.own_entries, :, :d] = key[:n].float()
+    timeline[index.own_entries, :, d:] = value[:n].float()
+    steps = torch.arange(window)
+    kv = timeline[index.window_start[:, None] + steps]  # [T, W, Hk, 2d]
+    q = query.float().view(n, hk, hq // hk, d)
+    scores = torch.einsum("nhgd,nwhd->nhgw", q, kv[..., :d]) * scale
+    hidden = steps[None, :] >= index.visible[:, None]  # [T, W]: past the row's own position
+    scores = scores.masked_fill(hidden[:, None, None, :], float("-inf"))
+    lse = scores.logsumexp(-1)
+    out = torch.einsum("nhgw,nwhd->nhgd", (scores - lse[..., None]).exp(), kv[..., d:])
+    return out.reshape(n, hq, d), lse.reshape(n, hq)
+
+
+def merge(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> torch.Tensor:
+    """Attention over two disjoint sets of tokens, from each one's output and log-sum-exp
+    ([T, Hq, d], [T, Hq]); lse_b is finite (every row reads its own token exactly)."""
+    top = torch.maximum(lse_a, lse_b)
+    wa, wb = (lse_a - top).exp(), (lse_b - top).exp()
+    return (out_a.float() * wa[..., None] + out_b * wb[..., None]) / (wa + wb)[..., None]
+
+
+def write_ring(
+    ring: torch.Tensor, key: torch.Tensor, value: torch.Tensor, index: ExactIndex
+) -> None:
+    """The step's last R tokens per sequence into its ring (after the step has read it)."""
+    d = key.shape[-1]
+    ring[index.write_blocks, :, index.write_slots, :d] = key[index.write_tokens].to(ring.dtype)
+    ring[index.write_blocks, :, index.write_slots, d:] = value[index.write_tokens].to(ring.dtype)

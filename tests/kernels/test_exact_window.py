@@ -1,0 +1,102 @@
+"""The exact-window rule on the CPU (C++ compressed part + exact part, merged by log-sum-exp)
+against the direct reference, and the ring's reads and writes.
+
+Tolerance: CPU_TOL (atol 1e-5, rtol 1e-4): both sides compute in float32 from the same codes
+and the same exact keys; they differ in summation order and the kernel's exp. Rings are
+NaN-filled wherever no earlier step wrote, so a read of a slot the rule does not allow shows.
+"""
+
+import pytest
+import torch
+from cases import CPU_TOL, make_cache
+
+from tq_vllm.kernels.window.cpu_window import windowed_attention
+from tq_vllm.kernels.window.exact import exact_index, write_ring
+from tq_vllm.kernels.window.reference import exact_window_attention_reference
+from tq_vllm.record.codec import LayerCodec
+from tq_vllm.record.layout import RecordLayout
+
+pytestmark = pytest.mark.usefixtures("cpu_isa")
+
+# d, key_bits, value_bits, block_size, hq, hk, window, ring slots, per sequence
+# (tokens after this step, tokens this step): decodes at a segment's first position, its last,
+# and mid-segment; chunks that start mid-segment, span several segments, and do not divide W.
+CASES = [
+    (64, 4, 4, 16, 3, 1, 16, [(1, 1), (16, 1), (17, 1), (40, 1)], 0),
+    (64, 6, 5, 32, 9, 3, 32, [(100, 37), (33, 5), (64, 64)], 0),
+    (128, 3, 3, 16, 8, 1, 16, [(50, 1), (75, 20)], 3),
+    (64, 2, 3, 16, 2, 2, 32, [(31, 31), (90, 7), (32, 2)], 4),
+]
+
+
+def _ring_holding(keys, values, lens, q_lens, hk, d, ring_size):
+    """Rings (NaN-filled) as earlier steps leave them: each sequence's last R tokens before
+    this step, at slot position mod R; ring b belongs to sequence b, in a shuffled order."""
+    order = torch.randperm(len(lens) + 1, generator=torch.Generator().manual_seed(5))[1:]
+    ring = torch.full((len(lens) + 1, hk, ring_size, 2 * d), float("nan"))
+    for b, (n, q) in enumerate(zip(lens, q_lens)):
+        for t in range(max(0, n - q - ring_size), n - q):
+            ring[order[b], :, t % ring_size] = torch.cat([keys[b][t], values[b][t]], -1)
+    return ring, order
+
+
+@pytest.mark.parametrize("d,kb,vb,block_size,hq,hk,window,seqs,extra", CASES)
+def test_windowed_attention_matches_reference(d, kb, vb, block_size, hq, hk, window, seqs, extra):
+    codec = LayerCodec(RecordLayout(d, kb, "mse", vb), seed=d + kb)
+    lens, q_lens = [n for n, _ in seqs], [q for _, q in seqs]
+    ring_size = window + extra
+    cache, table, keys, values = make_cache(codec, lens, block_size, hk, seed=1)
+    ring, rings = _ring_holding(keys, values, lens, q_lens, hk, d, ring_size)
+    starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    key = torch.cat([k[n - q : n] for k, n, q in zip(keys, lens, q_lens)])
+    value = torch.cat([v[n - q : n] for v, n, q in zip(values, lens, q_lens)])
+    query = torch.randn(len(key), hq, d, generator=torch.Generator().manual_seed(2))
+    index = exact_index(starts, seq_lens, rings, window, ring_size)
+    before = ring.clone()
+    out = windowed_attention(query, key, value, cache, table, ring, index, codec, d**-0.5, window)
+    ref = exact_window_attention_reference(
+        query, cache, table, starts, seq_lens, keys, values, codec, d**-0.5, window
+    )
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, **CPU_TOL)
+    assert torch.equal(ring.isnan(), before.isnan())  # attention reads the ring only
+
+    # Then the step's own last R tokens go in; nothing else moves.
+    write_ring(ring, key, value, index)
+    expected = before.clone()
+    for b, (n, q) in enumerate(zip(lens, q_lens)):
+        for t in range(max(n - q, n - ring_size), n):
+            expected[rings[b], :, t % ring_size] = torch.cat([keys[b][t], values[b][t]], -1)
+    torch.testing.assert_close(ring, expected, equal_nan=True, rtol=0, atol=0)
+
+
+def test_windowed_attention_is_chunking_invariant():
+    """The rule depends on positions only: one 70-token prefill, or chunks of 9 (with the ring
+    carrying each chunk's first segment over), give the same rows."""
+    d, hk, hq, window, block_size = 64, 1, 3, 16, 16
+    codec = LayerCodec(RecordLayout(d, 4, "mse", 4), seed=3)
+    cache, table, keys, values = make_cache(codec, [70], block_size, hk, seed=4)
+    query = torch.randn(70, hq, d, generator=torch.Generator().manual_seed(6))
+    ring = torch.full((2, hk, window, 2 * d), float("nan"))
+    rings = torch.tensor([1])
+
+    def step(lo, hi):
+        starts = torch.tensor([0, hi - lo], dtype=torch.int32)
+        index = exact_index(starts, torch.tensor([hi], dtype=torch.int32), rings, window, window)
+        k, v = keys[0][lo:hi], values[0][lo:hi]
+        out = windowed_attention(
+            query[lo:hi], k, v, cache, table, ring, index, codec, 0.125, window
+        )
+        write_ring(ring, k, v, index)
+        return out
+
+    whole = step(0, 70)
+    ring.fill_(float("nan"))
+    chunked = torch.cat([step(lo, min(lo + 9, 70)) for lo in range(0, 70, 9)])
+    torch.testing.assert_close(chunked, whole, **CPU_TOL)
+
+
+def test_exact_index_refuses_a_ring_smaller_than_the_window():
+    with pytest.raises(ValueError, match="cannot hold a 32-token window"):
+        exact_index(torch.tensor([0, 1]), torch.tensor([5]), torch.tensor([0]), 32, 16)
