@@ -26,7 +26,9 @@ from vllm.v1.attention.backend import (
 
 from tq_vllm.kernels import cpu_extension, dispatch
 from tq_vllm.kernels.common import TRITON_HEAD_DIMS
-from tq_vllm.plugin import compat, startup
+from tq_vllm.kernels.window.cpu_window import windowed_attention
+from tq_vllm.kernels.window.exact import write_ring
+from tq_vllm.plugin import compat, exact_ring, startup
 from tq_vllm.record.codec import LayerCodec
 
 logger = logging.getLogger("tq_vllm")
@@ -185,6 +187,11 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         self.kv_cache_dtype = kv_cache_dtype
         # A local layer's window: a query at position p sees p - W < t <= p.
         self.sliding_window = sliding_window
+        self.exact_window = self.settings.config.exact_window
+        if self.exact_window and sliding_window is not None:
+            raise NotImplementedError(
+                "exact_window on a model with sliding-window layers is not supported yet"
+            )
         self._codecs: dict[tuple[str, torch.device], LayerCodec] = {}
         from vllm.platforms import current_platform
 
@@ -215,6 +222,10 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                     codec.layout.record_bytes,
                 )
         return codec
+
+    def process_weights_after_loading(self, act_dtype: torch.dtype) -> None:
+        if self.exact_window:  # the model is built: its layers can get their rings now
+            exact_ring.attach_ring(self, startup.active_vllm_config(), act_dtype)
 
     def do_kv_cache_update(
         self,
@@ -253,6 +264,17 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         codec = self._codec(layer, kv_cache.device)
         query = query[:n].view(n, self.num_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
+        if self.exact_window:
+            index = exact_ring.ring_metadata(layer).index
+            ring = layer.tq_exact_ring.kv_cache
+            key = key[:n].view(n, self.num_kv_heads, self.head_size)
+            value = value[:n].view(n, self.num_kv_heads, self.head_size)
+            out[:] = windowed_attention(
+                query, key, value, kv_cache, m.block_table, ring, index, codec, self.scale,
+                self.exact_window, self.settings.config.sparse_v,
+            )  # fmt: skip
+            write_ring(ring, key, value, index)
+            return output
         if d:
             out[:d] = dispatch.decode_attention(
                 query[:d],

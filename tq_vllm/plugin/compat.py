@@ -166,6 +166,23 @@ def size_pages_per_layer(record_bytes: Callable[[str], int]) -> None:
     Attention.get_kv_cache_spec = get_kv_cache_spec
 
 
+def ring_spec(slots: int, num_kv_heads: int, head_size: int, dtype: torch.dtype) -> Any:
+    """One block of `slots` tokens per request for its whole life (keys and values side by
+    side), which vLLM counts once per request in its KV budget."""
+    from vllm.v1.kv_cache_interface import CircularBufferSpec
+
+    return CircularBufferSpec(
+        block_size=slots, num_kv_heads=num_kv_heads, head_size=head_size, dtype=dtype
+    )
+
+
+def forward_metadata(layer_name: str) -> Any:
+    """The step's attention metadata of a layer (vLLM builds it per KV-cache group)."""
+    from vllm.forward_context import get_forward_context
+
+    return get_forward_context().attn_metadata[layer_name]
+
+
 def layer_index(layer_name: str) -> int:
     from vllm.model_executor.models.utils import extract_layer_index
 

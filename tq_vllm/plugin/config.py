@@ -25,6 +25,10 @@ Fields (all optional):
                          a tile of values whose softmax weights all lie below t times their
                          row's running maximum (the weights still count; the dense prefill and
                          the references read everything)
+  exact_window           0 (default): every token is read from its record. W (a power of two,
+                         16..256): a query at position p also keeps its own W-aligned segment,
+                         positions floor(p / W) * W .. p, exact (the model dtype), stored in one
+                         ring per request and layer inside vLLM's KV budget; CPU only so far
 
 Every layer's record has its own size: vLLM gives each layer its own page (one KV-cache group,
 per-layer page sizes), so higher precision on a few layers costs bytes on those layers only.
@@ -51,6 +55,9 @@ from tq_vllm.record.layout import VALUE_MODES, RecordLayout
 CONFIG_DIR = Path(presets.__file__).resolve().parent  # the repository's configs/
 ENV_VAR = "TQ_VLLM_CONFIG"
 LAYER_FIELDS = ("key_bits", "value_bits", "key_mode", "value_mode")
+# Powers of two, so that they divide vLLM's block sizes: a prefix-cache hit then starts a
+# segment, and needs nothing from a ring it has not filled.
+EXACT_WINDOWS = (16, 32, 64, 128, 256)
 
 
 class ConfigError(ValueError):
@@ -96,6 +103,7 @@ class TurboQuantConfig:
     key_outlier_bits: int = 0  # 0: no outlier channels
     key_outlier_channels: Sequence[Any] = ()  # [layer][kv_head] -> channel indices
     sparse_v: float = 0.0  # 0: off
+    exact_window: int = 0  # 0: off
     source: str = "defaults"
 
     def __post_init__(self) -> None:
@@ -132,6 +140,11 @@ class TurboQuantConfig:
         sparse = self.sparse_v
         if isinstance(sparse, bool) or not isinstance(sparse, (int, float)) or not 0 <= sparse < 1:
             raise ConfigError(f"sparse_v must be a number in [0, 1) (0: off), got {sparse!r}")
+        w = self.exact_window
+        if w != 0 and (not isinstance(w, int) or isinstance(w, bool) or w not in EXACT_WINDOWS):
+            raise ConfigError(
+                f"exact_window must be 0 (off) or a power of two in 16..256 tokens, got {w!r}"
+            )
 
     def _check_outliers(self) -> None:
         bits, channels = self.key_outlier_bits, self.key_outlier_channels or ()
@@ -253,6 +266,12 @@ class TurboQuantConfig:
             )
         if self.sparse_v:
             text += f"; sparse V: value tiles below {self.sparse_v:g} of the maximum skipped"
+        if self.exact_window:
+            w = self.exact_window
+            text += (
+                f"; exact window: each query's own {w}-token segment in the model dtype, "
+                f"{w * dense} bytes per request per KV head and layer (a ring in vLLM's budget)"
+            )
         return text
 
 

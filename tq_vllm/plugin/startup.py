@@ -114,9 +114,26 @@ def check_vllm_config(vllm_config: Any) -> Settings:
             f"value_mode 'uniform' (layers {uniform}) runs on the CPU (PyTorch) path only; "
             "the CUDA kernels read Lloyd-Max value records: use value_mode 'mse'"
         )
+    if settings.config.exact_window:
+        _check_exact_window(settings, vllm_config, current_platform, uniform)
     model_bytes = vllm_config.model_config.dtype.itemsize
     logger.info("%s", settings.config.describe(settings.head_dim, settings.num_layers, model_bytes))
     return settings
+
+
+def _check_exact_window(settings: Settings, vllm_config: Any, platform: Any, uniform: list) -> None:
+    """What the exact window's first version (the C++ path) cannot serve yet, refused."""
+    window = settings.config.exact_window
+    reasons = []
+    if serves_with_triton(platform) or os.environ.get(KERNELS_ENV):
+        reasons.append("it runs on the C++ CPU kernels only so far (no Triton, no reference)")
+    if uniform:
+        reasons.append(f"value_mode 'uniform' (layers {uniform}) has no fused C++ kernel")
+    block_size = vllm_config.cache_config.block_size
+    if block_size and block_size % window:
+        reasons.append(f"it must divide the block size ({block_size} tokens)")
+    if reasons:
+        raise ConfigError(f"exact_window {window}: " + "; ".join(reasons))
 
 
 _active: tuple[Any, Settings] | None = None  # (the vllm_config, its settings)
@@ -131,6 +148,12 @@ def activate(vllm_config: Any) -> Settings:
         _active = (vllm_config, settings_from(vllm_config))
         compat.size_pages_per_layer(lambda name: active_settings().record_bytes(name))
     return _active[1]
+
+
+def active_vllm_config() -> Any:
+    if _active is None:
+        raise RuntimeError("vLLM's config requested before any TurboQuant layer was built")
+    return _active[0]
 
 
 def active_settings() -> Settings:

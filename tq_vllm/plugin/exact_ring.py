@@ -1,0 +1,122 @@
+"""The exact window's storage in vLLM (kernels/window/exact.py has the rule): one companion
+layer per TurboQuant attention layer, whose cache is one ring of R slots per request, in vLLM's
+own KV budget.
+
+Ring: what vLLM sees, a layer with a CircularBufferSpec (one block per request for its whole
+life, K and V side by side in the model dtype), registered in the forward context once the
+model's weights are loaded (attach_ring), before vLLM collects the layers' cache specs.
+RingMetadataBuilder: per step, each request's ring and the step's ExactIndex, built once and
+shared by every layer. The attention layer finds its ring as `layer.tq_exact_ring` and the
+step's index in the forward context.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+from vllm.v1.attention.backend import (
+    AttentionBackend,
+    AttentionMetadataBuilder,
+    CommonAttentionMetadata,
+)
+
+from tq_vllm.kernels.window.exact import ExactIndex, exact_index
+from tq_vllm.plugin import compat
+
+RING_SUFFIX = ".tq_exact_ring"
+
+
+@dataclass
+class RingMetadata:
+    index: ExactIndex
+
+
+class RingMetadataBuilder(AttentionMetadataBuilder[RingMetadata]):
+    def __init__(
+        self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any, device: torch.device
+    ) -> None:
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        from tq_vllm.plugin import startup
+
+        self.window = startup.active_settings().config.exact_window
+        self.ring_size = kv_cache_spec.block_size
+
+    def build(
+        self,
+        common_prefix_len: int,
+        common_attn_metadata: CommonAttentionMetadata,
+        fast_build: bool = False,
+    ) -> RingMetadata:
+        m = common_attn_metadata
+        rings = m.block_table_tensor[: m.num_reqs, 0].cpu()
+        lens = m.seq_lens[: m.num_reqs].cpu()
+        index = exact_index(m.query_start_loc_cpu, lens, rings, self.window, self.ring_size)
+        return RingMetadata(index)
+
+
+class RingBackend(AttentionBackend):
+    @staticmethod
+    def get_name() -> str:
+        return "TQ_EXACT_RING"
+
+    @staticmethod
+    def get_builder_cls() -> type[RingMetadataBuilder]:
+        return RingMetadataBuilder
+
+    @staticmethod
+    def get_impl_cls() -> type:
+        raise NotImplementedError("a ring is read and written by its attention layer")
+
+    @staticmethod
+    def get_kv_cache_shape(
+        num_blocks: int, block_size: int, num_kv_heads: int, head_size: int, cache_dtype: str = ""
+    ) -> tuple[int, ...]:
+        return (num_blocks, num_kv_heads, block_size, 2 * head_size)
+
+
+class Ring(torch.nn.Module, AttentionLayerBase):
+    """The ring of one attention layer; registered in vLLM's forward context beside it."""
+
+    def __init__(self, layer_name: str, num_kv_heads: int, head_size: int, dtype: Any) -> None:
+        super().__init__()
+        self.layer_name = layer_name + RING_SUFFIX
+        self.num_kv_heads, self.head_size, self.dtype = num_kv_heads, head_size, dtype
+        self.kv_cache = torch.tensor([])
+
+    def bind_kv_cache(self, kv_cache: torch.Tensor) -> None:
+        self.kv_cache = kv_cache
+
+    def get_attn_backend(self) -> type[RingBackend]:
+        return RingBackend
+
+    def get_kv_cache_spec(self, vllm_config: Any) -> Any:
+        return compat.ring_spec(
+            ring_size(vllm_config), self.num_kv_heads, self.head_size, self.dtype
+        )
+
+
+def attach_ring(impl: Any, vllm_config: Any, dtype: torch.dtype) -> None:
+    """Give the attention layer whose impl is `impl` its ring."""
+    context = vllm_config.compilation_config.static_forward_context
+    layer = next(module for module in context.values() if getattr(module, "impl", None) is impl)
+    ring = Ring(layer.layer_name, impl.num_kv_heads, impl.head_size, dtype)
+    if ring.layer_name not in context:  # weights can be loaded again (sleep mode, reload)
+        context[ring.layer_name] = ring
+        layer.tq_exact_ring = ring
+
+
+def ring_size(vllm_config: Any) -> int:
+    """W slots, plus the speculative lookahead: a rejected draft's slot is then one that no
+    later query reads exactly."""
+    from tq_vllm.plugin import startup
+
+    spec = vllm_config.speculative_config
+    lookahead = spec.num_speculative_tokens if spec is not None else 0
+    return startup.active_settings().config.exact_window + lookahead
+
+
+def ring_metadata(layer: Any) -> RingMetadata:
+    return compat.forward_metadata(layer.tq_exact_ring.layer_name)
