@@ -63,6 +63,10 @@ def test_layer_overrides_and_padding():
         ({"sparse_v": 1.0}, "sparse_v"),
         ({"sparse_v": -0.1}, "sparse_v"),
         ({"sparse_v": "1e-3"}, "sparse_v"),
+        ({"exact_window": 24}, "exact_window"),
+        ({"exact_window": 512}, "exact_window"),
+        ({"exact_window": True}, "exact_window"),
+        ({"exact_window": "32"}, "exact_window"),
     ],
 )
 def test_bad_configs_name_the_field(inline, field):
@@ -77,6 +81,13 @@ def test_sparse_v_is_off_by_default_and_said_when_on():
     assert config.sparse_v == 0.001 and "sparse V: value tiles below 0.001" in config.describe(
         64, 30
     )
+
+
+def test_exact_window_is_off_by_default_and_its_memory_said_when_on():
+    assert load_config({}).exact_window == 0
+    assert "exact window" not in load_config({}).describe(64, 30)
+    text = load_config({"turboquant": {"exact_window": 32}}).describe(64, 30)
+    assert "each query's own 32-token segment in the model dtype, 8192 bytes per request" in text
 
 
 def test_bad_yaml_and_layer_range(tmp_path):

@@ -68,3 +68,13 @@ def test_exact_window_gives_the_same_results_whatever_the_chunking(tmp_path):
         assert a["token_ids"] == b["token_ids"] == c["token_ids"], (a["text"], b["text"])
         diff = max(abs(x - y) for x, y in zip(a["prompt_logprobs"], b["prompt_logprobs"]))
         assert diff < 1e-3, diff
+
+
+def test_a_ring_larger_than_a_block_of_records_is_refused(tmp_path):
+    """K3 V3 keeps 52 bytes per token per KV head: 128 tokens of records are 6,656 bytes, less
+    than a 32-token ring (8,192); vLLM would pad every block to the ring's page."""
+    tq = {"turboquant": {"key_bits": 3, "value_bits": 3, "exact_window": 32}}
+    with pytest.raises(AssertionError, match="larger than a 128-token block of records"):
+        generate(
+            tmp_path, {**BASE, "kv_cache_dtype": "turboquant", "additional_config": tq}, ["Hi"]
+        )

@@ -1,10 +1,11 @@
-"""Startup refusals that need no engine: untested devices and the Triton switch."""
+"""Startup refusals that need no engine: untested devices, the Triton switch, and what the
+exact window does not serve yet."""
 
 from dataclasses import dataclass
 
 import pytest
 
-from tq_vllm.plugin.startup import unsupported_platform_reasons
+from tq_vllm.plugin.startup import exact_window_reasons, unsupported_platform_reasons
 
 
 @dataclass
@@ -59,3 +60,17 @@ def test_each_rank_takes_its_kv_heads(total, size, expected):
     from tq_vllm.plugin.backend import local_kv_heads
 
     assert [local_kv_heads(total, rank, size) for rank in range(size)] == expected
+
+
+def test_exact_window_is_served_by_the_cpp_path_only_so_far():
+    cpu, cuda = Platform("cpu"), Platform("cuda")
+    assert exact_window_reasons(32, 128, cpu, {}, []) == []
+    assert exact_window_reasons(32, None, cpu, {}, []) == []  # vLLM picks the block size later
+    (reason,) = exact_window_reasons(32, 128, cuda, {}, [])
+    assert "exact_window 32: it runs on the C++ CPU kernels only" in reason
+    (reason,) = exact_window_reasons(32, 128, cpu, {"TQ_VLLM_KERNELS": "reference"}, [])
+    assert "C++ CPU kernels only" in reason
+    (reason,) = exact_window_reasons(32, 16, cpu, {}, [])
+    assert "must divide the block size (16 tokens)" in reason
+    (reason,) = exact_window_reasons(16, 128, cpu, {}, [3])
+    assert "'uniform' (layers [3])" in reason

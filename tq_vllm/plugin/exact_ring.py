@@ -43,6 +43,11 @@ class RingMetadataBuilder(AttentionMetadataBuilder[RingMetadata]):
 
         self.window = startup.active_settings().config.exact_window
         self.ring_size = kv_cache_spec.block_size
+        block_size = vllm_config.cache_config.block_size
+        if block_size % self.window:  # startup could not check it: vLLM chose it since
+            raise startup.ConfigError(
+                f"exact_window {self.window} must divide the block size ({block_size} tokens)"
+            )
 
     def build(
         self,
@@ -93,9 +98,18 @@ class Ring(torch.nn.Module, AttentionLayerBase):
         return RingBackend
 
     def get_kv_cache_spec(self, vllm_config: Any) -> Any:
-        return compat.ring_spec(
-            ring_size(vllm_config), self.num_kv_heads, self.head_size, self.dtype
-        )
+        from tq_vllm.plugin import startup
+
+        slots, block_size = ring_size(vllm_config), vllm_config.cache_config.block_size
+        ring_bytes = slots * 2 * self.head_size * self.dtype.itemsize
+        records = block_size * startup.active_settings().largest_record_bytes
+        if ring_bytes > records:  # vLLM gives every block of both groups the larger page
+            raise startup.ConfigError(
+                f"exact_window: a ring of {slots} tokens ({ring_bytes} bytes per KV head) is "
+                f"larger than a {block_size}-token block of records ({records}), so vLLM would "
+                "pad every block to it: use a smaller exact_window or a larger --block-size"
+            )
+        return compat.ring_spec(slots, self.num_kv_heads, self.head_size, self.dtype)
 
 
 def attach_ring(impl: Any, vllm_config: Any, dtype: torch.dtype) -> None:
