@@ -103,8 +103,9 @@ def baseline_decode(query, k_cache, v_cache, block_table, seq_lens, scale, num_s
     )  # fmt: skip
     out = torch.empty(batch, num_q_heads, head_dim, device=query.device)
     _decode_reduce_kernel[(batch * num_q_heads,)](
-        partial, lse, out, num_splits, D=head_dim, SP=triton.next_power_of_2(num_splits)
-    )
+        partial, lse, out, lse, num_splits, D=head_dim, SP=triton.next_power_of_2(num_splits),
+        WRITE_LSE=False,
+    )  # fmt: skip
     return out.to(query.dtype)
 
 

@@ -47,6 +47,17 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
+def check_lse_out(lse_out: torch.Tensor | None, query: torch.Tensor) -> None:
+    """An attention's optional log-sum-exp output: float32 [T, Hq] beside query [T, Hq, d]."""
+    if lse_out is None:
+        return
+    check_tensor("lse_out", lse_out, 2, (torch.float32,), query.device)
+    if lse_out.shape != query.shape[:2] or not lse_out.is_contiguous():
+        raise ValueError(
+            f"lse_out must be contiguous {list(query.shape[:2])}, got {list(lse_out.shape)}"
+        )
+
+
 _PER_CODEC: dict[tuple[int, str], tuple[weakref.ref, Any]] = {}
 
 

@@ -79,19 +79,22 @@ def decode_attention(
     max_seq_len: int | None = None,
     sparse_v: float = 0.0,
     sliding_window: int | None = None,
+    lse_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """max_seq_len: the batch's longest sequence, known on the host (sizes the Triton splits).
     sparse_v: the fused kernels skip value tiles whose weights all lie below sparse_v times
     their row's running maximum (the references read every value).
-    sliding_window: a query at position p sees positions p - W < t <= p (None: all)."""
+    sliding_window: a query at position p sees positions p - W < t <= p (None: all).
+    lse_out: float32 [B, Hq], written with each row's log-sum-exp (-inf where it read nothing)."""
     args = (query, kv_cache, block_table, seq_lens, codec, scale)
+    options = dict(sliding_window=sliding_window, lse_out=lse_out)
     if _triton(kv_cache):
         from tq_vllm.kernels.decode.triton_decode import decode_attention as kernel
 
-        return kernel(*args, max_seq_len, sparse_v=sparse_v, sliding_window=sliding_window)
+        return kernel(*args, max_seq_len, sparse_v=sparse_v, **options)
     if _cpu_kernel(kv_cache, codec):
-        return cpu_decode.decode_attention(*args, sparse_v=sparse_v, sliding_window=sliding_window)
-    return decode_attention_reference(*args, sliding_window)
+        return cpu_decode.decode_attention(*args, sparse_v=sparse_v, **options)
+    return decode_attention_reference(*args, **options)
 
 
 def context_attention(

@@ -41,12 +41,15 @@ def _to_device(arg: Any) -> Any:
 
 def run_kernel(kernel: Callable, *args: Any, **kwargs: Any) -> Any:
     """kernel(*args, **kwargs) on DEVICE. Tensor arguments the kernel writes in place (the
-    cache) are copied back into the CPU originals; a tensor result comes back on the CPU."""
+    cache, an lse_out) are copied back into the CPU originals; a tensor result comes back on
+    the CPU."""
     if DEVICE.type == "cpu":
         return kernel(*args, **kwargs)
     moved = [_to_device(a) for a in args]
-    out = kernel(*moved, **{k: _to_device(v) for k, v in kwargs.items()})
-    for orig, dev in zip(args, moved):
+    moved_kwargs = {k: _to_device(v) for k, v in kwargs.items()}
+    out = kernel(*moved, **moved_kwargs)
+    pairs = [*zip(args, moved), *((kwargs[k], moved_kwargs[k]) for k in kwargs)]
+    for orig, dev in pairs:
         if isinstance(orig, torch.Tensor):
             orig.copy_(dev.cpu())
     return out.cpu() if isinstance(out, torch.Tensor) else out
@@ -156,11 +159,14 @@ def generate(
     timeout: float = 900,
     log: list[str] | None = None,
     counters: dict | None = None,
+    batch: bool = False,
 ) -> list[list[dict]]:
     """Greedy generations of a real vLLM engine in its own process (scripts/generate.py); its
-    output is appended to `log` and its metric counters put in `counters` where given."""
+    output is appended to `log` and its metric counters put in `counters` where given. batch:
+    all prompts at once rather than one at a time."""
     out = tmp_path / f"out{len(list(tmp_path.iterdir()))}.json"
     spec = {"llm": llm_kwargs, "prompts": prompts, "repeat": repeat, "max_tokens": max_tokens}
+    spec["batch"] = batch
     script = Path(__file__).parent / "scripts" / "generate.py"
     proc = subprocess.run(
         [sys.executable, str(script), str(out), json.dumps(spec)],
@@ -188,9 +194,10 @@ def strided_view(cache: torch.Tensor, fill: int = 0xA5) -> tuple[torch.Tensor, t
     return view, buffer
 
 
-def tiny_hybrid_model(path: Path) -> Path:
-    """A Gemma-3-like model with random weights in `path`: three sliding-window layers (64
-    tokens) and one global layer, head_dim 256, one KV head, the embedded model's tokenizer."""
+def tiny_gemma3(path: Path, sliding_layers: int = 3) -> Path:
+    """A Gemma-3-like model with random weights in `path`: four layers, the first
+    `sliding_layers` with a 64-token window (a hybrid model), the rest global, head_dim 256, one
+    KV head, the embedded model's tokenizer."""
     import shutil
 
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
@@ -206,7 +213,8 @@ def tiny_hybrid_model(path: Path) -> Path:
         num_key_value_heads=1,
         head_dim=256,
         sliding_window=64,
-        layer_types=["sliding_attention"] * 3 + ["full_attention"],
+        layer_types=["sliding_attention"] * sliding_layers
+        + ["full_attention"] * (4 - sliding_layers),
         max_position_embeddings=2048,
         bos_token_id=1,
         eos_token_id=2,

@@ -17,6 +17,7 @@ from tq_vllm.kernels.common import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
     check_gqa,
+    check_lse_out,
     check_records,
     check_tensor,
 )
@@ -104,10 +105,7 @@ def decode_attention(
     lse_out: float32 [B, Hq], written with each row's log-sum-exp of its scaled scores (-inf
     for a row that read nothing), to merge this attention with one over other tokens."""
     check_attention_inputs(query, kv_cache, block_table, seq_lens, codec)
-    if lse_out is not None:
-        check_tensor("lse_out", lse_out, 2, (torch.float32,))
-        if lse_out.shape != query.shape[:2]:
-            raise ValueError(f"lse_out is {tuple(lse_out.shape)}, needs {tuple(query.shape[:2])}")
+    check_lse_out(lse_out, query)
     if query.shape[0] != seq_lens.shape[0]:
         raise ValueError(f"{query.shape[0]} queries for {seq_lens.shape[0]} sequences")
     starts = torch.arange(query.shape[0] + 1, dtype=torch.int32)

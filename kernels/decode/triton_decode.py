@@ -19,6 +19,7 @@ built once on the host (per_codec).
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -29,6 +30,7 @@ from tq_vllm.kernels.common import (
     INDEX_DTYPES,
     check_cache,
     check_gqa,
+    check_lse_out,
     check_tensor,
 )
 from tq_vllm.kernels.triton_tiles import (
@@ -42,6 +44,8 @@ from tq_vllm.kernels.triton_tiles import (
     values_needed,
 )
 from tq_vllm.record.codec import LayerCodec
+
+LN2 = math.log(2.0)  # the kernels' log-sum-exps are base 2 (exp2 softmax)
 
 
 @triton.jit
@@ -154,7 +158,16 @@ def _decode_split_kernel(
 
 
 @triton.jit
-def _decode_reduce_kernel(o_ptr, lse_ptr, out_ptr, num_splits, D: tl.constexpr, SP: tl.constexpr):
+def _decode_reduce_kernel(
+    o_ptr,
+    lse_ptr,
+    out_ptr,
+    lse_out_ptr,
+    num_splits,
+    D: tl.constexpr,
+    SP: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     s = tl.arange(0, SP)
     smask = s < num_splits
@@ -169,6 +182,9 @@ def _decode_reduce_kernel(o_ptr, lse_ptr, out_ptr, num_splits, D: tl.constexpr, 
     total = tl.sum(w, axis=0)
     out = tl.sum(w[:, None] * o, axis=0) / tl.where(total > 0, total, 1.0)
     tl.store(out_ptr + row * D + d, out)
+    if WRITE_LSE:  # base 2 here; the caller scales it to the natural log
+        lse_row = tl.where(total > 0, top + tl.log2(tl.where(total > 0, total, 1.0)), -float("inf"))
+        tl.store(lse_out_ptr + row, lse_row)
 
 
 @functools.cache
@@ -199,6 +215,7 @@ def decode_attention(
     num_stages: int = 2,
     sparse_v: float = 0.0,
     sliding_window: int | None = None,
+    lse_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton decode_attention_reference: query [B, Hq, d] -> [B, Hq, d] in query's dtype.
 
@@ -211,10 +228,13 @@ def decode_attention(
     sparse_v: skip a tile's values where every weight lies below sparse_v times its row's
     running maximum (0: read every value).
     sliding_window: as in the reference; tokens before the window are never read.
+    lse_out: float32 [B, Hq], written with each row's natural-log log-sum-exp of its scaled
+    scores (-inf for a row that read nothing), to merge with an attention over other tokens.
     """
     check_cache(kv_cache, codec)
     device = kv_cache.device
     check_tensor("query", query, 3, FLOAT_DTYPES, device)
+    check_lse_out(lse_out, query)
     check_tensor("block_table", block_table, 2, INDEX_DTYPES, device)
     check_tensor("seq_lens", seq_lens, 1, INDEX_DTYPES, device)
     group = check_gqa(query, kv_cache, codec)
@@ -250,9 +270,14 @@ def decode_attention(
     )  # fmt: skip
     if num_splits == 1:  # one split per row holds the whole softmax: nothing to merge
         out = partial.view(batch, num_q_heads, head_dim)
+        if lse_out is not None:
+            torch.mul(lse.view(batch, num_q_heads), LN2, out=lse_out)
     else:
         out = torch.empty(batch, num_q_heads, head_dim, device=device)
         _decode_reduce_kernel[(batch * num_q_heads,)](
-            partial, lse, out, num_splits, D=head_dim, SP=triton.next_power_of_2(num_splits)
-        )
+            partial, lse, out, lse if lse_out is None else lse_out, num_splits, D=head_dim,
+            SP=triton.next_power_of_2(num_splits), WRITE_LSE=lse_out is not None,
+        )  # fmt: skip
+        if lse_out is not None:
+            lse_out.mul_(LN2)
     return (out @ codec.rotation).to(query.dtype)

@@ -18,7 +18,7 @@ keys (the ring's, then the step's own) and merges the two by their log-sum-exps.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 
@@ -42,6 +42,19 @@ class ExactIndex:
     write_tokens: torch.Tensor  # int64 [N]: the step's tokens written to the ring afterwards
     write_blocks: torch.Tensor  # int64 [N]
     write_slots: torch.Tensor  # int64 [N]
+    longest_segment_start: int  # max s(p): sizes the Triton decode's splits
+
+    def to(self, device: torch.device) -> ExactIndex:
+        """The index with its tensors on the device that attends (one copy per step)."""
+        moved = {
+            f.name: getattr(self, f.name).to(device, non_blocking=True)
+            for f in fields(self)
+            if isinstance(getattr(self, f.name), torch.Tensor)
+        }
+        return replace(self, **moved)
+
+
+EXACT_ROWS = 256  # rows attended together by exact_attention
 
 
 def exact_index(
@@ -86,6 +99,7 @@ def exact_index(
         write_tokens=starts[write_seq] + write_pos - chunk[write_seq],
         write_blocks=rings.long()[write_seq],
         write_slots=write_pos % ring_size,
+        longest_segment_start=int(segment.max()) if len(segment) else 0,
     )
 
 
@@ -109,19 +123,31 @@ def exact_attention(
     ring [num_rings, Hk, R, 2d]. Returns (out [T, Hq, d], lse [T, Hq]) in float32."""
     n, hq, d = query.shape
     hk = key.shape[1]
-    timeline = torch.zeros(index.timeline_len + window, hk, 2 * d, dtype=torch.float32)
+    device = query.device
+    timeline = torch.zeros(index.timeline_len + window, hk, 2 * d, device=device)
     if index.ring_entries.numel():
         timeline[index.ring_entries] = ring[index.ring_blocks, :, index.ring_slots].float()
     timeline[index.own_entries, :, :d] = key[:n].float()
     timeline[index.own_entries, :, d:] = value[:n].float()
-    steps = torch.arange(window)
-    kv = timeline[index.window_start[:, None] + steps]  # [T, W, Hk, 2d]
-    q = query.float().view(n, hk, hq // hk, d)
-    scores = torch.einsum("nhgd,nwhd->nhgw", q, kv[..., :d]) * scale
-    hidden = steps[None, :] >= index.visible[:, None]  # [T, W]: past the row's own position
-    scores = scores.masked_fill(hidden[:, None, None, :], float("-inf"))
-    lse = scores.logsumexp(-1)
-    out = torch.einsum("nhgw,nwhd->nhgd", (scores - lse[..., None]).exp(), kv[..., d:])
+    steps = torch.arange(window, device=device)
+    q = query.float().view(n, hk, 1, hq // hk, d)
+    out = torch.empty(n, hk, hq // hk, d, device=device)
+    lse = torch.empty(n, hk, hq // hk, device=device)
+    # Products and sums, not einsum: a batched matmul's rounding depends on how many rows it
+    # gets (the BLAS picks kernels by shape), and a row's result must not depend on which rows
+    # share its step, so that speculative verify steps and chunking reproduce decoding bit for
+    # bit. Blocks of rows bound the [rows, Hk, G, W, d] products (also 2x faster than einsum
+    # at 2,048 rows, W 32).
+    for lo in range(0, n, EXACT_ROWS):
+        hi = min(lo + EXACT_ROWS, n)
+        kv = timeline[index.window_start[lo:hi, None] + steps].transpose(1, 2)  # [r, Hk, W, 2d]
+        kv = kv[:, :, None]  # [r, Hk, 1, W, 2d]
+        scores = (q[lo:hi].transpose(2, 3) * kv[..., :d]).sum(-1) * scale  # [r, Hk, G, W]
+        hidden = steps[None, :] >= index.visible[lo:hi, None]  # past the row's own position
+        scores = scores.masked_fill(hidden[:, None, None, :], float("-inf"))
+        lse[lo:hi] = scores.logsumexp(-1)
+        weights = (scores - lse[lo:hi, ..., None]).exp()
+        out[lo:hi] = (weights[..., None] * kv[..., d:]).sum(-2)
     return out.reshape(n, hq, d), lse.reshape(n, hq)
 
 

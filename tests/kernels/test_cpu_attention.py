@@ -86,9 +86,10 @@ def test_decode_log_sum_exp_matches_reference(
     out = cpu_decode.decode_attention(
         query, cache, table, seq_lens, codec, d**-0.5, num_splits=num_splits, lse_out=lse
     )
-    torch.testing.assert_close(
-        out, decode_attention_reference(query, cache, table, seq_lens, codec, d**-0.5), **CPU_TOL
-    )
+    ref_lse = torch.empty_like(lse)  # the reference's lse_out, which the Triton test uses
+    ref = decode_attention_reference(query, cache, table, seq_lens, codec, d**-0.5, lse_out=ref_lse)
+    torch.testing.assert_close(out, ref, **CPU_TOL)
+    torch.testing.assert_close(lse, ref_lse, **CPU_TOL)
     q = codec.rotate_queries(query) * d**-0.5
     for b, n in enumerate(lens):
         k, _ = gather_context(cache, table[b], n, codec)  # [Hk, n, d]

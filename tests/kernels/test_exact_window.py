@@ -1,22 +1,42 @@
-"""The exact-window rule on the CPU (C++ compressed part + exact part, merged by log-sum-exp)
-against the direct reference, and the ring's reads and writes.
+"""The exact-window rule (compressed part by each kernel family + exact part, merged by
+log-sum-exp) against the direct reference, and the ring's reads and writes.
 
-Tolerance: CPU_TOL (atol 1e-5, rtol 1e-4): both sides compute in float32 from the same codes
-and the same exact keys; they differ in summation order and the kernel's exp. Rings are
-NaN-filled wherever no earlier step wrote, so a read of a slot the rule does not allow shows.
+Kernels: the C++ op (once per build this CPU runs), the Triton decode kernel (interpreter) and
+the PyTorch reference, chosen the way the backend chooses them (kernels/dispatch.py).
+Tolerance: CPU_TOL (atol 1e-5, rtol 1e-4) for the C++ op and the reference: both sides compute
+in float32 from the same codes and the same exact keys, differing in summation order and the
+kernel's exp. Triton: atol = rtol = 2e-3, its dots take fp16 operands (as in
+test_triton_decode.py). Rings are NaN-filled wherever no earlier step wrote, so a read of a
+slot the rule does not allow shows.
 """
 
 import pytest
 import torch
 from cases import CPU_TOL, make_cache
 
-from tq_vllm.kernels.window.cpu_window import windowed_attention
+from tq_vllm.kernels import cpu_extension, dispatch
 from tq_vllm.kernels.window.exact import exact_index, write_ring
 from tq_vllm.kernels.window.reference import exact_window_attention_reference
+from tq_vllm.kernels.window.windowed import windowed_attention
 from tq_vllm.record.codec import LayerCodec
 from tq_vllm.record.layout import RecordLayout
 
-pytestmark = pytest.mark.usefixtures("cpu_isa")
+TRITON_TOL = dict(atol=2e-3, rtol=2e-3)
+
+
+@pytest.fixture(params=[*cpu_extension.runnable_variants(), "triton", "reference"])
+def tolerance(request, monkeypatch):
+    """Routes the compressed part to one kernel family; returns the tolerance it is held to."""
+    if request.param == "triton":
+        monkeypatch.setattr(dispatch, "TRITON_EVERYWHERE", True)
+        return TRITON_TOL
+    if request.param == "reference":
+        monkeypatch.setattr(dispatch, "REFERENCE_ONLY", True)
+        return CPU_TOL
+    monkeypatch.setattr(cpu_extension, "chosen_variant", lambda: request.param)
+    assert cpu_extension.available(), "the C++ CPU ops did not build (see the log)"
+    return CPU_TOL
+
 
 # d, key_bits, value_bits, block_size, hq, hk, window, ring slots, per sequence
 # (tokens after this step, tokens this step): decodes at a segment's first position, its last,
@@ -41,7 +61,9 @@ def _ring_holding(keys, values, lens, q_lens, hk, d, ring_size):
 
 
 @pytest.mark.parametrize("d,kb,vb,block_size,hq,hk,window,seqs,extra", CASES)
-def test_windowed_attention_matches_reference(d, kb, vb, block_size, hq, hk, window, seqs, extra):
+def test_windowed_attention_matches_reference(
+    d, kb, vb, block_size, hq, hk, window, seqs, extra, tolerance
+):
     codec = LayerCodec(RecordLayout(d, kb, "mse", vb), seed=d + kb)
     lens, q_lens = [n for n, _ in seqs], [q for _, q in seqs]
     ring_size = window + extra
@@ -59,7 +81,7 @@ def test_windowed_attention_matches_reference(d, kb, vb, block_size, hq, hk, win
         query, cache, table, starts, seq_lens, keys, values, codec, d**-0.5, window
     )
     assert torch.isfinite(out).all()
-    torch.testing.assert_close(out, ref, **CPU_TOL)
+    torch.testing.assert_close(out, ref, **tolerance)
     assert torch.equal(ring.isnan(), before.isnan())  # attention reads the ring only
 
     # Then the step's own last R tokens go in; nothing else moves.
@@ -71,7 +93,7 @@ def test_windowed_attention_matches_reference(d, kb, vb, block_size, hq, hk, win
     torch.testing.assert_close(ring, expected, equal_nan=True, rtol=0, atol=0)
 
 
-def test_windowed_attention_is_chunking_invariant():
+def test_windowed_attention_is_chunking_invariant(tolerance):
     """The rule depends on positions only: one 70-token prefill, or chunks of 9 (with the ring
     carrying each chunk's first segment over), give the same rows."""
     d, hk, hq, window, block_size = 64, 1, 3, 16, 16
@@ -94,7 +116,7 @@ def test_windowed_attention_is_chunking_invariant():
     whole = step(0, 70)
     ring.fill_(float("nan"))
     chunked = torch.cat([step(lo, min(lo + 9, 70)) for lo in range(0, 70, 9)])
-    torch.testing.assert_close(chunked, whole, **CPU_TOL)
+    torch.testing.assert_close(chunked, whole, **tolerance)
 
 
 def test_exact_index_refuses_a_ring_smaller_than_the_window():

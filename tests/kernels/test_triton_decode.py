@@ -108,6 +108,32 @@ def test_split_count_follows_the_batch_lengths(monkeypatch):
     torch.testing.assert_close(out, ref, **TOL)
 
 
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize(
+    "d,key_bits,mode,value_bits,block_size,hq,hk,lens", [c[:-1] for c in CASES[::4]]
+)
+def test_decode_log_sum_exp_matches_reference(
+    d, key_bits, mode, value_bits, block_size, hq, hk, lens, num_splits
+):
+    """lse_out (natural log, as the exact window merges it) against the reference's, with a
+    row of 0 tokens: -inf and an output of 0. One split writes it from the split kernel, more
+    from the reduce kernel."""
+    codec = LayerCodec(RecordLayout(d, key_bits, mode, value_bits), seed=d + key_bits)
+    cache, table, _, _ = make_cache(codec, lens, block_size, hk, seed=1)
+    seq_lens = torch.tensor([*lens, 0], dtype=torch.int32)
+    table = torch.cat([table, table[:1]])
+    query = torch.randn(len(seq_lens), hq, d, generator=torch.Generator().manual_seed(2))
+    lse, ref_lse = (torch.full((len(seq_lens), hq), float("nan")) for _ in range(2))
+    out = run_kernel(
+        decode_attention, query, cache, table, seq_lens, codec, d**-0.5, num_splits=num_splits,
+        lse_out=lse,
+    )  # fmt: skip
+    ref = decode_attention_reference(query, cache, table, seq_lens, codec, d**-0.5, lse_out=ref_lse)
+    torch.testing.assert_close(out, ref, **TOL)
+    torch.testing.assert_close(lse, ref_lse, **TOL)
+    assert torch.all(lse[-1] == float("-inf")) and torch.all(out[-1] == 0)
+
+
 # The default's 5-bit values, block sizes up to 128, and sequences of 0 tokens (padding rows of
 # a batch: they attend to nothing and read 0) and 1 token.
 @pytest.mark.parametrize(

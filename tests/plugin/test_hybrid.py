@@ -5,7 +5,7 @@ on the first request), and with every layer compressed (the CPU kernels honour t
 frees the blocks that fall out of it)."""
 
 import pytest
-from cases import generate, tiny_hybrid_model
+from cases import generate, tiny_gemma3
 
 from tq_vllm.tools.server import kv_cache_tokens
 
@@ -16,7 +16,7 @@ PROMPT = " ".join(f"Item {i} is on shelf {i % 7}." for i in range(30))  # past t
 
 
 def test_hybrid_model_serves_with_sliding_window_layers_skipped(tmp_path):
-    model = str(tiny_hybrid_model(tmp_path / "model"))
+    model = str(tiny_gemma3(tmp_path / "model"))
     llm = {"model": model, "max_model_len": 512, "kv_cache_memory_bytes": 1 << 26}
     compressed = {
         **llm,
@@ -40,7 +40,7 @@ def test_hybrid_model_serves_with_every_layer_compressed(tmp_path):
     past the window moves them by up to 0.63 nats, mean 0.07: measured with transformers on
     this model); the capacity vLLM reports is about twice bf16's and above the skip-layers
     deployment's."""
-    model = str(tiny_hybrid_model(tmp_path / "model"))
+    model = str(tiny_gemma3(tmp_path / "model"))
     llm = {"model": model, "max_model_len": 512, "kv_cache_memory_bytes": 1 << 26}
     k8v8 = {"turboquant": {"key_bits": 8, "value_bits": 8}}
     skipped = {**llm, "kv_cache_dtype": "turboquant", "additional_config": k8v8,

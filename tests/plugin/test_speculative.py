@@ -22,8 +22,16 @@ PROMPTS = [
 NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}
 
 
-def test_ngram_speculation_keeps_greedy_outputs(tmp_path):
-    llm = {"kv_cache_dtype": "turboquant", "max_model_len": 1024, "kv_cache_memory_bytes": 1 << 28}
+# exact_window: a verify step writes its rejected drafts into the ring too; its R = W + 3 slots
+# keep them off every slot a later query reads exactly (kernels/window/exact.py).
+@pytest.mark.parametrize("turboquant", [{}, {"key_bits": 4, "value_bits": 4, "exact_window": 16}])
+def test_ngram_speculation_keeps_greedy_outputs(tmp_path, turboquant):
+    llm = {
+        "kv_cache_dtype": "turboquant",
+        "max_model_len": 1024,
+        "kv_cache_memory_bytes": 1 << 28,
+        "additional_config": {"turboquant": turboquant},
+    }
     counters: dict = {}
     (plain,) = generate(tmp_path, llm, PROMPTS, max_tokens=48)
     (speculated,) = generate(

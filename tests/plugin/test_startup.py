@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from tq_vllm.plugin.startup import exact_window_reasons, unsupported_platform_reasons
+from tq_vllm.plugin.startup import ConfigError, check_exact_window, unsupported_platform_reasons
 
 
 @dataclass
@@ -62,15 +62,9 @@ def test_each_rank_takes_its_kv_heads(total, size, expected):
     assert [local_kv_heads(total, rank, size) for rank in range(size)] == expected
 
 
-def test_exact_window_is_served_by_the_cpp_path_only_so_far():
-    cpu, cuda = Platform("cpu"), Platform("cuda")
-    assert exact_window_reasons(32, 128, cpu, {}, []) == []
-    assert exact_window_reasons(32, None, cpu, {}, []) == []  # vLLM picks the block size later
-    (reason,) = exact_window_reasons(32, 128, cuda, {}, [])
-    assert "exact_window 32: it runs on the C++ CPU kernels only" in reason
-    (reason,) = exact_window_reasons(32, 128, cpu, {"TQ_VLLM_KERNELS": "reference"}, [])
-    assert "C++ CPU kernels only" in reason
-    (reason,) = exact_window_reasons(32, 16, cpu, {}, [])
-    assert "must divide the block size (16 tokens)" in reason
-    (reason,) = exact_window_reasons(16, 128, cpu, {}, [3])
-    assert "'uniform' (layers [3])" in reason
+def test_exact_window_must_divide_the_block_size():
+    check_exact_window(32, 128)
+    check_exact_window(0, 100)  # off
+    check_exact_window(32, None)  # vLLM picks the block size later; the ring builder checks
+    with pytest.raises(ConfigError, match="exact_window 32 must divide the block size"):
+        check_exact_window(32, 16)

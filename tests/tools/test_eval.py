@@ -134,8 +134,9 @@ def test_passkey_prompts_lengths():
 @pytest.mark.server
 def test_quick_eval_keeps_default_bound(tmp_path):
     pytest.importorskip("vllm")
-    """The promised bound, and a calibrated outlier-channel config served by the engine: on this
-    window K2.5 V3 measured +32.6% at 5.12x (K3 V3: +36.2% at 4.92x)."""
+    """The promised bound, a calibrated outlier-channel config served by the engine (on this
+    window K2.5 V3 measured +32.6% at 5.12x, K3 V3 +36.2% at 4.92x), and K4 V4 with an exact
+    window, whose rings vLLM counts."""
     command = [
         sys.executable,
         "-m",
@@ -144,6 +145,7 @@ def test_quick_eval_keeps_default_bound(tmp_path):
         "--quick",
         "default",
         "k2.5v3-outliers",
+        "k4v4-w32",
     ]
     command += ["--out", str(tmp_path)]
     # Its own session: on timeout the whole group goes, the engine process included.
@@ -166,6 +168,14 @@ def test_quick_eval_keeps_default_bound(tmp_path):
     split, bf16 = rows["k2.5v3-outliers"], rows["bf16"]
     assert split["kv_tokens"] >= 5 * bf16["kv_tokens"]
     assert split["ppl"] < 1.45 * bf16["ppl"] and sum(split["retrieval"]["1024"]) > 0
+    # Capacity for 2K-token conversations by vLLM's count: the bytes ratio without a window;
+    # with one, each conversation's 16 blocks of records take a 17th for its ring.
+    default, windowed = rows["default"], rows["k4v4-w32"]
+    for row, blocks in ((default, 16), (windowed, 17)):
+        by_bytes = bf16["bytes_per_token"] / row["bytes_per_token"] * 16 / blocks
+        ratio = row["conversations"] / bf16["conversations"]
+        assert ratio == pytest.approx(by_bytes, rel=0.01), (row["config"]["name"], ratio)
+    assert windowed["ppl"] < 1.05 * bf16["ppl"]  # K4 V4 alone: +7.6% on 8K tokens
 
 
 def test_ops_read_uniform_records_with_the_reference():
@@ -232,3 +242,24 @@ def test_time_budget_must_be_positive(capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--time-budget", "0"])
     assert "--time-budget: must be more than 0 minutes, got 0" in capsys.readouterr().err
+
+
+def test_capacity_is_counted_in_conversations_where_vllm_ran():
+    """The default's rule ranks by vLLM's concurrency for 2K-token conversations, which counts an
+    exact window's rings; the bytes per token do not, and overstate a windowed config."""
+    from tq_vllm.tools.eval.report import Row, best_at, choose_default
+
+    configs = all_configs()
+    passkey = {"1024": [1, 1]}
+
+    def row(name, nbytes, conversations, ppl):
+        return Row(configs[name], nbytes, 1, ppl, 100, passkey, conversations=conversations)
+
+    base = row("bf16", 23040, 22.75, 10.0)
+    plain = row("k4v4", 6120, 85.6, 10.05)  # 3.76x
+    windowed = row("k4v4-w32", 6120, 80.6, 10.08)  # 3.76x by bytes, 3.54x counted
+    assert windowed.capacity(base) == pytest.approx(80.6 / 22.75)
+    assert choose_default([base, windowed, plain], base, 0.01) is plain
+    assert best_at([base, windowed, plain], base, 3.6) is plain
+    unmeasured = row("k4v4-w16", 6120, None, 10.01)
+    assert unmeasured.capacity(base) == pytest.approx(23040 / 6120)  # no engine: bytes

@@ -26,8 +26,8 @@ from vllm.v1.attention.backend import (
 
 from tq_vllm.kernels import cpu_extension, dispatch
 from tq_vllm.kernels.common import TRITON_HEAD_DIMS
-from tq_vllm.kernels.window.cpu_window import windowed_attention
 from tq_vllm.kernels.window.exact import write_ring
+from tq_vllm.kernels.window.windowed import windowed_attention
 from tq_vllm.plugin import compat, exact_ring, startup
 from tq_vllm.record.codec import LayerCodec
 

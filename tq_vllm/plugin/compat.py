@@ -176,6 +176,24 @@ def ring_spec(slots: int, num_kv_heads: int, head_size: int, dtype: torch.dtype)
     )
 
 
+def max_concurrency(llm: Any, tokens: int) -> float:
+    """How many `tokens`-token requests vLLM fits at once in an in-process LLM's KV cache
+    (VLLM_ENABLE_V1_MULTIPROCESSING=0), by vLLM's own count ("Maximum concurrency"), every
+    KV-cache group included: an exact window's rings too."""
+    from vllm.v1.core.kv_cache_utils import get_max_concurrency_for_kv_cache_config
+
+    engine = llm.llm_engine
+    kv_cache_config = engine.engine_core.engine_core.scheduler.kv_cache_config
+    # vLLM sizes a request by max_model_len; set it for the count only (a copy of the config
+    # would run its validation again, which loads the model's config).
+    model_config = engine.vllm_config.model_config
+    max_model_len, model_config.max_model_len = model_config.max_model_len, tokens
+    try:
+        return get_max_concurrency_for_kv_cache_config(engine.vllm_config, kv_cache_config)
+    finally:
+        model_config.max_model_len = max_model_len
+
+
 def forward_metadata(layer_name: str) -> Any:
     """The step's attention metadata of a layer (vLLM builds it per KV-cache group)."""
     from vllm.forward_context import get_forward_context

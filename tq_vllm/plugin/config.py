@@ -28,7 +28,7 @@ Fields (all optional):
   exact_window           0 (default): every token is read from its record. W (a power of two,
                          16..256): a query at position p also keeps its own W-aligned segment,
                          positions floor(p / W) * W .. p, exact (the model dtype), stored in one
-                         ring per request and layer inside vLLM's KV budget; CPU only so far
+                         ring per request and layer inside vLLM's KV budget
 
 Every layer's record has its own size: vLLM gives each layer its own page (one KV-cache group,
 per-layer page sizes), so higher precision on a few layers costs bytes on those layers only.

@@ -43,11 +43,8 @@ class RingMetadataBuilder(AttentionMetadataBuilder[RingMetadata]):
 
         self.window = startup.active_settings().config.exact_window
         self.ring_size = kv_cache_spec.block_size
-        block_size = vllm_config.cache_config.block_size
-        if block_size % self.window:  # startup could not check it: vLLM chose it since
-            raise startup.ConfigError(
-                f"exact_window {self.window} must divide the block size ({block_size} tokens)"
-            )
+        # Startup may not have known the block size: vLLM has chosen it since.
+        startup.check_exact_window(self.window, vllm_config.cache_config.block_size)
 
     def build(
         self,
@@ -59,7 +56,7 @@ class RingMetadataBuilder(AttentionMetadataBuilder[RingMetadata]):
         rings = m.block_table_tensor[: m.num_reqs, 0].cpu()
         lens = m.seq_lens[: m.num_reqs].cpu()
         index = exact_index(m.query_start_loc_cpu, lens, rings, self.window, self.ring_size)
-        return RingMetadata(index)
+        return RingMetadata(index.to(self.device))
 
 
 class RingBackend(AttentionBackend):

@@ -114,29 +114,18 @@ def check_vllm_config(vllm_config: Any) -> Settings:
             f"value_mode 'uniform' (layers {uniform}) runs on the CPU (PyTorch) path only; "
             "the CUDA kernels read Lloyd-Max value records: use value_mode 'mse'"
         )
-    window = settings.config.exact_window
-    if window:
-        block_size = vllm_config.cache_config.block_size
-        reasons = exact_window_reasons(window, block_size, current_platform, os.environ, uniform)
-        if reasons:
-            raise ConfigError("; ".join(reasons))
+    check_exact_window(settings.config.exact_window, vllm_config.cache_config.block_size)
     model_bytes = vllm_config.model_config.dtype.itemsize
     logger.info("%s", settings.config.describe(settings.head_dim, settings.num_layers, model_bytes))
     return settings
 
 
-def exact_window_reasons(
-    window: int, block_size: int | None, platform: Any, env: Mapping[str, str], uniform: list
-) -> list[str]:
-    """What the exact window's first version (the C++ path) cannot serve yet."""
-    reasons = []
-    if serves_with_triton(platform) or env.get(KERNELS_ENV):
-        reasons.append("it runs on the C++ CPU kernels only so far (no Triton, no reference)")
-    if uniform:
-        reasons.append(f"value_mode 'uniform' (layers {uniform}) has no fused C++ kernel")
-    if block_size and block_size % window:
-        reasons.append(f"it must divide the block size ({block_size} tokens)")
-    return [f"exact_window {window}: {reason}" for reason in reasons]
+def check_exact_window(window: int, block_size: int | None) -> None:
+    """A W-aligned segment never straddles a block, so a prefix-cache hit (whole blocks) starts
+    a segment and reads nothing from a ring it has not filled. block_size None: vLLM picks it
+    later, and the ring's metadata builder asks again."""
+    if window and block_size and block_size % window:
+        raise ConfigError(f"exact_window {window} must divide the block size ({block_size} tokens)")
 
 
 _active: tuple[Any, Settings] | None = None  # (the vllm_config, its settings)

@@ -131,6 +131,18 @@ def record_launches(variant: Variant) -> list[tuple[str, Any, tuple, dict]]:
         "decode": lambda: decode_attention(
             query, cache, table, lens, codec, 0.1, num_splits=3, **sparse
         ),
+        # The exact window's compressed part: the reduce kernel writes each row's lse too.
+        "decode (lse)": lambda: decode_attention(
+            query,
+            cache,
+            table,
+            lens,
+            codec,
+            0.1,
+            num_splits=3,
+            **sparse,
+            lse_out=torch.empty(2, hk * group),
+        ),  # fmt: skip
         "context (cached)": lambda: context_attention(
             query, None, None, cache, table, qsl, lens, codec, 0.1, max_query_len=1, **sparse
         ),

@@ -94,6 +94,23 @@ def all_configs(num_layers: int = 30) -> dict[str, EvalConfig]:
         )
         for t in (1e-3, 1e-2)
     ]
+    # The exact window (each query's own W-aligned segment in bf16): W 32 where a ring fits in
+    # a 128-token block of records (>= 64 bytes per token per head), W 16 below.
+    configs += [
+        EvalConfig(
+            f"{name}-w{w}",
+            f"{label}, exact window {w}",
+            turboquant={**fields, "exact_window": w},
+        )
+        for name, label, fields, w in (
+            ("default", "configs/default.yaml", {"config": "default"}, 32),
+            ("k5v4", "K5 V4 mse", _tq(5, 4), 32),
+            ("k4v4", "K4 V4 mse", _tq(4, 4), 32),
+            ("k4v4", "K4 V4 mse", _tq(4, 4), 16),
+            ("k4v3", "K4 V3 mse", _tq(4, 3), 16),
+            ("k3v3", "K3 V3 mse", _tq(3, 3), 16),
+        )
+    ]
     return {c.name: c for c in configs}
 
 

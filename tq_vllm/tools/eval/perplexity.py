@@ -6,7 +6,12 @@ import math
 import time
 from typing import Any
 
+from tq_vllm.plugin import compat
 from tq_vllm.tools.eval.data import ppl_windows, text_ids
+
+# The conversation length capacity is counted at: vLLM's maximum concurrency for requests of
+# this many tokens, every KV-cache group included (an exact window's rings cost one block each).
+CONVERSATION_TOKENS = 2048
 
 
 def measure_ppl(llm: Any, tokens: int) -> dict:
@@ -29,5 +34,6 @@ def measure_ppl(llm: Any, tokens: int) -> dict:
         "ppl": math.exp(nll / count),
         "ppl_tokens": count,
         "kv_tokens": cache.num_gpu_blocks * cache.block_size,
+        "conversations": compat.max_concurrency(llm, CONVERSATION_TOKENS),
         "ppl_seconds": time.time() - start,
     }

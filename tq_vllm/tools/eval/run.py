@@ -139,6 +139,7 @@ def evaluate(args: argparse.Namespace) -> int:
                 top1=sum(f.top1 for f in per_layer) / num_layers,
                 top5=sum(f.top5 for f in per_layer) / num_layers,
                 worst_layer=worst,
+                conversations=res.get("conversations"),
             )
         )
     bar.close()
@@ -151,14 +152,14 @@ def evaluate(args: argparse.Namespace) -> int:
         "and no passkey loss vs bf16 at any length): "
         + (
             f"**{chosen.config.name}** ({chosen.config.label}, "
-            f"{base.bytes_per_token / chosen.bytes_per_token:.2f}x, "
+            f"{chosen.capacity(base):.2f}x, "
             f"{chosen.ppl / base.ppl - 1:+.2%})"
             if chosen
             else "none of the configs run qualifies"
         ),
         "Best config at >= 5x capacity (lowest perplexity): "
         + (
-            f"**{best5.config.name}** ({base.bytes_per_token / best5.bytes_per_token:.2f}x, "
+            f"**{best5.config.name}** ({best5.capacity(base):.2f}x, "
             f"{best5.ppl / base.ppl - 1:+.1%})"
             if best5
             else "none of the configs run reaches 5x"
