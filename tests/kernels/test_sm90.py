@@ -87,7 +87,7 @@ def test_at_least_20_sm90_variants_compile(compiled):
     sm90 = [r for r in compiled if r["arch"] == 90]
     assert len(sm90) >= 20
     kernels = {r["kernel"].split(":")[0] for r in sm90}
-    assert kernels == {"store", "decode", "context (cached)", "context (fresh)"}
+    assert kernels == {"store", "decode", "decode (lse)", "context (cached)", "context (fresh)"}
     for bits in range(1, 9):
         assert any(f"K{bits}" in r["variant"] for r in sm90), f"no {bits}-bit keys"
         assert any(f" V{bits} " in r["variant"] for r in sm90), f"no {bits}-bit values"
