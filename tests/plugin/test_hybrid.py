@@ -28,8 +28,13 @@ def test_hybrid_model_serves_with_sliding_window_layers_skipped(tmp_path):
     (bf16,) = generate(tmp_path, llm, [PROMPT], max_tokens=8)
     (ours,) = generate(tmp_path, compressed, [PROMPT], max_tokens=8, log=logs)
     assert "TurboQuant attention backend serving model.layers.3.self_attn.attn" in logs[0]
-    # The global layer at K8 V8 (the sliding ones in bf16) picks bf16's greedy tokens.
-    assert ours[0]["token_ids"] == bf16[0]["token_ids"]
+    # The global layer at K8 V8 (the sliding ones in bf16): prompt logprobs within 0.05 nats of
+    # bf16's. Not its greedy tokens: this random-weights model's are near-ties, which one CPU's
+    # bf16 kernels break differently from another's (the 7th token flipped on an AVX-512 EPYC,
+    # 2026-12-02, before and after the change under test).
+    gaps = [abs(a - b) for a, b in zip(ours[0]["prompt_logprobs"], bf16[0]["prompt_logprobs"])]
+    print(f"prompt logprobs vs bf16: max {max(gaps):.4f} nats")
+    assert len(gaps) > 4 * 64 and max(gaps) < 0.05, max(gaps)
 
 
 def test_hybrid_model_serves_with_every_layer_compressed(tmp_path):

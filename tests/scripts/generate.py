@@ -8,8 +8,9 @@ max_tokens (EOS ignored, so every request grows), which can drive vLLM into pree
 first pass also returns the prompt's logprobs; vLLM skips reading the prefix cache for such
 requests, so later passes ask for none and do read it. OUT gets
 {"runs": [[{"text", "prompt_token_ids", "token_ids", "prompt_logprobs", "logprobs"}...] per
-pass] ("logprobs": the generated tokens'), "prefix_cache_hits": N, "num_preemptions": N, and
-the speculative-decoding counters where drafts ran ("spec_decode_num_draft_tokens", ...)}.
+pass] ("logprobs": the generated tokens', batch mode only), "prefix_cache_hits": N,
+"num_preemptions": N, and the speculative-decoding counters where drafts ran
+("spec_decode_num_draft_tokens", ...)}.
 """
 
 import json
@@ -39,7 +40,7 @@ if __name__ == "__main__":
             temperature=0,
             max_tokens=max_tokens,
             prompt_logprobs=0 if index == 0 else None,
-            logprobs=0,
+            logprobs=0 if spec.get("batch") else None,
             ignore_eos=bool(spec.get("batch")),
         )
         prompts = [
@@ -61,7 +62,9 @@ if __name__ == "__main__":
                     "prompt_token_ids": list(ids),
                     "token_ids": list(gen.token_ids),
                     "prompt_logprobs": logprobs,
-                    "logprobs": [lp[t].logprob for t, lp in zip(gen.token_ids, gen.logprobs)],
+                    "logprobs": [lp[t].logprob for t, lp in zip(gen.token_ids, gen.logprobs)]
+                    if gen.logprobs
+                    else None,
                 }
             )
         runs.append(results)
