@@ -165,8 +165,13 @@ def generate(
     output is appended to `log` and its metric counters put in `counters` where given. batch:
     all prompts at once rather than one at a time."""
     out = tmp_path / f"out{len(list(tmp_path.iterdir()))}.json"
-    spec = {"llm": llm_kwargs, "prompts": prompts, "repeat": repeat, "max_tokens": max_tokens}
-    spec["batch"] = batch
+    spec = {
+        "llm": llm_kwargs,
+        "prompts": prompts,
+        "repeat": repeat,
+        "max_tokens": max_tokens,
+        "batch": batch,
+    }
     script = Path(__file__).parent / "scripts" / "generate.py"
     proc = subprocess.run(
         [sys.executable, str(script), str(out), json.dumps(spec)],

