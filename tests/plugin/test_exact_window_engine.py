@@ -17,8 +17,13 @@ HISTORY = (
     "the first emperor in 27 BC, and in the West it ended in AD 476. "
 )
 PROMPT = HISTORY * 4 + "In summary, the first Roman emperor was"
+PROMPTS = [PROMPT, PROMPT + " a man named"]
 K4V4 = {"key_bits": 4, "value_bits": 4}
 BASE = {"max_model_len": 1024, "kv_cache_memory_bytes": 1 << 28, "enable_prefix_caching": False}
+WINDOWED = {
+    "kv_cache_dtype": "turboquant",
+    "additional_config": {"turboquant": {**K4V4, "exact_window": 32}},
+}
 # K4 V4 on the embedded model: 68 bytes x 3 KV heads x 30 layers per token, 128-token blocks
 # (a ring's block is padded to the same page).
 BLOCK_BYTES = 68 * 3 * 30 * 128
@@ -30,39 +35,48 @@ def gap(run, ref):
     return sum(abs(a - b) for a, b in pairs) / len(pairs)
 
 
-def test_exact_window_is_closer_to_bf16_and_counted_by_vllm(tmp_path):
-    window = {**K4V4, "exact_window": 32}
+@pytest.fixture(scope="module")
+def whole_prompts(tmp_path_factory):
+    """K4 V4 with the 32-token window, each prompt prefilled whole: (runs, engine log)."""
     logs: list[str] = []
-    bf16, k4v4, windowed = (
+    runs = generate(
+        tmp_path_factory.mktemp("whole"),
+        {**BASE, **WINDOWED, "enable_chunked_prefill": False},
+        PROMPTS,
+        log=logs,
+    )[0]
+    return runs, logs[0]
+
+
+def test_exact_window_is_closer_to_bf16_and_counted_by_vllm(tmp_path, whole_prompts):
+    (windowed, _), window_log = whole_prompts
+    logs: list[str] = []
+    bf16, k4v4 = (
         generate(tmp_path, {**BASE, **extra}, [PROMPT], max_tokens=4, log=logs)[0][0]
         for extra in (
             {},
             {"kv_cache_dtype": "turboquant", "additional_config": {"turboquant": K4V4}},
-            {"kv_cache_dtype": "turboquant", "additional_config": {"turboquant": window}},
         )
     )
-    assert "exact window: each query's own 32-token segment" in logs[2]
+    assert "exact window: each query's own 32-token segment" in window_log
     # Measured 2026-12-02: mean |prompt logprob - bf16's| K4 V4 0.131, with the window 0.060.
     print(f"mean gaps to bf16: K4 V4 {gap(k4v4, bf16):.3f}, exact window {gap(windowed, bf16):.3f}")
     assert gap(windowed, bf16) < 0.6 * gap(k4v4, bf16)
     assert "Augustus" in windowed["text"]
     # One ring block per request for its whole life, in vLLM's own count: requests of 1,024
     # tokens in 128-token blocks hold 8 record blocks, plus the ring's.
-    plain, ringed = (float(CONCURRENCY.search(log).group(1)) for log in logs[1:])
+    plain, ringed = (float(CONCURRENCY.search(log).group(1)) for log in (logs[1], window_log))
     assert ringed == pytest.approx(plain * 8 / 9, rel=0.01), (plain, ringed)
 
 
-def test_exact_window_gives_the_same_results_whatever_the_chunking(tmp_path):
+def test_exact_window_gives_the_same_results_whatever_the_chunking(tmp_path, whole_prompts):
     """Chunks of 37 tokens (not a multiple of the window), and prefix-cache hits (which start
     at block boundaries, where a segment starts), against one whole-prompt prefill."""
-    window = {"turboquant": {**K4V4, "exact_window": 32}}
-    tq = {"kv_cache_dtype": "turboquant", "additional_config": window}
-    prompts = [PROMPT, PROMPT + " a man named"]
-    plain = generate(tmp_path, {**BASE, **tq, "enable_chunked_prefill": False}, prompts)[0]
+    plain, _ = whole_prompts
     chunked, cached = generate(
         tmp_path,
-        {**BASE, **tq, "max_num_batched_tokens": 37, "enable_prefix_caching": True},
-        prompts,
+        {**BASE, **WINDOWED, "max_num_batched_tokens": 37, "enable_prefix_caching": True},
+        PROMPTS,
         repeat=2,
     )
     hits = json.loads(sorted(tmp_path.glob("out*.json"))[-1].read_text())["prefix_cache_hits"]
@@ -80,13 +94,7 @@ def test_exact_window_recomputes_the_same_cache_after_preemption(tmp_path):
     write. Each generated token's logprob must match one fresh prefill of prompt + generated
     tokens (batch composition moves bf16 rounding a little; a wrong cache moves most tokens by
     nats)."""
-    tq = {"turboquant": {**K4V4, "exact_window": 32}}
-    llm = {
-        **BASE,
-        "max_model_len": 256,
-        "kv_cache_dtype": "turboquant",
-        "additional_config": tq,
-    }
+    llm = {**BASE, **WINDOWED, "max_model_len": 256}
     # ~86 prompt tokens, 134 after decoding: each request needs a second block mid-decode.
     prompts = [f"{HISTORY * 2}Question {i}: who was the first emperor of Rome?" for i in range(16)]
     counters: dict = {}
