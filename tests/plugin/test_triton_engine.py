@@ -42,8 +42,8 @@ def triton_against_cpp(tmp_path, llm, prompt):
     """One greedy run through the Triton kernels and one through the C++ path: (the Triton
     run's log, how far its prompt logprobs sit from the C++ path's: (max, mean) nats)."""
     logs = []
-    (triton,) = generate(tmp_path, llm, [prompt], max_tokens=4, env=TRITON, timeout=1500, log=logs)
-    (cpp,) = generate(tmp_path, llm, [prompt], max_tokens=4, timeout=1500)
+    (triton,) = generate(tmp_path, llm, [prompt], max_tokens=2, env=TRITON, timeout=1500, log=logs)
+    (cpp,) = generate(tmp_path, llm, [prompt], max_tokens=2, timeout=1500)
     assert triton[0]["token_ids"] == cpp[0]["token_ids"]
     assert "with the Triton kernels (interpreted)" in logs[0]
     return logs[0], len(triton[0]["prompt_logprobs"]), nats(triton[0], cpp[0])
@@ -63,7 +63,7 @@ def test_engine_serves_through_the_triton_kernels(tmp_path):
     runs, logs = {}, []
     for name, env in paths.items():
         (runs[name],) = generate(
-            tmp_path, LLM, [PROMPT], max_tokens=4, env=env, timeout=1500, log=logs
+            tmp_path, LLM, [PROMPT], max_tokens=2, env=env, timeout=1500, log=logs
         )
     assert "with the Triton kernels (interpreted)" in logs[0]
     assert "with the PyTorch reference" in logs[1] and "with the C++ kernels" in logs[2]
@@ -87,7 +87,7 @@ def test_engine_serves_a_hybrid_model_through_the_triton_kernels(tmp_path):
     """The tiny Gemma-3-like model (three layers with a 64-token window, one global), every
     layer compressed: the Triton context and decode kernels read only each row's window, in the
     blocks vLLM's sliding-window manager keeps. A 289-token prompt in chunks of 32 (each chunk's
-    window starts inside an earlier one), then decode steps past the window: the C++ path's
+    window starts inside an earlier one), then a decode step past the window: the C++ path's
     greedy tokens, prompt logprobs as close to its as the references allow."""
     prompt = " ".join(f"Item {i} is on shelf {i % 7}." for i in range(30))
     llm = {
@@ -105,7 +105,7 @@ def test_engine_serves_a_hybrid_model_through_the_triton_kernels(tmp_path):
 
 def test_engine_serves_the_exact_window_through_the_triton_kernels(tmp_path):
     """exact_window 16 on the tiny model with every layer global, a 169-token prompt in chunks
-    of 24 (not a multiple of the window), then decode steps: the Triton decode kernel attends
+    of 24 (not a multiple of the window), then a decode step: the Triton decode kernel attends
     each row's compressed positions and returns their log-sum-exps, merged with the exact
     segment as on the C++ path; the same greedy tokens and prompt logprobs within bounds."""
     prompt = " ".join(f"Item {i} is on shelf {i % 7}." for i in range(18))

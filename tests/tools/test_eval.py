@@ -134,9 +134,9 @@ def test_passkey_prompts_lengths():
 @pytest.mark.server
 def test_quick_eval_keeps_default_bound(tmp_path):
     pytest.importorskip("vllm")
-    """The promised bound, a calibrated outlier-channel config served by the engine (on this
-    window K2.5 V3 measured +32.6% at 5.12x, K3 V3 +36.2% at 4.92x), and K4 V4 with an exact
-    window, whose rings vLLM counts."""
+    """The promised bound, and K4 V4 with an exact window, whose rings vLLM counts. (The
+    calibrated K2.5 V3 preset is served in test_triton_engine.py and test_serving.py's TP3
+    test; its perplexity is the full eval's: on this window +32.6% at 5.12x.)"""
     command = [
         sys.executable,
         "-m",
@@ -144,7 +144,6 @@ def test_quick_eval_keeps_default_bound(tmp_path):
         "eval",
         "--quick",
         "default",
-        "k2.5v3-outliers",
         "k4v4-w32",
     ]
     command += ["--out", str(tmp_path)]
@@ -165,9 +164,7 @@ def test_quick_eval_keeps_default_bound(tmp_path):
     assert (tmp_path / "quality.png").stat().st_size > 10_000
     rows = {r["config"]["name"]: r for r in json.loads((tmp_path / "quality.json").read_text())}
     assert sum(rows["default"]["retrieval"]["1024"]) > 0  # the passkey is found at all
-    split, bf16 = rows["k2.5v3-outliers"], rows["bf16"]
-    assert split["kv_tokens"] >= 5 * bf16["kv_tokens"]
-    assert split["ppl"] < 1.45 * bf16["ppl"] and sum(split["retrieval"]["1024"]) > 0
+    bf16 = rows["bf16"]
     # Capacity for 2K-token conversations by vLLM's count: the bytes ratio without a window;
     # with one, each conversation's 16 blocks of records take a 17th for its ring.
     default, windowed = rows["default"], rows["k4v4-w32"]
