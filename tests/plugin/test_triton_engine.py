@@ -74,6 +74,7 @@ def test_engine_serves_through_the_triton_kernels(tmp_path):
         assert worst < MAX_NATS and mean < MEAN_NATS, (name, worst, mean)
 
 
+@pytest.mark.slow  # 3.5 min; test_triton_outliers.py covers the split-key kernels
 def test_engine_serves_split_keys_through_the_triton_kernels(tmp_path):
     """The calibrated K2.5 V3 preset (outlier channels), which CUDA refused before the Triton
     kernels read split keys: the C++ path's greedy tokens, prompt logprobs as close."""

@@ -10,7 +10,7 @@ import pytest
 
 vllm = pytest.importorskip("vllm")
 
-pytestmark = pytest.mark.server
+pytestmark = [pytest.mark.server, pytest.mark.slow]  # 5 min; test_hybrid.py serves both ways
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "hybrid_quality.py"
 
 
