@@ -42,11 +42,24 @@ def triton_against_cpp(tmp_path, llm, prompt):
     """One greedy run through the Triton kernels and one through the C++ path: (the Triton
     run's log, how far its prompt logprobs sit from the C++ path's: (max, mean) nats)."""
     logs = []
-    (triton,) = generate(tmp_path, llm, [prompt], max_tokens=2, env=TRITON, timeout=1500, log=logs)
-    (cpp,) = generate(tmp_path, llm, [prompt], max_tokens=2, timeout=1500)
-    assert triton[0]["token_ids"] == cpp[0]["token_ids"]
+    runs = dict(max_tokens=2, timeout=1500, batch=True)  # batch: the tokens' logprobs too
+    (triton,) = generate(tmp_path, llm, [prompt], env=TRITON, log=logs, **runs)
+    (cpp,) = generate(tmp_path, llm, [prompt], **runs)
+    same_tokens_but_near_ties(triton[0], cpp[0])
     assert "with the Triton kernels (interpreted)" in logs[0]
     return logs[0], len(triton[0]["prompt_logprobs"]), nats(triton[0], cpp[0])
+
+
+def same_tokens_but_near_ties(run, other, tie=0.05):
+    """Both paths' greedy tokens agree until one where each picked a token of nearly the same
+    logprob: a near-tie, which the tiny random-weights models have (the hybrid one's second
+    token flipped between the paths with the engine in-process, 2026-12-02)."""
+    for a, b, lp_a, lp_b in zip(
+        run["token_ids"], other["token_ids"], run["logprobs"], other["logprobs"]
+    ):
+        if a != b:
+            assert abs(lp_a - lp_b) < tie, (run["token_ids"], other["token_ids"], lp_a, lp_b)
+            return
 
 
 def nats(run, other):
