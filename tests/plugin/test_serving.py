@@ -169,7 +169,7 @@ def test_capacity_k3v3_at_least_4_5x_bf16():
             "list 2 KV heads per layer; the model has 3",
         ),
     ],
-)  # one error of the config alone, one against the model; test_config.py has every field's
+)  # one error in the config alone, one against the model; test_config.py checks each field
 def test_bad_config_refused_at_startup(extra, field):
     code, log = run_until_exit(
         ["--enforce-eager", "--additional-config", json.dumps(extra)], env=ENV, timeout=240
