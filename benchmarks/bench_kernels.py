@@ -11,12 +11,14 @@ Needs only torch and triton (no vLLM anywhere in the import chain).
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 
 import torch
 import triton
 import triton.language as tl
 
+from tq_vllm.kernels.common import CODEBOOKS
 from tq_vllm.kernels.decode.triton_decode import (
     _decode_reduce_kernel,
     decode_attention,
@@ -166,7 +168,10 @@ def bench_store(codec, num_kv_heads, tokens, block_size, reps, device):
     return sec, vectors / sec, moved / sec / 1e9
 
 
-def bench_decode(codec, batch, context, num_kv_heads, group, block_size, reps, block_n, device):
+def bench_decode(
+    codec, batch, context, num_kv_heads, group, block_size, reps, block_n, device, codebooks
+):  # fmt: skip
+    """(seconds and GB/s per codebook, bf16 seconds, bf16 GB/s) of one shape."""
     d = codec.head_dim
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float16
     per_seq = triton.cdiv(context, block_size)
@@ -177,13 +182,15 @@ def bench_decode(codec, batch, context, num_kv_heads, group, block_size, reps, b
     scale = d**-0.5
     splits = default_num_splits(batch, num_kv_heads, per_seq * block_size, device)
     records = random_records(codec, num_blocks, num_kv_heads, block_size, device)
-    tq = timed(
-        lambda: decode_attention(
-            query, records, table, seq_lens, codec, scale, num_splits=splits, block_n=block_n
-        ),
-        reps,
-    )
     tq_bytes = batch * context * num_kv_heads * codec.layout.record_bytes
+    tq = []
+    for codebook in codebooks:
+        call = functools.partial(
+            decode_attention, query, records, table, seq_lens, codec, scale, num_splits=splits,
+            block_n=block_n, codebook=codebook,
+        )  # fmt: skip
+        sec = timed(call, reps)
+        tq.append((sec, tq_bytes / sec / 1e9))
     shape = (num_blocks, num_kv_heads, block_size, d)
     k_cache = torch.randn(shape, device=device, dtype=dtype)
     v_cache = torch.randn(shape, device=device, dtype=dtype)
@@ -192,7 +199,7 @@ def bench_decode(codec, batch, context, num_kv_heads, group, block_size, reps, b
         reps,
     )
     base_bytes = batch * context * num_kv_heads * d * 2 * k_cache.element_size()
-    return tq, tq_bytes / tq / 1e9, base, base_bytes / base / 1e9
+    return tq, base, base_bytes / base / 1e9
 
 
 def check_baseline(device):
@@ -231,7 +238,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--block-size", type=int, default=16)
     parser.add_argument("--block-n", type=int, default=32, help="tokens per decode tile")
     parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument(
+        "--codebook", choices=(*CODEBOOKS, "both"), default="both",
+        help="decode_attention's centroid lookups to time (both: side by side)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    codebooks = CODEBOOKS if args.codebook == "both" else (args.codebook,)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.quick:
         batches, contexts, store_tokens, reps = [1, 2], [40, 64], 32, 1
@@ -258,18 +270,17 @@ def main(argv: list[str] | None = None) -> None:
     print(f"| {sec * 1e6:.1f} | {vps:.3g} | {gbs:.1f} |")
 
     print("\n## decode: time per call (us) and achieved HBM bandwidth (GB/s)")
-    print("| batch | context | TurboQuant us | GB/s | bf16 us | GB/s | speedup (bf16 / TQ) |")
-    print("|---|---|---|---|---|---|---|")
+    tq_columns = "".join(f" TQ {c} us | GB/s | speedup (bf16 / TQ {c}) |" for c in codebooks)
+    print(f"| batch | context | bf16 us | GB/s |{tq_columns}")
+    print("|---|---|---|---|" + "---|---|---|" * len(codebooks))
     for batch in batches:
         for context in contexts:
-            tq, tq_gbs, base, base_gbs = bench_decode(
+            tq, base, base_gbs = bench_decode(
                 codec, batch, context, args.kv_heads, args.gqa, args.block_size, reps,
-                args.block_n, device,
+                args.block_n, device, codebooks,
             )  # fmt: skip
-            print(
-                f"| {batch} | {context} | {tq * 1e6:.1f} | {tq_gbs:.0f} | {base * 1e6:.1f} | "
-                f"{base_gbs:.0f} | {base / tq:.2f}x |"
-            )
+            cells = "".join(f" {t * 1e6:.1f} | {gbs:.0f} | {base / t:.2f}x |" for t, gbs in tq)
+            print(f"| {batch} | {context} | {base * 1e6:.1f} | {base_gbs:.0f} |{cells}")
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     print(f"\n(ideal speedup at equal bandwidth: {layout.compression_ratio():.2f}x)")

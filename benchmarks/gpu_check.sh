@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check, in one command, on a machine with torch + triton + a CUDA GPU (no vLLM needed):
-# the kernel tests compiled for real, then the kernel benchmark at three shapes.
+# the kernel tests compiled for real (the register codebook's prmt included), then the kernel
+# benchmark at three shapes, each decode timed with both codebooks.
 #   bash benchmarks/gpu_check.sh [OUTDIR]
 # Nothing is installed: the package is staged as an install lays it out (kernels/ and configs/
 # inside tq_vllm/) in a temporary folder that the tests and the benchmark import from.
@@ -16,9 +17,10 @@ export PYTHONPATH=$stage${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TRITON_IN
 [ "$TRITON_INTERPRET" = 1 ] || nvidia-smi -L
 timeout 240 python3 -m pytest -q -p no:cacheprovider --rootdir "$repo" \
     "$repo/tests/kernels/test_triton_store.py" "$repo/tests/kernels/test_triton_decode.py" \
-    "$repo/tests/kernels/test_triton_context.py" 2>&1 | tee "$out/kernel_tests.log"
-for shape in "--key-bits 3 --value-bits 3" "--key-bits 6 --value-bits 4" \
-    "--head-dim 64 --kv-heads 3 --gqa 3 --key-bits 6 --value-bits 4"; do
+    "$repo/tests/kernels/test_triton_context.py" "$repo/tests/kernels/test_register_codebook.py" \
+    2>&1 | tee "$out/kernel_tests.log"
+for shape in "--key-bits 4 --value-bits 4" "--key-bits 3 --value-bits 3" \
+    "--key-bits 6 --value-bits 4"; do
     # shellcheck disable=SC2086
     timeout 150 python3 "$repo/benchmarks/bench_kernels.py" $shape 2>&1 | tee -a "$out/bench_kernels.md"
     echo | tee -a "$out/bench_kernels.md"

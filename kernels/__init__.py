@@ -11,6 +11,7 @@ and its C++ part (CPU):
               cpu_context.py, dense.py + dequantize.cpp (then vLLM's CPU attention kernel)
 
 Shared: common.py (argument checks, per-codec state), triton_tiles.py (Triton tile helpers),
+triton_unpack.py and register_codebook.py (Triton index unpacking and centroid lookups),
 cpu_extension.py and csrc/ (the C++ build and headers), dispatch.py (which one runs where).
 Importing this package imports nothing: the CPU path needs no Triton, the benchmarks no vLLM.
 """

@@ -15,6 +15,11 @@ from tq_vllm.quant.quantizer import TurboQuantizer
 from tq_vllm.record.codec import LayerCodec
 
 TRITON_HEAD_DIMS = (64, 128, 256)  # head dims the Triton kernels are built and tested for
+# Where the Triton decode kernel looks up centroids: "memory" (gathers from an L1-resident
+# table) or "registers" (byte permutes, kernels/register_codebook.py). The served path takes
+# TQ_VLLM_CODEBOOK (kernels/dispatch.py); "memory" stays the default until a GPU measurement
+# shows "registers" faster.
+CODEBOOKS = ("memory", "registers")
 
 
 def check_kernel_head_dim(head_dim: int) -> None:

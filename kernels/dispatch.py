@@ -6,6 +6,9 @@ TQ_VLLM_KERNELS=triton sends CPU tensors to the Triton kernels too, run by Trito
 CUDA path's kernels with vLLM's real block tables, slot mappings and chunked-prefill metadata
 on a machine without a GPU. TQ_VLLM_KERNELS=reference serves with the PyTorch references (the
 float32 contract every kernel is measured against). Both are slow; for tests.
+
+TQ_VLLM_CODEBOOK=registers sends the Triton decode through its register codebook
+(common.CODEBOOKS); unset, it gathers from memory.
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from tq_vllm.record.codec import LayerCodec
 
 KERNELS_ENV = "TQ_VLLM_KERNELS"
 KERNEL_CHOICES = ("triton", "reference")
+CODEBOOK_ENV = "TQ_VLLM_CODEBOOK"
+CODEBOOK = os.environ.get(CODEBOOK_ENV) or "memory"  # startup refuses an unknown one
 TRITON_EVERYWHERE = os.environ.get(KERNELS_ENV) == "triton"
 REFERENCE_ONLY = os.environ.get(KERNELS_ENV) == "reference"
 
@@ -91,7 +96,7 @@ def decode_attention(
     if _triton(kv_cache):
         from tq_vllm.kernels.decode.triton_decode import decode_attention as kernel
 
-        return kernel(*args, max_seq_len, sparse_v=sparse_v, **options)
+        return kernel(*args, max_seq_len, sparse_v=sparse_v, codebook=CODEBOOK, **options)
     if _cpu_kernel(kv_cache, codec):
         return cpu_decode.decode_attention(*args, sparse_v=sparse_v, **options)
     return decode_attention_reference(*args, **options)

@@ -1,6 +1,6 @@
 """Triton tile helpers shared by the store, decode and context kernels: fp16 fields, record
-pointers through the block table, unpacking packed index groups, centroid lookups, and the
-score / value tiles of one block of compressed tokens. The byte offsets they read come from
+pointers through the block table, and the score / value tiles of one block of compressed
+tokens (their index fields unpacked by triton_unpack.py). The byte offsets they read come from
 the record layout (tq_vllm/record/layout.py) as constexprs (layout_constexprs), never restated.
 """
 
@@ -13,6 +13,8 @@ import triton
 import triton.language as tl
 
 from tq_vllm.kernels.common import per_codec
+from tq_vllm.kernels.register_codebook import MAX_BITS, register_table
+from tq_vllm.kernels.triton_unpack import centroid_table, load_centroids, load_signs
 from tq_vllm.quant.quantizer import FP16_MAX as _FP16_MAX
 from tq_vllm.record.codec import LayerCodec
 
@@ -62,117 +64,6 @@ def tile_records(
 
 
 @triton.jit
-def _group_words(
-    rec, tmask, OFF: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, N: tl.constexpr
-):  # fmt: skip
-    """The packed field at rec + OFF (tq_vllm/record/packing.py's layout) as words
-    [BLOCK_N, D // 8] x 2. The field holds N <= D indices (N < D: a split key's part, its tile
-    padded to a power of two); bytes past its ceil(N * BITS / 8) read as 0.
-
-    Eight BITS-bit indices fill exactly BITS bytes, least significant bit first: each group of
-    eight is one little-endian word of 8 * BITS bits, returned as its low and high 32 bits.
-    Byte k of every group is one [BLOCK_N, D // 8] load, so a lane holds whole groups and
-    unpacking needs no data from other lanes. (One or two byte loads per index made the
-    kernel instruction-bound, far below HBM speed.)
-    """
-    first = (tl.arange(0, D // 8) * BITS)[None, :]
-    grp = rec[:, None] + OFF + first
-    lo = tl.zeros(grp.shape, dtype=tl.uint32)
-    hi = tl.zeros(grp.shape, dtype=tl.uint32)
-    for k in tl.static_range(BITS):
-        mask = tmask[:, None]
-        if N < D:
-            mask = mask & (first + k < (N * BITS + 7) // 8)
-        byte = tl.load(grp + k, mask=mask, other=0).to(tl.uint32)
-        if k < 4:
-            lo |= byte << (8 * k)
-        else:
-            hi |= byte << (8 * (k - 4))
-    return lo, hi
-
-
-@triton.jit
-def _group_index(lo, hi, J: tl.constexpr, BITS: tl.constexpr):
-    """Index J (0..7) of every group: bits J*BITS.. of the word lo | hi << 32 (int32)."""
-    if J * BITS + BITS <= 32:
-        v = lo >> (J * BITS)
-    elif J * BITS >= 32:
-        v = hi >> (J * BITS - 32)
-    else:  # straddles the two halves
-        v = (lo >> (J * BITS)) | (hi << (32 - J * BITS))
-    return (v & ((1 << BITS) - 1)).to(tl.int32)
-
-
-@triton.jit
-def _interleave8(x0, x1, x2, x3, x4, x5, x6, x7, D: tl.constexpr):
-    """[BLOCK_N, D // 8] x 8 -> [BLOCK_N, D] with x_j[:, g] at column 8g + j. join appends a
-    last axis of 2 (kept in one lane's registers): this nesting leaves x_j, j = 4a + 2b + c,
-    at [..., a, b, c], which the reshape flattens into column 8g + j."""
-    x = tl.join(
-        tl.join(tl.join(x0, x4), tl.join(x2, x6)), tl.join(tl.join(x1, x5), tl.join(x3, x7))
-    )
-    return tl.reshape(x, [x0.shape[0], D])
-
-
-@triton.jit
-def _centroid(lo, hi, cent_ptr, J: tl.constexpr, BITS: tl.constexpr):
-    # Gathered on the [BLOCK_N, D // 8] tile, before the interleave: the gather then keeps
-    # the tile's layout (no 64-bit pointers shuffled between lanes); the table has at most
-    # 256 entries and stays in L1.
-    return tl.load(cent_ptr + _group_index(lo, hi, J, BITS)).to(tl.float16)
-
-
-@triton.jit
-def _half(pair, H: tl.constexpr):
-    """fp16 number H (0: low 16 bits) of the int32 pairs."""
-    return ((pair >> (16 * H)) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True)
-
-
-@triton.jit
-def load_centroids(
-    rec, tmask, cent_ptr, OFF: tl.constexpr, D: tl.constexpr, BITS: tl.constexpr, N: tl.constexpr
-):  # fmt: skip
-    """c[idx] [BLOCK_N, D] (float16) for the N <= D BITS-bit indices packed at rec + OFF
-    (columns from N on: c[0], to be met by zero query columns).
-
-    cent_ptr is centroid_table(centroids, BITS): for BITS <= 4 it holds both centroids of
-    every pair of adjacent indices (2 * BITS contiguous bits of the word), so one gather
-    fetches two values; the gathers and their 64-bit addresses are most of the work per index.
-    """
-    lo, hi = _group_words(rec, tmask, OFF, D, BITS, N)
-    if BITS <= 4:
-        p0 = tl.load(cent_ptr + _group_index(lo, hi, 0, 2 * BITS))
-        p1 = tl.load(cent_ptr + _group_index(lo, hi, 1, 2 * BITS))
-        p2 = tl.load(cent_ptr + _group_index(lo, hi, 2, 2 * BITS))
-        p3 = tl.load(cent_ptr + _group_index(lo, hi, 3, 2 * BITS))
-        return _interleave8(
-            _half(p0, 0), _half(p0, 1), _half(p1, 0), _half(p1, 1),
-            _half(p2, 0), _half(p2, 1), _half(p3, 0), _half(p3, 1), D,
-        )  # fmt: skip
-    return _interleave8(
-        _centroid(lo, hi, cent_ptr, 0, BITS), _centroid(lo, hi, cent_ptr, 1, BITS),
-        _centroid(lo, hi, cent_ptr, 2, BITS), _centroid(lo, hi, cent_ptr, 3, BITS),
-        _centroid(lo, hi, cent_ptr, 4, BITS), _centroid(lo, hi, cent_ptr, 5, BITS),
-        _centroid(lo, hi, cent_ptr, 6, BITS), _centroid(lo, hi, cent_ptr, 7, BITS), D,
-    )  # fmt: skip
-
-
-@triton.jit
-def _sign(lo, J: tl.constexpr):
-    return (_group_index(lo, lo, J, 1) * 2 - 1).to(tl.float16)
-
-
-@triton.jit
-def load_signs(rec, tmask, OFF: tl.constexpr, D: tl.constexpr):
-    """The QJL sign bits at rec + OFF as +-1 [BLOCK_N, D] (float16)."""
-    lo, _ = _group_words(rec, tmask, OFF, D, 1, D)
-    return _interleave8(
-        _sign(lo, 0), _sign(lo, 1), _sign(lo, 2), _sign(lo, 3),
-        _sign(lo, 4), _sign(lo, 5), _sign(lo, 6), _sign(lo, 7), D,
-    )  # fmt: skip
-
-
-@triton.jit
 def _scaled_dot(q, tile, norm, NORM_ON_TILE: tl.constexpr):
     """q [M, K] . (norm_n tile[n]) [BLOCK_N, K]^T -> [M, BLOCK_N], fp16 operands."""
     if NORM_ON_TILE:
@@ -186,8 +77,8 @@ def score_tile(
     qs,
     rec,
     tmask,
-    kcent_ptr,
-    kocent_ptr,
+    kcent,
+    kocent,
     KEY_NORM_OFF: tl.constexpr,
     KEY_RNORM_OFF: tl.constexpr,
     KEY_IDX_OFF: tl.constexpr,
@@ -202,11 +93,15 @@ def score_tile(
     KEY_OUTLIERS: tl.constexpr,
     KEY_OUTLIER_BITS: tl.constexpr,
     NORM_ON_TILE: tl.constexpr = False,
+    REGISTER_CODEBOOK: tl.constexpr = False,
+    WORDS: tl.constexpr = False,
 ):
     """Scores [M, BLOCK_N] of fp16 rotated queries against the compressed keys at rec
     [BLOCK_N]; -inf where tmask is false. Plain keys: q [M, D] (qs = S q', prod mode). Split
     keys (KEY_OUTLIERS > 0): q holds the regular part of M_h q' (its KEY_N columns, zero-padded
     to a power of two), qs the outlier part (likewise), each scored against its own run.
+    kcent, kocent: the key parts' codebooks (codebook_for); REGISTER_CODEBOOK and WORDS as in
+    load_centroids.
 
     NORM_ON_TILE scales the [BLOCK_N, D] tiles by the norms before the dots instead of the
     scores after them. Needed where M >= 64 (wgmma, B operand in shared memory): Triton 3.6
@@ -215,7 +110,9 @@ def score_tile(
     instructions (the tile has more elements than the scores)."""
     if KEY_BITS > 0:
         norm = load_fp16(rec + KEY_NORM_OFF, tmask)
-        kc = load_centroids(rec, tmask, kcent_ptr, KEY_IDX_OFF, q.shape[1], KEY_BITS, KEY_N)
+        kc = load_centroids(
+            rec, tmask, kcent, KEY_IDX_OFF, q.shape[1], KEY_BITS, KEY_N, REGISTER_CODEBOOK, WORDS
+        )
         s = _scaled_dot(q, kc, norm, NORM_ON_TILE)
     else:
         s = tl.zeros([q.shape[0], rec.shape[0]], dtype=tl.float32)
@@ -226,7 +123,15 @@ def score_tile(
     if KEY_OUTLIERS > 0:
         onorm = load_fp16(rec + KEY_ONORM_OFF, tmask)
         oc = load_centroids(
-            rec, tmask, kocent_ptr, KEY_OIDX_OFF, qs.shape[1], KEY_OUTLIER_BITS, KEY_OUTLIERS
+            rec,
+            tmask,
+            kocent,
+            KEY_OIDX_OFF,
+            qs.shape[1],
+            KEY_OUTLIER_BITS,
+            KEY_OUTLIERS,
+            REGISTER_CODEBOOK,
+            WORDS,
         )
         s += _scaled_dot(qs, oc, onorm, NORM_ON_TILE)
     return tl.where(tmask[None, :], s, float("-inf"))
@@ -237,17 +142,21 @@ def value_tile(
     p,
     rec,
     tmask,
-    vcent_ptr,
+    vcent,
     VALUE_NORM_OFF: tl.constexpr,
     VALUE_IDX_OFF: tl.constexpr,
     D: tl.constexpr,
     VALUE_BITS: tl.constexpr,
     NORM_ON_TILE: tl.constexpr = False,
+    REGISTER_CODEBOOK: tl.constexpr = False,
+    WORDS: tl.constexpr = False,
 ):
-    """sum_n p[:, n] * norm_n * c[idx_n]: [M, D] for weights p [M, BLOCK_N]. NORM_ON_TILE: as
-    in score_tile."""
+    """sum_n p[:, n] * norm_n * c[idx_n]: [M, D] for weights p [M, BLOCK_N]. NORM_ON_TILE,
+    REGISTER_CODEBOOK, WORDS: as in score_tile; vcent: the values' codebook (codebook_for)."""
     norm = load_fp16(rec + VALUE_NORM_OFF, tmask)
-    vc = load_centroids(rec, tmask, vcent_ptr, VALUE_IDX_OFF, D, VALUE_BITS, D)
+    vc = load_centroids(
+        rec, tmask, vcent, VALUE_IDX_OFF, D, VALUE_BITS, D, REGISTER_CODEBOOK, WORDS
+    )
     if NORM_ON_TILE:
         return tl.dot(p.to(tl.float16), vc * norm.to(tl.float16)[:, None])
     return tl.dot((p * norm[None, :]).to(tl.float16), vc)
@@ -268,18 +177,6 @@ def sparse_v_constexprs(sparse_v: float) -> dict:
     if not 0.0 <= sparse_v < 1.0:
         raise ValueError(f"sparse_v must lie in [0, 1), got {sparse_v}")
     return dict(SPARSE_V=sparse_v > 0, SPARSE_V_LOG2=math.log2(sparse_v) if sparse_v else 0.0)
-
-
-def centroid_table(centroids: torch.Tensor, bits: int) -> torch.Tensor:
-    """What load_centroids gathers from: the float32 centroids for bits > 4; for bits <= 4
-    int32 [2^(2 bits)] whose entry p holds fp16 c[p & (2^bits - 1)] in its low half and fp16
-    c[p >> bits] in its high half."""
-    if bits > 4:
-        return centroids
-    h = centroids.to(torch.float16).view(torch.int16).to(torch.int64) & 0xFFFF
-    p = torch.arange(1 << (2 * bits), device=centroids.device)
-    pairs = h[p & ((1 << bits) - 1)] | (h[p >> bits] << 16)
-    return torch.where(pairs >= 1 << 31, pairs - (1 << 32), pairs).to(torch.int32)
 
 
 def key_tiles(codec: LayerCodec) -> tuple[int, int]:
@@ -318,25 +215,44 @@ def layout_constexprs(codec: LayerCodec) -> dict:
     )
 
 
-def _launch_state(codec: LayerCodec) -> tuple[dict, tuple[torch.Tensor, ...]]:
+def _launch_state(
+    codec: LayerCodec, register_codebook: bool
+) -> tuple[dict, tuple[torch.Tensor, ...]]:
     layout = codec.layout
+
+    def table(centroids: torch.Tensor, bits: int) -> torch.Tensor:
+        if register_codebook and bits <= MAX_BITS:
+            return register_table(centroids)
+        return centroid_table(centroids, bits)
+
     key = codec.key
     regular = key.regular if layout.split_keys else key
-    key_table = centroid_table(regular.centroids, layout.key_index_bits)
-    outlier_table = (  # unread for plain keys
-        centroid_table(key.outlier.centroids, layout.key_outlier_bits)
-        if layout.split_keys
-        else key_table
-    )
-    tables = (key_table, centroid_table(codec.value.centroids, layout.value_bits), outlier_table)
+    key_table = table(regular.centroids, layout.key_index_bits)
+    if layout.split_keys:
+        outlier_table = table(key.outlier.centroids, layout.key_outlier_bits)
+    else:  # unread, but codebook_for loads a register table's 8 words from it
+        outlier_table = register_table(regular.centroids[:1]) if register_codebook else key_table
+    tables = (key_table, table(codec.value.centroids, layout.value_bits), outlier_table)
     qjl_coef = math.sqrt(math.pi / 2) / codec.head_dim
     return {**layout_constexprs(codec), "QJL_COEF": qjl_coef}, tables
 
 
-def launch_state(codec: LayerCodec) -> tuple[dict, tuple[torch.Tensor, ...]]:
+def launch_state(
+    codec: LayerCodec, register_codebook: bool = False
+) -> tuple[dict, tuple[torch.Tensor, ...]]:
     """(layout_constexprs and QJL_COEF, (key, value, outlier key table)) of the attention
-    kernels, built once."""
-    return per_codec(codec, "attention", _launch_state)
+    kernels, built once. register_codebook: codebooks of up to 16 entries go to
+    registers (load_centroids)."""
+    return per_codec(
+        codec,
+        f"attention register_codebook={register_codebook}",
+        lambda c: _launch_state(c, register_codebook),
+    )
+
+
+def word_aligned(kv_cache: torch.Tensor) -> bool:
+    """Whether every record of the cache starts on a 4-byte boundary (load_centroids' WORDS)."""
+    return kv_cache.data_ptr() % 4 == 0 and all(s % 4 == 0 for s in kv_cache.stride()[:3])
 
 
 def _pad_columns(x: torch.Tensor, width: int) -> torch.Tensor:

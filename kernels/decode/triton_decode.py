@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from tq_vllm.kernels.common import (
+    CODEBOOKS,
     FLOAT_DTYPES,
     INDEX_DTYPES,
     check_cache,
@@ -42,7 +43,9 @@ from tq_vllm.kernels.triton_tiles import (
     tile_records,
     value_tile,
     values_needed,
+    word_aligned,
 )
+from tq_vllm.kernels.triton_unpack import codebook_for
 from tq_vllm.record.codec import LayerCodec
 
 LN2 = math.log(2.0)  # the kernels' log-sum-exps are base 2 (exp2 softmax)
@@ -92,6 +95,8 @@ def _decode_split_kernel(
     SPARSE_V: tl.constexpr,
     SPARSE_V_LOG2: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
+    REGISTER_CODEBOOK: tl.constexpr,
+    WORDS: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -117,6 +122,9 @@ def _decode_split_kernel(
     if PROD or KEY_OUTLIERS > 0:
         qs = load_rows(qs_ptr, rows, g < G, QS_TILE)
     table_row = table_ptr + b.to(tl.int64) * table_stride
+    kcent = codebook_for(kcent_ptr, REGISTER_CODEBOOK, KEY_BITS)
+    vcent = codebook_for(vcent_ptr, REGISTER_CODEBOOK, VALUE_BITS)
+    kocent = codebook_for(kocent_ptr, REGISTER_CODEBOOK, KEY_OUTLIER_BITS)
 
     m = tl.full([GP], float("-inf"), dtype=tl.float32)
     lsum = tl.zeros([GP], dtype=tl.float32)
@@ -130,9 +138,10 @@ def _decode_split_kernel(
             cache_ptr, table_row, h, t, tmask, BLOCK_SIZE, cache_sb, cache_sh, cache_ss
         )
         s = score_tile(
-            q, qs, rec, tmask, kcent_ptr, kocent_ptr, KEY_NORM_OFF, KEY_RNORM_OFF, KEY_IDX_OFF,
+            q, qs, rec, tmask, kcent, kocent, KEY_NORM_OFF, KEY_RNORM_OFF, KEY_IDX_OFF,
             KEY_SIGN_OFF, KEY_ONORM_OFF, KEY_OIDX_OFF, D, KEY_BITS, PROD, QJL_COEF, KEY_N,
-            KEY_OUTLIERS, KEY_OUTLIER_BITS,
+            KEY_OUTLIERS, KEY_OUTLIER_BITS, REGISTER_CODEBOOK=REGISTER_CODEBOOK,
+            WORDS=WORDS,
         )  # fmt: skip
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp2(m - m_new)
@@ -144,8 +153,9 @@ def _decode_split_kernel(
             read = values_needed(s, m_new, g < G, SPARSE_V_LOG2)
         if read:
             acc += value_tile(
-                p, rec, tmask, vcent_ptr, VALUE_NORM_OFF, VALUE_IDX_OFF, D, VALUE_BITS
-            )
+                p, rec, tmask, vcent, VALUE_NORM_OFF, VALUE_IDX_OFF, D, VALUE_BITS,
+                REGISTER_CODEBOOK=REGISTER_CODEBOOK, WORDS=WORDS,
+            )  # fmt: skip
         m = m_new
 
     # An empty split (short sequence) reports lse = -inf, which the reduction weighs 0.
@@ -216,6 +226,7 @@ def decode_attention(
     sparse_v: float = 0.0,
     sliding_window: int | None = None,
     lse_out: torch.Tensor | None = None,
+    codebook: str = "memory",
 ) -> torch.Tensor:
     """Triton decode_attention_reference: query [B, Hq, d] -> [B, Hq, d] in query's dtype.
 
@@ -230,8 +241,14 @@ def decode_attention(
     sliding_window: as in the reference; tokens before the window are never read.
     lse_out: float32 [B, Hq], written with each row's natural-log log-sum-exp of its scaled
     scores (-inf for a row that read nothing), to merge with an attention over other tokens.
+    codebook: "memory" gathers centroids from a table in memory (L1); "registers" holds
+    codebooks of up to 16 entries in registers and looks them up by byte permutes
+    (register_codebook.py), reading 4-bit groups as whole words where records are 4-byte
+    aligned. The same results either way (common.CODEBOOKS).
     """
     check_cache(kv_cache, codec)
+    if codebook not in CODEBOOKS:
+        raise ValueError(f"codebook must be one of {CODEBOOKS}, got {codebook!r}")
     device = kv_cache.device
     check_tensor("query", query, 3, FLOAT_DTYPES, device)
     check_lse_out(lse_out, query)
@@ -255,7 +272,7 @@ def decode_attention(
     if batch == 0:
         return torch.empty_like(query)
 
-    constexprs, tables = launch_state(codec)
+    constexprs, tables = launch_state(codec, codebook == "registers")
     _, q, qs = rotated_queries(query, codec, scale)
     block_table = block_table if block_table.stride(1) == 1 else block_table.contiguous()
     partial = torch.empty(batch, num_q_heads, num_splits, head_dim, device=device)
@@ -265,6 +282,7 @@ def decode_attention(
         partial, lse, num_q_heads, num_splits, block_table.stride(0),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), sliding_window or 0,
         HAS_WINDOW=sliding_window is not None, BLOCK_SIZE=block_size,
+        REGISTER_CODEBOOK=codebook == "registers", WORDS=word_aligned(kv_cache),
         G=group, GP=max(16, triton.next_power_of_2(group)), D=head_dim, BLOCK_N=block_n,
         num_warps=num_warps, num_stages=num_stages, **constexprs, **sparse_v_constexprs(sparse_v),
     )  # fmt: skip

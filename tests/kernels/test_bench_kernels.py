@@ -13,4 +13,5 @@ def test_bench_kernels_quick(capsys):
     bench.main(["--quick"])
     out = capsys.readouterr().out
     assert "## store_kv" in out and "## decode" in out
-    assert out.count("x |") == 4  # one speedup per (batch, context) cell
+    assert out.count("x |") == 8  # a speedup per (batch, context) cell and codebook
+    assert "TQ memory us" in out and "TQ registers us" in out

@@ -87,7 +87,10 @@ def test_at_least_20_sm90_variants_compile(compiled):
     sm90 = [r for r in compiled if r["arch"] == 90]
     assert len(sm90) >= 20
     kernels = {r["kernel"].split(":")[0] for r in sm90}
-    assert kernels == {"store", "decode", "decode (lse)", "context (cached)", "context (fresh)"}
+    assert kernels == {
+        "store", "decode", "decode (registers)", "decode (lse)", "context (cached)",
+        "context (fresh)",
+    }  # fmt: skip
     for bits in range(1, 9):
         assert any(f"K{bits}" in r["variant"] for r in sm90), f"no {bits}-bit keys"
         assert any(f" V{bits} " in r["variant"] for r in sm90), f"no {bits}-bit values"
@@ -116,7 +119,8 @@ def test_no_spills_beyond_the_stated_caps(compiled):
 
 
 def test_sass_report_json():
-    """benchmarks/sass_report.py --json: the decode kernel's static figures per variant."""
+    """benchmarks/sass_report.py --json: the decode kernel's static figures per variant and
+    codebook."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
     script = Path(__file__).parents[2] / "benchmarks" / "sass_report.py"
@@ -130,8 +134,18 @@ def test_sass_report_json():
     assert proc.returncode == 0, proc.stderr[-5000:]
     rows = json.loads(proc.stdout)
     keys = {"kernel", "head_dim", "key_bits", "value_bits", "gqa", "registers", "spills"}
-    keys |= {"shared_bytes", "issue_per_token_head", "bytes_in_flight_per_sm"}
-    assert len(rows) == 18 and all(keys <= set(r) for r in rows)
+    keys |= {"shared_bytes", "issue_per_token_head", "bytes_in_flight_per_sm", "codebook"}
+    keys |= {"loads_per_token_head"}
+    assert len(rows) == 36 and all(keys <= set(r) for r in rows)
+    assert sorted(r["codebook"] for r in rows) == ["memory"] * 18 + ["registers"] * 18
+    by = {(r["head_dim"], r["key_bits"], r["gqa"], r["codebook"]): r for r in rows}
+    # Issue 18's offline bar for the new decode: d=128, GQA 4, K4 V4.
+    new = by[128, 4, 4, "registers"]
+    assert new["issue_per_token_head"] <= 100 and new["bytes_in_flight_per_sm"] >= 32_000
+    for d, bits, gqa, codebook in by:  # at 4 bits: no centroid gathers, whole-word groups
+        if codebook == "registers" and bits == 4:
+            old = by[d, bits, gqa, "memory"]["loads_per_token_head"]
+            assert by[d, bits, gqa, codebook]["loads_per_token_head"] < old / 2
     assert {(r["head_dim"], r["gqa"]) for r in rows} == {
         (d, g) for d in (64, 128) for g in (1, 4, 8)
     }

@@ -154,13 +154,15 @@ def test_decode_served_shapes(d, key_bits, value_bits, block_size, hq, hk, lens)
         torch.testing.assert_close(out, ref, **TOL)
 
 
-def test_decode_reads_a_strided_cache_view():
-    """A hybrid model's layers get strided views of a shared buffer (kernels take strides)."""
-    codec = LayerCodec(RecordLayout(64, 6, "mse", 5), seed=0)
+@pytest.mark.parametrize("bits,codebook", [(6, "memory"), (4, "registers")])
+def test_decode_reads_a_strided_cache_view(bits, codebook):
+    """A hybrid model's layers get strided views of a shared buffer (kernels take strides).
+    Records 5 bytes apart are not 4-byte aligned: the register codebook reads bytes there."""
+    codec = LayerCodec(RecordLayout(64, bits, "mse", bits - 1), seed=0)
     cache, table, _, _ = make_cache(codec, [40, 7], 16, 3, seed=0)
     view, _ = strided_view(cache)
     query = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(1))
     lens = torch.tensor([40, 7], dtype=torch.int32)
     ref = decode_attention_reference(query, cache, table, lens, codec, 0.1)
-    out = run_kernel(decode_attention, query, view, table, lens, codec, 0.1)
+    out = run_kernel(decode_attention, query, view, table, lens, codec, 0.1, codebook=codebook)
     torch.testing.assert_close(out, ref, **TOL)

@@ -49,6 +49,12 @@ def test_the_triton_switch_on_cpu_needs_the_interpreter():
     assert unsupported_platform_reasons(Platform("cpu"), {"TQ_VLLM_KERNELS": "reference"}) == []
 
 
+def test_an_unknown_codebook_switch_is_refused():
+    (reason,) = unsupported_platform_reasons(Platform("cuda"), {"TQ_VLLM_CODEBOOK": "smem"})
+    assert "TQ_VLLM_CODEBOOK='smem' is unknown" in reason
+    assert unsupported_platform_reasons(Platform("cuda"), {"TQ_VLLM_CODEBOOK": "registers"}) == []
+
+
 @pytest.mark.parametrize(
     "total,size,expected",
     [(3, 1, [[0, 1, 2]]), (3, 3, [[0], [1], [2]]), (8, 2, [[0, 1, 2, 3], [4, 5, 6, 7]]),

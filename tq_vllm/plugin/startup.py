@@ -8,7 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from tq_vllm.kernels.dispatch import KERNEL_CHOICES, KERNELS_ENV, TRITON_EVERYWHERE
+from tq_vllm.kernels.common import CODEBOOKS
+from tq_vllm.kernels.dispatch import CODEBOOK_ENV, KERNEL_CHOICES, KERNELS_ENV, TRITON_EVERYWHERE
 from tq_vllm.plugin import compat
 from tq_vllm.plugin.config import ConfigError, TurboQuantConfig, load_config
 from tq_vllm.record.layout import RecordLayout
@@ -96,6 +97,9 @@ def unsupported_platform_reasons(platform: Any, env: Mapping[str, str]) -> list[
             f"{KERNELS_ENV}=triton on CPU runs the Triton kernels in Triton's interpreter: "
             "set TRITON_INTERPRET=1 too"
         )
+    codebook = env.get(CODEBOOK_ENV, "")
+    if codebook and codebook not in CODEBOOKS:
+        reasons.append(f"{CODEBOOK_ENV}={codebook!r} is unknown (choices: {CODEBOOKS})")
     return reasons
 
 

@@ -207,13 +207,22 @@ def run_config(name: str, workload: Workload, dtype: str) -> dict[str, Any]:
         "--max-num-seqs", str(max(workload.num_prompts, 1)),
         *kv_cache_flags(name),
     ]  # fmt: skip
-    # Past the model's trained context (the long scenario at 16K) vLLM asks for this opt-in.
-    with Server(flags, env={"VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1"}) as server:
+    env = {
+        # Past the model's trained context (the long scenario at 16K) vLLM asks for this opt-in.
+        "VLLM_ALLOW_LONG_MAX_MODEL_LEN": "1",
+        # A long scenario's one-step prefill (16K tokens, or 4 x 8K) runs past vLLM's 300 s per
+        # engine step on a 2-core CPU, and vLLM then kills the engine.
+        "VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": "7200",
+    }
+    with Server(flags, env=env) as server:
         result = measure(server, workload)
         log = server.log
+    if result["failed"]:  # vLLM's result names no reasons: the client's report and the server's
+        raise RuntimeError(
+            f"{name}: {result['failed']} requests failed\n{result['vllm_report'][-2000:]}\n"
+            f"server log:\n{log[-4000:]}"
+        )
     result["reported_concurrency"] = reported_concurrency(log)
-    if result["failed"]:
-        raise RuntimeError(f"{name}: {result['failed']} requests failed:\n{result['errors'][:3]}")
     return result
 
 

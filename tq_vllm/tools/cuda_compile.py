@@ -131,6 +131,10 @@ def record_launches(variant: Variant) -> list[tuple[str, Any, tuple, dict]]:
         "decode": lambda: decode_attention(
             query, cache, table, lens, codec, 0.1, num_splits=3, **sparse
         ),
+        # The register codebook (kept behind decode_attention's switch until measured).
+        "decode (registers)": lambda: decode_attention(
+            query, cache, table, lens, codec, 0.1, num_splits=3, **sparse, codebook="registers"
+        ),
         # The exact window's compressed part: the reduce kernel writes each row's lse too.
         "decode (lse)": lambda: decode_attention(
             query,
