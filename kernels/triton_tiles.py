@@ -221,17 +221,16 @@ def _launch_state(
     layout = codec.layout
 
     def table(centroids: torch.Tensor, bits: int) -> torch.Tensor:
-        if register_codebook and bits <= MAX_BITS:
+        if register_codebook and 0 < bits <= MAX_BITS:  # as codebook_for
             return register_table(centroids)
         return centroid_table(centroids, bits)
 
     key = codec.key
     regular = key.regular if layout.split_keys else key
     key_table = table(regular.centroids, layout.key_index_bits)
-    if layout.split_keys:
-        outlier_table = table(key.outlier.centroids, layout.key_outlier_bits)
-    else:  # unread, but codebook_for loads a register table's 8 words from it
-        outlier_table = register_table(regular.centroids[:1]) if register_codebook else key_table
+    outlier_table = (  # unread for plain keys
+        table(key.outlier.centroids, layout.key_outlier_bits) if layout.split_keys else key_table
+    )
     tables = (key_table, table(codec.value.centroids, layout.value_bits), outlier_table)
     qjl_coef = math.sqrt(math.pi / 2) / codec.head_dim
     return {**layout_constexprs(codec), "QJL_COEF": qjl_coef}, tables

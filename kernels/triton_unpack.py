@@ -131,7 +131,8 @@ def codebook_for(ptr, REGISTER_CODEBOOK: tl.constexpr, BITS: tl.constexpr):
     """What load_centroids takes as a field's codebook, from the table pointer the wrapper
     passed (launch_state's tables): the register words where they apply, else the pointer."""
     # One return: the compiler unifies the types of all of them, constexpr branches included.
-    if REGISTER_CODEBOOK and BITS <= 4:  # register_codebook.MAX_BITS
+    # A 0-bit field (plain keys' outlier part, 1-bit prod keys) is never looked up.
+    if REGISTER_CODEBOOK and BITS > 0 and BITS <= 4:  # register_codebook.MAX_BITS
         codebook = load_register_table(ptr)
     else:
         codebook = ptr

@@ -272,7 +272,8 @@ def decode_attention(
     if batch == 0:
         return torch.empty_like(query)
 
-    constexprs, tables = launch_state(codec, codebook == "registers")
+    registers = codebook == "registers"
+    constexprs, tables = launch_state(codec, registers)
     _, q, qs = rotated_queries(query, codec, scale)
     block_table = block_table if block_table.stride(1) == 1 else block_table.contiguous()
     partial = torch.empty(batch, num_q_heads, num_splits, head_dim, device=device)
@@ -282,7 +283,7 @@ def decode_attention(
         partial, lse, num_q_heads, num_splits, block_table.stride(0),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), sliding_window or 0,
         HAS_WINDOW=sliding_window is not None, BLOCK_SIZE=block_size,
-        REGISTER_CODEBOOK=codebook == "registers", WORDS=word_aligned(kv_cache),
+        REGISTER_CODEBOOK=registers, WORDS=registers and word_aligned(kv_cache),
         G=group, GP=max(16, triton.next_power_of_2(group)), D=head_dim, BLOCK_N=block_n,
         num_warps=num_warps, num_stages=num_stages, **constexprs, **sparse_v_constexprs(sparse_v),
     )  # fmt: skip
