@@ -229,7 +229,15 @@ inline float max_score(const float* s, int n) {
   return _mm512_reduce_max_ps(top);
 #else
   float top = NEG_INF;
-  for (int u = 0; u < n; ++u) top = s[u] > top ? s[u] : top;
+  int u = 0;
+#ifdef TQ_AVX2
+  __m256 tops = _mm256_set1_ps(NEG_INF);
+  for (; u + 8 <= n; u += 8) tops = _mm256_max_ps(_mm256_loadu_ps(s + u), tops);  // NaN: skipped
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(tops), _mm256_extractf128_ps(tops, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  top = _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+#endif
+  for (; u < n; ++u) top = s[u] > top ? s[u] : top;
   return top;
 #endif
 }
