@@ -1,11 +1,17 @@
-"""Startup refusals that need no engine: untested devices, the Triton switch, and what the
-exact window does not serve yet."""
+"""Startup refusals that need no engine: untested devices, the Triton, codebook and CUDA graph
+switches, and what the exact window does not serve yet."""
 
 from dataclasses import dataclass
 
 import pytest
 
-from tq_vllm.plugin.startup import ConfigError, check_exact_window, unsupported_platform_reasons
+from tq_vllm.plugin.startup import (
+    CUDA_GRAPHS_ENV,
+    ConfigError,
+    check_exact_window,
+    check_full_graphs,
+    unsupported_platform_reasons,
+)
 
 
 @dataclass
@@ -53,6 +59,26 @@ def test_an_unknown_codebook_switch_is_refused():
     (reason,) = unsupported_platform_reasons(Platform("cuda"), {"TQ_VLLM_CODEBOOK": "smem"})
     assert "TQ_VLLM_CODEBOOK='smem' is unknown" in reason
     assert unsupported_platform_reasons(Platform("cuda"), {"TQ_VLLM_CODEBOOK": "registers"}) == []
+
+
+def test_the_cuda_graphs_switch(monkeypatch):
+    (reason,) = unsupported_platform_reasons(Platform("cuda"), {CUDA_GRAPHS_ENV: "always"})
+    assert f"{CUDA_GRAPHS_ENV}='always' is unknown" in reason
+    assert unsupported_platform_reasons(Platform("cuda"), {CUDA_GRAPHS_ENV: "full"}) == []
+    with pytest.raises(ConfigError, match="ring metadata reads sequence lengths on the host"):
+        check_full_graphs(16, {CUDA_GRAPHS_ENV: "full"})
+    check_full_graphs(16, {CUDA_GRAPHS_ENV: "piecewise"})
+    check_full_graphs(0, {CUDA_GRAPHS_ENV: "full"})
+    pytest.importorskip("vllm")
+    from vllm.v1.attention.backend import AttentionCGSupport
+
+    from tq_vllm.plugin.backend import TurboQuantMetadataBuilder
+
+    support = TurboQuantMetadataBuilder.get_cudagraph_support
+    monkeypatch.delenv(CUDA_GRAPHS_ENV, raising=False)
+    assert support(None, None) == AttentionCGSupport.NEVER
+    monkeypatch.setenv(CUDA_GRAPHS_ENV, "full")
+    assert support(None, None) == AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 
 
 @pytest.mark.parametrize(

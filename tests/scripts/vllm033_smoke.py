@@ -81,20 +81,32 @@ assert unsupported_platform_reasons(platforms.current_platform, {}) == []
 assert CudaPlatform.check_and_update_config._tq_vllm_validated  # the startup check's hook
 print("OK the backend class loads; the CUDA platform passes the startup check")
 
-# CUDA graphs: the builder declares no support (AttentionCGSupport.NEVER), so with the splitting
-# ops an engine sets, vLLM's default FULL_AND_PIECEWISE (and FULL_DECODE_ONLY) resolve to
-# PIECEWISE: the layers between attention calls run as captured graphs, attention eagerly.
+# CUDA graphs. By default the builder declares no support (AttentionCGSupport.NEVER), so with
+# the splitting ops an engine sets, vLLM's default FULL_AND_PIECEWISE (and FULL_DECODE_ONLY)
+# resolve to PIECEWISE: the layers between attention calls run as captured graphs, attention
+# eagerly. With TQ_VLLM_CUDA_GRAPHS=full it declares UNIFORM_SINGLE_TOKEN_DECODE, and both modes
+# stay as asked: decode-only steps are captured whole, attention included.
+import os  # noqa: E402
+
 from vllm.config.compilation import CompilationConfig, CompilationMode, CUDAGraphMode  # noqa: E402
 
 from tq_vllm.plugin.backend import TurboQuantMetadataBuilder  # noqa: E402
+from tq_vllm.plugin.startup import CUDA_GRAPHS_ENV  # noqa: E402
 
-support = TurboQuantMetadataBuilder._cudagraph_support
-for requested in (CUDAGraphMode.FULL_AND_PIECEWISE, CUDAGraphMode.FULL_DECODE_ONLY):
-    compilation = CompilationConfig(mode=CompilationMode.VLLM_COMPILE, cudagraph_mode=requested)
-    compilation.set_splitting_ops_for_v1("allgather_reducescatter")
-    resolved = compilation.resolve_cudagraph_mode_and_sizes(support, "CUSTOM", max_num_reqs=8)
-    assert resolved == CUDAGraphMode.PIECEWISE, (requested, resolved)
-print("OK CUDA graphs: FULL_AND_PIECEWISE and FULL_DECODE_ONLY resolve to PIECEWISE")
+for graphs in ("piecewise", "full"):
+    os.environ[CUDA_GRAPHS_ENV] = graphs
+    support = TurboQuantMetadataBuilder.get_cudagraph_support(None, None)
+    for requested in (CUDAGraphMode.FULL_AND_PIECEWISE, CUDAGraphMode.FULL_DECODE_ONLY):
+        compilation = CompilationConfig(mode=CompilationMode.VLLM_COMPILE, cudagraph_mode=requested)
+        compilation.set_splitting_ops_for_v1("allgather_reducescatter")
+        resolved = compilation.resolve_cudagraph_mode_and_sizes(support, "CUSTOM", max_num_reqs=8)
+        want = requested if graphs == "full" else CUDAGraphMode.PIECEWISE
+        assert resolved == want, (graphs, requested, resolved)
+    print(
+        f"OK CUDA graphs, {CUDA_GRAPHS_ENV}={graphs}: FULL_AND_PIECEWISE and FULL_DECODE_ONLY "
+        f"resolve to {'themselves' if graphs == 'full' else 'PIECEWISE'}"
+    )
+del os.environ[CUDA_GRAPHS_ENV]
 
 # Per-layer record sizes: compat.size_pages_per_layer wraps Attention.get_kv_cache_spec (whose
 # module cannot be imported without the CUDA extensions: its signature is read from the source)

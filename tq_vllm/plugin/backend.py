@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 import torch
 from vllm.v1.attention.backend import (
     AttentionBackend,
+    AttentionCGSupport,
     AttentionImpl,
     AttentionLayer,
     AttentionMetadataBuilder,
@@ -56,6 +57,18 @@ class TurboQuantMetadataBuilder(AttentionMetadataBuilder[TurboQuantMetadata]):
         self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any, device: torch.device
     ) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+
+    @classmethod
+    def get_cudagraph_support(cls, vllm_config: Any, kv_cache_spec: Any) -> AttentionCGSupport:
+        """vLLM asks once per engine, and captures full graphs of decode-only batches only if
+        every backend allows it. The decode path can be captured: it never waits on the
+        device, sizes its splits from the metadata's max_seq_len (the model's maximum while
+        vLLM captures, so a replay has splits enough for any length; each split finds its
+        tokens from the device's seq_lens), and a padded request's length 0 reads nothing.
+        Opt-in (startup.CUDA_GRAPHS_ENV) until a GPU serves with it."""
+        if startup.full_cuda_graphs():
+            return AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
+        return AttentionCGSupport.NEVER
 
     def build(
         self,

@@ -15,6 +15,11 @@ from tq_vllm.plugin.config import ConfigError, TurboQuantConfig, load_config
 from tq_vllm.record.layout import RecordLayout
 
 logger = logging.getLogger("tq_vllm")
+# TQ_VLLM_CUDA_GRAPHS=full lets vLLM capture decode-only steps whole, attention included
+# (TurboQuantMetadataBuilder.get_cudagraph_support); unset or "piecewise", attention runs
+# between vLLM's captured pieces. Opt-in until a GPU run has served with it.
+CUDA_GRAPHS_ENV = "TQ_VLLM_CUDA_GRAPHS"
+CUDA_GRAPH_MODES = ("piecewise", "full")
 # Drafts that need no attention of their own: a verify step is then one more multi-token query
 # over the compressed cache, which reads every key and value after the step's store.
 SPECULATIVE_METHODS = ("ngram",)
@@ -100,7 +105,14 @@ def unsupported_platform_reasons(platform: Any, env: Mapping[str, str]) -> list[
     codebook = env.get(CODEBOOK_ENV, "")
     if codebook and codebook not in CODEBOOKS:
         reasons.append(f"{CODEBOOK_ENV}={codebook!r} is unknown (choices: {CODEBOOKS})")
+    graphs = env.get(CUDA_GRAPHS_ENV, "")
+    if graphs and graphs not in CUDA_GRAPH_MODES:
+        reasons.append(f"{CUDA_GRAPHS_ENV}={graphs!r} is unknown (choices: {CUDA_GRAPH_MODES})")
     return reasons
+
+
+def full_cuda_graphs(env: Mapping[str, str] = os.environ) -> bool:
+    return env.get(CUDA_GRAPHS_ENV) == "full"
 
 
 def check_vllm_config(vllm_config: Any) -> Settings:
@@ -119,6 +131,7 @@ def check_vllm_config(vllm_config: Any) -> Settings:
             "the CUDA kernels read Lloyd-Max value records: use value_mode 'mse'"
         )
     check_exact_window(settings.config.exact_window, vllm_config.cache_config.block_size)
+    check_full_graphs(settings.config.exact_window, os.environ)
     model_bytes = vllm_config.model_config.dtype.itemsize
     logger.info("%s", settings.config.describe(settings.head_dim, settings.num_layers, model_bytes))
     return settings
@@ -130,6 +143,14 @@ def check_exact_window(window: int, block_size: int | None) -> None:
     later, and the ring's metadata builder asks again."""
     if window and block_size and block_size % window:
         raise ConfigError(f"exact_window {window} must divide the block size ({block_size} tokens)")
+
+
+def check_full_graphs(exact_window: int, env: Mapping[str, str]) -> None:
+    if exact_window and full_cuda_graphs(env):
+        raise ConfigError(
+            f"{CUDA_GRAPHS_ENV}=full with exact_window: the window's ring metadata reads "
+            "sequence lengths on the host, which a captured graph cannot; unset one of them"
+        )
 
 
 _active: tuple[Any, Settings] | None = None  # (the vllm_config, its settings)
