@@ -99,7 +99,10 @@ def build_directory(variant: str) -> Path:
 def _flags(variant: str) -> list[str]:
     flags = next(flags for name, flags, _ in VARIANTS if name == variant)
     # Hidden symbols: variants loaded side by side never resolve each other's functions.
-    return ["-O3", "-fvisibility=hidden", f"-DTQ_OPS={namespace(variant)}", *flags]
+    # -fopenmp: at::parallel_for is inlined into our code and runs serially unless _OPENMP is
+    # defined here (the ops ran on one thread until 2026-12-03); the OpenMP runtime is torch's
+    # own libgomp, so our threads are vLLM's.
+    return ["-O3", "-fvisibility=hidden", "-fopenmp", f"-DTQ_OPS={namespace(variant)}", *flags]
 
 
 @functools.cache
@@ -114,6 +117,7 @@ def load(variant: str) -> Any:
         sources=[str(path) for path in SOURCES],
         build_directory=str(build),
         extra_cflags=_flags(variant),
+        extra_ldflags=["-fopenmp"],
         is_python_module=False,
     )
     return getattr(torch.ops, namespace(variant))
