@@ -60,6 +60,12 @@ constexpr UnpackFn UNPACK[9] = {nullptr,         unpack_bits<1>, unpack_bits<2>,
                                 unpack_bits<3>, unpack_bits<4>, unpack_bits<5>,
                                 unpack_bits<6>, unpack_bits<7>, unpack_bits<8>};
 
+// How many steps of `step` bytes, from byte 0 of a field of `field` bytes, can each read
+// `reach` bytes without passing its end (0 when even the first cannot).
+inline int whole_loads(int field, int reach, int step) {
+  return field < reach ? 0 : (field - reach) / step + 1;
+}
+
 // Centroid values of one row of b-bit indices: c[idx] for each of the n indices at p.
 class RowDecoder {
  public:
@@ -227,7 +233,7 @@ class RowDecoder {
     // A load of a fixed LOAD bytes (an odd-sized memcpy costs a call) while it stays inside
     // the row's packed field: the first `wide` groups; the rest byte by byte.
     constexpr int LOAD = B <= 4 ? 4 : 8;
-    const int wide = std::max(0, (n_ / 8 * B - LOAD) / B + 1);
+    const int wide = whole_loads(n_ / 8 * B, LOAD, B);
     for (int u = 0; u < n; ++u) {
       if (u + 2 < n) __builtin_prefetch(recs[u + 2] + offset);
       const uint8_t* p = recs[u] + offset;
@@ -291,7 +297,7 @@ class RowDecoder {
   void rows_bytes(const uint8_t* const* recs, int offset, int n, int stride, float* out) const {
     const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << B) - 1));
     // Chunks whose 16-byte loads stay inside the row's packed field: the first `wide`.
-    const int wide = std::max(0, (n_ * B / 8 - 2 * B - 16) / (4 * B) + 1);
+    const int wide = whole_loads(n_ * B / 8, 2 * B + 16, 4 * B);
     // Dword k of the packed indices holds indices 4k .. 4k + 3; even dwords to the low half
     // make the byte planes' interleave come out in order.
     const __m256i order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
