@@ -91,7 +91,7 @@ def namespace(variant: str) -> str:
 
 def build_directory(variant: str) -> Path:
     key = b"".join(path.read_bytes() for path in [*SOURCES, *HEADERS])
-    key += f"{torch.__version__}|{platform.machine()}|{_flags(variant)}".encode()
+    key += f"{torch.__version__}|{platform.machine()}|{_flags(variant)}|{_link_flags()}".encode()
     digest = hashlib.sha256(key).hexdigest()[:16]
     return cache_dir() / "extensions" / f"cpu_ops-{variant}-{digest}"
 
@@ -100,9 +100,17 @@ def _flags(variant: str) -> list[str]:
     flags = next(flags for name, flags, _ in VARIANTS if name == variant)
     # Hidden symbols: variants loaded side by side never resolve each other's functions.
     # -fopenmp: at::parallel_for is inlined into our code and runs serially unless _OPENMP is
-    # defined here (the ops ran on one thread until 2026-12-03); the OpenMP runtime is torch's
-    # own libgomp, so our threads are vLLM's.
+    # defined here (the ops ran on one thread until 2026-12-03).
     return ["-O3", "-fvisibility=hidden", "-fopenmp", f"-DTQ_OPS={namespace(variant)}", *flags]
+
+
+def _link_flags() -> list[str]:
+    """Link against the OpenMP runtime torch ships and loads (torch/lib/libgomp*.so*, under a
+    hashed name in some wheels), so the process keeps one runtime and our parallel regions run
+    on the threads vLLM binds; -fopenmp (the compiler's libgomp) only where torch has none."""
+    lib = Path(torch.__file__).parent / "lib"
+    bundled = sorted(lib.glob("libgomp*.so*"))
+    return [str(bundled[0]), f"-Wl,-rpath,{lib}"] if bundled else ["-fopenmp"]
 
 
 @functools.cache
@@ -117,7 +125,7 @@ def load(variant: str) -> Any:
         sources=[str(path) for path in SOURCES],
         build_directory=str(build),
         extra_cflags=_flags(variant),
-        extra_ldflags=["-fopenmp"],
+        extra_ldflags=_link_flags(),
         is_python_module=False,
     )
     return getattr(torch.ops, namespace(variant))
