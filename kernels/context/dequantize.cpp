@@ -1,4 +1,4 @@
-#include "../csrc/records.h"
+#include "../csrc/row_decoder.h"
 
 namespace tq {
 namespace {

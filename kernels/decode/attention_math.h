@@ -2,7 +2,7 @@
 // softmax's weights and the weighted value sums, with AVX-512 paths where the CPU has them.
 #pragma once
 
-#include "../csrc/records.h"
+#include "../csrc/row_decoder.h"
 
 namespace tq {
 

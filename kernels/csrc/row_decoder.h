@@ -1,0 +1,347 @@
+// Decoding rows of packed indices into centroid values (RowDecoder), shared by the C++ ops that
+// read records (attention.cpp, dequantize.cpp): per ISA, unpacking whole groups and looking the
+// codebook up in registers where it fits.
+#pragma once
+
+#include "records.h"
+
+namespace tq {
+
+// How many steps of `step` bytes, from byte 0 of a field of `field` bytes, can each read
+// `reach` bytes without passing its end (0 when even the first cannot).
+inline int whole_loads(int field, int reach, int step) {
+  return field < reach ? 0 : (field - reach) / step + 1;
+}
+
+// Centroid values of one row of b-bit indices: c[idx] for each of the n indices at p.
+class RowDecoder {
+ public:
+  // AVX2 has three exact lookups (rows_fixed, rows_bytes); `lookup` forces one, kChosen takes
+  // the one timed fastest on this CPU (chosen_lookups).
+  enum Lookup { kChosen, kPermute, kGather, kBytes };
+
+  RowDecoder(const float* centroids, int bits, int n, Lookup lookup = kChosen)
+      : c_(centroids), bits_(bits), n_(n) {
+#ifdef TQ_AVX512
+    fast_ = n % 16 == 0;
+    if (!fast_) return;
+    // 64 indices at a time: byte-permute each group of 8 indices (b bytes) into its own
+    // 64-bit lane, pull every index's bits out with one multishift, mask them.
+    alignas(64) uint8_t perm[64], shift[64];
+    for (int g = 0; g < 8; ++g)
+      for (int i = 0; i < 8; ++i) {
+        perm[8 * g + i] = static_cast<uint8_t>(g * bits + i);
+        shift[8 * g + i] = static_cast<uint8_t>(i * bits);
+      }
+    perm_ = _mm512_load_si512(perm);
+    shift_ = _mm512_load_si512(shift);
+    mask_ = _mm512_set1_epi8(static_cast<char>((1 << bits) - 1));
+    alignas(64) float table[64] = {};  // up to 6 bits the table sits in four registers
+    for (int i = 0; i < std::min(64, 1 << bits); ++i) table[i] = centroids[i];
+    for (int i = 0; i < 4; ++i) t_[i] = _mm512_load_ps(table + 16 * i);
+#elif defined(TQ_AVX2)
+    fast_ = n % 8 == 0;
+    alignas(32) float table[64] = {};  // up to 6 bits the table sits in eight registers
+    for (int i = 0; i < std::min(64, 1 << bits); ++i) table[i] = centroids[i];
+    for (int i = 0; i < 8; ++i) t_[i] = _mm256_load_ps(table + 8 * i);
+    if (bits > 6) lookup_ = kGather;
+    else if (bits >= 4) lookup_ = lookup == kChosen ? chosen_lookups()[bits] : lookup;
+    if (lookup_ == kBytes && n % 32 != 0) lookup_ = kPermute;
+    if (lookup_ != kBytes) return;
+    // rows_bytes' constants: byte plane P of the centroids 16s .. 16s + 15 in planes_[P][s],
+    // XORed with the plane of the 16 before them (s > 0);
+    // per 16-bit lane k of a 128-bit half, the two bytes holding index k (unpack_lo_) or
+    // k + 8 (unpack_hi_) and the power of two that moves its first bit to bit 8.
+    uint8_t bytes[64][4];
+    std::memcpy(bytes, table, sizeof(bytes));
+    alignas(32) uint8_t plane[32], lo[32], hi[32];
+    for (int P = 0; P < 4; ++P)
+      for (int s = 0; s < 4; ++s) {
+        for (int j = 0; j < 32; ++j)
+          plane[j] = bytes[16 * s + j % 16][P] ^ (s ? bytes[16 * s - 16 + j % 16][P] : 0);
+        planes_[P][s] = _mm256_load_si256(reinterpret_cast<const __m256i*>(plane));
+      }
+    alignas(32) int16_t mul[16];
+    for (int j = 0; j < 16; ++j) {
+      const int k = j % 8, first = k * bits / 8, second = (k + 8) * bits / 8;
+      lo[2 * j] = static_cast<uint8_t>(first);
+      lo[2 * j + 1] = static_cast<uint8_t>(std::min(first + 1, 15));
+      hi[2 * j] = static_cast<uint8_t>(second);
+      hi[2 * j + 1] = static_cast<uint8_t>(std::min(second + 1, 15));
+      mul[j] = static_cast<int16_t>(1 << (8 - k * bits % 8));
+    }
+    unpack_lo_ = _mm256_load_si256(reinterpret_cast<const __m256i*>(lo));
+    unpack_hi_ = _mm256_load_si256(reinterpret_cast<const __m256i*>(hi));
+    unpack_mul_ = _mm256_load_si256(reinterpret_cast<const __m256i*>(mul));
+#else
+    (void)lookup;
+#endif
+  }
+
+  void operator()(const uint8_t* p, float* out) const {
+    const uint8_t* rows[1] = {p};
+    this->rows(rows, 0, 1, 0, out);
+  }
+
+  // Rows recs[u] + offset for u < n into out + u * stride: one dispatch on the bit width per
+  // call, the per-row work then inlined with the width known at compile time.
+  void rows(const uint8_t* const* recs, int offset, int n, int stride, float* out) const {
+#ifdef TQ_AVX2
+    if (fast_ && lookup_ == kBytes) switch (bits_) {
+        case 4: return rows_bytes<4>(recs, offset, n, stride, out);
+        case 5: return rows_bytes<5>(recs, offset, n, stride, out);
+        default: return rows_bytes<6>(recs, offset, n, stride, out);
+      }
+    if (fast_ && lookup_ == kGather) switch (bits_) {
+        case 4: return rows_fixed<4, true>(recs, offset, n, stride, out);
+        case 5: return rows_fixed<5, true>(recs, offset, n, stride, out);
+        case 6: return rows_fixed<6, true>(recs, offset, n, stride, out);
+        case 7: return rows_fixed<7, true>(recs, offset, n, stride, out);
+        default: return rows_fixed<8, true>(recs, offset, n, stride, out);
+      }
+#endif
+#if defined(TQ_AVX512) || defined(TQ_AVX2)
+    if (fast_) switch (bits_) {
+        case 1: return rows_fixed<1>(recs, offset, n, stride, out);
+        case 2: return rows_fixed<2>(recs, offset, n, stride, out);
+        case 3: return rows_fixed<3>(recs, offset, n, stride, out);
+        case 4: return rows_fixed<4>(recs, offset, n, stride, out);
+        case 5: return rows_fixed<5>(recs, offset, n, stride, out);
+        case 6: return rows_fixed<6>(recs, offset, n, stride, out);
+#ifdef TQ_AVX512
+        case 7: return rows_fixed<7>(recs, offset, n, stride, out);
+        default: return rows_fixed<8>(recs, offset, n, stride, out);
+#else
+        default: break;  // 7-8 bits gather (above)
+#endif
+      }
+#endif
+    alignas(64) uint8_t idx[256];
+    for (int u = 0; u < n; ++u) {
+      const uint8_t* p = recs[u] + offset;
+      for (int c = 0; c < n_; c += 256) {  // chunks of whole groups of 8 indices
+        const int m = std::min(256, n_ - c);
+        UNPACK[bits_](p + c * bits_ / 8, m, idx);
+        for (int i = 0; i < m; ++i) out[u * stride + c + i] = c_[idx[i]];
+      }
+    }
+  }
+
+ private:
+#ifdef TQ_AVX512
+  template <int B>
+  void rows_fixed(const uint8_t* const* recs, int offset, int n, int stride, float* out) const {
+    for (int u = 0; u < n; ++u) {
+      if (u + 2 < n) __builtin_prefetch(recs[u + 2] + offset);  // the next rows' bytes to L1
+      const uint8_t* p = recs[u] + offset;
+      float* o = out + static_cast<size_t>(u) * stride;
+      alignas(64) uint8_t idx[64];
+      for (int c = 0; c < n_; c += 64) {
+        const int m = std::min(64, n_ - c), bytes = m * B / 8;
+        const __mmask64 keep = bytes == 64 ? ~__mmask64{0} : (__mmask64{1} << bytes) - 1;
+        const __m512i data = _mm512_maskz_loadu_epi8(keep, p + c * B / 8);
+        const __m512i lanes = _mm512_permutexvar_epi8(perm_, data);
+        _mm512_store_si512(idx, _mm512_and_si512(_mm512_multishift_epi64_epi8(shift_, lanes),
+                                                 mask_));
+        for (int v = 0; v < m; v += 16) {
+          const __m512i i = _mm512_cvtepu8_epi32(_mm_load_si128(
+              reinterpret_cast<const __m128i*>(idx + v)));
+          _mm512_storeu_ps(o + c + v, lookup<B>(i));
+        }
+      }
+    }
+  }
+
+  template <int B>
+  __m512 lookup(__m512i i) const {
+    if constexpr (B <= 4) {
+      return _mm512_permutexvar_ps(i, t_[0]);
+    } else if constexpr (B == 5) {
+      return _mm512_permutex2var_ps(t_[0], i, t_[1]);
+    } else if constexpr (B == 6) {
+      const __mmask16 high = _mm512_test_epi32_mask(i, _mm512_set1_epi32(32));
+      return _mm512_mask_blend_ps(high, _mm512_permutex2var_ps(t_[0], i, t_[1]),
+                                  _mm512_permutex2var_ps(t_[2], i, t_[3]));
+    } else {
+      return _mm512_i32gather_ps(i, c_, 4);
+    }
+  }
+  bool fast_ = false;
+  __m512i perm_, shift_, mask_;
+  __m512 t_[4];
+#elif defined(TQ_AVX2)
+  // 8 indices (B bytes) at a time: variable shifts of the broadcast word put index k in lane
+  // k (no pdep: microcoded on AMD before Zen 3), then a lookup: in registers (GATHER false:
+  // vpermps takes 3 index bits, blends on bits 3-5 pick among up to eight 8-entry tables) or
+  // a gather from the codebook (7-8 bits always; 4-6 bits where it was timed faster).
+  template <int B, bool GATHER = false>
+  void rows_fixed(const uint8_t* const* recs, int offset, int n, int stride, float* out) const {
+    const __m256i mask = _mm256_set1_epi32((1 << B) - 1);
+    // A load of a fixed LOAD bytes (an odd-sized memcpy costs a call) while it stays inside
+    // the row's packed field: the first `wide` groups; the rest byte by byte.
+    constexpr int LOAD = B <= 4 ? 4 : 8;
+    const int wide = whole_loads(n_ / 8 * B, LOAD, B);
+    for (int u = 0; u < n; ++u) {
+      if (u + 2 < n) __builtin_prefetch(recs[u + 2] + offset);
+      const uint8_t* p = recs[u] + offset;
+      float* o = out + static_cast<size_t>(u) * stride;
+      for (int g = 0; g < n_ / 8; ++g, p += B) {
+        uint64_t w = 0;
+        if (g < wide) {
+          std::memcpy(&w, p, LOAD);
+        } else {
+#pragma GCC unroll 8
+          for (int k = 0; k < B; ++k) w |= static_cast<uint64_t>(p[k]) << (8 * k);
+        }
+        const __m256i i = _mm256_and_si256(spread<B>(w), mask);
+        if constexpr (GATHER) {
+          _mm256_storeu_ps(o + 8 * g, _mm256_i32gather_ps(c_, i, 4));
+        } else {
+          _mm256_storeu_ps(o + 8 * g, pick<B>(i, 0));
+        }
+      }
+    }
+  }
+
+  // Lane k: w >> (k * B) (the low 32 bits).
+  template <int B>
+  static __m256i spread(uint64_t w) {
+    if constexpr (B <= 4) {  // 8 indices in 32 bits
+      const __m256i shifts = _mm256_setr_epi32(0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B);
+      return _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int32_t>(w)), shifts);
+    } else {
+      const __m256i all = _mm256_set1_epi64x(static_cast<int64_t>(w));
+      const __m256 lo = _mm256_castsi256_ps(
+          _mm256_srlv_epi64(all, _mm256_setr_epi64x(0, B, 2 * B, 3 * B)));
+      const __m256 hi = _mm256_castsi256_ps(
+          _mm256_srlv_epi64(all, _mm256_setr_epi64x(4 * B, 5 * B, 6 * B, 7 * B)));
+      // Low dwords per 128-bit half: [0, 1, 4, 5 | 2, 3, 6, 7]; the permute puts them in order.
+      const __m256 mixed = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0));
+      return _mm256_permutevar8x32_epi32(_mm256_castps_si256(mixed),
+                                         _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7));
+    }
+  }
+
+  // Entries [8 * first, 8 * first + 2^(B - 3) * 8) of the table, by index bits 3..B-1.
+  template <int B>
+  __m256 pick(__m256i i, int first) const {
+    if constexpr (B <= 3) {
+      return _mm256_permutevar8x32_ps(t_[first], i);
+    } else {
+      const __m256 low = pick<B - 1>(i, first), high = pick<B - 1>(i, first + (1 << (B - 4)));
+      // Index bit B - 1 moved to the sign bit selects.
+      return _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(i, 32 - B)));
+    }
+  }
+
+  // 32 indices (4 groups, 4B bytes) at a time, 16 per 128-bit half: vpshufb puts the two
+  // bytes holding each index in a 16-bit lane, a multiply by a power of two shifts its bits
+  // to the high byte, a pack gathers them. Then each of the float's four bytes is looked up
+  // by vpshufb in 2^(B - 4) 16-entry tables, and the four byte planes are interleaved back
+  // into floats. Two thirds or less of the time of pick's blend tree at 5-6 bits here (Zen 4),
+  // and as exact.
+  template <int B>
+  void rows_bytes(const uint8_t* const* recs, int offset, int n, int stride, float* out) const {
+    const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << B) - 1));
+    // Chunks whose 16-byte loads stay inside the row's packed field: the first `wide`.
+    const int wide = whole_loads(n_ * B / 8, 2 * B + 16, 4 * B);
+    // Dword k of the packed indices holds indices 4k .. 4k + 3; even dwords to the low half
+    // make the byte planes' interleave come out in order.
+    const __m256i order = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    for (int u = 0; u < n; ++u) {
+      if (u + 2 < n) __builtin_prefetch(recs[u + 2] + offset);
+      const uint8_t* p = recs[u] + offset;
+      float* o = out + static_cast<size_t>(u) * stride;
+      for (int c = 0; c < n_; c += 32, p += 4 * B) {
+        const __m256i data =
+            c / 32 < wide ? _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(p + 2 * B),
+                                                reinterpret_cast<const __m128i*>(p))
+                          : _mm256_setr_m128i(two_groups<B>(p), two_groups<B>(p + 2 * B));
+        const __m256i x = _mm256_srli_epi16(
+            _mm256_mullo_epi16(_mm256_shuffle_epi8(data, unpack_lo_), unpack_mul_), 8);
+        const __m256i y = _mm256_srli_epi16(
+            _mm256_mullo_epi16(_mm256_shuffle_epi8(data, unpack_hi_), unpack_mul_), 8);
+        const __m256i i = _mm256_permutevar8x32_epi32(
+            _mm256_and_si256(_mm256_packus_epi16(x, y), mask), order);
+        // i - 16s reads table s's difference from table s - 1 where i >= 16s, and 0 where
+        // i < 16s (a negative byte has bit 7 set): the XOR of the reads is table i / 16's byte.
+        __m256i shifted[4] = {i};
+#pragma GCC unroll 3
+        for (int s = 1; s < (1 << (B - 4)); ++s)
+          shifted[s] = _mm256_sub_epi8(i, _mm256_set1_epi8(static_cast<char>(16 * s)));
+        __m256i b[4];
+#pragma GCC unroll 4
+        for (int P = 0; P < 4; ++P) {
+          b[P] = _mm256_shuffle_epi8(planes_[P][0], i);
+#pragma GCC unroll 3
+          for (int s = 1; s < (1 << (B - 4)); ++s)
+            b[P] = _mm256_xor_si256(b[P], _mm256_shuffle_epi8(planes_[P][s], shifted[s]));
+        }
+        const __m256i lo01 = _mm256_unpacklo_epi8(b[0], b[1]);
+        const __m256i hi01 = _mm256_unpackhi_epi8(b[0], b[1]);
+        const __m256i lo23 = _mm256_unpacklo_epi8(b[2], b[3]);
+        const __m256i hi23 = _mm256_unpackhi_epi8(b[2], b[3]);
+        __m256i* oc = reinterpret_cast<__m256i*>(o + c);
+        _mm256_storeu_si256(oc, _mm256_unpacklo_epi16(lo01, lo23));
+        _mm256_storeu_si256(oc + 1, _mm256_unpackhi_epi16(lo01, lo23));
+        _mm256_storeu_si256(oc + 2, _mm256_unpacklo_epi16(hi01, hi23));
+        _mm256_storeu_si256(oc + 3, _mm256_unpackhi_epi16(hi01, hi23));
+      }
+    }
+  }
+
+  // The 2B bytes of two index groups at p in the low bytes, zero above (no read past them).
+  template <int B>
+  static __m128i two_groups(const uint8_t* p) {
+    uint64_t low, high = 0;
+    std::memcpy(&low, p, 8);
+    std::memcpy(&high, p + 8, 2 * B - 8);
+    return _mm_set_epi64x(static_cast<int64_t>(high), static_cast<int64_t>(low));
+  }
+
+  // Gathers are fast on recent Intel cores and slow on AMD Zen 2 or on Intel parts with the
+  // GDS microcode fix; the blend tree's and the byte planes' costs grow with the bits and
+  // differ by core. So per width 4-6 the three are timed once per process on the same rows,
+  // and must agree exactly.
+  static const std::array<Lookup, 9>& chosen_lookups() {
+    static const std::array<Lookup, 9> chosen = [] {
+      std::array<Lookup, 9> fastest{};
+      constexpr int ROWS = 512, D = 128;
+      std::vector<uint8_t> bytes(ROWS * D);
+      std::vector<const uint8_t*> recs(ROWS);
+      uint32_t state = 12345;
+      for (auto& b : bytes) b = static_cast<uint8_t>((state = state * 1664525u + 1013904223u) >> 24);
+      for (int r = 0; r < ROWS; ++r) recs[r] = &bytes[static_cast<size_t>(r) * D];
+      alignas(32) float table[256];
+      for (int i = 0; i < 256; ++i) table[i] = 0.01f * static_cast<float>(i) - 1.f;
+      constexpr Lookup modes[3] = {kPermute, kGather, kBytes};
+      std::vector<float> out[3];
+      for (int bits = 4; bits <= 6; ++bits) {
+        double best = 1e30;
+        for (int m = 0; m < 3; ++m) {
+          const RowDecoder decoder(table, bits, D, modes[m]);
+          out[m].assign(ROWS * D, 0.f);
+          for (int trial = 0; trial < 5; ++trial) {
+            const auto start = std::chrono::steady_clock::now();
+            decoder.rows(recs.data(), 0, ROWS, D, out[m].data());
+            const std::chrono::duration<double> took = std::chrono::steady_clock::now() - start;
+            if (took.count() < best) best = took.count(), fastest[bits] = modes[m];
+          }
+        }
+        TORCH_CHECK(out[0] == out[1] && out[0] == out[2],
+                    "the AVX2 permute, gather and byte-plane lookups disagree at ", bits, " bits");
+      }
+      return fastest;
+    }();
+    return chosen;
+  }
+  bool fast_ = false;
+  Lookup lookup_ = kPermute;
+  __m256 t_[8];
+  __m256i planes_[4][4], unpack_lo_, unpack_hi_, unpack_mul_;
+#endif
+  const float* c_;
+  int bits_, n_;
+};
+
+}  // namespace tq
