@@ -26,8 +26,13 @@ NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}
 # keep them off every slot a later query reads exactly (kernels/window/exact.py).
 @pytest.mark.parametrize("turboquant", [{}, {"key_bits": 4, "value_bits": 4, "exact_window": 16}])
 def test_ngram_speculation_keeps_greedy_outputs(tmp_path, turboquant):
+    # float32: in bf16 a 4-token verify step's GEMMs round differently from a 1-token decode's,
+    # enough to flip a greedy choice with vLLM's own cache (prompt 0, token 27, on a Zen 4 VM).
+    # 256-token blocks: the float32 ring of 19 tokens must fit in a block of records.
     llm = {
         "kv_cache_dtype": "turboquant",
+        "dtype": "float32",
+        "block_size": 256,
         "max_model_len": 1024,
         "kv_cache_memory_bytes": 1 << 28,
         "additional_config": {"turboquant": turboquant},
