@@ -7,9 +7,10 @@ namespace (torch.ops.tq_vllm_cpu_<variant>), so one process can load several (th
 them); ops() hands out the chosen one. A build goes to the tq_vllm cache directory keyed by
 what it contains (sources, torch version, variant), never by the machine that compiled it, so
 the cache can be shared between hosts. TQ_VLLM_CPU_ISA forces a variant (it must run here).
-cpp_extension's lock file lets concurrent processes share one build. If the chosen variant
-cannot be built, available() logs why once and returns False, and dispatch.py keeps the
-PyTorch reference.
+cpp_extension's lock file lets concurrent processes share one build. On Linux the builds use
+OpenMP through torch's own libgomp, so at::parallel_for runs on the threads vLLM gives torch.
+If the chosen variant cannot be built, available() logs why once and returns False, and
+dispatch.py keeps the PyTorch reference.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ SOURCES = [HERE / "store" / "store.cpp", HERE / "decode" / "attention.cpp",
 HEADERS = [HERE / "csrc" / "records.h", HERE / "csrc" / "row_decoder.h",
            HERE / "decode" / "attention_math.h"]  # fmt: skip
 ISA_ENV = "TQ_VLLM_CPU_ISA"
+# Threads for at::parallel_for need OpenMP in our build: on Linux (gcc, torch's libgomp); Apple's
+# clang has no -fopenmp, so there the ops stay on one thread.
+OPENMP = platform.system() == "Linux"
 
 
 # Best first: (name, compiler flags, /proc/cpuinfo flags the code then needs). The AVX-512
@@ -92,7 +96,7 @@ def namespace(variant: str) -> str:
 
 def build_directory(variant: str) -> Path:
     key = b"".join(path.read_bytes() for path in [*SOURCES, *HEADERS])
-    key += f"{torch.__version__}|{platform.machine()}|{_flags(variant)}".encode()
+    key += f"{torch.__version__}|{platform.machine()}|{_flags(variant)}|{_link_flags()}".encode()
     digest = hashlib.sha256(key).hexdigest()[:16]
     return cache_dir() / "extensions" / f"cpu_ops-{variant}-{digest}"
 
@@ -100,7 +104,21 @@ def build_directory(variant: str) -> Path:
 def _flags(variant: str) -> list[str]:
     flags = next(flags for name, flags, _ in VARIANTS if name == variant)
     # Hidden symbols: variants loaded side by side never resolve each other's functions.
-    return ["-O3", "-fvisibility=hidden", f"-DTQ_OPS={namespace(variant)}", *flags]
+    # -fopenmp: at::parallel_for is inlined into our code and runs serially unless _OPENMP is
+    # defined here (the ops ran on one thread until 2026-12-03).
+    openmp = ["-fopenmp"] if OPENMP else []
+    return ["-O3", "-fvisibility=hidden", *openmp, f"-DTQ_OPS={namespace(variant)}", *flags]
+
+
+def _link_flags() -> list[str]:
+    """Link against the OpenMP runtime torch ships and loads (torch/lib/libgomp*.so*, under a
+    hashed name in some wheels), so the process keeps one runtime and our parallel regions run
+    on the threads vLLM binds; -fopenmp (the compiler's libgomp) only where torch has none."""
+    if not OPENMP:
+        return []
+    lib = Path(torch.__file__).parent / "lib"
+    bundled = sorted(lib.glob("libgomp*.so*"))
+    return [str(bundled[0]), f"-Wl,-rpath,{lib}"] if bundled else ["-fopenmp"]
 
 
 @functools.cache
@@ -115,6 +133,7 @@ def load(variant: str) -> Any:
         sources=[str(path) for path in SOURCES],
         build_directory=str(build),
         extra_cflags=_flags(variant),
+        extra_ldflags=_link_flags(),
         is_python_module=False,
     )
     return getattr(torch.ops, namespace(variant))

@@ -258,8 +258,11 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor
   const int64_t units = static_cast<int64_t>(tiles.size()) * P.hk;
   if (units == 0) return out;
   if (num_splits == 0) {  // about 4 items per thread, splits no shorter than 256 tokens
-    const int64_t want = (4 * at::get_num_threads() + units - 1) / units;
-    num_splits = std::max<int64_t>(1, std::min(want, (longest + 255) / 256));
+    const int64_t threads = at::get_num_threads(), most = (longest + 255) / 256;
+    num_splits = std::max<int64_t>(1, std::min((4 * threads + units - 1) / units, most));
+    // A whole number of items per thread where the floor allows: with 9 equal items on 2
+    // threads one thread ran 5 while the other waited after 4.
+    while (num_splits < most && units * num_splits % threads != 0) ++num_splits;
   }
   float* o = out.data_ptr<float>();
   const int64_t hq = P.hq, d = P.d, g = P.g, rpt = rows_per_tile;

@@ -2,6 +2,9 @@
 load time (tests/conftest.py's cpu_isa runs the kernel tests on every runnable build)."""
 
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +62,25 @@ def test_build_failure_warns(tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING, logger="tq_vllm"):
         assert cpu_extension.available.__wrapped__() is False
     assert "could not be built" in caplog.text and "PyTorch reference" in caplog.text
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="reads /proc/self/maps (Linux)")
+def test_ops_run_on_torchs_openmp_threads():
+    """at::parallel_for runs in parallel only where the extension is built with OpenMP, and on
+    the threads vLLM binds only where it uses torch's runtime: the build calls libgomp, and
+    loading it into a process that runs torch maps no second OpenMP library."""
+    script = (
+        "import torch\n"
+        "from tq_vllm.kernels import cpu_extension\n"
+        "def runtimes():\n"
+        "    return sorted({l.split()[-1] for l in open('/proc/self/maps') if 'gomp' in l})\n"
+        "before = runtimes()\n"
+        "assert cpu_extension.available()\n"
+        "print(before == runtimes(), before, runtimes())\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.startswith("True"), proc.stdout
+    variant = cpu_extension.chosen_variant()
+    built = cpu_extension.build_directory(variant) / f"tq_vllm_cpu_ops_{variant}.so"
+    assert b"GOMP_parallel" in built.read_bytes()
