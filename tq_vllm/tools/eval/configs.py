@@ -104,7 +104,9 @@ def all_configs(num_layers: int = 30) -> dict[str, EvalConfig]:
         )
         for name, label, fields, w in (
             ("default", "configs/default.yaml", {"config": "default"}, 32),
+            ("k6v4", "K6 V4 mse", _tq(6, 4), 32),
             ("k5v4", "K5 V4 mse", _tq(5, 4), 32),
+            ("k5v3", "K5 V3 mse", _tq(5, 3), 32),
             ("k4v4", "K4 V4 mse", _tq(4, 4), 32),
             ("k4v4", "K4 V4 mse", _tq(4, 4), 16),
             ("k4v3", "K4 V3 mse", _tq(4, 3), 16),
