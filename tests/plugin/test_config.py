@@ -11,6 +11,8 @@ def test_default_and_presets_load():
     for name in PRESETS:
         cfg = load_config({"turboquant": {"config": name}})
         assert f"k{cfg.key_bits}v{cfg.value_bits}" == name
+    windowed = load_config({"turboquant": {"config": "k5v4-w32"}})
+    assert (windowed.key_bits, windowed.value_bits, windowed.exact_window) == (5, 4, 32)
 
 
 def test_sources_override_in_order(tmp_path, monkeypatch):
