@@ -32,8 +32,11 @@ logger = logging.getLogger("tq_vllm")
 HERE = Path(__file__).parent
 SOURCES = [HERE / "store" / "store.cpp", HERE / "decode" / "attention.cpp",
            HERE / "context" / "dequantize.cpp"]  # fmt: skip
-HEADERS = [HERE / "csrc" / "records.h", HERE / "csrc" / "row_decoder.h",
-           HERE / "decode" / "attention_math.h"]  # fmt: skip
+HEADERS = [
+    HERE / "csrc" / "records.h",
+    HERE / "csrc" / "row_decoder.h",
+    *(HERE / "decode" / name for name in ("attention_math.h", "bf16_dots.h", "dots.h")),
+]
 ISA_ENV = "TQ_VLLM_CPU_ISA"
 # Threads for at::parallel_for need OpenMP in our build: on Linux (gcc, torch's libgomp); Apple's
 # clang has no -fopenmp, so there the ops stay on one thread.

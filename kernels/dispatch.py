@@ -42,7 +42,7 @@ def _cpu(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and not REFERENCE_ONLY and cpu_extension.available()
 
 
-def _cpu_kernel(t: torch.Tensor, codec: LayerCodec) -> bool:
+def cpu_kernel(t: torch.Tensor, codec: LayerCodec) -> bool:
     # The C++ attention reads Lloyd-Max values only; uniform-value records stay on the reference.
     return _cpu(t) and not codec.layout.uniform_values
 
@@ -53,7 +53,7 @@ def attention_kernels(device: torch.device, codec: LayerCodec) -> str:
     if _triton(probe):
         interpreted = os.environ.get("TRITON_INTERPRET") == "1"
         return "the Triton kernels" + (" (interpreted)" if interpreted else "")
-    if _cpu_kernel(probe, codec):
+    if cpu_kernel(probe, codec):
         return "the C++ kernels"
     return "the PyTorch reference"
 
@@ -69,7 +69,7 @@ def store_kv(
         from tq_vllm.kernels.store.triton_store import store_kv as kernel
 
         return kernel(key, value, kv_cache, slot_mapping, codec)
-    if _cpu_kernel(kv_cache, codec):
+    if cpu_kernel(kv_cache, codec):
         return cpu_store.store_kv(key, value, kv_cache, slot_mapping, codec)
     return store_kv_reference(key, value, kv_cache, slot_mapping, codec)
 
@@ -97,7 +97,7 @@ def decode_attention(
         from tq_vllm.kernels.decode.triton_decode import decode_attention as kernel
 
         return kernel(*args, max_seq_len, sparse_v=sparse_v, codebook=CODEBOOK, **options)
-    if _cpu_kernel(kv_cache, codec):
+    if cpu_kernel(kv_cache, codec):
         return cpu_decode.decode_attention(*args, sparse_v=sparse_v, **options)
     return decode_attention_reference(*args, **options)
 

@@ -55,7 +55,7 @@ def context_attention(
         )
     starts, lens = query_start_loc.tolist(), seq_lens.tolist()
     q_lens = [hi - lo for lo, hi in zip(starts, starts[1:])]
-    dense = [b for b, n in enumerate(q_lens) if n >= DENSE_ROWS and _dense_ok(query, codec)]
+    dense = dense_sequences(query, codec, q_lens)
     fused = [b for b, n in enumerate(q_lens) if n and b not in dense]
     rows = max(1, CONTEXT_ROWS // (query.shape[1] // kv_cache.shape[1]))
 
@@ -91,6 +91,12 @@ def context_attention(
             query[picked], block_table[fused], sub_starts, seq_lens[fused]
         )
     return out
+
+
+def dense_sequences(query: torch.Tensor, codec: LayerCodec, q_lens: list[int]) -> list[int]:
+    """The sequences that take the dense path: those with at least DENSE_ROWS new rows, where
+    the query's dtype and the layout allow it."""
+    return [b for b, n in enumerate(q_lens) if n >= DENSE_ROWS and _dense_ok(query, codec)]
 
 
 def _dense_ok(query: torch.Tensor, codec: LayerCodec) -> bool:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -60,11 +61,23 @@ def vllm_cpu_attention(
     The ops are vLLM's internals: if a call fails for a reason of their own (a signature or
     schema that changed), the reason is logged once and SDPA serves from then on."""
     isa = _cpu_attention_isa(query.dtype, query.shape[-1])
-    if isa is None or _unusable:
+    if isa is None:
+        return None
+    return with_vllm_ops(
+        lambda: paged_dense_attention(
+            query, paged_dense_cache(keys, values, isa), q_lens, scale, sliding_window
+        )
+    )
+
+
+def with_vllm_ops(call: Callable[[], torch.Tensor]) -> torch.Tensor | None:
+    """call(), which runs vLLM's CPU attention ops, or None once they have failed for a reason
+    of their own (a signature or schema that changed): the reason is logged once, and SDPA or
+    the fused path serves from then on."""
+    if _unusable:
         return None
     try:
-        cache = paged_dense_cache(keys, values, isa)
-        return paged_dense_attention(query, cache, q_lens, scale, sliding_window)
+        return call()
     except (AttributeError, TypeError, RuntimeError) as e:
         _unusable.append(f"{type(e).__name__}: {e}")
         logger.warning(
@@ -181,29 +194,14 @@ def dense_attention(
     where that cannot run. With sliding_window W a row sees its last W positions only, and
     nothing before the first row's window is dequantized (vLLM may have freed those blocks):
     the blocks from the one holding that window's first token."""
-    layout = codec.layout
-    if layout.uniform_values:  # levels 0 .. 2^b - 1, scaled and shifted per vector
-        levels = torch.arange(1 << layout.value_bits, dtype=torch.float32)
-    else:
-        levels = codec.value.centroids.float().contiguous()
-    regular, outlier = key_centroids(codec)
     keys, values = [], []
     block_size = kv_cache.shape[2]
     for b, q_len, length in zip(seqs, q_lens, lens):
         skip = 0  # whole blocks before the first row's window
         if sliding_window is not None:
             skip = max(0, length - q_len - sliding_window + 1) // block_size
-        k, v = cpu_extension.ops().dequantize(
-            kv_cache,
-            block_table[b, skip:].to(torch.int32).contiguous(),
-            length - skip * block_size,
-            regular,
-            levels,
-            layout_fields(codec),
-            codec.head_dim,
-            query.dtype,
-            outlier,
-        )
+        k, v = dequantized(kv_cache, block_table[b, skip:], length - skip * block_size, codec,
+                           query.dtype)  # fmt: skip
         keys.append(k)
         values.append(v)
     q = codec.rotate_queries(query).to(query.dtype).contiguous()
@@ -211,9 +209,26 @@ def dense_attention(
     if o is None:
         parts = zip(q.split(q_lens), keys, values)
         o = torch.cat([_sdpa(qb, k, v, scale, sliding_window) for qb, k, v in parts])
-    if layout.uniform_values:  # unrotated values: the output is in the model's basis already
+    if codec.layout.uniform_values:  # unrotated values: the output is in the model's basis
         return o
     return codec.unrotate(o).to(query.dtype)
+
+
+def dequantized(
+    kv_cache: torch.Tensor, blocks: torch.Tensor, length: int, codec: LayerCodec, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first `length` cached tokens of the sequence whose block-table row is `blocks`, as
+    keys and values [Hk, length, d] in dtype (C++, dequantize.cpp): keys in the rotated basis,
+    Lloyd-Max values too, uniform values in the model's."""
+    if codec.layout.uniform_values:  # levels 0 .. 2^b - 1, scaled and shifted per vector
+        levels = torch.arange(1 << codec.layout.value_bits, dtype=torch.float32)
+    else:
+        levels = codec.value.centroids.float().contiguous()
+    regular, outlier = key_centroids(codec)
+    return cpu_extension.ops().dequantize(
+        kv_cache, blocks.to(torch.int32).contiguous(), length, regular, levels,
+        layout_fields(codec), codec.head_dim, dtype, outlier,
+    )  # fmt: skip
 
 
 def _sdpa(

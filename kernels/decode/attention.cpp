@@ -7,17 +7,13 @@
 // tq_vllm/record/packing.py), looks up centroids, scores every query row of the GQA group against
 // norm * c[idx] (+ the QJL term in prod mode), and accumulates norm * c_v[vidx] under an
 // online softmax, all in the rotated domain. Splits of one row tile are merged by their
-// log-sum-exp. Everything is float32.
+// log-sum-exp. Everything is float32, except on AVX512-BF16 builds for bf16 models, where the
+// dots take bf16 operands (dots.h, bf16_dots.h).
 
-#include "attention_math.h"
+#include "dots.h"
 
 namespace tq {
 namespace {
-
-// x[:n] *= scale
-inline void scale_row(float* x, float scale, int n) {
-  for (int j = 0; j < n; ++j) x[j] *= scale;
-}
 
 struct Problem {
   const float* q;   // [T, Hq, d] rotated, scaled queries
@@ -34,63 +30,59 @@ struct Problem {
   OutlierPart outliers;
   float sparse_v_log;  // log of the sparse-V threshold; -inf: every value tile is read
   int64_t window;      // sliding window: a row at position p sees p - window < t <= p; 0: all
+  bool bf16_dots;      // attend_item takes bf16_dots.h's path
 };
+
 
 // One (sequence, rows [row0, row0 + rows), KV head) over tokens [t0, t1). Row r of the item
 // is query row row0 + r / g, head h * g + r % g, and sees tokens lim0 + r / g - window < t <=
 // lim0 + r / g (window 0: no lower bound). t0 must not precede the first row's window: tokens
 // before it may sit in blocks vLLM has freed.
 // Writes acc[r] / l[r] to out (row stride out_stride) and log(l[r]) + m[r] to lse if given.
+template <class Dots>
 void attend_item(const Problem& P, int64_t b, int64_t row0, int rows, int64_t lim0, int64_t h,
                  int64_t t0, int64_t t1, float* out, int64_t out_stride, float* lse) {
   const int d = P.d, g = P.g, R = rows * g;
   const Layout& L = P.lay;
-  std::vector<float> Q(static_cast<size_t>(R) * d), QS(L.prod ? static_cast<size_t>(R) * d : 0);
+  Dots dots(L, d, P.kc, P.vc, P.outliers, R);
+  std::vector<float> QS(L.prod ? static_cast<size_t>(R) * d : 0);
   std::vector<float> acc(static_cast<size_t>(R) * d, 0.f), m(R, NEG_INF), l(R, 0.f);
   std::vector<int64_t> lim(R), lo(R);
   for (int r = 0; r < R; ++r) {
     const int64_t src = ((row0 + r / g) * P.hq + h * g + r % g) * d;
-    std::memcpy(&Q[static_cast<size_t>(r) * d], P.q + src, sizeof(float) * d);
+    dots.set_query(r, P.q + src);
     if (L.prod) std::memcpy(&QS[static_cast<size_t>(r) * d], P.qs + src, sizeof(float) * d);
     lim[r] = lim0 + r / g;
     lo[r] = P.window ? lim[r] - P.window + 1 : 0;
   }
-  std::vector<float> kf(L.key_bits ? TILE * d : 0), sg(L.prod ? TILE * d : 0), vf(TILE * d);
+  std::vector<float> sg(L.prod ? TILE * d : 0);
   float knorm[TILE], rnorm[TILE], vnorm[TILE];
   const uint8_t* recs[TILE];
   std::vector<float> S(static_cast<size_t>(R) * TILE), alpha(R);  // scores, then weights
   const bool has_k = L.key_bits > 0;  // 1-bit prod keys are all QJL
-  const OutlierPart& O = P.outliers;
-  const int regular = d - O.count;
-  std::optional<RowDecoder> decode_k, decode_o;
-  if (has_k) decode_k.emplace(P.kc, L.key_bits, regular);
-  if (O.count) decode_o.emplace(O.centroids, O.bits, O.count);
-  const RowDecoder decode_v(P.vc, L.value_bits, d);
   const int32_t* row_table = P.table + b * P.table_stride;
 
   // The walk through the block table: token t sits in row_table[t / block_size] at offset
   // t % block_size, advanced one token at a time (a division per token cost as much as the
-  // decode). A head's records of one block lie together, so on entering a block the next
-  // one is prefetched whole.
+  // decode). A head's records of one block lie together; each token prefetches the record
+  // `ahead` tokens on, in this block or the next (a whole block prefetched at once left the
+  // first reads of each record waiting on memory).
   const PagedCache& C = P.cache;
-  const int64_t head_bytes = C.block_size * C.ss;
   auto block_records = [&](int64_t i) -> const uint8_t* {
     const int64_t block = row_table[i];
     TORCH_CHECK(block >= 0 && block < C.num_blocks, "block_table entry ", block,
                 " out of range for a cache of ", C.num_blocks, " blocks");
     return C.head(block, h);
   };
-  const int64_t last_block = (t1 - 1) / C.block_size;
+  const int64_t last_block = (t1 - 1) / C.block_size, ahead = std::min<int64_t>(TILE, C.block_size);
+  auto upcoming_records = [&](int64_t i) -> const uint8_t* {  // nullptr: nothing to prefetch
+    if (i > last_block) return nullptr;
+    const int64_t block = row_table[i];
+    return block < 0 || block >= C.num_blocks ? nullptr : C.head(block, h);  // checked on reading
+  };
   int64_t block_i = t0 / C.block_size, offset = t0 % C.block_size;
   const uint8_t* records = t1 > t0 ? block_records(block_i) : nullptr;
-  auto prefetch_block = [&](int64_t i) {
-    if (i > last_block) return;
-    const int64_t block = row_table[i];
-    if (block < 0 || block >= C.num_blocks) return;  // checked when it is read
-    const uint8_t* next = C.head(block, h);
-    for (int64_t line = 0; line < head_bytes; line += 64) __builtin_prefetch(next + line);
-  };
-  prefetch_block(block_i + 1);
+  const uint8_t* upcoming = upcoming_records(block_i + 1);
 
   for (int64_t ts = t0; ts < t1; ts += TILE) {
     const int n = static_cast<int>(std::min<int64_t>(TILE, t1 - ts));
@@ -98,8 +90,13 @@ void attend_item(const Problem& P, int64_t b, int64_t row0, int rows, int64_t li
       if (offset == C.block_size) {
         offset = 0;
         records = block_records(++block_i);
-        prefetch_block(block_i + 1);
+        upcoming = upcoming_records(block_i + 1);
       }
+      const int64_t later = offset + ahead;
+      const uint8_t* soon = later < C.block_size ? records + later * C.ss
+                            : upcoming ? upcoming + (later - C.block_size) * C.ss : nullptr;
+      if (soon)
+        for (int64_t byte = 0; byte < C.ss; byte += 64) __builtin_prefetch(soon + byte);
       const uint8_t* rec = recs[u] = records + (offset++) * C.ss;
       knorm[u] = load_half(rec + L.key_norm);
       vnorm[u] = load_half(rec + L.value_norm);
@@ -108,15 +105,7 @@ void attend_item(const Problem& P, int64_t b, int64_t row0, int rows, int64_t li
         decode_signs(rec + L.key_signs, d, &sg[u * d]);
       }
     }
-    if (has_k) decode_k->rows(recs, L.key_indices, n, d, kf.data());
-    if (O.count) {  // each part scaled by its own norm here, the score's scale is then 1
-      decode_o->rows(recs, O.indices, n, d, kf.data() + regular);
-      for (int u = 0; u < n; ++u) {
-        scale_row(&kf[u * d], knorm[u], regular);
-        scale_row(&kf[u * d + regular], load_half(recs[u] + O.norm), O.count);
-        knorm[u] = 1.f;
-      }
-    }
+    if (has_k) dots.decode_keys(recs, L.key_indices, n, knorm);
 
     // Rows whose limit precedes the tile (causal) are a prefix of the item's rows, rows whose
     // window starts after it a suffix; the rows between see at least one of its tokens.
@@ -128,7 +117,7 @@ void attend_item(const Problem& P, int64_t b, int64_t row0, int rows, int64_t li
       const int visible = static_cast<int>(std::min<int64_t>(n, lim[r] - ts + 1));
       float* sr = &S[static_cast<size_t>(r) * TILE];
       for (int u = 0; u < TILE; ++u) sr[u] = 0.f;  // past `visible`: weight 0 below
-      if (has_k) add_scores(&Q[static_cast<size_t>(r) * d], kf.data(), knorm, visible, d, sr);
+      if (has_k) dots.add_scores(r, knorm, visible, sr);
       if (L.prod) add_scores(&QS[static_cast<size_t>(r) * d], sg.data(), rnorm, visible, d, sr);
       for (int u = 0; u < lo[r] - ts; ++u) sr[u] = NEG_INF;  // before the row's window
       const float top = max_score(sr, visible);
@@ -140,7 +129,7 @@ void attend_item(const Problem& P, int64_t b, int64_t row0, int rows, int64_t li
     }
     // Sparse V: when every row's weights in the tile lie below the threshold times its running
     // maximum, the tile's values are neither decoded nor added (its weights stay in l).
-    if (read_values) decode_v.rows(recs, L.value_indices, n, d, vf.data());
+    if (read_values) dots.decode_values(recs, L.value_indices, n);
     for (int r0 = first; r0 < last; r0 += ROW_BLOCK) {
       const int rows = std::min(ROW_BLOCK, last - r0);
       float* accs[ROW_BLOCK];
@@ -151,16 +140,24 @@ void attend_item(const Problem& P, int64_t b, int64_t row0, int rows, int64_t li
       }
       // A block's last row sees the most tokens; the others' weights are 0 past theirs.
       const int visible = static_cast<int>(std::min<int64_t>(n, lim[r0 + rows - 1] - ts + 1));
-      accumulate(accs, &alpha[r0], ws, rows, vf.data(), read_values ? visible : 0, d);
+      dots.accumulate(accs, &alpha[r0], ws, rows, read_values ? visible : 0);
     }
   }
   for (int r = 0; r < R; ++r) {
     float* o = out + (r / g) * out_stride + (r % g) * d;
     const float* ar = &acc[static_cast<size_t>(r) * d];
     const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;  // no tokens (an empty split): 0
-    for (int j = 0; j < d; ++j) o[j] = ar[j] * inv;
+    for (int j = 0; j < d; ++j) o[Dots::dim(j)] = ar[j] * inv;
     if (lse) lse[r] = l[r] > 0.f ? m[r] + std::log(l[r]) : NEG_INF;
   }
+}
+
+void attend(const Problem& P, int64_t b, int64_t row0, int rows, int64_t lim0, int64_t h,
+            int64_t t0, int64_t t1, float* out, int64_t out_stride, float* lse) {
+#ifdef TQ_BF16_DOTS
+  if (P.bf16_dots) return attend_item<Bf16Dots>(P, b, row0, rows, lim0, h, t0, t1, out, out_stride, lse);
+#endif
+  attend_item<FloatDots>(P, b, row0, rows, lim0, h, t0, t1, out, out_stride, lse);
 }
 
 // A bijection of [0, n): 0, n-1, 1, n-2, ... Row tiles later in a chunk see more (causal)
@@ -181,7 +178,8 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor
                      const at::Tensor& value_centroids, at::IntArrayRef layout, double qjl_coef,
                      int64_t rows_per_tile, int64_t num_splits,
                      const std::optional<at::Tensor>& outlier_centroids, double sparse_v,
-                     int64_t sliding_window, const std::optional<at::Tensor>& lse_out) {
+                     int64_t sliding_window, const std::optional<at::Tensor>& lse_out,
+                     bool bf16_dots) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(),
               "q must be a contiguous float32 [T, Hq, d] tensor");
   TORCH_CHECK(block_table.dim() == 2 && block_table.scalar_type() == at::kInt &&
@@ -224,6 +222,11 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor
   P.sparse_v_log = sparse_v > 0. ? static_cast<float>(std::log(sparse_v)) : NEG_INF;
   TORCH_CHECK(sliding_window >= 0, "sliding_window must be >= 0 (0: none)");
   P.window = sliding_window;
+#ifdef TQ_BF16_DOTS
+  P.bf16_dots = bf16_dots && Bf16Dots::fits(P.lay, P.d, P.outliers);
+#else
+  P.bf16_dots = false;
+#endif
   // lse_out: each row's natural-log sum of exp(scores) ([T, Hq] float32; -inf where a row
   // read no token), so that attention over another set of tokens can be merged with ours.
   float* lse_rows = nullptr;
@@ -272,7 +275,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor
         const int64_t i = interleaved(pos, units);
         const RowTile& tile = tiles[i / P.hk];
         const int64_t h = i % P.hk;
-        attend_item(P, tile.b, tile.row0, tile.rows, tile.lim0, h, tile.begin, tile.end,
+        attend(P, tile.b, tile.row0, tile.rows, tile.lim0, h, tile.begin, tile.end,
                     o + (tile.row0 * hq + h * g) * d, hq * d, nullptr);
       }
     });
@@ -290,7 +293,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor
       const int64_t per = (tile.end - tile.begin + ns - 1) / ns;
       const int64_t t0 = std::min(tile.begin + split * per, tile.end);
       const int64_t t1 = std::min(t0 + per, tile.end);
-      attend_item(P, tile.b, tile.row0, tile.rows, tile.lim0, unit % P.hk, t0, t1,
+      attend(P, tile.b, tile.row0, tile.rows, tile.lim0, unit % P.hk, t0, t1,
                   &part[i * unit_rows * d], g * d, &lse[i * unit_rows]);
     }
   });
@@ -332,7 +335,7 @@ TORCH_LIBRARY_FRAGMENT(TQ_OPS, m) {
       "Tensor query_start_loc, Tensor seq_lens, Tensor key_centroids, Tensor value_centroids, "
       "int[] layout, float qjl_coef, int rows_per_tile, int num_splits, "
       "Tensor? outlier_centroids=None, float sparse_v=0.0, int sliding_window=0, "
-      "Tensor(a!)? lse_out=None) -> Tensor");
+      "Tensor(a!)? lse_out=None, bool bf16_dots=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(TQ_OPS, CPU, m) { m.impl("attention", &tq::attention); }

@@ -105,32 +105,40 @@ inline __m512 exp_nonpositive(__m512 x) {
 #endif
 
 #ifdef TQ_AVX512
-// add_scores for a head_dim D known at compile time: q stays in registers and the 16 dots of a
-// token group are 16 independent, fully unrolled FMA chains (a runtime-length loop instead
-// left one dependent chain per token and spilled the partial sums to the stack).
+// s[u] += scale[u] * (the 16-lane sum of row_dot(u)) for u < n, 16 tokens at a time: their 16
+// dots are independent, fully unrolled chains (a runtime-length loop instead left one
+// dependent chain per token and spilled the partial sums to the stack), reduced together.
+template <class RowDot>
+inline void add_dot_groups(RowDot row_dot, const float* scale, int n, float* s) {
+  for (int u0 = 0; u0 < n; u0 += 16) {
+    const int cnt = std::min(16, n - u0);
+    __m512 a[16];
+    // Rows past n read the tile's last row again (the buffers hold whole tiles); masked below.
+#pragma GCC unroll 16
+    for (int t = 0; t < 16; ++t) a[t] = row_dot(u0 + std::min(t, cnt - 1));
+    const __mmask16 keep = static_cast<__mmask16>((1u << cnt) - 1);
+    const __m512 dots =
+        _mm512_mul_ps(transpose_sum(a), _mm512_maskz_loadu_ps(keep, scale + u0));
+    _mm512_mask_storeu_ps(s + u0, keep, _mm512_add_ps(_mm512_maskz_loadu_ps(keep, s + u0), dots));
+  }
+}
+
+// add_scores for a head_dim D known at compile time: q stays in registers.
 template <int D>
 inline void add_scores_fixed(const float* q, const float* x, const float* scale, int n,
                              float* s) {
   constexpr int V = D / 16;
   __m512 qv[V];
   for (int k = 0; k < V; ++k) qv[k] = _mm512_loadu_ps(q + 16 * k);
-  for (int u0 = 0; u0 < n; u0 += 16) {
-    const int cnt = std::min(16, n - u0);
-    __m512 a[16];
+  add_dot_groups(
+      [&](int u) __attribute__((always_inline)) {
+        const float* xu = x + static_cast<size_t>(u) * D;
+        __m512 dot = _mm512_mul_ps(qv[0], _mm512_loadu_ps(xu));
 #pragma GCC unroll 16
-    for (int t = 0; t < 16; ++t) {
-      // Rows past n read the tile's next rows (the buffers hold whole tiles); masked below.
-      const float* xt = x + static_cast<size_t>(u0 + std::min(t, cnt - 1)) * D;
-      __m512 dot = _mm512_mul_ps(qv[0], _mm512_loadu_ps(xt));
-#pragma GCC unroll 16
-      for (int k = 1; k < V; ++k) dot = _mm512_fmadd_ps(qv[k], _mm512_loadu_ps(xt + 16 * k), dot);
-      a[t] = dot;
-    }
-    const __mmask16 keep = static_cast<__mmask16>((1u << cnt) - 1);
-    const __m512 dots =
-        _mm512_mul_ps(transpose_sum(a), _mm512_maskz_loadu_ps(keep, scale + u0));
-    _mm512_mask_storeu_ps(s + u0, keep, _mm512_add_ps(_mm512_maskz_loadu_ps(keep, s + u0), dots));
-  }
+        for (int k = 1; k < V; ++k) dot = _mm512_fmadd_ps(qv[k], _mm512_loadu_ps(xu + 16 * k), dot);
+        return dot;
+      },
+      scale, n, s);
 }
 #endif
 

@@ -3,8 +3,10 @@ reference.decode_attention_reference, and the runner the context path's short ch
 
 The kernel works in the rotated domain like the Triton kernels: queries are rotated (and
 scaled) here, the C++ code scores packed keys straight from the records and sums centroid
-values under an online softmax, and the output is rotated back here. Threads: ATen's intra-op
-pool (torch.get_num_threads(), which vLLM sets).
+values under an online softmax, and the output is rotated back here. bf16 queries on builds
+with AVX512-BF16 take bf16 dots (kernels/decode/bf16_dots.h: the query, centroids and weights
+rounded to bf16, sums in float32, about 1.6x faster per token); other queries float32 ones.
+Threads: ATen's intra-op pool (torch.get_num_threads(), which vLLM sets).
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ def run_attention(
         sparse_v,
         sliding_window or 0,
         lse_out,
+        query.dtype == torch.bfloat16,  # bf16 dots where the build has them (bf16_dots.h)
     )
     return codec.unrotate(out).to(query.dtype)
 

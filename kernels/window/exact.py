@@ -110,25 +110,36 @@ def _ranks(counts: torch.Tensor) -> torch.Tensor:
     return torch.arange(total) - torch.repeat_interleave(firsts, counts)
 
 
+def exact_timeline(
+    key: torch.Tensor, value: torch.Tensor, ring: torch.Tensor, index: ExactIndex, window: int
+) -> torch.Tensor:
+    """The step's exact timeline [timeline_len + W, Hk, 2d] (K then V, key's dtype; zero past
+    its end): per sequence the ring's tokens of its first segment, then the step's own.
+    key, value [T, Hk, d]; ring [num_rings, Hk, R, 2d]."""
+    n, hk, d = key.shape
+    timeline = torch.zeros(index.timeline_len + window, hk, 2 * d, dtype=key.dtype,
+                           device=key.device)  # fmt: skip
+    if index.ring_entries.numel():
+        timeline[index.ring_entries] = ring[index.ring_blocks, :, index.ring_slots].to(key.dtype)
+    timeline[index.own_entries, :, :d] = key[:n]
+    timeline[index.own_entries, :, d:] = value[:n]
+    return timeline
+
+
 def exact_attention(
     query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    ring: torch.Tensor,
-    index: ExactIndex,
+    timeline: torch.Tensor,
+    window_start: torch.Tensor,
+    visible: torch.Tensor,
     window: int,
     scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row over its exact keys: query [T, Hq, d], the step's key and value [T, Hk, d],
-    ring [num_rings, Hk, R, 2d]. Returns (out [T, Hq, d], lse [T, Hq]) in float32."""
+    """Each row over its exact keys: query [T, Hq, d], row r reading the first visible[r] of
+    the W timeline entries from window_start[r] (ExactIndex's fields for these rows). Returns
+    (out [T, Hq, d], lse [T, Hq]) in float32."""
     n, hq, d = query.shape
-    hk = key.shape[1]
+    hk = timeline.shape[1]
     device = query.device
-    timeline = torch.zeros(index.timeline_len + window, hk, 2 * d, device=device)
-    if index.ring_entries.numel():
-        timeline[index.ring_entries] = ring[index.ring_blocks, :, index.ring_slots].float()
-    timeline[index.own_entries, :, :d] = key[:n].float()
-    timeline[index.own_entries, :, d:] = value[:n].float()
     steps = torch.arange(window, device=device)
     q = query.float().view(n, hk, 1, hq // hk, d)
     out = torch.empty(n, hk, hq // hk, d, device=device)
@@ -140,10 +151,10 @@ def exact_attention(
     # at 2,048 rows, W 32).
     for lo in range(0, n, EXACT_ROWS):
         hi = min(lo + EXACT_ROWS, n)
-        kv = timeline[index.window_start[lo:hi, None] + steps].transpose(1, 2)  # [r, Hk, W, 2d]
+        kv = timeline[window_start[lo:hi, None] + steps].transpose(1, 2).float()  # [r, Hk, W, 2d]
         kv = kv[:, :, None]  # [r, Hk, 1, W, 2d]
         scores = (q[lo:hi].transpose(2, 3) * kv[..., :d]).sum(-1) * scale  # [r, Hk, G, W]
-        hidden = steps[None, :] >= index.visible[lo:hi, None]  # past the row's own position
+        hidden = steps[None, :] >= visible[lo:hi, None]  # past the row's own position
         scores = scores.masked_fill(hidden[:, None, None, :], float("-inf"))
         lse[lo:hi] = scores.logsumexp(-1)
         weights = (scores - lse[lo:hi, ..., None]).exp()

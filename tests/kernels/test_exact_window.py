@@ -12,7 +12,7 @@ slot the rule does not allow shows.
 
 import pytest
 import torch
-from cases import CPU_TOL, make_cache
+from cases import CPU_TOL, DENSE_TOL, make_cache
 
 from tq_vllm.kernels import cpu_extension, dispatch
 from tq_vllm.kernels.window.exact import exact_index, write_ring
@@ -122,3 +122,32 @@ def test_windowed_attention_is_chunking_invariant(tolerance):
 def test_exact_index_refuses_a_ring_smaller_than_the_window():
     with pytest.raises(ValueError, match="cannot hold a 32-token window"):
         exact_index(torch.tensor([0, 1]), torch.tensor([5]), torch.tensor([0]), 32, 16)
+
+
+def test_windowed_attention_in_bf16(tolerance):
+    """bf16 rows as a bf16 model gives them. On the CPU the prefill chunks (16 rows or more)
+    attend their compressed positions densely (dense.segment_attention) and the decode rows
+    through the C++ op's bf16 dots. Tolerance: DENSE_TOL's bf16 bound (the output's own
+    rounding), against the float32 reference over the same bf16 numbers."""
+    d, kb, vb, block_size, hq, hk, window, seqs, _ = CASES[1]
+    codec = LayerCodec(RecordLayout(d, kb, "mse", vb), seed=d + kb)
+    lens, q_lens = [n for n, _ in seqs] + [70], [q for _, q in seqs] + [1]
+    cache, table, keys, values = make_cache(codec, lens, block_size, hk, seed=1)
+    keys = [k.bfloat16().float() for k in keys]
+    values = [v.bfloat16().float() for v in values]
+    ring, rings = _ring_holding(keys, values, lens, q_lens, hk, d, window)
+    starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    key = torch.cat([k[n - q : n] for k, n, q in zip(keys, lens, q_lens)])
+    value = torch.cat([v[n - q : n] for v, n, q in zip(values, lens, q_lens)])
+    query = torch.randn(len(key), hq, d, generator=torch.Generator().manual_seed(2)).bfloat16()
+    index = exact_index(starts, seq_lens, rings, window, window)
+    out = windowed_attention(
+        query, key.bfloat16(), value.bfloat16(), cache, table, ring.bfloat16(), index, codec,
+        d**-0.5, window,
+    )  # fmt: skip
+    ref = exact_window_attention_reference(
+        query.float(), cache, table, starts, seq_lens, keys, values, codec, d**-0.5, window
+    )
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, **DENSE_TOL[torch.bfloat16])
