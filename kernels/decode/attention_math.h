@@ -178,26 +178,16 @@ inline void add_scores(const float* q, const float* x, const float* scale, int n
     case 256: return add_scores_fixed<256>(q, x, scale, n, s);
     default: break;
   }
-  if (d % 16 == 0) {  // 16 tokens' dots reduced together, not one horizontal sum each
-    for (int u0 = 0; u0 < n; u0 += 16) {
-      const int cnt = std::min(16, n - u0);
-      __m512 a[16];
-      for (int k = 0; k < 16; ++k) a[k] = _mm512_setzero_ps();
-      for (int k = 0; k < cnt; ++k) {  // a register chain per token: tokens overlap
-        const float* xk = x + static_cast<size_t>(u0 + k) * d;
-        __m512 dot = _mm512_setzero_ps();
-        for (int j = 0; j < d; j += 16)
-          dot = _mm512_fmadd_ps(_mm512_loadu_ps(q + j), _mm512_loadu_ps(xk + j), dot);
-        a[k] = dot;
-      }
-      const __mmask16 keep = static_cast<__mmask16>((1u << cnt) - 1);
-      const __m512 dots =
-          _mm512_mul_ps(transpose_sum(a), _mm512_maskz_loadu_ps(keep, scale + u0));
-      _mm512_mask_storeu_ps(s + u0, keep,
-                            _mm512_add_ps(_mm512_maskz_loadu_ps(keep, s + u0), dots));
-    }
-    return;
-  }
+  if (d % 16 == 0)  // 16 tokens' dots reduced together, not one horizontal sum each
+    return add_dot_groups(
+        [&](int u) {
+          const float* xu = x + static_cast<size_t>(u) * d;
+          __m512 dot = _mm512_setzero_ps();
+          for (int j = 0; j < d; j += 16)
+            dot = _mm512_fmadd_ps(_mm512_loadu_ps(q + j), _mm512_loadu_ps(xu + j), dot);
+          return dot;
+        },
+        scale, n, s);
 #elif defined(TQ_AVX2)
   switch (d) {
     case 64: return add_scores_fixed<64>(q, x, scale, n, s);
