@@ -23,6 +23,12 @@ from tq_vllm.record.layout import RecordLayout
 
 pytestmark = pytest.mark.usefixtures("cpu_isa")  # every test, once per runnable C++ build
 
+
+@pytest.fixture(autouse=True)
+def bf16_dots(monkeypatch):  # opt-in in serving (TQ_VLLM_BF16_DOTS=1)
+    monkeypatch.setattr(cpu_decode, "BF16_DOTS", True)
+
+
 # Every width 1-6, head dims 64/128/256, blocks 16/32, GQA 1/3/4, odd and even lengths, tiles
 # of 64 tokens whole and partial.
 CASES = [

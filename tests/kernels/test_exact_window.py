@@ -126,8 +126,8 @@ def test_exact_index_refuses_a_ring_smaller_than_the_window():
 
 def test_windowed_attention_in_bf16(tolerance):
     """bf16 rows as a bf16 model gives them. On the CPU the prefill chunks (16 rows or more)
-    attend their compressed positions densely (dense.segment_attention) and the decode rows
-    through the C++ op's bf16 dots. Tolerance: DENSE_TOL's bf16 bound (the output's own
+    run in one call of vLLM's kernel (dense_window.py) and the decode rows through
+    the C++ op. Tolerance: DENSE_TOL's bf16 bound (the output's own
     rounding), against the float32 reference over the same bf16 numbers."""
     d, kb, vb, block_size, hq, hk, window, seqs, _ = CASES[1]
     codec = LayerCodec(RecordLayout(d, kb, "mse", vb), seed=d + kb)
