@@ -6,7 +6,8 @@ positions s(p) = floor(p / W) * W .. p from the model-dtype keys and values, and
 < s(p) from the compressed records (which every token still gets).
 
 Where the exact tokens live: a ring of R >= W slots per request and layer, position t at slot
-t mod R, K and V side by side ([num_rings, Hk, R, 2d], the model dtype). A step reads the ring
+t mod R, K and V side by side ([num_rings, Hk, R, 2d], the model dtype, or bf16 where a float32
+ring would outgrow a block of records: plugin/exact_ring.py). A step reads the ring
 for the tokens of its first segment that earlier steps stored, attends, then writes its own
 last R tokens (so a long chunk never overwrites what it still reads). R = W + the speculative
 lookahead keeps a rejected draft from overwriting a slot that a later query reads.
@@ -114,15 +115,16 @@ def exact_timeline(
     key: torch.Tensor, value: torch.Tensor, ring: torch.Tensor, index: ExactIndex, window: int
 ) -> torch.Tensor:
     """The step's exact timeline [timeline_len + W, Hk, 2d] (K then V, key's dtype; zero past
-    its end): per sequence the ring's tokens of its first segment, then the step's own.
+    its end): per sequence the ring's tokens of its first segment, then the step's own, rounded
+    to the ring's dtype as the ring holds them (a token reads the same whichever step stored it).
     key, value [T, Hk, d]; ring [num_rings, Hk, R, 2d]."""
     n, hk, d = key.shape
     timeline = torch.zeros(index.timeline_len + window, hk, 2 * d, dtype=key.dtype,
                            device=key.device)  # fmt: skip
     if index.ring_entries.numel():
         timeline[index.ring_entries] = ring[index.ring_blocks, :, index.ring_slots].to(key.dtype)
-    timeline[index.own_entries, :, :d] = key[:n]
-    timeline[index.own_entries, :, d:] = value[:n]
+    timeline[index.own_entries, :, :d] = key[:n].to(ring.dtype).to(key.dtype)
+    timeline[index.own_entries, :, d:] = value[:n].to(ring.dtype).to(key.dtype)
     return timeline
 
 

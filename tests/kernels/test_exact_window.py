@@ -93,14 +93,17 @@ def test_windowed_attention_matches_reference(
     torch.testing.assert_close(ring, expected, equal_nan=True, rtol=0, atol=0)
 
 
-def test_windowed_attention_is_chunking_invariant(tolerance):
+@pytest.mark.parametrize("ring_dtype", [torch.float32, torch.bfloat16])
+def test_windowed_attention_is_chunking_invariant(tolerance, ring_dtype):
     """The rule depends on positions only: one 70-token prefill, or chunks of 9 (with the ring
-    carrying each chunk's first segment over), give the same rows."""
+    carrying each chunk's first segment over), give the same rows. A float32 model's ring is
+    bf16 (exact.ring_dtype): then a step's own exact tokens are read as rounded as the ring's,
+    and both match the reference over the bf16-rounded keys and values."""
     d, hk, hq, window, block_size = 64, 1, 3, 16, 16
     codec = LayerCodec(RecordLayout(d, 4, "mse", 4), seed=3)
     cache, table, keys, values = make_cache(codec, [70], block_size, hk, seed=4)
     query = torch.randn(70, hq, d, generator=torch.Generator().manual_seed(6))
-    ring = torch.full((2, hk, window, 2 * d), float("nan"))
+    ring = torch.full((2, hk, window, 2 * d), float("nan"), dtype=ring_dtype)
     rings = torch.tensor([1])
 
     def step(lo, hi):
@@ -117,6 +120,13 @@ def test_windowed_attention_is_chunking_invariant(tolerance):
     ring.fill_(float("nan"))
     chunked = torch.cat([step(lo, min(lo + 9, 70)) for lo in range(0, 70, 9)])
     torch.testing.assert_close(chunked, whole, **tolerance)
+    rounded = [keys[0].to(ring_dtype).float()], [values[0].to(ring_dtype).float()]
+    seq = dict(query_start_loc=torch.tensor([0, 70]), seq_lens=torch.tensor([70]))
+    ref = exact_window_attention_reference(
+        query, cache, table, **seq, keys=rounded[0], values=rounded[1], codec=codec,
+        scale=0.125, window=window,
+    )  # fmt: skip
+    torch.testing.assert_close(whole, ref, **tolerance)
 
 
 def test_exact_index_refuses_a_ring_smaller_than_the_window():

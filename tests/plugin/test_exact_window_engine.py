@@ -118,6 +118,19 @@ def test_exact_window_recomputes_the_same_cache_after_preemption(tmp_path):
     assert gaps.max() < 1.0 and gaps.mean() < 0.05  # measured 2026-12-02: 0.152, 0.001
 
 
+def test_a_float32_model_keeps_its_window_in_bf16_rings(tmp_path, whole_prompts):
+    """A float32 ring of 32 tokens (16,384 bytes per KV head) outgrows a 128-token block of K4
+    V4 records (8,704): the ring is bf16 instead, and costs what a bf16 model's does."""
+    logs: list[str] = []
+    (run,) = generate(
+        tmp_path, {**BASE, **WINDOWED, "dtype": "float32"}, [PROMPT], max_tokens=4, log=logs
+    )[0]
+    assert "exact_window: rings of 32 tokens in bf16" in logs[0]
+    assert "Augustus" in run["text"]
+    float32, bf16 = (float(CONCURRENCY.search(log).group(1)) for log in (logs[0], whole_prompts[1]))
+    assert float32 == pytest.approx(bf16, rel=0.01), (float32, bf16)
+
+
 def test_a_ring_larger_than_a_block_of_records_is_refused(tmp_path):
     """K3 V3 keeps 52 bytes per token per KV head: 128 tokens of records are 6,656 bytes, less
     than a 32-token ring (8,192); vLLM would pad every block to the ring's page."""

@@ -28,7 +28,8 @@ NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}
 def test_ngram_speculation_keeps_greedy_outputs(tmp_path, turboquant):
     # float32: in bf16 a 4-token verify step's GEMMs round differently from a 1-token decode's,
     # enough to flip a greedy choice with vLLM's own cache (prompt 0, token 27, on a Zen 4 VM).
-    # 256-token blocks: the float32 ring of 19 tokens must fit in a block of records.
+    # 256-token blocks: a float32 ring of 19 tokens fits a block of records. At 128 it would be
+    # bf16, whose rounding can turn the GEMMs' float32 differences into a flip, as in bf16.
     llm = {
         "kv_cache_dtype": "turboquant",
         "dtype": "float32",

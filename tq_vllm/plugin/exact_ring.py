@@ -3,7 +3,8 @@ layer per TurboQuant attention layer, whose cache is one ring of R slots per req
 own KV budget.
 
 Ring: what vLLM sees, a layer with a CircularBufferSpec (one block per request for its whole
-life, K and V side by side in the model dtype), registered in the forward context once the
+life, K and V side by side in the model dtype, or bf16 where that fits a block of records and
+the model's float32 does not), registered in the forward context once the
 model's weights are loaded (attach_ring), before vLLM collects the layers' cache specs.
 RingMetadataBuilder: per step, each request's ring and the step's ExactIndex, built once and
 shared by every layer. The attention layer finds its ring as `layer.tq_exact_ring` and the
@@ -12,6 +13,8 @@ step's index in the forward context.
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +30,7 @@ from tq_vllm.kernels.window.exact import ExactIndex, exact_index
 from tq_vllm.plugin import compat
 
 RING_SUFFIX = ".tq_exact_ring"
+logger = logging.getLogger("tq_vllm")
 
 
 @dataclass
@@ -98,15 +102,31 @@ class Ring(torch.nn.Module, AttentionLayerBase):
         from tq_vllm.plugin import startup
 
         slots, block_size = ring_size(vllm_config), vllm_config.cache_config.block_size
-        ring_bytes = slots * 2 * self.head_size * self.dtype.itemsize
         records = block_size * startup.active_settings().largest_record_bytes
-        if ring_bytes > records:  # vLLM gives every block of both groups the larger page
+        # vLLM gives every block of both groups the larger page: a ring up to a block of
+        # records costs nothing more, one larger would pad every block to it.
+        if slots * 2 * self.head_size * self.dtype.itemsize > records and self.dtype.itemsize > 2:
+            # A float32 model: its ring in bf16 (2^-9 of each value) rather than no window.
+            self.dtype = torch.bfloat16
+            _say_bf16_rings(slots, block_size)
+        ring_bytes = slots * 2 * self.head_size * self.dtype.itemsize
+        if ring_bytes > records:
             raise startup.ConfigError(
                 f"exact_window: a ring of {slots} tokens ({ring_bytes} bytes per KV head) is "
                 f"larger than a {block_size}-token block of records ({records}), so vLLM would "
                 "pad every block to it: use a smaller exact_window or a larger --block-size"
             )
         return compat.ring_spec(slots, self.num_kv_heads, self.head_size, self.dtype)
+
+
+@functools.cache
+def _say_bf16_rings(slots: int, block_size: int) -> None:
+    logger.info(
+        "exact_window: rings of %d tokens in bf16 (in float32 they would outgrow a %d-token "
+        "block of records)",
+        slots,
+        block_size,
+    )
 
 
 def attach_ring(impl: Any, vllm_config: Any, dtype: torch.dtype) -> None:
