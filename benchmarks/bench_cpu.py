@@ -33,7 +33,7 @@ from tq_vllm.tools.machine import describe
 HQ, HK, D, BLOCK = 9, 3, 64, 128
 SCALE = D**-0.5
 CONFIGS = {  # name: (key bits, value bits, outlier channels per KV head at 4 bits)
-    "K6 V5 (default)": (6, 5, 0),
+    "K6 V5": (6, 5, 0),
     "K4 V4": (4, 4, 0),
     "K2.5 V3": (2, 3, 16),
 }

@@ -18,7 +18,7 @@ HISTORY = (
 )
 PROMPT = HISTORY * 4 + "In summary, the first Roman emperor was"
 PROMPTS = [PROMPT, PROMPT + " a man named"]
-K4V4 = {"key_bits": 4, "value_bits": 4}
+K4V4 = {"key_bits": 4, "value_bits": 4, "exact_window": 0}
 BASE = {"max_model_len": 1024, "kv_cache_memory_bytes": 1 << 28, "enable_prefix_caching": False}
 WINDOWED = {
     "kv_cache_dtype": "turboquant",
@@ -131,11 +131,35 @@ def test_a_float32_model_keeps_its_window_in_bf16_rings(tmp_path, whole_prompts)
     assert float32 == pytest.approx(bf16, rel=0.01), (float32, bf16)
 
 
-def test_a_ring_larger_than_a_block_of_records_is_refused(tmp_path):
+def test_a_ring_larger_than_a_block_of_records_is_refused_or_gets_larger_blocks(tmp_path):
     """K3 V3 keeps 52 bytes per token per KV head: 128 tokens of records are 6,656 bytes, less
-    than a 32-token ring (8,192); vLLM would pad every block to the ring's page."""
+    than a 32-token ring (8,192); vLLM would pad every block to the ring's page. --block-size
+    128 is refused; without one the blocks grow to 256 tokens."""
     tq = {"turboquant": {"key_bits": 3, "value_bits": 3, "exact_window": 32}}
+    llm = {**BASE, "kv_cache_dtype": "turboquant", "additional_config": tq}
     with pytest.raises(AssertionError, match="larger than a 128-token block of records"):
-        generate(
-            tmp_path, {**BASE, "kv_cache_dtype": "turboquant", "additional_config": tq}, ["Hi"]
-        )
+        generate(tmp_path, {**llm, "block_size": 128}, ["Hi"])
+    logs: list[str] = []
+    (run,) = generate(tmp_path, llm, [PROMPT], max_tokens=4, log=logs)[0]
+    assert "exact_window 32: 256-token blocks (was 128)" in logs[0]
+    assert "Augustus" in run["text"]
+
+
+@pytest.mark.parametrize(
+    "bits,window,lookahead,block",
+    [((5, 4), 32, 0, 128), ((6, 5), 32, 0, 128), ((3, 3), 32, 0, 256), ((4, 4), 16, 0, 64),
+     ((4, 4), 16, 3, 128), ((4, 4), 256, 0, 1024)],
+)  # fmt: skip
+def test_smallest_block_holds_a_segment_and_a_16_bit_ring(bits, window, lookahead, block):
+    from types import SimpleNamespace
+
+    from tq_vllm.plugin.config import load_config
+    from tq_vllm.plugin.exact_ring import smallest_block
+    from tq_vllm.plugin.startup import Settings
+
+    config = load_config(
+        {"turboquant": {"key_bits": bits[0], "value_bits": bits[1], "exact_window": window}}
+    )
+    settings = Settings(config, 64, 30, tuple(config.layouts(64, 30)))
+    spec = SimpleNamespace(num_speculative_tokens=lookahead) if lookahead else None
+    assert smallest_block(SimpleNamespace(speculative_config=spec), settings) == block

@@ -29,7 +29,7 @@ def test_hybrid_model_served_both_ways(tmp_path):
     the capacity vLLM reports is about twice bf16's and above the skip-layers deployment's."""
     model = str(tiny_gemma3(tmp_path / "model"))
     llm = {"model": model, "max_model_len": 512, "kv_cache_memory_bytes": 1 << 26}
-    k8v8 = {"turboquant": {"key_bits": 8, "value_bits": 8}}
+    k8v8 = {"turboquant": {"key_bits": 8, "value_bits": 8, "exact_window": 0}}
     skipped = {**llm, "kv_cache_dtype": "turboquant", "additional_config": k8v8,
                "kv_cache_dtype_skip_layers": ["sliding_window"]}  # fmt: skip
     compressed = {**llm, "kv_cache_dtype": "turboquant", "additional_config": k8v8}

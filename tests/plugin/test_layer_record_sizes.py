@@ -19,7 +19,7 @@ PROMPTS = {
     * 4
     + "In summary, the first Roman emperor was": "Augustus",
 }
-K4V4 = {"key_bits": 4, "value_bits": 4}
+K4V4 = {"key_bits": 4, "value_bits": 4, "exact_window": 0}
 EDGE8 = {**K4V4, "keep_first_layers": 2, "keep_last_layers": 2}  # keep_*_bits default to 8
 
 

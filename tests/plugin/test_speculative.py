@@ -24,7 +24,9 @@ NGRAM = {"method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 3}
 
 # exact_window: a verify step writes its rejected drafts into the ring too; its R = W + 3 slots
 # keep them off every slot a later query reads exactly (kernels/window/exact.py).
-@pytest.mark.parametrize("turboquant", [{}, {"key_bits": 4, "value_bits": 4, "exact_window": 16}])
+@pytest.mark.parametrize(
+    "turboquant", [{"config": "k6v5"}, {"key_bits": 4, "value_bits": 4, "exact_window": 16}]
+)
 def test_ngram_speculation_keeps_greedy_outputs(tmp_path, turboquant):
     # float32: in bf16 a 4-token verify step's GEMMs round differently from a 1-token decode's,
     # enough to flip a greedy choice with vLLM's own cache (prompt 0, token 27, on a Zen 4 VM).

@@ -41,4 +41,4 @@ def test_plugin_registers_and_routes_in_vllm_033(vllm033, tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     checks = [line for line in proc.stdout.splitlines() if line.startswith("OK ")]
-    assert len(checks) == 9, proc.stdout
+    assert len(checks) == 10, proc.stdout

@@ -140,3 +140,28 @@ vllm_config = SimpleNamespace(
 assert isinstance(group.kv_cache_spec, UniformTypeKVCacheSpecs), group
 assert group.kv_cache_spec.page_size_bytes == 2 * block * sum(records)
 print("OK per-layer record sizes: one KV-cache group, each layer's page at its own size")
+
+# exact_window (the default config's 32 tokens) on CUDA: vLLM's default block size, 16, holds
+# neither a segment nor a ring's worth of records. The startup check grows it, and the backend
+# asks for the same once the model is built, which is when vLLM's CUDA platform settles it
+# (update_block_size_for_backend). activate() would also wrap vLLM's Attention class, whose
+# module needs the CUDA extensions: a no-op stands in for that part here.
+from tq_vllm.plugin import compat, startup  # noqa: E402
+from tq_vllm.plugin.exact_ring import RingBackend  # noqa: E402
+
+compat.size_pages_per_layer = lambda record_bytes: None
+model = SimpleNamespace(get_head_size=lambda: 128, get_total_num_hidden_layers=lambda: 32)
+blocks = {}
+for name, additional in (("default", {}), ("k6v5", {"turboquant": {"config": "k6v5"}})):
+    cache = CacheConfig(cache_dtype="turboquant")
+    assert (cache.block_size, cache.user_specified_block_size) == (16, False)
+    vllm_config = SimpleNamespace(
+        additional_config=additional, model_config=model, cache_config=cache,
+        speculative_config=None,
+    )  # fmt: skip
+    startup.choose_window_block(vllm_config, startup.activate(vllm_config))
+    backends = [TurboQuantBackend, RingBackend] if name == "default" else [TurboQuantBackend]
+    preferred = CudaPlatform._preferred_block_size_for_backends(backends, 16, vllm_config)
+    blocks[name] = (cache.block_size, preferred)
+assert blocks == {"default": (128, 128), "k6v5": (16, 16)}, blocks
+print("OK exact_window on CUDA: 128-token blocks (16 without a window)")

@@ -114,6 +114,15 @@ class TurboQuantBackend(AttentionBackend):
 
     @staticmethod
     def get_supported_kernel_block_sizes(kv_cache_spec: Any = None) -> list[int | MultipleOf]:
+        # With an exact window and no --block-size, blocks that hold a segment and a ring's
+        # worth of records: on CUDA vLLM asks once the model is built and picks its block size
+        # by the answer (update_block_size_for_backend). A size the user gave is checked by the
+        # plugin instead, whose errors name the window.
+        if startup.is_active() and startup.active_settings().config.exact_window:
+            vllm_config = startup.active_vllm_config()
+            if compat.user_block_size(vllm_config.cache_config) is None:
+                block = exact_ring.smallest_block(vllm_config, startup.active_settings())
+                return [MultipleOf(block)]
         return [MultipleOf(16)]
 
     @classmethod

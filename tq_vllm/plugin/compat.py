@@ -166,6 +166,13 @@ def size_pages_per_layer(record_bytes: Callable[[str], int]) -> None:
     Attention.get_kv_cache_spec = get_kv_cache_spec
 
 
+def user_block_size(cache_config: Any) -> int | None:
+    """The block size the user gave (--block-size), None where vLLM may still choose it: its
+    platforms set a default early (CUDA 16, CPU 128) and may change it once the model's
+    attention backends are known (Platform.update_block_size_for_backend, vLLM 0.32 and 0.33)."""
+    return cache_config.block_size if cache_config.user_specified_block_size else None
+
+
 def ring_spec(slots: int, num_kv_heads: int, head_size: int, dtype: torch.dtype) -> Any:
     """One block of `slots` tokens per request for its whole life (keys and values side by
     side), which vLLM counts once per request in its KV budget."""

@@ -25,10 +25,12 @@ Fields (all optional):
                          a tile of values whose softmax weights all lie below t times their
                          row's running maximum (the weights still count; the dense prefill and
                          the references read everything)
-  exact_window           0 (default): every token is read from its record. W (a power of two,
-                         16..256): a query at position p also keeps its own W-aligned segment,
-                         positions floor(p / W) * W .. p, exact (the model dtype), stored in one
-                         ring per request and layer inside vLLM's KV budget
+  exact_window           W (a power of two, 16..256; configs/default.yaml: 32): a query at
+                         position p also keeps its own W-aligned segment, positions
+                         floor(p / W) * W .. p, exact (the model dtype), stored in one ring per
+                         request and layer inside vLLM's KV budget. 0: every token is read from
+                         its record (the named presets other than the default and k5v4-w32).
+                         Inline keys keep the default's window unless they set this one
 
 Every layer's record has its own size: vLLM gives each layer its own page (one KV-cache group,
 per-layer page sizes), so higher precision on a few layers costs bytes on those layers only.

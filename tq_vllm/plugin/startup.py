@@ -130,11 +130,28 @@ def check_vllm_config(vllm_config: Any) -> Settings:
             f"value_mode 'uniform' (layers {uniform}) runs on the CPU (PyTorch) path only; "
             "the CUDA kernels read Lloyd-Max value records: use value_mode 'mse'"
         )
-    check_exact_window(settings.config.exact_window, vllm_config.cache_config.block_size)
+    choose_window_block(vllm_config, settings)
     check_full_graphs(settings.config.exact_window, os.environ)
     model_bytes = vllm_config.model_config.dtype.itemsize
     logger.info("%s", settings.config.describe(settings.head_dim, settings.num_layers, model_bytes))
     return settings
+
+
+def choose_window_block(vllm_config: Any, settings: Settings) -> None:
+    """With an exact window, a block size the user gave must hold it (checked here, and the
+    ring's size once vLLM collects the specs); one vLLM chose grows to the smallest that does."""
+    window, cache = settings.config.exact_window, vllm_config.cache_config
+    given = compat.user_block_size(cache)
+    check_exact_window(window, given)
+    if window and given is None:
+        from tq_vllm.plugin.exact_ring import smallest_block
+
+        block = smallest_block(vllm_config, settings)
+        if cache.block_size < block or cache.block_size % window:
+            logger.info(
+                "exact_window %d: %d-token blocks (was %d)", window, block, cache.block_size
+            )
+            cache.block_size = block
 
 
 def check_exact_window(window: int, block_size: int | None) -> None:
@@ -165,6 +182,10 @@ def activate(vllm_config: Any) -> Settings:
         _active = (vllm_config, settings_from(vllm_config))
         compat.size_pages_per_layer(lambda name: active_settings().record_bytes(name))
     return _active[1]
+
+
+def is_active() -> bool:
+    return _active is not None
 
 
 def active_vllm_config() -> Any:

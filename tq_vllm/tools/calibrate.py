@@ -122,6 +122,9 @@ def calibrate(args: argparse.Namespace) -> int:
     else:
         bits = (key_bits, args.outlier_bits, value_bits)
         fields, about = outlier_fields(model, ids, bits, count, head_dim)
+    # Calibrated for records alone: the default's exact window would put a ring's block
+    # beside every request (and give layers of different sizes one page each).
+    fields = {**fields, "exact_window": 0}
     config = replace(load_config({"turboquant": fields}), source=args.out)
     about += (
         f" Written by `tq-vllm calibrate`\nfor {model_name} ({num_layers} layers) from "

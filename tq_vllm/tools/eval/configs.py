@@ -24,9 +24,10 @@ class EvalConfig:
 
 
 def _tq(kb: int, vb: int, key_mode: str = "mse", value_mode: str = "mse", **extra: Any) -> dict:
-    # Every field explicit: inline fields override configs/default.yaml key by key.
+    # Every field explicit: inline fields override configs/default.yaml key by key (its exact
+    # window included).
     fields = dict(key_bits=kb, value_bits=vb, key_mode=key_mode, value_mode=value_mode)
-    return {**fields, "keep_first_layers": 0, "keep_last_layers": 0, **extra}
+    return {**fields, "keep_first_layers": 0, "keep_last_layers": 0, "exact_window": 0, **extra}
 
 
 def all_configs(num_layers: int = 30) -> dict[str, EvalConfig]:
@@ -103,7 +104,7 @@ def all_configs(num_layers: int = 30) -> dict[str, EvalConfig]:
             turboquant={**fields, "exact_window": w},
         )
         for name, label, fields, w in (
-            ("default", "configs/default.yaml", {"config": "default"}, 32),
+            ("k6v5", "K6 V5 mse", _tq(6, 5), 32),
             ("k6v4", "K6 V4 mse", _tq(6, 4), 32),
             ("k5v4", "K5 V4 mse", _tq(5, 4), 32),
             ("k5v3", "K5 V3 mse", _tq(5, 3), 32),
