@@ -5,6 +5,7 @@ Nothing here imports Triton: the CPU path must load on machines without it.
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -49,6 +50,7 @@ def check_tensor(
 
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+LN2 = math.log(2.0)  # the Triton kernels' log-sum-exps are base 2 (exp2 softmax)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 

@@ -44,7 +44,8 @@ def _cpu(t: torch.Tensor) -> bool:
 
 def cpu_kernel(t: torch.Tensor, codec: LayerCodec) -> bool:
     # The C++ attention reads Lloyd-Max values only; uniform-value records stay on the reference.
-    return _cpu(t) and not codec.layout.uniform_values
+    # TQ_VLLM_KERNELS=triton on a CPU sends everything to the Triton kernels instead.
+    return _cpu(t) and not _triton(t) and not codec.layout.uniform_values
 
 
 def attention_kernels(device: torch.device, codec: LayerCodec) -> str:
@@ -100,6 +101,32 @@ def decode_attention(
     if cpu_kernel(kv_cache, codec):
         return cpu_decode.decode_attention(*args, sparse_v=sparse_v, **options)
     return decode_attention_reference(*args, **options)
+
+
+def windowed_context_attention(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    codec: LayerCodec,
+    scale: float,
+    window: int,
+    max_query_len: int,
+    sparse_v: float,
+    lse_out: torch.Tensor,
+) -> torch.Tensor | None:
+    """The compressed part of prefill chunks under the exact-window rule (a row at p reads
+    positions < floor(p / W) * W, lse_out gets its log-sum-exp), the chunks already stored, in
+    one Triton context kernel call; None off the Triton path, whose callers take decode rows."""
+    if not _triton(kv_cache):
+        return None
+    from tq_vllm.kernels.context.triton_context import context_attention as kernel
+
+    return kernel(
+        query, None, None, kv_cache, block_table, query_start_loc, seq_lens, codec, scale,
+        max_query_len=max_query_len, sparse_v=sparse_v, exact_window=window, lse_out=lse_out,
+    )  # fmt: skip
 
 
 def context_attention(

@@ -7,7 +7,9 @@ records) over the sequence's earlier, compressed tokens, then flash-attends caus
 chunk's own fresh keys and values in full precision, all under one online softmax. Everything
 is in the rotated domain: queries and fresh keys/values are rotated in PyTorch first, the
 output rotated back once. No workspace, no host sync (given max_query_len). With key and
-value None, the chunk's own tokens are read back from the cache like the context (causal).
+value None, the chunk's own tokens are read back from the cache like the context (causal),
+or, with an exact window W, only the positions before each row's own W-aligned segment, and the
+rows' log-sum-exps come back for kernels/window/exact.py to merge with the exact part.
 
 Precision: compressed tokens are scored with fp16 tensor-core dots as in triton_decode.py. Fresh
 tokens take fp16 dots for fp16/bf16 queries (their rounding is below the inputs' own) and
@@ -25,8 +27,10 @@ import triton.language as tl
 from tq_vllm.kernels.common import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    LN2,
     check_cache,
     check_gqa,
+    check_lse_out,
     check_tensor,
 )
 from tq_vllm.kernels.triton_tiles import (
@@ -66,6 +70,7 @@ def _context_kernel(
     vcent_ptr,
     kocent_ptr,
     o_ptr,
+    lse_ptr,
     num_q_heads,
     num_kv_heads,
     table_stride,
@@ -98,6 +103,7 @@ def _context_kernel(
     QJL_COEF: tl.constexpr,
     FRESH_FP32: tl.constexpr,
     ALL_CACHED: tl.constexpr,
+    EXACT_WINDOW: tl.constexpr,
     SPARSE_V: tl.constexpr,
     SPARSE_V_LOG2: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
@@ -131,8 +137,12 @@ def _context_kernel(
     lsum = tl.zeros([BLOCK_M * GP], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M * GP, D], dtype=tl.float32)
     # The context precedes every query: no mask. With ALL_CACHED the chunk's own tokens are
-    # read back compressed too, causally.
+    # read back compressed too, causally; with EXACT_WINDOW only those before the row's segment.
     cached_end = context + fresh_end if ALL_CACHED else context
+    visible_end = context + pos + 1  # per row: positions < visible_end
+    if EXACT_WINDOW > 0:
+        visible_end = (context + pos) // EXACT_WINDOW * EXACT_WINDOW
+        cached_end = (context + fresh_end - 1) // EXACT_WINDOW * EXACT_WINDOW
     # >= 64 rows take wgmma, whose tile operands Triton 3.6 cannot take straight from the
     # interleave (score_tile's NORM_ON_TILE).
     norm_on_tile: tl.constexpr = BLOCK_M * GP >= 64
@@ -155,11 +165,11 @@ def _context_kernel(
             KEY_OUTLIERS, KEY_OUTLIER_BITS, norm_on_tile,
         )  # fmt: skip
         if ALL_CACHED:
-            s = tl.where(t[None, :] <= (context + pos)[:, None], s, float("-inf"))
+            s = tl.where(t[None, :] < visible_end[:, None], s, float("-inf"))
         if HAS_WINDOW:
             s = tl.where(t[None, :] > (context + pos - window)[:, None], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
-        m_ref = _reference_max(m_new, HAS_WINDOW)
+        m_ref = _reference_max(m_new, HAS_WINDOW or EXACT_WINDOW > 0)
         alpha = tl.exp2(m - m_ref)
         p = tl.exp2(s - m_ref[:, None])
         lsum = lsum * alpha + tl.sum(p, axis=1)
@@ -206,6 +216,9 @@ def _context_kernel(
 
     out = acc / tl.where(lsum > 0, lsum, 1.0)[:, None]
     tl.store(o_ptr + rows[:, None] * D + d[None, :], out, mask=rmask[:, None])
+    if EXACT_WINDOW > 0:  # base 2, -inf where the row read nothing; the caller scales it
+        lse = tl.where(lsum > 0, m + tl.log2(tl.where(lsum > 0, lsum, 1.0)), float("-inf"))
+        tl.store(lse_ptr + rows, lse, mask=rmask)
 
 
 def context_attention(
@@ -225,6 +238,8 @@ def context_attention(
     num_stages: int | None = None,
     sparse_v: float = 0.0,
     sliding_window: int | None = None,
+    exact_window: int = 0,
+    lse_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton context_attention_reference: query [T, Hq, d] -> [T, Hq, d] in query's dtype.
 
@@ -235,12 +250,17 @@ def context_attention(
     group, a power of two >= 16); block_n: keys per tile (a power of two >= 32).
     sparse_v: as in triton_decode.decode_attention, for the compressed tokens (the fresh ones
     are always read). sliding_window: as in the reference; compressed tokens before a row
-    tile's window are never read.
+    tile's window are never read. exact_window W (key and value None): a row at position p
+    reads positions < floor(p / W) * W, and lse_out (float32 [T, Hq], required) gets each row's
+    natural-log log-sum-exp, -inf where it read nothing (kernels/window/exact.py's contract).
     """
     check_cache(kv_cache, codec)
     device = kv_cache.device
     check_tensor("query", query, 3, FLOAT_DTYPES, device)
     all_cached = key is None and value is None
+    if exact_window and (not all_cached or lse_out is None):
+        raise ValueError("exact_window reads the chunk back from the cache and needs lse_out")
+    check_lse_out(lse_out, query)
     if not all_cached:
         check_tensor("key", key, 3, FLOAT_DTYPES, device)
         check_tensor("value", value, 3, FLOAT_DTYPES, device)
@@ -272,6 +292,7 @@ def context_attention(
         max_query_len = int((query_start_loc[1:] - query_start_loc[:-1]).max())
     if max_query_len < 1:
         return torch.empty_like(query)
+    lse = torch.empty(0, device=device) if lse_out is None else lse_out
 
     if num_stages is None:
         # At head_dim 256 two pipeline stages asked for 256 KiB of shared memory, over the
@@ -288,12 +309,14 @@ def context_attention(
     grid = (triton.cdiv(max_query_len, block_m), batch, num_kv_heads)
     _context_kernel[grid](
         qf, q, qs, k, v, kv_cache, block_table, query_start_loc, seq_lens,
-        *tables, out,
+        *tables, out, lse,
         num_q_heads, num_kv_heads, block_table.stride(0),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), sliding_window or 0,
         HAS_WINDOW=sliding_window is not None, BLOCK_SIZE=block_size, G=group, GP=group_pad,
         BLOCK_M=block_m, D=head_dim, BLOCK_N=block_n,
-        FRESH_FP32=query.dtype == torch.float32, ALL_CACHED=all_cached,
+        FRESH_FP32=query.dtype == torch.float32, ALL_CACHED=all_cached, EXACT_WINDOW=exact_window,
         num_warps=num_warps, num_stages=num_stages, **constexprs, **sparse_v_constexprs(sparse_v),
     )  # fmt: skip
+    if lse_out is not None:
+        lse_out.mul_(LN2)
     return (out @ codec.rotation).to(query.dtype)

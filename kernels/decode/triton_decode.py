@@ -19,7 +19,6 @@ built once on the host (per_codec).
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
@@ -29,6 +28,7 @@ from tq_vllm.kernels.common import (
     CODEBOOKS,
     FLOAT_DTYPES,
     INDEX_DTYPES,
+    LN2,
     check_cache,
     check_gqa,
     check_lse_out,
@@ -47,8 +47,6 @@ from tq_vllm.kernels.triton_tiles import (
 )
 from tq_vllm.kernels.triton_unpack import codebook_for
 from tq_vllm.record.codec import LayerCodec
-
-LN2 = math.log(2.0)  # the kernels' log-sum-exps are base 2 (exp2 softmax)
 
 
 @triton.jit

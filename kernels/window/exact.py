@@ -44,6 +44,8 @@ class ExactIndex:
     write_blocks: torch.Tensor  # int64 [N]
     write_slots: torch.Tensor  # int64 [N]
     longest_segment_start: int  # max s(p): sizes the Triton decode's splits
+    seq_rows: tuple[int, ...]  # host: each sequence's rows this step
+    seq_lens: tuple[int, ...]  # host: each sequence's length after this step
 
     def to(self, device: torch.device) -> ExactIndex:
         """The index with its tensors on the device that attends (one copy per step)."""
@@ -101,6 +103,8 @@ def exact_index(
         write_blocks=rings.long()[write_seq],
         write_slots=write_pos % ring_size,
         longest_segment_start=int(segment.max()) if len(segment) else 0,
+        seq_rows=tuple(q_lens.tolist()),
+        seq_lens=tuple(lens.tolist()),
     )
 
 

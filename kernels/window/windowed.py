@@ -1,9 +1,10 @@
 """The exact-window rule on any device: the compressed kernels (C++ on the CPU, Triton on CUDA
 or in the interpreter, else the PyTorch reference) attend each row over its compressed
 positions (< s(p)) as a decode row of that length and return their log-sum-exp, exact.py
-attends the exact ones, and the two merge. On the CPU a prefill chunk (a sequence with
-cpu_context's DENSE_ROWS rows or more) runs as the dense path runs chunks without the window:
-in one call of vLLM's kernel (dense_window.py). Same contract as
+attends the exact ones, and the two merge. Prefill chunks (sequences with CHUNK_ROWS rows or
+more) take a chunk kernel instead: on the CPU one call of vLLM's kernel for the whole rule, as
+the dense path runs chunks without the window (dense_window.py); on Triton the context kernel
+for their compressed part (a tile of rows shares each record it reads). Same contract as
 reference.exact_window_attention_reference."""
 
 from __future__ import annotations
@@ -11,10 +12,12 @@ from __future__ import annotations
 import torch
 
 from tq_vllm.kernels import dispatch
-from tq_vllm.kernels.context.cpu_context import dense_sequences
+from tq_vllm.kernels.context.cpu_context import DENSE_ROWS, dense_sequences
 from tq_vllm.kernels.window.dense_window import windowed_prefill
 from tq_vllm.kernels.window.exact import ExactIndex, exact_attention, exact_timeline, merge
 from tq_vllm.record.codec import LayerCodec
+
+CHUNK_ROWS = DENSE_ROWS  # rows from which a sequence takes a chunk kernel
 
 
 def windowed_attention(
@@ -34,38 +37,85 @@ def windowed_attention(
     block_table [B, max_blocks] of the step's sequences, ring [num_rings, Hk, R, 2d] (read,
     not written), index on query's device. Returns [T, Hq, d] in query's dtype."""
     timeline = exact_timeline(key, value, ring, index, window)
+    starts = [0]
+    for rows in index.seq_rows:
+        starts.append(starts[-1] + rows)
+    if not dispatch.cpu_kernel(kv_cache, codec):
+        return _merged(query, kv_cache, block_table, timeline, index, starts, codec, scale,
+                       window, sparse_v)  # fmt: skip
     out = torch.empty_like(query)
-    rest = torch.ones(query.shape[0], dtype=torch.bool, device=query.device)
-    if dispatch.cpu_kernel(kv_cache, codec):
-        for b in dense_sequences(query, codec, torch.bincount(index.row_seq).tolist()):
-            rows = (index.row_seq == b).nonzero().flatten()  # a sequence's rows are consecutive
-            lo, hi = int(rows[0]), int(rows[-1]) + 1
-            begin, first = int(index.window_start[lo]), int(index.segment_starts[lo])
-            first += int(index.visible[lo]) - 1  # the chunk's first position
-            exact = timeline[begin : begin + first + hi - lo - int(index.segment_starts[lo])]
-            chunk = windowed_prefill(
-                query[lo:hi], exact, kv_cache, block_table[b], first, codec, scale, window
-            )
-            if chunk is not None:
-                out[lo:hi], rest[lo:hi] = chunk, False
-    if not rest.any():
-        return out
-    rows = rest.nonzero().flatten()
-    all_rows = len(rows) == query.shape[0]
-    pick = (lambda t: t) if all_rows else (lambda t: t[rows])
-    n, hq = len(rows), query.shape[1]
-    lse = torch.empty(n, hq, device=query.device)
-    # On the CPU a bf16 query takes the C++ op's bf16 dots; Triton gets float32 rows.
-    q = pick(query) if query.device.type == "cpu" else pick(query).float()
-    compressed = dispatch.decode_attention(
-        q, kv_cache, block_table[pick(index.row_seq)], pick(index.segment_starts), codec, scale,
-        index.longest_segment_start, sparse_v, lse_out=lse,
-    )  # fmt: skip
-    exact, exact_lse = exact_attention(
-        pick(query), timeline, pick(index.window_start), pick(index.visible), window, scale
-    )
-    merged = merge(compressed, lse, exact, exact_lse).to(query.dtype)
-    if all_rows:
-        return merged
-    out[rows] = merged
+    fused = torch.ones(query.shape[0], dtype=torch.bool, device=query.device)
+    for b in dense_sequences(query, codec, list(index.seq_rows)):
+        lo, hi = starts[b], starts[b + 1]
+        first = index.seq_lens[b] - (hi - lo)  # the chunk's first position
+        begin = int(index.window_start[lo])
+        exact = timeline[begin : begin + first + hi - lo - first // window * window]
+        chunk = windowed_prefill(
+            query[lo:hi], exact, kv_cache, block_table[b], first, codec, scale, window
+        )
+        if chunk is not None:
+            out[lo:hi], fused[lo:hi] = chunk, False
+    if fused.all():
+        return _merged(query, kv_cache, block_table, timeline, index, starts, codec, scale,
+                       window, sparse_v)  # fmt: skip
+    if fused.any():
+        rows = fused.nonzero().flatten()
+        out[rows] = _merged(query, kv_cache, block_table, timeline, index, starts, codec, scale,
+                            window, sparse_v, rows)  # fmt: skip
     return out
+
+
+def _merged(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    timeline: torch.Tensor,
+    index: ExactIndex,
+    starts: list[int],
+    codec: LayerCodec,
+    scale: float,
+    window: int,
+    sparse_v: float,
+    rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Rows (all where None) attended over their compressed positions by the fused kernels and
+    over their exact ones by exact_attention, merged by log-sum-exp; in query's dtype."""
+    pick = (lambda t: t) if rows is None else (lambda t: t[rows])
+    q = pick(query)
+    n, hq, d = q.shape
+    compressed = torch.empty(n, hq, d, device=q.device)
+    lse = torch.empty(n, hq, device=q.device)
+    decode = torch.ones(n, dtype=torch.bool, device=q.device)
+    chunks = [b for b, count in enumerate(index.seq_rows) if count >= CHUNK_ROWS]
+    if rows is None and chunks:  # Triton: the chunks' compressed part in the context kernel
+        picked = torch.cat([torch.arange(starts[b], starts[b + 1]) for b in chunks])
+        picked = picked.to(q.device)
+        counts = [index.seq_rows[b] for b in chunks]
+        qsl = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
+        lens = torch.tensor([index.seq_lens[b] for b in chunks], dtype=torch.int32)
+        chunk_lse = torch.empty(len(picked), hq, device=q.device)
+        chunk_out = dispatch.windowed_context_attention(
+            q[picked].float(), kv_cache, block_table[chunks], qsl.to(q.device),
+            lens.to(q.device), codec, scale, window, max(counts), sparse_v, chunk_lse,
+        )  # fmt: skip
+        if chunk_out is not None:
+            compressed[picked], lse[picked], decode[picked] = chunk_out, chunk_lse, False
+    if decode.any():
+        left = None if decode.all() else decode.nonzero().flatten()
+        part = pick if left is None else (lambda t: pick(t)[left])
+        n_left = n if left is None else len(left)
+        left_lse = lse if left is None else torch.empty(n_left, hq, device=q.device)
+        # On the CPU a bf16 query takes the C++ op's bf16 dots; Triton gets float32 rows.
+        q_left = part(query) if query.device.type == "cpu" else part(query).float()
+        out = dispatch.decode_attention(
+            q_left, kv_cache, block_table[part(index.row_seq)], part(index.segment_starts),
+            codec, scale, index.longest_segment_start, sparse_v, lse_out=left_lse,
+        )  # fmt: skip
+        if left is None:
+            compressed = out
+        else:
+            compressed[left], lse[left] = out.float(), left_lse
+    exact, exact_lse = exact_attention(
+        q, timeline, pick(index.window_start), pick(index.visible), window, scale
+    )
+    return merge(compressed, lse, exact, exact_lse).to(query.dtype)

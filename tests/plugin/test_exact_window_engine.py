@@ -154,8 +154,7 @@ def test_smallest_block_holds_a_segment_and_a_16_bit_ring(bits, window, lookahea
     from types import SimpleNamespace
 
     from tq_vllm.plugin.config import load_config
-    from tq_vllm.plugin.exact_ring import smallest_block
-    from tq_vllm.plugin.startup import Settings
+    from tq_vllm.plugin.startup import Settings, smallest_block
 
     config = load_config(
         {"turboquant": {"key_bits": bits[0], "value_bits": bits[1], "exact_window": window}}

@@ -2,6 +2,8 @@
 
 The server's KV budget is tiny on purpose (16-token blocks, room for about a dozen requests at
 their full length), so the 32-stream test also drives vLLM into preemption and recomputation.
+K6 V5 records: the default's exact window needs blocks of 128 tokens (test_exact_window_engine.py
+preempts with it).
 """
 
 import concurrent.futures
@@ -23,7 +25,7 @@ from tq_vllm.tools.server import Server  # noqa: E402
 pytestmark = pytest.mark.server
 MAX_MODEL_LEN = 256
 BLOCK_SIZE = 16
-KV_BYTES = 8 << 20  # ~70 blocks of 16 tokens with the default preset (7,560 bytes per token)
+KV_BYTES = 8 << 20  # ~63 blocks of 16 tokens of K6 V5 records (8,280 bytes per token)
 MAX_TOKENS = 24
 STREAMS = 32  # about three times what the budget holds at full length
 # A cache rebuilt wrongly after preemption (stale or foreign blocks) moves logprobs by several
@@ -47,6 +49,7 @@ def server():
         "--enforce-eager", "--max-model-len", str(MAX_MODEL_LEN), "--max-num-seqs", str(STREAMS),
         "--block-size", str(BLOCK_SIZE),
         "--kv-cache-memory-bytes", str(KV_BYTES), "--kv-cache-dtype", "turboquant",
+        "--additional-config", '{"turboquant": {"config": "k6v5"}}',
     ]  # fmt: skip
     with Server(flags) as s:
         yield s

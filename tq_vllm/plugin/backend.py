@@ -121,7 +121,7 @@ class TurboQuantBackend(AttentionBackend):
         if startup.is_active() and startup.active_settings().config.exact_window:
             vllm_config = startup.active_vllm_config()
             if compat.user_block_size(vllm_config.cache_config) is None:
-                block = exact_ring.smallest_block(vllm_config, startup.active_settings())
+                block = startup.smallest_block(vllm_config, startup.active_settings())
                 return [MultipleOf(block)]
         return [MultipleOf(16)]
 

@@ -102,7 +102,7 @@ class Ring(torch.nn.Module, AttentionLayerBase):
         from tq_vllm.plugin import startup
 
         settings = startup.active_settings()
-        slots = ring_size(vllm_config, settings.config.exact_window)
+        slots = startup.ring_size(vllm_config, settings.config.exact_window)
         block_size = vllm_config.cache_config.block_size
         records = block_size * settings.largest_record_bytes
         # vLLM gives every block of both groups the larger page: a ring up to a block of
@@ -139,26 +139,6 @@ def attach_ring(impl: Any, vllm_config: Any, dtype: torch.dtype) -> None:
     if ring.layer_name not in context:  # weights can be loaded again (sleep mode, reload)
         context[ring.layer_name] = ring
         layer.tq_exact_ring = ring
-
-
-def smallest_block(vllm_config: Any, settings: Any) -> int:
-    """The smallest block size (a power of two, 16 or more) that no W-aligned segment straddles
-    and whose block of records holds a 16-bit ring: the block size where the user gave none
-    (vLLM's CUDA default, 16, holds neither; its CPU default, 128, not every config's ring)."""
-    window = settings.config.exact_window
-    ring_bytes = ring_size(vllm_config, window) * 2 * settings.head_dim * 2
-    block = max(16, window)
-    while block * settings.largest_record_bytes < ring_bytes:
-        block *= 2
-    return block
-
-
-def ring_size(vllm_config: Any, window: int) -> int:
-    """W slots, plus the speculative lookahead: a rejected draft's slot is then one that no
-    later query reads exactly."""
-    spec = vllm_config.speculative_config
-    lookahead = spec.num_speculative_tokens if spec is not None else 0
-    return window + lookahead
 
 
 def ring_metadata(layer: Any) -> RingMetadata:

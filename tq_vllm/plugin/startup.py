@@ -144,14 +144,32 @@ def choose_window_block(vllm_config: Any, settings: Settings) -> None:
     given = compat.user_block_size(cache)
     check_exact_window(window, given)
     if window and given is None:
-        from tq_vllm.plugin.exact_ring import smallest_block
-
         block = smallest_block(vllm_config, settings)
         if cache.block_size < block or cache.block_size % window:
             logger.info(
                 "exact_window %d: %d-token blocks (was %d)", window, block, cache.block_size
             )
             cache.block_size = block
+
+
+def smallest_block(vllm_config: Any, settings: Settings) -> int:
+    """The smallest block size (a power of two, 16 or more) that no W-aligned segment straddles
+    and whose block of records holds a 16-bit ring: the block size where the user gave none
+    (vLLM's CUDA default, 16, holds neither; its CPU default, 128, not every config's ring)."""
+    window = settings.config.exact_window
+    ring_bytes = ring_size(vllm_config, window) * 2 * settings.head_dim * 2
+    block = max(16, window)
+    while block * settings.largest_record_bytes < ring_bytes:
+        block *= 2
+    return block
+
+
+def ring_size(vllm_config: Any, window: int) -> int:
+    """W slots, plus the speculative lookahead: a rejected draft's slot is then one that no
+    later query reads exactly."""
+    spec = vllm_config.speculative_config
+    lookahead = spec.num_speculative_tokens if spec is not None else 0
+    return window + lookahead
 
 
 def check_exact_window(window: int, block_size: int | None) -> None:
