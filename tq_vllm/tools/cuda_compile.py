@@ -153,6 +153,22 @@ def record_launches(variant: Variant) -> list[tuple[str, Any, tuple, dict]]:
         "context (fresh)": lambda: context_attention(
             query, key, key, cache, table, qsl, lens, codec, 0.1, max_query_len=1, **sparse
         ),
+        # The exact window's prefill chunks: compressed positions before the own segment, lse.
+        "context (window)": lambda: context_attention(
+            query,
+            None,
+            None,
+            cache,
+            table,
+            qsl,
+            lens,
+            codec,
+            0.1,
+            max_query_len=1,
+            sparse_v=v.sparse_v,
+            exact_window=32,
+            lse_out=torch.empty(2, hk * group),
+        ),
     }
     return record_calls(calls)
 
