@@ -34,7 +34,8 @@ TRITON_EVERYWHERE = os.environ.get(KERNELS_ENV) == "triton"
 REFERENCE_ONLY = os.environ.get(KERNELS_ENV) == "reference"
 
 
-def _triton(t: torch.Tensor) -> bool:
+def uses_triton(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels attend for t's device (CUDA, or TQ_VLLM_KERNELS=triton)."""
     return (t.is_cuda or TRITON_EVERYWHERE) and not REFERENCE_ONLY
 
 
@@ -45,13 +46,13 @@ def _cpu(t: torch.Tensor) -> bool:
 def cpu_kernel(t: torch.Tensor, codec: LayerCodec) -> bool:
     # The C++ attention reads Lloyd-Max values only; uniform-value records stay on the reference.
     # TQ_VLLM_KERNELS=triton on a CPU sends everything to the Triton kernels instead.
-    return _cpu(t) and not _triton(t) and not codec.layout.uniform_values
+    return _cpu(t) and not uses_triton(t) and not codec.layout.uniform_values
 
 
 def attention_kernels(device: torch.device, codec: LayerCodec) -> str:
     """What attends for a layer on this device, in words (the backend logs it)."""
     probe = torch.empty(0, device=device)
-    if _triton(probe):
+    if uses_triton(probe):
         interpreted = os.environ.get("TRITON_INTERPRET") == "1"
         return "the Triton kernels" + (" (interpreted)" if interpreted else "")
     if cpu_kernel(probe, codec):
@@ -66,7 +67,7 @@ def store_kv(
     slot_mapping: torch.Tensor,
     codec: LayerCodec,
 ) -> None:
-    if _triton(kv_cache):
+    if uses_triton(kv_cache):
         from tq_vllm.kernels.store.triton_store import store_kv as kernel
 
         return kernel(key, value, kv_cache, slot_mapping, codec)
@@ -94,7 +95,7 @@ def decode_attention(
     lse_out: float32 [B, Hq], written with each row's log-sum-exp (-inf where it read nothing)."""
     args = (query, kv_cache, block_table, seq_lens, codec, scale)
     options = dict(sliding_window=sliding_window, lse_out=lse_out)
-    if _triton(kv_cache):
+    if uses_triton(kv_cache):
         from tq_vllm.kernels.decode.triton_decode import decode_attention as kernel
 
         return kernel(*args, max_seq_len, sparse_v=sparse_v, codebook=CODEBOOK, **options)
@@ -115,12 +116,11 @@ def windowed_context_attention(
     max_query_len: int,
     sparse_v: float,
     lse_out: torch.Tensor,
-) -> torch.Tensor | None:
+) -> torch.Tensor:
     """The compressed part of prefill chunks under the exact-window rule (a row at p reads
     positions < floor(p / W) * W, lse_out gets its log-sum-exp), the chunks already stored, in
-    one Triton context kernel call; None off the Triton path, whose callers take decode rows."""
-    if not _triton(kv_cache):
-        return None
+    one Triton context kernel call. Triton only (uses_triton): elsewhere the callers attend
+    chunk rows as decode rows."""
     from tq_vllm.kernels.context.triton_context import context_attention as kernel
 
     return kernel(
@@ -146,7 +146,7 @@ def context_attention(
     """max_query_len: the longest chunk, known on the host (spares the Triton path a sync).
     sparse_v, sliding_window: as in decode_attention."""
     args = (query, key, value, kv_cache, block_table, query_start_loc, seq_lens, codec, scale)
-    if _triton(kv_cache):
+    if uses_triton(kv_cache):
         from tq_vllm.kernels.context.triton_context import context_attention as kernel
 
         return kernel(

@@ -9,6 +9,8 @@ reference.exact_window_attention_reference."""
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 
 from tq_vllm.kernels import dispatch
@@ -87,19 +89,19 @@ def _merged(
     lse = torch.empty(n, hq, device=q.device)
     decode = torch.ones(n, dtype=torch.bool, device=q.device)
     chunks = [b for b, count in enumerate(index.seq_rows) if count >= CHUNK_ROWS]
-    if rows is None and chunks:  # Triton: the chunks' compressed part in the context kernel
+    if rows is None and chunks and dispatch.uses_triton(kv_cache):
+        # The chunks' compressed part in the context kernel.
         picked = torch.cat([torch.arange(starts[b], starts[b + 1]) for b in chunks])
         picked = picked.to(q.device)
         counts = [index.seq_rows[b] for b in chunks]
-        qsl = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
-        lens = torch.tensor([index.seq_lens[b] for b in chunks], dtype=torch.int32)
+        qsl = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int32, device=q.device)
+        lens = torch.tensor([index.seq_lens[b] for b in chunks], dtype=torch.int32, device=q.device)
         chunk_lse = torch.empty(len(picked), hq, device=q.device)
-        chunk_out = dispatch.windowed_context_attention(
-            q[picked].float(), kv_cache, block_table[chunks], qsl.to(q.device),
-            lens.to(q.device), codec, scale, window, max(counts), sparse_v, chunk_lse,
+        compressed[picked] = dispatch.windowed_context_attention(
+            q[picked].float(), kv_cache, block_table[chunks], qsl, lens, codec, scale, window,
+            max(counts), sparse_v, chunk_lse,
         )  # fmt: skip
-        if chunk_out is not None:
-            compressed[picked], lse[picked], decode[picked] = chunk_out, chunk_lse, False
+        lse[picked], decode[picked] = chunk_lse, False
     if decode.any():
         left = None if decode.all() else decode.nonzero().flatten()
         part = pick if left is None else (lambda t: pick(t)[left])

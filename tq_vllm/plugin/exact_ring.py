@@ -107,11 +107,14 @@ class Ring(torch.nn.Module, AttentionLayerBase):
         records = block_size * settings.largest_record_bytes
         # vLLM gives every block of both groups the larger page: a ring up to a block of
         # records costs nothing more, one larger would pad every block to it.
-        if slots * 2 * self.head_size * self.dtype.itemsize > records and self.dtype.itemsize > 2:
+        if (
+            startup.ring_bytes(slots, self.head_size, self.dtype.itemsize) > records
+            and self.dtype.itemsize > 2
+        ):
             # A float32 model: its ring in bf16 (2^-9 of each value) rather than no window.
             self.dtype = torch.bfloat16
             _say_bf16_rings(slots, block_size)
-        ring_bytes = slots * 2 * self.head_size * self.dtype.itemsize
+        ring_bytes = startup.ring_bytes(slots, self.head_size, self.dtype.itemsize)
         if ring_bytes > records:
             raise startup.ConfigError(
                 f"exact_window: a ring of {slots} tokens ({ring_bytes} bytes per KV head) is "

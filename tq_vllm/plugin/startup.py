@@ -157,9 +157,9 @@ def smallest_block(vllm_config: Any, settings: Settings) -> int:
     and whose block of records holds a 16-bit ring: the block size where the user gave none
     (vLLM's CUDA default, 16, holds neither; its CPU default, 128, not every config's ring)."""
     window = settings.config.exact_window
-    ring_bytes = ring_size(vllm_config, window) * 2 * settings.head_dim * 2
+    ring = ring_bytes(ring_size(vllm_config, window), settings.head_dim, 2)
     block = max(16, window)
-    while block * settings.largest_record_bytes < ring_bytes:
+    while block * settings.largest_record_bytes < ring:
         block *= 2
     return block
 
@@ -170,6 +170,11 @@ def ring_size(vllm_config: Any, window: int) -> int:
     spec = vllm_config.speculative_config
     lookahead = spec.num_speculative_tokens if spec is not None else 0
     return window + lookahead
+
+
+def ring_bytes(slots: int, head_dim: int, itemsize: int) -> int:
+    """A ring's bytes per KV head: keys and values of `slots` tokens side by side."""
+    return slots * 2 * head_dim * itemsize
 
 
 def check_exact_window(window: int, block_size: int | None) -> None:
