@@ -1,5 +1,6 @@
-"""The C++ CPU ops (store/store.cpp, decode/attention.cpp, context/dequantize.cpp, with the
-shared csrc/*.h): built once per ISA variant, the best one this CPU runs chosen at load time.
+"""The C++ CPU ops (store/store.cpp, decode/attention.cpp, context/dequantize.cpp,
+window/exact.cpp, with the shared csrc/*.h): built once per ISA variant, the best one this CPU
+runs chosen at load time.
 
 Variants (VARIANTS): the same sources compiled for AVX-512 with BF16, AVX-512, AVX2 + FMA
 (x86-64-v3) and the compiler's portable baseline. Each registers its ops under its own
@@ -31,7 +32,7 @@ from tq_vllm.record.codec import LayerCodec
 logger = logging.getLogger("tq_vllm")
 HERE = Path(__file__).parent
 SOURCES = [HERE / "store" / "store.cpp", HERE / "decode" / "attention.cpp",
-           HERE / "context" / "dequantize.cpp"]  # fmt: skip
+           HERE / "context" / "dequantize.cpp", HERE / "window" / "exact.cpp"]  # fmt: skip
 HEADERS = [
     HERE / "csrc" / "records.h",
     HERE / "csrc" / "row_decoder.h",

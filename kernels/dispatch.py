@@ -24,6 +24,8 @@ from tq_vllm.kernels.decode import cpu_decode
 from tq_vllm.kernels.decode.reference import decode_attention_reference
 from tq_vllm.kernels.store import cpu_store
 from tq_vllm.kernels.store.reference import store_kv_reference
+from tq_vllm.kernels.window import cpu_exact
+from tq_vllm.kernels.window.exact import exact_merge_reference
 from tq_vllm.record.codec import LayerCodec
 
 KERNELS_ENV = "TQ_VLLM_KERNELS"
@@ -160,3 +162,21 @@ def context_attention(
             sparse_v=sparse_v, sliding_window=sliding_window,
         )  # fmt: skip
     return context_attention_reference(*args, sliding_window)
+
+
+def exact_merge(
+    query: torch.Tensor,
+    timeline: torch.Tensor,
+    window_start: torch.Tensor,
+    visible: torch.Tensor,
+    window: int,
+    scale: float,
+    compressed: torch.Tensor,
+    lse: torch.Tensor,
+) -> torch.Tensor:
+    """The exact-window rule's exact part, merged with the compressed one
+    (exact.exact_merge_reference's contract): the C++ op on the CPU, PyTorch elsewhere."""
+    args = (query, timeline, window_start, visible, window, scale, compressed, lse)
+    if _cpu(query) and not uses_triton(query):
+        return cpu_exact.exact_merge(*args)
+    return exact_merge_reference(*args)

@@ -13,8 +13,9 @@ last R tokens (so a long chunk never overwrites what it still reads). R = W + th
 lookahead keeps a rejected draft from overwriting a slot that a later query reads.
 
 How one step attends: the compressed kernels attend each row over positions < s(p) and return
-their log-sum-exp (-inf where s(p) = 0); this module attends each row over its at most W exact
-keys (the ring's, then the step's own) and merges the two by their log-sum-exps.
+their log-sum-exp (-inf where s(p) = 0); each row then attends over its at most W exact keys
+(the ring's, then the step's own) and the two merge by their log-sum-exps: exact_merge_reference
+here, window/exact.cpp on the CPU.
 """
 
 from __future__ import annotations
@@ -176,6 +177,23 @@ def merge(
     top = torch.maximum(lse_a, lse_b)
     wa, wb = (lse_a - top).exp(), (lse_b - top).exp()
     return (out_a.float() * wa[..., None] + out_b * wb[..., None]) / (wa + wb)[..., None]
+
+
+def exact_merge_reference(
+    query: torch.Tensor,
+    timeline: torch.Tensor,
+    window_start: torch.Tensor,
+    visible: torch.Tensor,
+    window: int,
+    scale: float,
+    compressed: torch.Tensor,
+    lse: torch.Tensor,
+) -> torch.Tensor:
+    """Each row's attention over its exact keys (exact_attention's arguments) merged with its
+    compressed part (compressed [T, Hq, d], lse [T, Hq] float32, -inf where it read nothing);
+    [T, Hq, d] in query's dtype. window/exact.cpp is its fused CPU form."""
+    exact, exact_lse = exact_attention(query, timeline, window_start, visible, window, scale)
+    return merge(compressed, lse, exact, exact_lse).to(query.dtype)
 
 
 def write_ring(

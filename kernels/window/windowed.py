@@ -16,7 +16,7 @@ import torch
 from tq_vllm.kernels import dispatch
 from tq_vllm.kernels.context.cpu_context import DENSE_ROWS, dense_sequences
 from tq_vllm.kernels.window.dense_window import windowed_prefill
-from tq_vllm.kernels.window.exact import ExactIndex, exact_attention, exact_timeline, merge
+from tq_vllm.kernels.window.exact import ExactIndex, exact_timeline
 from tq_vllm.record.codec import LayerCodec
 
 CHUNK_ROWS = DENSE_ROWS  # rows from which a sequence takes a chunk kernel
@@ -81,7 +81,7 @@ def _merged(
     rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Rows (all where None) attended over their compressed positions by the fused kernels and
-    over their exact ones by exact_attention, merged by log-sum-exp; in query's dtype."""
+    over their exact ones, merged by log-sum-exp (dispatch.exact_merge); in query's dtype."""
     pick = (lambda t: t) if rows is None else (lambda t: t[rows])
     q = pick(query)
     n, hq, d = q.shape
@@ -117,7 +117,6 @@ def _merged(
             compressed = out
         else:
             compressed[left], lse[left] = out.float(), left_lse
-    exact, exact_lse = exact_attention(
-        q, timeline, pick(index.window_start), pick(index.visible), window, scale
+    return dispatch.exact_merge(
+        q, timeline, pick(index.window_start), pick(index.visible), window, scale, compressed, lse
     )
-    return merge(compressed, lse, exact, exact_lse).to(query.dtype)
