@@ -25,7 +25,7 @@ from tq_vllm.kernels.decode.reference import decode_attention_reference
 from tq_vllm.kernels.store import cpu_store
 from tq_vllm.kernels.store.reference import store_kv_reference
 from tq_vllm.kernels.window import cpu_exact
-from tq_vllm.kernels.window.exact import exact_merge_reference
+from tq_vllm.kernels.window.exact import ExactIndex, exact_merge_reference, write_ring_reference
 from tq_vllm.record.codec import LayerCodec
 
 KERNELS_ENV = "TQ_VLLM_KERNELS"
@@ -166,17 +166,28 @@ def context_attention(
 
 def exact_merge(
     query: torch.Tensor,
-    timeline: torch.Tensor,
-    window_start: torch.Tensor,
-    visible: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    ring: torch.Tensor,
+    index: ExactIndex,
     window: int,
     scale: float,
+    rows: torch.Tensor | None,
     compressed: torch.Tensor,
     lse: torch.Tensor,
 ) -> torch.Tensor:
     """The exact-window rule's exact part, merged with the compressed one
     (exact.exact_merge_reference's contract): the C++ op on the CPU, PyTorch elsewhere."""
-    args = (query, timeline, window_start, visible, window, scale, compressed, lse)
+    args = (query, key, value, ring, index, window, scale, rows, compressed, lse)
     if _cpu(query) and not uses_triton(query):
         return cpu_exact.exact_merge(*args)
     return exact_merge_reference(*args)
+
+
+def write_ring(
+    ring: torch.Tensor, key: torch.Tensor, value: torch.Tensor, index: ExactIndex
+) -> None:
+    """The step's last R tokens per sequence into its ring (exact.write_ring_reference)."""
+    if _cpu(ring) and not uses_triton(ring):
+        return cpu_exact.write_ring(ring, key, value, index)
+    return write_ring_reference(ring, key, value, index)

@@ -8,9 +8,11 @@ positions s(p) = floor(p / W) * W .. p from the model-dtype keys and values, and
 Where the exact tokens live: a ring of R >= W slots per request and layer, position t at slot
 t mod R, K and V side by side ([num_rings, Hk, R, 2d], the model dtype, or bf16 where a float32
 ring would outgrow a block of records: plugin/exact_ring.py). A step reads the ring
-for the tokens of its first segment that earlier steps stored, attends, then writes its own
-last R tokens (so a long chunk never overwrites what it still reads). R = W + the speculative
-lookahead keeps a rejected draft from overwriting a slot that a later query reads.
+for the tokens of its first segment that earlier steps stored, and the step's own keys and
+values for the rest (rounded to the ring's dtype, so a token reads the same whichever step
+stored it), attends, then writes its own last R tokens (so a long chunk never overwrites what
+it still reads). R = W + the speculative lookahead keeps a rejected draft from overwriting a
+slot that a later query reads.
 
 How one step attends: the compressed kernels attend each row over positions < s(p) and return
 their log-sum-exp (-inf where s(p) = 0); each row then attends over its at most W exact keys
@@ -28,19 +30,15 @@ import torch
 @dataclass
 class ExactIndex:
     """Where one step's exact keys come from, built once per step (host tensors, shared by
-    every layer). The step's exact timeline concatenates, per sequence, the ring's tokens of
-    its first segment (positions s(chunk start) .. chunk start - 1) and the step's own tokens;
-    row r reads W entries from window_start[r], of which the first visible[r] are its keys."""
+    every layer). Row r (position p) reads visible[r] = p - s(p) + 1 exact entries: the first
+    ring_reads[r] from its ring row_ring[r] (positions s(p) .., stored by earlier steps), the
+    rest from the step's own rows r - visible[r] + 1 .. r."""
 
     row_seq: torch.Tensor  # int64 [T]: each row's sequence
     segment_starts: torch.Tensor  # int32 [T]: s(p) per row, where its exact keys begin
-    window_start: torch.Tensor  # int64 [T]: timeline index of position s(p)
     visible: torch.Tensor  # int64 [T]: p - s(p) + 1
-    timeline_len: int
-    ring_entries: torch.Tensor  # int64 [E]: timeline indices filled from the ring
-    ring_blocks: torch.Tensor  # int64 [E]: their ring
-    ring_slots: torch.Tensor  # int64 [E]: their slot
-    own_entries: torch.Tensor  # int64 [T]: timeline index of each of the step's tokens
+    row_ring: torch.Tensor  # int64 [T]: the ring of each row's sequence
+    ring_reads: torch.Tensor  # int64 [T]: the row's exact entries read from the ring
     write_tokens: torch.Tensor  # int64 [N]: the step's tokens written to the ring afterwards
     write_blocks: torch.Tensor  # int64 [N]
     write_slots: torch.Tensor  # int64 [N]
@@ -76,30 +74,18 @@ def exact_index(
     q_lens = starts[1:] - starts[:-1]
     lens = seq_lens.long()
     chunk = lens - q_lens  # each sequence's first position this step
-    base = chunk // window * window  # its first segment's start
-    from_ring = chunk - base  # tokens of that segment stored by earlier steps
-    per_seq = from_ring + q_lens
-    offsets = torch.cumsum(per_seq, 0) - per_seq  # each sequence's timeline start
     seq = torch.repeat_interleave(torch.arange(len(lens)), q_lens)
-    row = torch.arange(int(q_lens.sum())) - starts[seq]  # row within its sequence
-    positions = chunk[seq] + row
+    positions = chunk[seq] + _ranks(q_lens)
     segment = positions // window * window
-    own_entries = offsets[seq] + from_ring[seq] + row
-    ring_seq = torch.repeat_interleave(torch.arange(len(lens)), from_ring)
-    ring_pos = base[ring_seq] + _ranks(from_ring)
     written = torch.minimum(q_lens, torch.full_like(q_lens, ring_size))
     write_seq = torch.repeat_interleave(torch.arange(len(lens)), written)
     write_pos = lens[write_seq] - written[write_seq] + _ranks(written)
     return ExactIndex(
         row_seq=seq,
         segment_starts=segment.to(torch.int32),
-        window_start=offsets[seq] + segment - base[seq],
         visible=positions - segment + 1,
-        timeline_len=int(per_seq.sum()),
-        ring_entries=offsets[ring_seq] + ring_pos - base[ring_seq],
-        ring_blocks=rings.long()[ring_seq],
-        ring_slots=ring_pos % ring_size,
-        own_entries=own_entries,
+        row_ring=rings.long()[seq],
+        ring_reads=(chunk[seq] - segment).clamp(min=0),
         write_tokens=starts[write_seq] + write_pos - chunk[write_seq],
         write_blocks=rings.long()[write_seq],
         write_slots=write_pos % ring_size,
@@ -116,39 +102,43 @@ def _ranks(counts: torch.Tensor) -> torch.Tensor:
     return torch.arange(total) - torch.repeat_interleave(firsts, counts)
 
 
-def exact_timeline(
-    key: torch.Tensor, value: torch.Tensor, ring: torch.Tensor, index: ExactIndex, window: int
+def _own_entries(key: torch.Tensor, value: torch.Tensor, ring: torch.Tensor) -> torch.Tensor:
+    """The step's own K and V side by side [T, Hk, 2d], rounded to the ring's dtype as the ring
+    holds them, in key's dtype."""
+    return torch.cat([key, value], -1).to(ring.dtype).to(key.dtype)
+
+
+def sequence_exact(
+    key: torch.Tensor, value: torch.Tensor, ring: torch.Tensor, index: ExactIndex, lo: int, hi: int
 ) -> torch.Tensor:
-    """The step's exact timeline [timeline_len + W, Hk, 2d] (K then V, key's dtype; zero past
-    its end): per sequence the ring's tokens of its first segment, then the step's own, rounded
-    to the ring's dtype as the ring holds them (a token reads the same whichever step stored it).
-    key, value [T, Hk, d]; ring [num_rings, Hk, R, 2d]."""
-    n, hk, d = key.shape
-    timeline = torch.zeros(index.timeline_len + window, hk, 2 * d, dtype=key.dtype,
-                           device=key.device)  # fmt: skip
-    if index.ring_entries.numel():
-        timeline[index.ring_entries] = ring[index.ring_blocks, :, index.ring_slots].to(key.dtype)
-    timeline[index.own_entries, :, :d] = key[:n].to(ring.dtype).to(key.dtype)
-    timeline[index.own_entries, :, d:] = value[:n].to(ring.dtype).to(key.dtype)
-    return timeline
+    """One sequence's exact entries [ring_reads + hi - lo, Hk, 2d] (key's dtype) for its rows
+    lo .. hi - 1 of the step: positions s(first row) .. last row, K then V."""
+    first = int(index.segment_starts[lo])
+    slots = (first + torch.arange(int(index.ring_reads[lo]), device=ring.device)) % ring.shape[2]
+    stored = ring[int(index.row_ring[lo]), :, slots].transpose(0, 1).to(key.dtype)
+    return torch.cat([stored, _own_entries(key[lo:hi], value[lo:hi], ring)])
 
 
 def exact_attention(
     query: torch.Tensor,
-    timeline: torch.Tensor,
-    window_start: torch.Tensor,
-    visible: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    ring: torch.Tensor,
+    index: ExactIndex,
     window: int,
     scale: float,
+    rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row over its exact keys: query [T, Hq, d], row r reading the first visible[r] of
-    the W timeline entries from window_start[r] (ExactIndex's fields for these rows). Returns
-    (out [T, Hq, d], lse [T, Hq]) in float32."""
+    """Each row over its exact keys: key, value [T, Hk, d] the step's, ring [num_rings, Hk, R,
+    2d], index the step's (ExactIndex); query [T', Hq, d] the step's rows `rows` (int64 [T'],
+    all where None). Returns (out [T', Hq, d], lse [T', Hq]) in float32."""
     n, hq, d = query.shape
-    hk = timeline.shape[1]
+    hk = key.shape[1]
     device = query.device
     steps = torch.arange(window, device=device)
+    rows = torch.arange(n, device=device) if rows is None else rows
     q = query.float().view(n, hk, 1, hq // hk, d)
+    own = _own_entries(key, value, ring)
     out = torch.empty(n, hk, hq // hk, d, device=device)
     lse = torch.empty(n, hk, hq // hk, device=device)
     # Products and sums, not einsum: a batched matmul's rounding depends on how many rows it
@@ -158,10 +148,19 @@ def exact_attention(
     # at 2,048 rows, W 32).
     for lo in range(0, n, EXACT_ROWS):
         hi = min(lo + EXACT_ROWS, n)
-        kv = timeline[window_start[lo:hi, None] + steps].transpose(1, 2).float()  # [r, Hk, W, 2d]
+        r = rows[lo:hi, None]
+        visible = index.visible[r]
+        # Entry w of a row: ring slot (s(p) + w) mod R below ring_reads, else own row
+        # r - visible + 1 + w (clamped where that row is not read: ring entries, and those
+        # hidden past the row's position).
+        slots = (index.segment_starts[r].long() + steps) % ring.shape[2]
+        stored = ring[index.row_ring[r], :, slots].to(key.dtype)  # [r, W, Hk, 2d]
+        own_rows = (r - visible + 1 + steps).clamp(0, len(key) - 1)
+        from_ring = (steps < index.ring_reads[r])[..., None, None]
+        kv = torch.where(from_ring, stored, own[own_rows]).transpose(1, 2).float()
         kv = kv[:, :, None]  # [r, Hk, 1, W, 2d]
         scores = (q[lo:hi].transpose(2, 3) * kv[..., :d]).sum(-1) * scale  # [r, Hk, G, W]
-        hidden = steps[None, :] >= visible[lo:hi, None]  # past the row's own position
+        hidden = steps[None, :] >= visible  # past the row's own position
         scores = scores.masked_fill(hidden[:, None, None, :], float("-inf"))
         lse[lo:hi] = scores.logsumexp(-1)
         weights = (scores - lse[lo:hi, ..., None]).exp()
@@ -181,25 +180,28 @@ def merge(
 
 def exact_merge_reference(
     query: torch.Tensor,
-    timeline: torch.Tensor,
-    window_start: torch.Tensor,
-    visible: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    ring: torch.Tensor,
+    index: ExactIndex,
     window: int,
     scale: float,
+    rows: torch.Tensor | None,
     compressed: torch.Tensor,
     lse: torch.Tensor,
 ) -> torch.Tensor:
     """Each row's attention over its exact keys (exact_attention's arguments) merged with its
-    compressed part (compressed [T, Hq, d], lse [T, Hq] float32, -inf where it read nothing);
-    [T, Hq, d] in query's dtype. window/exact.cpp is its fused CPU form."""
-    exact, exact_lse = exact_attention(query, timeline, window_start, visible, window, scale)
+    compressed part (compressed [T', Hq, d], lse [T', Hq] float32, -inf where it read nothing);
+    [T', Hq, d] in query's dtype. window/exact.cpp is its fused CPU form."""
+    exact, exact_lse = exact_attention(query, key, value, ring, index, window, scale, rows)
     return merge(compressed, lse, exact, exact_lse).to(query.dtype)
 
 
-def write_ring(
+def write_ring_reference(
     ring: torch.Tensor, key: torch.Tensor, value: torch.Tensor, index: ExactIndex
 ) -> None:
-    """The step's last R tokens per sequence into its ring (after the step has read it)."""
+    """The step's last R tokens per sequence into its ring (after the step has read it),
+    rounded to its dtype; window/exact.cpp's write_ring is its CPU form."""
     d = key.shape[-1]
     ring[index.write_blocks, :, index.write_slots, :d] = key[index.write_tokens].to(ring.dtype)
     ring[index.write_blocks, :, index.write_slots, d:] = value[index.write_tokens].to(ring.dtype)

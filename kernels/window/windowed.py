@@ -16,7 +16,7 @@ import torch
 from tq_vllm.kernels import dispatch
 from tq_vllm.kernels.context.cpu_context import DENSE_ROWS, dense_sequences
 from tq_vllm.kernels.window.dense_window import windowed_prefill
-from tq_vllm.kernels.window.exact import ExactIndex, exact_timeline
+from tq_vllm.kernels.window.exact import ExactIndex, sequence_exact
 from tq_vllm.record.codec import LayerCodec
 
 CHUNK_ROWS = DENSE_ROWS  # rows from which a sequence takes a chunk kernel
@@ -38,40 +38,40 @@ def windowed_attention(
     """query [T, Hq, d] and the step's key, value [T, Hk, d] (already stored as records),
     block_table [B, max_blocks] of the step's sequences, ring [num_rings, Hk, R, 2d] (read,
     not written), index on query's device. Returns [T, Hq, d] in query's dtype."""
-    timeline = exact_timeline(key, value, ring, index, window)
     starts = [0]
     for rows in index.seq_rows:
         starts.append(starts[-1] + rows)
     if not dispatch.cpu_kernel(kv_cache, codec):
-        return _merged(query, kv_cache, block_table, timeline, index, starts, codec, scale,
-                       window, sparse_v)  # fmt: skip
+        return _merged(query, key, value, kv_cache, block_table, ring, index, starts, codec,
+                       scale, window, sparse_v)  # fmt: skip
     out = torch.empty_like(query)
     fused = torch.ones(query.shape[0], dtype=torch.bool, device=query.device)
     for b in dense_sequences(query, codec, list(index.seq_rows)):
         lo, hi = starts[b], starts[b + 1]
         first = index.seq_lens[b] - (hi - lo)  # the chunk's first position
-        begin = int(index.window_start[lo])
-        exact = timeline[begin : begin + first + hi - lo - first // window * window]
+        exact = sequence_exact(key, value, ring, index, lo, hi)
         chunk = windowed_prefill(
             query[lo:hi], exact, kv_cache, block_table[b], first, codec, scale, window
         )
         if chunk is not None:
             out[lo:hi], fused[lo:hi] = chunk, False
     if fused.all():
-        return _merged(query, kv_cache, block_table, timeline, index, starts, codec, scale,
-                       window, sparse_v)  # fmt: skip
+        return _merged(query, key, value, kv_cache, block_table, ring, index, starts, codec,
+                       scale, window, sparse_v)  # fmt: skip
     if fused.any():
         rows = fused.nonzero().flatten()
-        out[rows] = _merged(query, kv_cache, block_table, timeline, index, starts, codec, scale,
-                            window, sparse_v, rows)  # fmt: skip
+        out[rows] = _merged(query, key, value, kv_cache, block_table, ring, index, starts, codec,
+                            scale, window, sparse_v, rows)  # fmt: skip
     return out
 
 
 def _merged(
     query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
     kv_cache: torch.Tensor,
     block_table: torch.Tensor,
-    timeline: torch.Tensor,
+    ring: torch.Tensor,
     index: ExactIndex,
     starts: list[int],
     codec: LayerCodec,
@@ -117,6 +117,4 @@ def _merged(
             compressed = out
         else:
             compressed[left], lse[left] = out.float(), left_lse
-    return dispatch.exact_merge(
-        q, timeline, pick(index.window_start), pick(index.visible), window, scale, compressed, lse
-    )
+    return dispatch.exact_merge(q, key, value, ring, index, window, scale, rows, compressed, lse)

@@ -15,7 +15,7 @@ import torch
 from cases import CPU_TOL, DENSE_TOL, make_cache
 
 from tq_vllm.kernels import cpu_extension, dispatch
-from tq_vllm.kernels.window.exact import exact_index, write_ring
+from tq_vllm.kernels.window.exact import exact_index
 from tq_vllm.kernels.window.reference import exact_window_attention_reference
 from tq_vllm.kernels.window.windowed import windowed_attention
 from tq_vllm.record.codec import LayerCodec
@@ -85,7 +85,7 @@ def test_windowed_attention_matches_reference(
     assert torch.equal(ring.isnan(), before.isnan())  # attention reads the ring only
 
     # Then the step's own last R tokens go in; nothing else moves.
-    write_ring(ring, key, value, index)
+    dispatch.write_ring(ring, key, value, index)
     expected = before.clone()
     for b, (n, q) in enumerate(zip(lens, q_lens)):
         for t in range(max(n - q, n - ring_size), n):
@@ -113,7 +113,7 @@ def test_windowed_attention_is_chunking_invariant(tolerance, ring_dtype):
         out = windowed_attention(
             query[lo:hi], k, v, cache, table, ring, index, codec, 0.125, window
         )
-        write_ring(ring, k, v, index)
+        dispatch.write_ring(ring, k, v, index)
         return out
 
     whole = step(0, 70)

@@ -27,7 +27,6 @@ from vllm.v1.attention.backend import (
 
 from tq_vllm.kernels import cpu_extension, dispatch
 from tq_vllm.kernels.common import TRITON_HEAD_DIMS
-from tq_vllm.kernels.window.exact import write_ring
 from tq_vllm.kernels.window.windowed import windowed_attention
 from tq_vllm.plugin import compat, exact_ring, startup
 from tq_vllm.record.codec import LayerCodec
@@ -295,7 +294,7 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
                 query, key, value, kv_cache, m.block_table, ring, index, codec, self.scale,
                 self.exact_window, self.settings.config.sparse_v,
             )  # fmt: skip
-            write_ring(ring, key, value, index)
+            dispatch.write_ring(ring, key, value, index)
             return output
         if d:
             out[:d] = dispatch.decode_attention(
