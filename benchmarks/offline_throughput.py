@@ -57,11 +57,13 @@ def worker(spec: dict) -> dict:
     return {"tokens": tokens, "seconds": seconds}
 
 
-def measure(spec: dict) -> dict:
+def measure(spec: dict, script: str = __file__, env: dict | None = None) -> dict:
+    """The RESULT line of `script --worker spec`, run in a fresh process (one engine)."""
     proc = subprocess.run(
-        [sys.executable, __file__, "--worker", json.dumps(spec)],
+        [sys.executable, script, "--worker", json.dumps(spec)],
         capture_output=True,
         text=True,
+        env=env,
     )
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
