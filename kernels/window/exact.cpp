@@ -103,6 +103,8 @@ at::Tensor exact_merge(const at::Tensor& query, const at::Tensor& key, const at:
               "the compressed log-sum-exps must be contiguous float32 [T, Hq]");
   TORCH_CHECK(window >= 1, "window must be >= 1");
   const int64_t ring_slots = ring.size(2);
+  TORCH_CHECK(ring_slots >= window, "a ring of ", ring_slots, " slots cannot hold a ", window,
+              "-token window");
   for (int64_t i = 0; i < n; ++i) {
     const int64_t r = pick ? pick[i] : i;
     TORCH_CHECK(r >= 0 && r < steps, "row ", i, " is step row ", r, " of ", steps);
@@ -184,7 +186,7 @@ at::Tensor exact_merge(const at::Tensor& query, const at::Tensor& key, const at:
   return out;
 }
 
-// exact.py's write_ring: token tokens[e] of the step goes to slot slots[e] of ring blocks[e],
+// exact.py's write_ring_reference: token tokens[e] of the step goes to slot slots[e] of ring blocks[e],
 // K then V, rounded to the ring's dtype.
 void write_ring(at::Tensor ring, const at::Tensor& key, const at::Tensor& value,
                 const at::Tensor& tokens, const at::Tensor& blocks, const at::Tensor& slots) {

@@ -32,7 +32,7 @@ class ExactIndex:
     """Where one step's exact keys come from, built once per step (host tensors, shared by
     every layer). Row r (position p) reads visible[r] = p - s(p) + 1 exact entries: the first
     ring_reads[r] from its ring row_ring[r] (positions s(p) .., stored by earlier steps), the
-    rest from the step's own rows r - visible[r] + 1 .. r."""
+    rest from the step's own rows r - visible[r] + 1 + ring_reads[r] .. r."""
 
     row_seq: torch.Tensor  # int64 [T]: each row's sequence
     segment_starts: torch.Tensor  # int32 [T]: s(p) per row, where its exact keys begin

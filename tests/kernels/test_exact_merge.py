@@ -4,9 +4,10 @@ exact.exact_merge_reference, once per C++ build this CPU runs.
 Tolerance: float32 CPU_TOL (atol 1e-5, rtol 1e-4): both sides compute in float32 from the same
 keys, differing in summation order. bf16/fp16 queries and keys: both round the same float32
 result once to the query's dtype, so they may differ by one unit in its last place (atol = rtol
-= 1e-2 for bf16, 2e-3 for fp16). Ring slots that no row may read are NaN, so a read of one
-shows as NaN; the query, key and value are row slices of wider tensors (as vLLM's fused QKV
-projection gives them), so the op's row strides are exercised.
+= 1e-2 for bf16, 2e-3 for fp16). Ring slots that no earlier step wrote are NaN (in the short
+sequences some are), so a read of one shows as NaN; the query, key and value are row slices of
+wider tensors (as vLLM's fused QKV projection gives them), so the op's row strides are
+exercised.
 """
 
 import pytest
@@ -127,6 +128,7 @@ def test_dispatch_takes_the_op_on_the_cpu(monkeypatch):
         ("ring_reads", 5, "5 of them from ring"),
         ("row_ring", 9, "inside the 5 rings"),
         ("rows", 99, "is step row 99 of"),
+        ("ring", 16, "a ring of 16 slots cannot hold a 32-token window"),
     ],
 )
 def test_out_of_range_rows_are_refused(field, value, message):
@@ -135,6 +137,8 @@ def test_out_of_range_rows_are_refused(field, value, message):
     rows = torch.arange(len(query))
     if field == "rows":
         rows[1] = value
+    elif field == "ring":
+        ring = ring[:, :, :value]
     else:
         getattr(index, field)[1] = value
     with pytest.raises(RuntimeError, match=message):
