@@ -28,6 +28,7 @@ import torch
 
 from tq_vllm.quant.centroids import cache_dir
 from tq_vllm.record.codec import LayerCodec
+from tq_vllm.record.layout import RecordLayout
 
 logger = logging.getLogger("tq_vllm")
 HERE = Path(__file__).parent
@@ -170,9 +171,14 @@ def ops() -> Any:
     return load(chosen_variant())
 
 
-def layout_fields(codec: LayerCodec) -> list[int]:
+def layout_fields(codec: LayerCodec) -> tuple[int, ...]:
     """The record layout as the C++ ops take it (records.h's struct Layout)."""
-    return list(codec.layout.kernel_fields())
+    return _kernel_fields(codec.layout)
+
+
+@functools.cache  # asked per layer and step: building the tuple took 6 us
+def _kernel_fields(layout: RecordLayout) -> tuple[int, ...]:
+    return layout.kernel_fields()
 
 
 def key_centroids(codec: LayerCodec) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -1,6 +1,8 @@
 // Fused CPU attention over the TurboQuant paged cache (decode and chunked prefill).
 //
-// Contract: kernels/decode/cpu_decode.py (it rotates queries before and outputs after).
+// Contract: kernels/decode/cpu_decode.py. Given `rotation` R, the op rotates the outputs back
+// (R^T y) and, with rotate_queries, rotates and scales the queries (scale R q) itself: two
+// small matmuls per layer that cost more as separate PyTorch calls than the work they do.
 // One work item is (sequence, query-row tile, KV head, context split). It walks the
 // sequence's records through the block table in tiles of TILE tokens, unpacks the b-bit
 // indices straight from the record bytes (LSB-first, 8 indices of b bits = b bytes, see
@@ -16,7 +18,7 @@ namespace tq {
 namespace {
 
 struct Problem {
-  const float* q;   // [T, Hq, d] rotated, scaled queries
+  const float* q;   // [T, Hq, d] queries: rotated and scaled unless rotate_queries
   const float* qs;  // [T, Hq, d] S q' (prod mode)
   PagedCache cache;
   int64_t hk;
@@ -31,26 +33,50 @@ struct Problem {
   float sparse_v_log;  // log of the sparse-V threshold; -inf: every value tile is read
   int64_t window;      // sliding window: a row at position p sees p - window < t <= p; 0: all
   bool bf16_dots;      // attend_item takes bf16_dots.h's path
+  const float* rotation = nullptr;    // R [d, d]: outputs leave as R^T y; nullptr: as y
+  const float* rotation_t = nullptr;  // R^T [d, d] where the op rotates the queries
+  float scale = 1.f;                  // the queries' scale where the op rotates them
 };
+
+// y = scale * M^T x for M [d, d] row-major: a sum of M's rows, so the inner loop runs over
+// contiguous floats and vectorizes (a dot per output would be a float reduction, which -O3
+// leaves scalar). R q is combine_rows(R^T, q); R^T y is combine_rows(R, y).
+inline void combine_rows(const float* __restrict__ M, const float* __restrict__ x, int d,
+                         float scale, float* __restrict__ y) {
+  for (int i = 0; i < d; ++i) y[i] = 0.f;
+  for (int j = 0; j < d; ++j) {
+    const float a = scale * x[j];
+    const float* __restrict__ row = M + static_cast<size_t>(j) * d;
+    for (int i = 0; i < d; ++i) y[i] += a * row[i];
+  }
+}
 
 
 // One (sequence, rows [row0, row0 + rows), KV head) over tokens [t0, t1). Row r of the item
 // is query row row0 + r / g, head h * g + r % g, and sees tokens lim0 + r / g - window < t <=
 // lim0 + r / g (window 0: no lower bound). t0 must not precede the first row's window: tokens
 // before it may sit in blocks vLLM has freed.
-// Writes acc[r] / l[r] to out (row stride out_stride) and log(l[r]) + m[r] to lse if given.
+// Writes acc[r] / l[r] to out (row stride out_stride; rotated back by P.rotation if `final`,
+// else left in the rotated domain for the split merge) and log(l[r]) + m[r] to lse if given.
 template <class Dots>
 void attend_item(const Problem& P, int64_t b, int64_t row0, int rows, int64_t lim0, int64_t h,
-                 int64_t t0, int64_t t1, float* out, int64_t out_stride, float* lse) {
+                 int64_t t0, int64_t t1, float* out, int64_t out_stride, float* lse,
+                 bool final) {
   const int d = P.d, g = P.g, R = rows * g;
   const Layout& L = P.lay;
   Dots dots(L, d, P.kc, P.vc, P.outliers, R);
   std::vector<float> QS(L.prod ? static_cast<size_t>(R) * d : 0);
   std::vector<float> acc(static_cast<size_t>(R) * d, 0.f), m(R, NEG_INF), l(R, 0.f);
   std::vector<int64_t> lim(R), lo(R);
+  std::vector<float> row(d);  // a rotated query, then an output before its rotation back
   for (int r = 0; r < R; ++r) {
     const int64_t src = ((row0 + r / g) * P.hq + h * g + r % g) * d;
-    dots.set_query(r, P.q + src);
+    if (P.rotation_t) {
+      combine_rows(P.rotation_t, P.q + src, d, P.scale, row.data());
+      dots.set_query(r, row.data());
+    } else {
+      dots.set_query(r, P.q + src);
+    }
     if (L.prod) std::memcpy(&QS[static_cast<size_t>(r) * d], P.qs + src, sizeof(float) * d);
     lim[r] = lim0 + r / g;
     lo[r] = P.window ? lim[r] - P.window + 1 : 0;
@@ -147,17 +173,21 @@ void attend_item(const Problem& P, int64_t b, int64_t row0, int rows, int64_t li
     float* o = out + (r / g) * out_stride + (r % g) * d;
     const float* ar = &acc[static_cast<size_t>(r) * d];
     const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;  // no tokens (an empty split): 0
-    for (int j = 0; j < d; ++j) o[Dots::dim(j)] = ar[j] * inv;
+    const bool back = final && P.rotation;
+    float* y = back ? row.data() : o;
+    for (int j = 0; j < d; ++j) y[Dots::dim(j)] = ar[j] * inv;
+    if (back) combine_rows(P.rotation, y, d, 1.f, o);
     if (lse) lse[r] = l[r] > 0.f ? m[r] + std::log(l[r]) : NEG_INF;
   }
 }
 
 void attend(const Problem& P, int64_t b, int64_t row0, int rows, int64_t lim0, int64_t h,
-            int64_t t0, int64_t t1, float* out, int64_t out_stride, float* lse) {
+            int64_t t0, int64_t t1, float* out, int64_t out_stride, float* lse, bool final) {
 #ifdef TQ_BF16_DOTS
-  if (P.bf16_dots) return attend_item<Bf16Dots>(P, b, row0, rows, lim0, h, t0, t1, out, out_stride, lse);
+  if (P.bf16_dots)
+    return attend_item<Bf16Dots>(P, b, row0, rows, lim0, h, t0, t1, out, out_stride, lse, final);
 #endif
-  attend_item<FloatDots>(P, b, row0, rows, lim0, h, t0, t1, out, out_stride, lse);
+  attend_item<FloatDots>(P, b, row0, rows, lim0, h, t0, t1, out, out_stride, lse, final);
 }
 
 // A bijection of [0, n): 0, n-1, 1, n-2, ... Row tiles later in a chunk see more (causal)
@@ -179,7 +209,8 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor
                      int64_t rows_per_tile, int64_t num_splits,
                      const std::optional<at::Tensor>& outlier_centroids, double sparse_v,
                      int64_t sliding_window, const std::optional<at::Tensor>& lse_out,
-                     bool bf16_dots) {
+                     bool bf16_dots, const std::optional<at::Tensor>& rotation,
+                     bool rotate_queries, double scale) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(),
               "q must be a contiguous float32 [T, Hq, d] tensor");
   TORCH_CHECK(block_table.dim() == 2 && block_table.scalar_type() == at::kInt &&
@@ -227,6 +258,23 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor
 #else
   P.bf16_dots = false;
 #endif
+  std::vector<float> rotation_t;
+  if (rotation) {
+    TORCH_CHECK(rotation->scalar_type() == at::kFloat && rotation->is_contiguous() &&
+                    rotation->dim() == 2 && rotation->size(0) == P.d && rotation->size(1) == P.d,
+                "rotation must be a contiguous float32 [d, d] tensor");
+    P.rotation = rotation->data_ptr<float>();
+    if (rotate_queries) {
+      TORCH_CHECK(!P.lay.prod, "prod mode takes rotated queries (its qs are S R q)");
+      rotation_t.resize(static_cast<size_t>(P.d) * P.d);
+      for (int i = 0; i < P.d; ++i)
+        for (int j = 0; j < P.d; ++j) rotation_t[j * P.d + i] = P.rotation[i * P.d + j];
+      P.rotation_t = rotation_t.data();
+      P.scale = static_cast<float>(scale);
+    }
+  } else {
+    TORCH_CHECK(!rotate_queries, "rotate_queries needs the rotation");
+  }
   // lse_out: each row's natural-log sum of exp(scores) ([T, Hq] float32; -inf where a row
   // read no token), so that attention over another set of tokens can be merged with ours.
   float* lse_rows = nullptr;
@@ -276,7 +324,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor
         const RowTile& tile = tiles[i / P.hk];
         const int64_t h = i % P.hk;
         attend(P, tile.b, tile.row0, tile.rows, tile.lim0, h, tile.begin, tile.end,
-                    o + (tile.row0 * hq + h * g) * d, hq * d, nullptr);
+               o + (tile.row0 * hq + h * g) * d, hq * d, nullptr, true);
       }
     });
     return out;
@@ -294,10 +342,11 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor
       const int64_t t0 = std::min(tile.begin + split * per, tile.end);
       const int64_t t1 = std::min(t0 + per, tile.end);
       attend(P, tile.b, tile.row0, tile.rows, tile.lim0, unit % P.hk, t0, t1,
-                  &part[i * unit_rows * d], g * d, &lse[i * unit_rows]);
+             &part[i * unit_rows * d], g * d, &lse[i * unit_rows], false);
     }
   });
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> merged(d);
     for (int64_t unit = begin; unit < end; ++unit) {
       const RowTile& tile = tiles[unit / P.hk];
       const int64_t h = unit % P.hk;
@@ -306,7 +355,9 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor
         for (int64_t s = 0; s < ns; ++s) top = std::max(top, lse[(unit * ns + s) * unit_rows + r]);
         const int64_t out_row = (tile.row0 + r / g) * hq + h * g + r % g;
         float* dst = o + out_row * d;
+        float* sum = P.rotation ? merged.data() : dst;  // rotated back into dst at the end
         std::fill(dst, dst + d, 0.f);
+        std::fill(sum, sum + d, 0.f);
         if (lse_rows) lse_rows[out_row] = NEG_INF;
         if (top == NEG_INF) continue;  // no tokens at all
         float total = 0.f;
@@ -315,9 +366,10 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor
           const float w = std::exp(lse[item * unit_rows + r] - top);
           total += w;
           const float* src = &part[(item * unit_rows + r) * d];
-          for (int64_t j = 0; j < d; ++j) dst[j] += w * src[j];
+          for (int64_t j = 0; j < d; ++j) sum[j] += w * src[j];
         }
-        for (int64_t j = 0; j < d; ++j) dst[j] /= total;
+        for (int64_t j = 0; j < d; ++j) sum[j] /= total;
+        if (P.rotation) combine_rows(P.rotation, sum, static_cast<int>(d), 1.f, dst);
         if (lse_rows) lse_rows[out_row] = top + std::log(total);
       }
     }
@@ -335,7 +387,8 @@ TORCH_LIBRARY_FRAGMENT(TQ_OPS, m) {
       "Tensor query_start_loc, Tensor seq_lens, Tensor key_centroids, Tensor value_centroids, "
       "int[] layout, float qjl_coef, int rows_per_tile, int num_splits, "
       "Tensor? outlier_centroids=None, float sparse_v=0.0, int sliding_window=0, "
-      "Tensor(a!)? lse_out=None, bool bf16_dots=False) -> Tensor");
+      "Tensor(a!)? lse_out=None, bool bf16_dots=False, Tensor? rotation=None, "
+      "bool rotate_queries=False, float scale=1.0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(TQ_OPS, CPU, m) { m.impl("attention", &tq::attention); }

@@ -2,8 +2,9 @@
 reference.decode_attention_reference, and the runner the context path's short chunks share.
 
 The kernel works in the rotated domain like the Triton kernels: queries are rotated (and
-scaled) here, the C++ code scores packed keys straight from the records and sums centroid
-values under an online softmax, and the output is rotated back here. bf16 queries on builds
+scaled), the C++ code scores packed keys straight from the records and sums centroid values
+under an online softmax, and the output is rotated back, all inside the op for plain mse keys
+(run_attention says which queries arrive rotated). bf16 queries on builds
 with AVX512-BF16 take bf16 dots (kernels/decode/bf16_dots.h: the query, centroids and weights
 rounded to bf16, sums in float32, about 1.6x faster per token) when TQ_VLLM_BF16_DOTS=1;
 other queries, and every query without it, float32 ones. Opt-in because the rounding is not yet
@@ -67,7 +68,13 @@ def run_attention(
     lse_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     layout = codec.layout
-    q = (codec.rotate_queries(query) * scale).contiguous()
+    # The op rotates plain mse queries itself; split keys have their own rotations per head and
+    # prod keys need S R q as well, so theirs arrive rotated. Every output is rotated back there.
+    in_op = not layout.prod and not layout.split_keys
+    if in_op:
+        q = query.float().contiguous()
+    else:
+        q = (codec.rotate_queries(query) * scale).contiguous()
     qs = (q @ codec.key.qjl.T).contiguous() if layout.prod else q
     regular, outlier = key_centroids(codec)
     out = ops().attention(
@@ -88,8 +95,11 @@ def run_attention(
         sliding_window or 0,
         lse_out,
         BF16_DOTS and query.dtype == torch.bfloat16,  # where the build has them (bf16_dots.h)
+        codec.rotation,
+        in_op,
+        scale,
     )
-    return codec.unrotate(out).to(query.dtype)
+    return out.to(query.dtype)
 
 
 def decode_attention(

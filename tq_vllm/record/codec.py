@@ -61,7 +61,8 @@ class LayerCodec:
                 layout.head_dim, layout.value_bits, "mse", seed, device, gain=SERVED_GAIN
             )
         # R, float32 [d, d]: the values' rotation, and the keys' unless they are split.
-        self.rotation = rotation_matrix(layout.head_dim, seed, device)
+        # Contiguous: the C++ attention takes it as is (QR leaves some sizes transposed).
+        self.rotation = rotation_matrix(layout.head_dim, seed, device).contiguous()
 
     def encode(self, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         """key, value [..., Hk, d] -> records uint8 [..., Hk, record_bytes]. No input checks."""
