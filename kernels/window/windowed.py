@@ -10,6 +10,7 @@ reference.exact_window_attention_reference."""
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import torch
 
@@ -44,9 +45,13 @@ def windowed_attention(
     if not dispatch.cpu_kernel(kv_cache, codec):
         return _merged(query, key, value, kv_cache, block_table, ring, index, starts, codec,
                        scale, window, sparse_v)  # fmt: skip
+    dense = dense_sequences(query, codec, list(index.seq_rows))
+    if not dense:  # a decode step: every row fused
+        return _merged(query, key, value, kv_cache, block_table, ring, index, starts, codec,
+                       scale, window, sparse_v)  # fmt: skip
     out = torch.empty_like(query)
     fused = torch.ones(query.shape[0], dtype=torch.bool, device=query.device)
-    for b in dense_sequences(query, codec, list(index.seq_rows)):
+    for b in dense:
         lo, hi = starts[b], starts[b + 1]
         first = index.seq_lens[b] - (hi - lo)  # the chunk's first position
         exact = sequence_exact(key, value, ring, index, lo, hi)
@@ -85,36 +90,52 @@ def _merged(
     pick = (lambda t: t) if rows is None else (lambda t: t[rows])
     q = pick(query)
     n, hq, d = q.shape
-    compressed = torch.empty(n, hq, d, device=q.device)
     lse = torch.empty(n, hq, device=q.device)
-    decode = torch.ones(n, dtype=torch.bool, device=q.device)
     chunks = [b for b, count in enumerate(index.seq_rows) if count >= CHUNK_ROWS]
-    if rows is None and chunks and dispatch.uses_triton(kv_cache):
-        # The chunks' compressed part in the context kernel.
-        picked = torch.cat([torch.arange(starts[b], starts[b + 1]) for b in chunks])
-        picked = picked.to(q.device)
-        counts = [index.seq_rows[b] for b in chunks]
-        qsl = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int32, device=q.device)
-        lens = torch.tensor([index.seq_lens[b] for b in chunks], dtype=torch.int32, device=q.device)
-        chunk_lse = torch.empty(len(picked), hq, device=q.device)
-        compressed[picked] = dispatch.windowed_context_attention(
-            q[picked].float(), kv_cache, block_table[chunks], qsl, lens, codec, scale, window,
-            max(counts), sparse_v, chunk_lse,
-        )  # fmt: skip
-        lse[picked], decode[picked] = chunk_lse, False
+    if not (rows is None and chunks and dispatch.uses_triton(kv_cache)):  # all decode rows
+        compressed = _decode_rows(query, kv_cache, block_table, index, codec, scale, sparse_v,
+                                  pick, lse)  # fmt: skip
+        return dispatch.exact_merge(q, key, value, ring, index, window, scale, rows, compressed,
+                                    lse)  # fmt: skip
+    # Triton: the chunks' compressed part in the context kernel, the other rows as decode rows.
+    picked = torch.cat([torch.arange(starts[b], starts[b + 1]) for b in chunks]).to(q.device)
+    counts = [index.seq_rows[b] for b in chunks]
+    qsl = torch.tensor([0, *itertools.accumulate(counts)], dtype=torch.int32, device=q.device)
+    lens = torch.tensor([index.seq_lens[b] for b in chunks], dtype=torch.int32, device=q.device)
+    compressed = torch.empty(n, hq, d, device=q.device)
+    chunk_lse = torch.empty(len(picked), hq, device=q.device)
+    compressed[picked] = dispatch.windowed_context_attention(
+        q[picked].float(), kv_cache, block_table[chunks], qsl, lens, codec, scale, window,
+        max(counts), sparse_v, chunk_lse,
+    )  # fmt: skip
+    lse[picked] = chunk_lse
+    decode = torch.ones(n, dtype=torch.bool, device=q.device)
+    decode[picked] = False
     if decode.any():
-        left = None if decode.all() else decode.nonzero().flatten()
-        part = pick if left is None else (lambda t: pick(t)[left])
-        n_left = n if left is None else len(left)
-        left_lse = lse if left is None else torch.empty(n_left, hq, device=q.device)
-        # On the CPU a bf16 query takes the C++ op's bf16 dots; Triton gets float32 rows.
-        q_left = part(query) if query.device.type == "cpu" else part(query).float()
-        out = dispatch.decode_attention(
-            q_left, kv_cache, block_table[part(index.row_seq)], part(index.segment_starts),
-            codec, scale, index.longest_segment_start, sparse_v, lse_out=left_lse,
-        )  # fmt: skip
-        if left is None:
-            compressed = out
-        else:
-            compressed[left], lse[left] = out.float(), left_lse
+        left = decode.nonzero().flatten()
+        left_lse = torch.empty(len(left), hq, device=q.device)
+        out = _decode_rows(query, kv_cache, block_table, index, codec, scale, sparse_v,
+                           lambda t: t[left], left_lse)  # fmt: skip
+        compressed[left], lse[left] = out.float(), left_lse
     return dispatch.exact_merge(q, key, value, ring, index, window, scale, rows, compressed, lse)
+
+
+def _decode_rows(
+    query: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    index: ExactIndex,
+    codec: LayerCodec,
+    scale: float,
+    sparse_v: float,
+    part: Callable[[torch.Tensor], torch.Tensor],
+    lse: torch.Tensor,
+) -> torch.Tensor:
+    """The rows `part` picks (of the step's rows) over their compressed positions as decode
+    rows of length s(p); lse gets their log-sum-exps."""
+    # On the CPU a bf16 query takes the C++ op's bf16 dots; Triton gets float32 rows.
+    q = part(query) if query.device.type == "cpu" else part(query).float()
+    return dispatch.decode_attention(
+        q, kv_cache, block_table[part(index.row_seq)], part(index.segment_starts), codec, scale,
+        index.longest_segment_start, sparse_v, lse_out=lse,
+    )  # fmt: skip
