@@ -265,7 +265,9 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor
                 "rotation must be a contiguous float32 [d, d] tensor");
     P.rotation = rotation->data_ptr<float>();
     if (rotate_queries) {
-      TORCH_CHECK(!P.lay.prod, "prod mode takes rotated queries (its qs are S R q)");
+      TORCH_CHECK(!P.lay.prod && P.outliers.count == 0,
+                  "prod keys (their qs are S R q) and split keys (a rotation per head) take "
+                  "rotated queries");
       rotation_t.resize(static_cast<size_t>(P.d) * P.d);
       for (int i = 0; i < P.d; ++i)
         for (int j = 0; j < P.d; ++j) rotation_t[j * P.d + i] = P.rotation[i * P.d + j];

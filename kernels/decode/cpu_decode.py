@@ -3,13 +3,14 @@ reference.decode_attention_reference, and the runner the context path's short ch
 
 The kernel works in the rotated domain like the Triton kernels: queries are rotated (and
 scaled), the C++ code scores packed keys straight from the records and sums centroid values
-under an online softmax, and the output is rotated back, all inside the op for plain mse keys
-(run_attention says which queries arrive rotated). bf16 queries on builds
-with AVX512-BF16 take bf16 dots (kernels/decode/bf16_dots.h: the query, centroids and weights
-rounded to bf16, sums in float32, about 1.6x faster per token) when TQ_VLLM_BF16_DOTS=1;
-other queries, and every query without it, float32 ones. Opt-in because the rounding is not yet
-characterized: on a 15-token prompt its prompt logprobs were 0.36 nats from the reference's at
-most (0.09 on average), against 0.13 / 0.03 for the float32 dots.
+under an online softmax, and the output is rotated back. The op rotates every output back, and
+the queries too for plain mse keys; split and prod keys' queries arrive rotated (run_attention).
+bf16 queries on builds with AVX512-BF16 take bf16 dots (kernels/decode/bf16_dots.h: the
+query, centroids and weights rounded to bf16, sums in float32, about 1.6x faster per token)
+when TQ_VLLM_BF16_DOTS=1; other queries, and every query without it, float32 ones. Opt-in
+because the rounding is not yet characterized: on a 15-token prompt its prompt logprobs were
+0.36 nats from the reference's at most (0.09 on average), against 0.13 / 0.03 for the float32
+dots.
 Threads: ATen's intra-op pool (torch.get_num_threads(), which vLLM sets).
 """
 
