@@ -274,7 +274,8 @@ inline float softmax_weights(const float* s, const float* vnorm, float m, int n,
 }
 
 // For the rows r < rows (at most ROW_BLOCK): acc[r][:d] = alpha[r] * acc[r] +
-// sum_u w[r][u] * v[u, :d] over n rows v of d floats. Rows share each loaded v.
+// sum_u w[r][u] * v[u, :d] over n rows v of d floats, n even (the AVX2 path takes tokens in
+// pairs; a caller with an odd count adds a row of weight 0). Rows share each loaded v.
 constexpr int ROW_BLOCK = 4;
 #ifdef TQ_AVX512
 // accumulate over the 64 columns [j0, j0 + 64) for a row count known at compile time: the
@@ -308,8 +309,10 @@ inline void accumulate_columns(float* const* acc, const float* alpha, const floa
 #endif
 
 #ifdef TQ_AVX2
-// The AVX-512 accumulate_columns over 16 columns [j0, j0 + 16): ROWS x 2 partial sums, the
-// two loaded vectors and a broadcast fit AVX2's 16 registers.
+// The AVX-512 accumulate_columns over 16 columns [j0, j0 + 16), two tokens a step (n even):
+// their weighted rows are summed first (mul, fma) and then added to the ROWS x 2 partial sums,
+// so each sum waits on one add per two tokens, not on an FMA per token (the FMA's latency
+// bound that loop on Zen 3: 4 cycles a token where its two FMA pipes need 3).
 template <int ROWS>
 inline void accumulate_columns(float* const* acc, const float* alpha, const float* const* w,
                                const float* v, int n, int d, int j0) {
@@ -319,14 +322,15 @@ inline void accumulate_columns(float* const* acc, const float* alpha, const floa
 #pragma GCC unroll 2
     for (int k = 0; k < 2; ++k)
       a[r][k] = _mm256_mul_ps(_mm256_loadu_ps(acc[r] + j0 + 8 * k), _mm256_set1_ps(alpha[r]));
-  for (int u = 0; u < n; ++u) {
+  for (int u = 0; u < n; u += 2) {
     const float* vu = v + static_cast<size_t>(u) * d + j0;
     const __m256 x0 = _mm256_loadu_ps(vu), x1 = _mm256_loadu_ps(vu + 8);
+    const __m256 y0 = _mm256_loadu_ps(vu + d), y1 = _mm256_loadu_ps(vu + d + 8);
 #pragma GCC unroll 8
     for (int r = 0; r < ROWS; ++r) {
-      const __m256 wr = _mm256_set1_ps(w[r][u]);
-      a[r][0] = _mm256_fmadd_ps(wr, x0, a[r][0]);
-      a[r][1] = _mm256_fmadd_ps(wr, x1, a[r][1]);
+      const __m256 wx = _mm256_set1_ps(w[r][u]), wy = _mm256_set1_ps(w[r][u + 1]);
+      a[r][0] = _mm256_add_ps(a[r][0], _mm256_fmadd_ps(wy, y0, _mm256_mul_ps(wx, x0)));
+      a[r][1] = _mm256_add_ps(a[r][1], _mm256_fmadd_ps(wy, y1, _mm256_mul_ps(wx, x1)));
     }
   }
 #pragma GCC unroll 8

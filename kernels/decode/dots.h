@@ -42,8 +42,10 @@ class FloatDots {
   void decode_values(const uint8_t** recs, int value_indices, int n) {
     value_.rows(recs, value_indices, n, d_, values_.data());
   }
+  // An odd n adds the tile's next row with its weight 0 (attend_item zeroes a tile's weights
+  // past the visible tokens; the buffer holds whole tiles of finite centroids).
   void accumulate(float* const* acc, const float* alpha, const float* const* w, int rows, int n) {
-    tq::accumulate(acc, alpha, w, rows, values_.data(), n, d_);
+    tq::accumulate(acc, alpha, w, rows, values_.data(), n + n % 2, d_);
   }
 
  private:

@@ -22,6 +22,7 @@ from tq_vllm.kernels.decode import cpu_decode
 from tq_vllm.kernels.decode.reference import decode_attention_reference
 from tq_vllm.record.codec import LayerCodec
 from tq_vllm.record.layout import RecordLayout
+from tq_vllm.record.packing import chunk_table
 
 pytestmark = pytest.mark.usefixtures("cpu_isa")  # every test, once per runnable C++ build
 
@@ -132,23 +133,47 @@ def test_context_long_chunk_and_splits():
 # significand), 4e-3 for fp16.
 
 
+def cpp_dequantize(codec, cache, block_row, length, dtype, value_centroids=None):
+    """The C++ dequantize of one sequence's first `length` tokens: (keys, values) rotated."""
+    if value_centroids is None:
+        value_centroids = codec.value.centroids.float()
+    return cpu_extension.ops().dequantize(
+        cache,
+        block_row,
+        length,
+        codec.key.centroids.float(),
+        value_centroids,
+        cpu_extension.layout_fields(codec),
+        codec.layout.head_dim,
+        dtype,
+    )
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("d", [64, 128, 40])
 def test_dequantize_matches_reference_values(d, dtype):
     codec, cache, table, _ = setup(d, 5, "mse", 3, 16, 3, [50])
-    got_k, got_v = cpu_extension.ops().dequantize(
-        cache,
-        table[0],
-        50,
-        codec.key.centroids.float(),
-        codec.value.centroids.float(),
-        cpu_extension.layout_fields(codec),
-        d,
-        dtype,
-    )
+    got_k, got_v = cpp_dequantize(codec, cache, table[0], 50, dtype)
     ref_k, ref_v = gather_context(cache, table[0], 50, codec)
     assert got_k.dtype == dtype and torch.equal(got_k, ref_k.to(dtype))
     assert torch.equal(got_v, ref_v.to(dtype))
+
+
+@pytest.mark.parametrize("codebook", ["served", "asymmetric"])
+@pytest.mark.parametrize("bits", [5, 6])
+@pytest.mark.parametrize("d", [64, 48])
+def test_dequantize_5_6_bits_any_codebook(d, bits, codebook):
+    """The C++ lookups fold a symmetric codebook (c[2^b - 1 - i] = -c[i], as Lloyd-Max's
+    are) to its lower half at 5-6 bits; any other codebook must take the whole table. Head
+    dim 64 decodes by byte planes on AVX2, 48 by the vpermps blend tree; exact either way."""
+    codec, cache, table, _ = setup(d, bits, "mse", bits, 16, 3, [50])
+    if codebook == "asymmetric":
+        for part in (codec.key, codec.value):  # the reference decodes by its chunk table
+            part.centroids = part.centroids + 1e-3 * torch.arange(len(part.centroids))
+            part._chunk_table = chunk_table(part.centroids, bits)
+    got_k, got_v = cpp_dequantize(codec, cache, table[0], 50, torch.float32)
+    ref_k, ref_v = gather_context(cache, table[0], 50, codec)
+    assert torch.equal(got_k, ref_k) and torch.equal(got_v, ref_v)
 
 
 # d, key bits, value bits, block size, hq, hk
@@ -210,15 +235,8 @@ def test_uniform_values_context_matches_reference(dtype):
     codec = LayerCodec(layout, seed=1)
     lens = [60, 30, 7]
     cache, table, _, _ = make_cache(codec, lens, 16, 3, seed=2)
-    got_k, got_v = cpu_extension.ops().dequantize(
-        cache,
-        table[0],
-        60,
-        codec.key.centroids.float(),
-        torch.arange(8, dtype=torch.float32),
-        cpu_extension.layout_fields(codec),
-        64,
-        torch.float32,
+    got_k, got_v = cpp_dequantize(
+        codec, cache, table[0], 60, torch.float32, torch.arange(8, dtype=torch.float32)
     )
     ref_k, ref_v = gather_context(cache, table[0], 60, codec)  # values rotated
     assert torch.equal(got_k, ref_k)
