@@ -134,7 +134,7 @@ def test_context_long_chunk_and_splits():
 
 
 def cpp_dequantize(codec, cache, block_row, length, dtype, value_centroids=None):
-    """The C++ dequantize of one sequence's first `length` tokens: (keys, values) rotated."""
+    """The C++ dequantize of one sequence's first `length` tokens, as the records hold them."""
     if value_centroids is None:
         value_centroids = codec.value.centroids.float()
     return cpu_extension.ops().dequantize(
