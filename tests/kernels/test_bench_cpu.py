@@ -16,8 +16,10 @@ def test_bench_cpu_tiny(capsys):
     out = capsys.readouterr().out
     assert "C++ ops:" in out and "model dtype: float32" in out
     rows = [line.split() for line in out.splitlines() if line.startswith("float32")]
-    # A baseline row and 3 configs for decode; a baseline and 3 x (store, attention, total).
-    assert len(rows) == 1 + 3 + 1 + 9
+    # A baseline row and a row per config for decode; a baseline and 3 per config for prefill
+    # (store, attention, total).
+    configs = len(bench.CONFIGS)
+    assert configs == 4 and len(rows) == 1 + configs + 1 + 3 * configs
     ratios = [float(row[-1]) for row in rows]
     assert all(r > 0 for r in ratios) and ratios[0] == 1.0
     assert "TQ_VLLM_CPU_ISA" not in os.environ  # the build choice is left as it was
