@@ -366,6 +366,12 @@ class RowDecoder {
         }
         TORCH_CHECK(out[0] == out[1] && out[0] == out[2],
                     "the AVX2 permute, gather and byte-plane lookups disagree at ", bits, " bits");
+        // The unfolded lookups (any other codebook) must agree too; not timed.
+        table[0] -= 0.005f;
+        for (int m = 0; m < 3; ++m) RowDecoder(table, bits, D, modes[m]).rows(
+            recs.data(), 0, ROWS, D, out[m].data());
+        TORCH_CHECK(out[0] == out[1] && out[0] == out[2], "the AVX2 lookups of an asymmetric ",
+                    "codebook disagree at ", bits, " bits");
       }
       return fastest;
     }();

@@ -274,8 +274,9 @@ inline float softmax_weights(const float* s, const float* vnorm, float m, int n,
 }
 
 // For the rows r < rows (at most ROW_BLOCK): acc[r][:d] = alpha[r] * acc[r] +
-// sum_u w[r][u] * v[u, :d] over n rows v of d floats, n even (the AVX2 path takes tokens in
-// pairs; a caller with an odd count adds a row of weight 0). Rows share each loaded v.
+// sum_u w[r][u] * v[u, :d] over n rows v of d floats, n even on every build (the AVX2 path
+// takes tokens in pairs; a caller with an odd count adds a row of weight 0). Rows share each
+// loaded v.
 constexpr int ROW_BLOCK = 4;
 #ifdef TQ_AVX512
 // accumulate over the 64 columns [j0, j0 + 64) for a row count known at compile time: the
@@ -309,10 +310,11 @@ inline void accumulate_columns(float* const* acc, const float* alpha, const floa
 #endif
 
 #ifdef TQ_AVX2
-// The AVX-512 accumulate_columns over 16 columns [j0, j0 + 16), two tokens a step (n even):
-// their weighted rows are summed first (mul, fma) and then added to the ROWS x 2 partial sums,
-// so each sum waits on one add per two tokens, not on an FMA per token (the FMA's latency
-// bound that loop on Zen 3: 4 cycles a token where its two FMA pipes need 3).
+// The AVX2 counterpart of accumulate_columns over 16 columns [j0, j0 + 16), two tokens a step
+// (n even): their weighted rows are summed first (mul, fma) and then added to the ROWS x 2
+// partial sums, so each sum waits on one add per two tokens, not on an FMA per token. For 3
+// rows (the embedded model's GQA group) the FMA's latency bound that loop on Zen 3: 4 cycles a
+// token where its two FMA pipes need 3.
 template <int ROWS>
 inline void accumulate_columns(float* const* acc, const float* alpha, const float* const* w,
                                const float* v, int n, int d, int j0) {

@@ -44,6 +44,7 @@ class FloatDots {
   }
   // An odd n adds the tile's next row with its weight 0 (attend_item zeroes a tile's weights
   // past the visible tokens; the buffer holds whole tiles of finite centroids).
+  static_assert(TILE % 2 == 0, "an odd count's extra row must lie inside the tile");
   void accumulate(float* const* acc, const float* alpha, const float* const* w, int rows, int n) {
     tq::accumulate(acc, alpha, w, rows, values_.data(), n + n % 2, d_);
   }
