@@ -175,7 +175,7 @@ void attend_item(const Problem& P, int64_t b, int64_t row0, int rows, int64_t li
     const float inv = l[r] > 0.f ? 1.f / l[r] : 0.f;  // no tokens (an empty split): 0
     const bool back = final && P.rotation;
     float* y = back ? row.data() : o;
-    for (int j = 0; j < d; ++j) y[Dots::dim(j)] = ar[j] * inv;
+    for (int j = 0; j < d; ++j) y[dots.dim(j)] = ar[j] * inv;
     if (back) combine_rows(P.rotation, y, d, 1.f, o);
     if (lse) lse[r] = l[r] > 0.f ? m[r] + std::log(l[r]) : NEG_INF;
   }

@@ -19,13 +19,22 @@ class FloatDots {
  public:
   FloatDots(const Layout& L, int d, const float* kc, const float* vc, const OutlierPart& O,
             int R)
-      : d_(d), regular_(d - O.count), outliers_(O), value_(vc, L.value_bits, d),
+      : d_(d), regular_(d - O.count), outliers_(O),
+        value_(vc, L.value_bits, d, RowDecoder::kChosen, true),
         q_(static_cast<size_t>(R) * d), keys_(L.key_bits ? TILE * d : 0), values_(TILE * d) {
-    if (L.key_bits) key_.emplace(kc, L.key_bits, regular_);
-    if (outliers_.count) outlier_.emplace(outliers_.centroids, outliers_.bits, outliers_.count);
+    if (L.key_bits) key_.emplace(kc, L.key_bits, regular_, RowDecoder::kChosen, true);
+    if (outliers_.count)
+      outlier_.emplace(outliers_.centroids, outliers_.bits, outliers_.count, RowDecoder::kChosen,
+                       true);
   }
-  static int dim(int j) { return j; }
-  void set_query(int r, const float* q) { std::memcpy(&q_[size_t(r) * d_], q, sizeof(float) * d_); }
+  // The decoders may leave a row's values in their own order (RowDecoder::position): queries
+  // are stored in the keys' order, and value sums come out in the values'.
+  int dim(int j) const { return value_.position(j); }
+  void set_query(int r, const float* q) {
+    float* row = &q_[size_t(r) * d_];
+    for (int j = 0; j < regular_ && key_; ++j) row[j] = q[key_->position(j)];
+    for (int j = 0; j < outliers_.count; ++j) row[regular_ + j] = q[regular_ + outlier_->position(j)];
+  }
   void decode_keys(const uint8_t* const* recs, int key_indices, int n, float* knorm) {
     key_->rows(recs, key_indices, n, d_, keys_.data());
     if (!outliers_.count) return;

@@ -7,7 +7,7 @@ from scipy.integrate import quad
 from scipy.special import gammaln
 
 from tq_vllm import codebook
-from tq_vllm.quant.centroids import lloyd_max, unit_mse
+from tq_vllm.quant.centroids import BF16_BITS, lloyd_max, unit_mse
 
 # Lloyd-Max on the exact Beta density, solved independently with scipy:
 # (d, bits) -> (largest centroid, unit-vector MSE)
@@ -33,8 +33,9 @@ def test_reference_numbers(d, bits):
     assert torch.all(c[1:] > c[:-1])
     # The 4-bit centroids of the table are ~0.8% above the converged fixed point, which
     # test_fixed_point_by_quadrature confirms independently; 1-3 bits match to 1e-4.
-    assert c[-1].item() == pytest.approx(top, rel=1e-3 if bits < 4 else 1e-2)
-    got = unit_mse(d, lloyd_max(d, bits))
+    solved = lloyd_max(d, bits)
+    assert solved[-1] == pytest.approx(top, rel=1e-3 if bits < 4 else 1e-2)
+    got = unit_mse(d, solved)
     assert got == pytest.approx(mse, rel=0.01)
     assert got <= paper_bound(bits)
 
@@ -65,6 +66,18 @@ def test_fixed_point_by_quadrature(d, bits):
         assert first / mass == pytest.approx(c[i], abs=1e-9)
 
 
+@pytest.mark.parametrize("d", [16, 48, 64, 128, 256])
+def test_served_codebooks_round_to_bf16_up_to_5_bits(d):
+    """The served centroids are the solver's, rounded to bf16 at up to BF16_BITS bits; that
+    costs at most 0.1% of the unit MSE."""
+    for bits in range(1, 9):
+        solved = torch.from_numpy(lloyd_max(d, bits)).float()
+        want = solved.bfloat16().float() if bits <= BF16_BITS else solved
+        assert torch.equal(codebook(d, bits), want), bits
+        exact = unit_mse(d, lloyd_max(d, bits))
+        assert unit_mse(d, codebook(d, bits).double().numpy()) <= exact * 1.001, bits
+
+
 @pytest.mark.parametrize("bits", range(1, 9))
 def test_all_bits_symmetric_and_sorted(bits):
     for d in (16, 64, 96, 256):
@@ -84,7 +97,7 @@ def test_disk_cache(tmp_path, monkeypatch):
     assert [f.name for f in files] == ["d80_b3.npy"]
     np.save(files[0], np.linspace(-0.5, 0.5, 8))  # a cached file is read, not recomputed
     module._centroids64.cache_clear()
-    assert torch.allclose(codebook(80, 3), torch.linspace(-0.5, 0.5, 8))
+    assert torch.equal(codebook(80, 3), torch.linspace(-0.5, 0.5, 8).bfloat16().float())
     module._centroids64.cache_clear()
     files[0].unlink()
     assert torch.equal(codebook(80, 3), first)
