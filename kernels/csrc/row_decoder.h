@@ -285,18 +285,19 @@ class RowDecoder {
 
   // 32 indices (4 groups, 4B bytes) at a time, 16 per 128-bit half: vpshufb puts the two
   // bytes holding each index in a 16-bit lane, a multiply by a power of two shifts its bits
-  // to the high byte, a pack gathers them (4 bits: one vpshufb and masks; 512 rows of 128 on
-  // Zen 3: 8.0 -> 5.8 us). Then each of the float's four bytes is looked up
-  // by vpshufb in 2^(B - 4) 16-entry tables, and the four byte planes are interleaved back
-  // into floats. Two thirds or less of the time of pick's blend tree at 5-6 bits here (Zen 4),
-  // and as exact. FOLD (a symmetric codebook, 5-6 bits): as folded_pick, half the tables are
-  // looked up (same timing: 5 bits 13.0 -> 10.7 us, 6 bits 15.7 -> 12.4 us).
+  // to the high byte, a pack gathers them (4 bits: one vpshufb and masks). Then each of the
+  // float's four bytes is looked up by vpshufb in 2^(B - 4) 16-entry tables, and the four byte
+  // planes are interleaved back into floats. Two thirds or less of the time of pick's blend
+  // tree at 5-6 bits here (Zen 4), and as exact. FOLD (a symmetric codebook, 5-6 bits): as
+  // folded_pick, half the tables are looked up (same timing: 5 bits 13.0 -> 10.7 us, 6 bits
+  // 15.7 -> 12.4 us).
   //
   // TRANSPOSED (a bf16-exact codebook: each float's low two bytes are 0): byte k of the index
   // vector holds index k, only planes 2 and 3 are looked up, and shifts and masks make floats
   // of them in place, so float k of output vector m holds index 4k + m (position()). 5 bits
   // folded then takes 5 shuffles per 32 values where the interleaved order takes 16 (same
-  // timing, served codebooks: 4 bits 5.9 -> 5.4 us, 5 bits 9.9 -> 7.4 us).
+  // timing, bf16-exact symmetric tables, against the interleaved order: 4 bits 7.5 -> 7.0 us,
+  // 5 bits 12.9 -> 10.5 us; the one-vpshufb 4-bit unpack took 10.7 -> 7.5 us before that).
   template <int B, bool FOLD = false, bool TRANSPOSED = false>
   void rows_bytes(const uint8_t* const* recs, int offset, int n, int stride, float* out) const {
     const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << B) - 1));
