@@ -21,7 +21,7 @@ class RowDecoder {
   enum Lookup { kChosen, kPermute, kGather, kBytes };
 
   // any_order: the caller reads a row's values by position(j) (attention's dots, whose
-  // queries and sums follow it), which lets a bf16-exact codebook at 4-6 bits skip the
+  // queries and sums follow it), which lets a bf16-exact codebook at 4-5 bits skip the
   // interleave of byte planes on AVX2 (rows_bytes).
   RowDecoder(const float* centroids, int bits, int n, Lookup lookup = kChosen,
              bool any_order = false)
@@ -67,7 +67,7 @@ class RowDecoder {
       std::memcpy(&x, &table[i], 4);
       transposed_ = (x & 0xffffu) == 0;
     }
-    if (transposed_) lookup_ = kBytes;
+    if (transposed_) lookup_ = kBytes;  // the byte-plane constants below are built for it
     if (lookup_ == kBytes && n % 32 != 0) lookup_ = kPermute;
     if (lookup_ != kBytes) return;
     // rows_bytes' constants: byte plane P of the centroids 16s .. 16s + 15 in planes_[P][s],
@@ -403,7 +403,7 @@ class RowDecoder {
   // Gathers are fast on recent Intel cores and slow on AMD Zen 2 or on Intel parts with the
   // GDS microcode fix; the blend tree's and the byte planes' costs grow with the bits and
   // differ by core. So per width 4-6 the three are timed once per process on the same rows,
-  // and must agree exactly.
+  // and must agree exactly (and the transposed decode with them at 4-5 bits).
   static const std::array<Lookup, 9>& chosen_lookups() {
     static const std::array<Lookup, 9> chosen = [] {
       std::array<Lookup, 9> fastest{};
@@ -438,6 +438,24 @@ class RowDecoder {
             recs.data(), 0, ROWS, D, out[m].data());
         TORCH_CHECK(out[0] == out[1] && out[0] == out[2], "the AVX2 lookups of an asymmetric ",
                     "codebook disagree at ", bits, " bits");
+        if (bits > 5) continue;
+        // The transposed decode (attention's, bf16-exact codebooks) must hold the same values
+        // at position(j), folded (symmetric) and not.
+        alignas(32) float exact[32];  // multiples of 2^-9 below 1/4: exact in bf16
+        for (int i = 0; i < (1 << bits); ++i)
+          exact[i] = static_cast<float>(2 * i + 1 - (1 << bits)) / 128.f;
+        for (int symmetric = 1; symmetric >= 0; --symmetric) {
+          if (!symmetric) exact[0] -= 1.f / 512.f;
+          const RowDecoder any(exact, bits, D, kBytes, true);
+          TORCH_CHECK(any.transposed_, "a bf16-exact codebook was not decoded transposed");
+          RowDecoder(exact, bits, D, kPermute).rows(recs.data(), 0, ROWS, D, out[0].data());
+          any.rows(recs.data(), 0, ROWS, D, out[1].data());
+          bool same = true;
+          for (int r = 0; r < ROWS; ++r)
+            for (int j = 0; j < D; ++j) same &= out[1][r * D + j] == out[0][r * D + any.position(j)];
+          TORCH_CHECK(same, "the AVX2 transposed lookup disagrees at ", bits, " bits",
+                      symmetric ? "" : " (asymmetric codebook)");
+        }
       }
       return fastest;
     }();

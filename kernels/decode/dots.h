@@ -32,8 +32,10 @@ class FloatDots {
   int dim(int j) const { return value_.position(j); }
   void set_query(int r, const float* q) {
     float* row = &q_[size_t(r) * d_];
-    for (int j = 0; j < regular_ && key_; ++j) row[j] = q[key_->position(j)];
-    for (int j = 0; j < outliers_.count; ++j) row[regular_ + j] = q[regular_ + outlier_->position(j)];
+    if (key_)
+      for (int j = 0; j < regular_; ++j) row[j] = q[key_->position(j)];
+    for (int j = 0; j < outliers_.count; ++j)
+      row[regular_ + j] = q[regular_ + outlier_->position(j)];
   }
   void decode_keys(const uint8_t* const* recs, int key_indices, int n, float* knorm) {
     key_->rows(recs, key_indices, n, d_, keys_.data());

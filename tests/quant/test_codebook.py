@@ -71,11 +71,12 @@ def test_served_codebooks_round_to_bf16_up_to_5_bits(d):
     """The served centroids are the solver's, rounded to bf16 at up to BF16_BITS bits; that
     costs at most 0.1% of the unit MSE."""
     for bits in range(1, 9):
-        solved = torch.from_numpy(lloyd_max(d, bits)).float()
-        want = solved.bfloat16().float() if bits <= BF16_BITS else solved
-        assert torch.equal(codebook(d, bits), want), bits
-        exact = unit_mse(d, lloyd_max(d, bits))
-        assert unit_mse(d, codebook(d, bits).double().numpy()) <= exact * 1.001, bits
+        solved = lloyd_max(d, bits)
+        want = torch.from_numpy(solved).float()
+        want = want.bfloat16().float() if bits <= BF16_BITS else want
+        served = codebook(d, bits)
+        assert torch.equal(served, want), bits
+        assert unit_mse(d, served.double().numpy()) <= unit_mse(d, solved) * 1.001, bits
 
 
 @pytest.mark.parametrize("bits", range(1, 9))

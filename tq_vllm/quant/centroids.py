@@ -136,7 +136,7 @@ def _centroids64(head_dim: int, bits: int) -> np.ndarray:
 
 # Up to this width the centroids are rounded to bf16: the unit MSE rises by under 0.1%
 # (head_dim 16-256; 0.2-0.35% at 6 bits, 1-4% at 7-8, so those stay float32), and the AVX2
-# decode then looks up two bytes per value instead of four (kernels/csrc/row_decoder.h).
+# fused attention then looks up two bytes per value instead of four (kernels/csrc/row_decoder.h).
 BF16_BITS = 5
 
 
