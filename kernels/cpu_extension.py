@@ -22,10 +22,11 @@ import logging
 import os
 import platform
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
+from tq_vllm.kernels.common import per_codec
 from tq_vllm.quant.centroids import cache_dir
 from tq_vllm.record.codec import LayerCodec
 from tq_vllm.record.layout import RecordLayout
@@ -78,10 +79,14 @@ def cpu_flags() -> frozenset[str]:
 
 def runnable_variants() -> list[str]:
     """The variants this CPU executes, best first ("portable" always)."""
-    if platform.machine() not in ("x86_64", "AMD64"):
-        return ["portable"]
-    flags = cpu_flags()
-    return [name for name, _, needs in VARIANTS if needs <= flags]
+    return list(_runnable(platform.machine(), frozenset(cpu_flags())))
+
+
+@functools.cache  # ops() asks on every kernel call
+def _runnable(machine: str, flags: frozenset[str]) -> tuple[str, ...]:
+    if machine not in ("x86_64", "AMD64"):
+        return ("portable",)
+    return tuple(name for name, _, needs in VARIANTS if needs <= flags)
 
 
 def chosen_variant() -> str:
@@ -182,10 +187,33 @@ def _kernel_fields(layout: RecordLayout) -> tuple[int, ...]:
     return layout.kernel_fields()
 
 
-def key_centroids(codec: LayerCodec) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The key centroids as the C++ ops take them: for split keys the regular part's and the
-    outlier part's, for plain keys (centroids, None)."""
-    if not codec.layout.split_keys:
-        return codec.key.centroids.float().contiguous(), None
-    regular, outlier = codec.key.regular.centroids, codec.key.outlier.centroids
-    return regular.float().contiguous(), outlier.float().contiguous()
+class Codebooks(NamedTuple):
+    """A codec's centroids and record layout as the C++ ops take them: for split keys the
+    regular part's key centroids and the outlier part's, for plain keys (centroids, None);
+    value centroids, or for uniform values the levels 0 .. 2^b - 1 (scaled and shifted per
+    vector)."""
+
+    key: torch.Tensor
+    outlier: torch.Tensor | None
+    value: torch.Tensor
+    layout: tuple[int, ...]
+
+
+def codebooks(codec: LayerCodec) -> Codebooks:
+    return per_codec(codec, "cpu codebooks", _codebooks)  # asked per layer and step
+
+
+def _codebooks(codec: LayerCodec) -> Codebooks:
+    def floats(t: torch.Tensor) -> torch.Tensor:
+        return t.float().contiguous()
+
+    key = codec.key
+    regular, outlier = (key.regular, key.outlier) if codec.layout.split_keys else (key, None)
+    bits = codec.layout.value_bits
+    uniform = torch.arange(1 << bits, dtype=torch.float32) if codec.layout.uniform_values else None
+    return Codebooks(
+        floats(regular.centroids),
+        None if outlier is None else floats(outlier.centroids),
+        floats(codec.value.centroids) if uniform is None else uniform,
+        layout_fields(codec),
+    )

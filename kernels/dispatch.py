@@ -42,7 +42,7 @@ def uses_triton(t: torch.Tensor) -> bool:
 
 
 def _cpu(t: torch.Tensor) -> bool:
-    return t.device.type == "cpu" and not REFERENCE_ONLY and cpu_extension.available()
+    return t.is_cpu and not REFERENCE_ONLY and cpu_extension.available()
 
 
 def cpu_kernel(t: torch.Tensor, codec: LayerCodec) -> bool:

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from tq_vllm.kernels import cpu_extension
-from tq_vllm.kernels.cpu_extension import key_centroids, layout_fields
+from tq_vllm.kernels.cpu_extension import codebooks
 from tq_vllm.record.codec import LayerCodec
 
 logger = logging.getLogger("tq_vllm")
@@ -220,14 +220,10 @@ def dequantized(
     """The first `length` cached tokens of the sequence whose block-table row is `blocks`, as
     keys and values [Hk, length, d] in dtype (C++, dequantize.cpp): keys in the rotated basis,
     Lloyd-Max values too, uniform values in the model's."""
-    if codec.layout.uniform_values:  # levels 0 .. 2^b - 1, scaled and shifted per vector
-        levels = torch.arange(1 << codec.layout.value_bits, dtype=torch.float32)
-    else:
-        levels = codec.value.centroids.float().contiguous()
-    regular, outlier = key_centroids(codec)
+    books = codebooks(codec)
     return cpu_extension.ops().dequantize(
-        kv_cache, blocks.to(torch.int32).contiguous(), length, regular, levels,
-        layout_fields(codec), codec.head_dim, dtype, outlier,
+        kv_cache, blocks.to(torch.int32).contiguous(), length, books.key, books.value,
+        books.layout, codec.head_dim, dtype, books.outlier,
     )  # fmt: skip
 
 

@@ -16,6 +16,7 @@ Threads: ATen's intra-op pool (torch.get_num_threads(), which vLLM sets).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -29,7 +30,7 @@ from tq_vllm.kernels.common import (
     check_records,
     check_tensor,
 )
-from tq_vllm.kernels.cpu_extension import key_centroids, layout_fields, ops
+from tq_vllm.kernels.cpu_extension import codebooks, ops
 from tq_vllm.record.codec import LayerCodec
 
 BF16_DOTS = os.environ.get("TQ_VLLM_BF16_DOTS") == "1"
@@ -77,7 +78,7 @@ def run_attention(
     else:
         q = (codec.rotate_queries(query) * scale).contiguous()
     qs = (q @ codec.key.qjl.T).contiguous() if layout.prod else q
-    regular, outlier = key_centroids(codec)
+    books = codebooks(codec)
     out = ops().attention(
         q,
         qs,
@@ -85,13 +86,13 @@ def run_attention(
         block_table.to(torch.int32),
         query_start_loc.to(torch.int32).contiguous(),
         seq_lens.to(torch.int32).contiguous(),
-        regular,
-        codec.value.centroids.float().contiguous(),
-        layout_fields(codec),
+        books.key,
+        books.value,
+        books.layout,
         math.sqrt(math.pi / 2) / codec.head_dim,
         rows_per_tile,
         num_splits,
-        outlier,
+        books.outlier,
         sparse_v,
         sliding_window or 0,
         lse_out,
@@ -128,8 +129,12 @@ def decode_attention(
     check_lse_out(lse_out, query)
     if query.shape[0] != seq_lens.shape[0]:
         raise ValueError(f"{query.shape[0]} queries for {seq_lens.shape[0]} sequences")
-    starts = torch.arange(query.shape[0] + 1, dtype=torch.int32)
     return run_attention(
-        query, kv_cache, block_table, starts, seq_lens, codec, scale, 1, num_splits, sparse_v,
-        sliding_window, lse_out,
+        query, kv_cache, block_table, _row_starts(query.shape[0]), seq_lens, codec, scale, 1,
+        num_splits, sparse_v, sliding_window, lse_out,
     )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=256)  # a decode batch's query_start_loc, asked per layer and step
+def _row_starts(rows: int) -> torch.Tensor:
+    return torch.arange(rows + 1, dtype=torch.int32)

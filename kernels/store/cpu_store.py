@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from tq_vllm.kernels.common import check_records, check_store_inputs
+from tq_vllm.kernels.common import check_records, check_store_inputs, per_codec
 from tq_vllm.kernels.cpu_extension import layout_fields, ops
 from tq_vllm.record.codec import LayerCodec
 
@@ -22,15 +22,16 @@ def store_kv(
     check_store_inputs(key, value, kv_cache, slot_mapping, codec)
     if slot_mapping.numel() == 0:
         return
+    ops().store(key, value, kv_cache, slot_mapping, *per_codec(codec, "cpu store", _arguments))
+
+
+def _arguments(codec: LayerCodec) -> tuple:
+    """store.cpp's arguments after the slot mapping: rotations, codebooks and the layout."""
     layout = codec.layout
     split = layout.split_keys
     plain = codec.key.regular if split else codec.key  # the keys' (regular part's) quantizer
     outlier = codec.key.outlier if split else None
-    ops().store(
-        key,
-        value,
-        kv_cache,
-        slot_mapping,
+    return (
         codec.rotation,
         codec.value.centroids,
         codec.value.boundaries,

@@ -135,7 +135,11 @@ def _decode_rows(
     rows of length s(p); lse gets their log-sum-exps."""
     # On the CPU a bf16 query takes the C++ op's bf16 dots; Triton gets float32 rows.
     q = part(query) if query.device.type == "cpu" else part(query).float()
+    # A decode step (one row per sequence, all rows picked) needs no gather of table rows.
+    rows = q.shape[0]
+    one_each = rows == query.shape[0] == len(index.seq_rows) and max(index.seq_rows, default=1) == 1
+    tables = block_table[:rows] if one_each else block_table[part(index.row_seq)]
     return dispatch.decode_attention(
-        q, kv_cache, block_table[part(index.row_seq)], part(index.segment_starts), codec, scale,
+        q, kv_cache, tables, part(index.segment_starts), codec, scale,
         index.longest_segment_start, sparse_v, lse_out=lse,
     )  # fmt: skip
