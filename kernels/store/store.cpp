@@ -1,5 +1,9 @@
 #include "../csrc/records.h"
 
+// MKL's C entry point (mkl_service.h's mkl_set_num_threads_local; the lowercase symbol is the
+// Fortran one, taking a pointer), where torch ships MKL: returns the previous local count.
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
 namespace tq {
 namespace {
 
@@ -91,6 +95,31 @@ __attribute__((noinline, optimize("fp-contract=off"))) void residual_row(
     r[j] = y[j] - t;
   }
 }
+
+// A decode step's products ([T * Hk, d] x [d, d], T a few tokens) run on this thread alone:
+// MKL's sgemm otherwise wakes the OpenMP pool for them, and in a serving step, where the pool's
+// threads have gone to sleep between ops, that cost ~50 us of a ~90 us store. The guard sets
+// MKL's thread-local thread count to 1 for up to SERIAL_ROWS rows and restores it; torch builds
+// without MKL (no such symbol) keep their own BLAS as it is. The products split their output,
+// not their sums, so the bits are the same either way (the tests compare them with the
+// reference's, run on the pool).
+constexpr int64_t SERIAL_ROWS = 256;
+class SerialProducts {
+ public:
+  explicit SerialProducts(int64_t rows)
+      : active_(rows <= SERIAL_ROWS && MKL_Set_Num_Threads_Local != nullptr) {
+    if (active_) saved_ = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SerialProducts() {
+    if (active_) MKL_Set_Num_Threads_Local(saved_);
+  }
+  SerialProducts(const SerialProducts&) = delete;
+  SerialProducts& operator=(const SerialProducts&) = delete;
+
+ private:
+  bool active_;
+  int saved_ = 0;
+};
 
 struct StoreTarget {
   uint8_t* cache;
@@ -217,6 +246,7 @@ void store(const at::Tensor& key_in, const at::Tensor& value_in, at::Tensor kv_c
                            kv_cache.size(1),  kv_cache.size(2),
                            kv_cache.stride(0), kv_cache.stride(1),
                            kv_cache.stride(2)};
+  const SerialProducts serial(key.size(0) * key.size(1));
   std::vector<int32_t> idx;
   auto [vx, vy, vc] = index_rows(value, value_rotation, value_centroids, value_boundaries,
                                  value_bits, L.value_indices, target, idx);
