@@ -18,6 +18,7 @@ positions vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN opt-in is set: the speed is real,
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -26,6 +27,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from typing import NoReturn
 
 from tq_vllm.tools import machine
 
@@ -88,7 +90,9 @@ class Engine:
     """One config's worker process, prefilled and waiting for runs."""
 
     def __init__(self, spec: dict) -> None:
-        env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+        # vLLM logs to stdout unless told otherwise: its lines go to the log file, replies stay.
+        env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0",
+                   VLLM_LOGGING_STREAM="ext://sys.stderr")  # fmt: skip
         env.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")  # a 16K prefill on 2 cores
         if spec["context"] + spec["tokens"] >= POSITIONS:
             env["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
@@ -104,18 +108,28 @@ class Engine:
         for line in self.proc.stdout:
             if line.startswith(tag):
                 return line[len(tag) :].strip()
+        self._failed()
+
+    def _failed(self) -> NoReturn:
         self.proc.wait()
         self.log.seek(0)
         raise RuntimeError(f"{self.config} failed:\n{self.log.read()[-3000:]}")
 
     def tpot(self) -> float:
-        self.proc.stdin.write("run\n")
-        self.proc.stdin.flush()
+        try:
+            self.proc.stdin.write("run\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:  # the worker died between runs
+            self._failed()
         return float(self._reply("TPOT "))
 
     def close(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait()
+        with contextlib.suppress(BrokenPipeError):
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
         self.log.close()
 
 
@@ -157,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     for r in range(1, args.rounds + 1):
         for context in args.context:
             base = dict(context=context, dtype=dtype, tokens=args.tokens)
-            tpots = measure(["auto", *args.configs], base, args.repeats)
+            configs = ["auto", *dict.fromkeys(c for c in args.configs if c != "auto")]
+            tpots = measure(configs, base, args.repeats)
             for config, times in tpots.items():
                 ratios = [t / a for t, a in zip(times, tpots["auto"])]
                 paired = (

@@ -1,7 +1,9 @@
 #include "../csrc/records.h"
 
 // MKL's C entry point (mkl_service.h's mkl_set_num_threads_local; the lowercase symbol is the
-// Fortran one, taking a pointer), where torch ships MKL: returns the previous local count.
+// Fortran one, taking a pointer), where torch ships MKL: returns the previous local count
+// (0: the global one). Null where torch has no MKL; were another MKL loaded first, the call
+// would set that one's count and only the speed-up would be lost.
 extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 
 namespace tq {
@@ -97,12 +99,12 @@ __attribute__((noinline, optimize("fp-contract=off"))) void residual_row(
 }
 
 // A decode step's products ([T * Hk, d] x [d, d], T a few tokens) run on this thread alone:
-// MKL's sgemm otherwise wakes the OpenMP pool for them, and in a serving step, where the pool's
-// threads have gone to sleep between ops, that cost ~50 us of a ~90 us store. The guard sets
-// MKL's thread-local thread count to 1 for up to SERIAL_ROWS rows and restores it; torch builds
-// without MKL (no such symbol) keep their own BLAS as it is. The products split their output,
-// not their sums, so the bits are the same either way (the tests compare them with the
-// reference's, run on the pool).
+// MKL's sgemm otherwise wakes the OpenMP pool for them, which costs more than the product (one
+// token's store on 2 threads: 41-47 us with the pool, 33 us without, as on 1 thread). The
+// guard sets MKL's thread-local thread count to 1 for up to SERIAL_ROWS rows and restores it;
+// torch builds without MKL (no such symbol) keep their own BLAS as it is. The products split
+// their output, not their sums, so the bits are the same either way (tests compare the records
+// with the reference's at 1, 2 and 4 threads).
 constexpr int64_t SERIAL_ROWS = 256;
 class SerialProducts {
  public:

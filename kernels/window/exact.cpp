@@ -32,7 +32,7 @@ void load_floats(const void* src, at::ScalarType type, int n, float* dst) {
     default: {
       const auto* s = static_cast<const c10::Half*>(src);
       int j = 0;
-#if defined(TQ_AVX2) || defined(TQ_AVX512)
+#if (defined(TQ_AVX2) || defined(TQ_AVX512)) && defined(__F16C__)
       for (; j + 8 <= n; j += 8)
         _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128(
                                       reinterpret_cast<const __m128i*>(s + j))));

@@ -49,6 +49,21 @@ def test_store_matches_reference_every_width(d, mode):
         assert torch.equal(got, ref), f"d={d} {mode} K{bits}V{9 - bits}"
 
 
+@pytest.mark.parametrize("threads", [1, 2, 4])
+@pytest.mark.parametrize("tokens", [1, 200])  # 3 and 600 rows: store.cpp's SERIAL_ROWS is 256
+def test_store_matches_reference_at_any_thread_count(threads, tokens):
+    # The store's small products run on one thread (store.cpp, SerialProducts), the reference's
+    # on torch's pool: the records must not depend on it.
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        key, value, slots = store_inputs(tokens, 3, 64, torch.float32, num_slots=256)
+        ref, got = stores(key, value, slots, LayerCodec(RecordLayout(64, 5, "mse", 4)), 16)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(got, ref)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_store_padded_layout_padding_slots_and_dtypes(dtype):
     codec = LayerCodec(RecordLayout(64, 4, "prod", 3).padded(100), seed=2)
