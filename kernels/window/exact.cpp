@@ -16,28 +16,17 @@
 namespace tq {
 namespace {
 
-// Loops the compiler vectorizes: a decode step loads up to W ring entries per KV head, and
-// c10's one-value conversions made those loads most of the op's time.
 void load_floats(const void* src, at::ScalarType type, int n, float* dst) {
   switch (type) {
     case at::kFloat: std::memcpy(dst, src, sizeof(float) * n); break;
-    case at::kBFloat16: {  // a bf16 is a float's high half
-      const auto* s = static_cast<const uint16_t*>(src);
-      for (int j = 0; j < n; ++j) {
-        const uint32_t bits = static_cast<uint32_t>(s[j]) << 16;
-        std::memcpy(dst + j, &bits, sizeof(float));
-      }
+    case at::kBFloat16: {
+      const auto* s = static_cast<const c10::BFloat16*>(src);
+      for (int j = 0; j < n; ++j) dst[j] = static_cast<float>(s[j]);
       break;
     }
     default: {
       const auto* s = static_cast<const c10::Half*>(src);
-      int j = 0;
-#if (defined(TQ_AVX2) || defined(TQ_AVX512)) && defined(__F16C__)
-      for (; j + 8 <= n; j += 8)
-        _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128(
-                                      reinterpret_cast<const __m128i*>(s + j))));
-#endif
-      for (; j < n; ++j) dst[j] = static_cast<float>(s[j]);
+      for (int j = 0; j < n; ++j) dst[j] = static_cast<float>(s[j]);
     }
   }
 }
