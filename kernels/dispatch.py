@@ -25,7 +25,12 @@ from tq_vllm.kernels.decode.reference import decode_attention_reference
 from tq_vllm.kernels.store import cpu_store
 from tq_vllm.kernels.store.reference import store_kv_reference
 from tq_vllm.kernels.window import cpu_exact
-from tq_vllm.kernels.window.exact import ExactIndex, exact_merge_reference, write_ring_reference
+from tq_vllm.kernels.window.exact import (
+    ExactIndex,
+    ExactRule,
+    exact_merge_reference,
+    write_ring_reference,
+)
 from tq_vllm.record.codec import LayerCodec
 
 KERNELS_ENV = "TQ_VLLM_KERNELS"
@@ -114,20 +119,20 @@ def windowed_context_attention(
     seq_lens: torch.Tensor,
     codec: LayerCodec,
     scale: float,
-    window: int,
+    rule: ExactRule,
     max_query_len: int,
     sparse_v: float,
     lse_out: torch.Tensor,
 ) -> torch.Tensor:
     """The compressed part of prefill chunks under the exact-window rule (a row at p reads
-    positions < floor(p / W) * W, lse_out gets its log-sum-exp), the chunks already stored, in
+    positions < rule.start(p), lse_out gets its log-sum-exp), the chunks already stored, in
     one Triton context kernel call. Triton only (uses_triton): elsewhere the callers attend
     chunk rows as decode rows."""
     from tq_vllm.kernels.context.triton_context import context_attention as kernel
 
     return kernel(
         query, None, None, kv_cache, block_table, query_start_loc, seq_lens, codec, scale,
-        max_query_len=max_query_len, sparse_v=sparse_v, exact_window=window, lse_out=lse_out,
+        max_query_len=max_query_len, sparse_v=sparse_v, exact_rule=rule, lse_out=lse_out,
     )  # fmt: skip
 
 

@@ -8,7 +8,7 @@ chunk's own fresh keys and values in full precision, all under one online softma
 is in the rotated domain: queries and fresh keys/values are rotated in PyTorch first, the
 output rotated back once. No workspace, no host sync (given max_query_len). With key and
 value None, the chunk's own tokens are read back from the cache like the context (causal),
-or, with an exact window W, only the positions before each row's own W-aligned segment, and the
+or, with an exact window, only the positions before each row's exact ones (ExactRule), and the
 rows' log-sum-exps come back for kernels/window/exact.py to merge with the exact part.
 
 Precision: compressed tokens are scored with fp16 tensor-core dots as in triton_decode.py. Fresh
@@ -43,6 +43,7 @@ from tq_vllm.kernels.triton_tiles import (
     value_tile,
     values_needed,
 )
+from tq_vllm.kernels.window.exact import ExactRule
 from tq_vllm.record.codec import LayerCodec
 
 
@@ -53,6 +54,18 @@ def _reference_max(m_new, HAS_WINDOW: tl.constexpr):
     if HAS_WINDOW:
         m_new = tl.where(m_new == float("-inf"), 0.0, m_new)
     return m_new
+
+
+@triton.jit
+def _exact_start(p, W: tl.constexpr, G: tl.constexpr, A: tl.constexpr):
+    """ExactRule.start in the kernel."""
+    return tl.maximum(p // G * G - (W - G), p // A * A)
+
+
+def _exact_constexprs(rule: ExactRule | None) -> dict[str, int]:
+    if rule is None:
+        return dict(EXACT_WINDOW=0, EXACT_GRAIN=1, EXACT_ANCHOR=1)
+    return dict(EXACT_WINDOW=rule.window, EXACT_GRAIN=rule.grain, EXACT_ANCHOR=rule.anchor)
 
 
 @triton.jit
@@ -104,6 +117,8 @@ def _context_kernel(
     FRESH_FP32: tl.constexpr,
     ALL_CACHED: tl.constexpr,
     EXACT_WINDOW: tl.constexpr,
+    EXACT_GRAIN: tl.constexpr,
+    EXACT_ANCHOR: tl.constexpr,
     SPARSE_V: tl.constexpr,
     SPARSE_V_LOG2: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
@@ -137,12 +152,13 @@ def _context_kernel(
     lsum = tl.zeros([BLOCK_M * GP], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M * GP, D], dtype=tl.float32)
     # The context precedes every query: no mask. With ALL_CACHED the chunk's own tokens are
-    # read back compressed too, causally; with EXACT_WINDOW only those before the row's segment.
+    # read back compressed too, causally; with EXACT_WINDOW only those before the row's exact
+    # ones (ExactRule.start).
     cached_end = context + fresh_end if ALL_CACHED else context
     visible_end = context + pos + 1  # per row: positions < visible_end
     if EXACT_WINDOW > 0:
-        visible_end = (context + pos) // EXACT_WINDOW * EXACT_WINDOW
-        cached_end = (context + fresh_end - 1) // EXACT_WINDOW * EXACT_WINDOW
+        visible_end = _exact_start(context + pos, EXACT_WINDOW, EXACT_GRAIN, EXACT_ANCHOR)
+        cached_end = _exact_start(context + fresh_end - 1, EXACT_WINDOW, EXACT_GRAIN, EXACT_ANCHOR)
     # >= 64 rows take wgmma, whose tile operands Triton 3.6 cannot take straight from the
     # interleave (score_tile's NORM_ON_TILE).
     norm_on_tile: tl.constexpr = BLOCK_M * GP >= 64
@@ -238,7 +254,7 @@ def context_attention(
     num_stages: int | None = None,
     sparse_v: float = 0.0,
     sliding_window: int | None = None,
-    exact_window: int = 0,
+    exact_rule: ExactRule | None = None,
     lse_out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Triton context_attention_reference: query [T, Hq, d] -> [T, Hq, d] in query's dtype.
@@ -250,16 +266,16 @@ def context_attention(
     group, a power of two >= 16); block_n: keys per tile (a power of two >= 32).
     sparse_v: as in triton_decode.decode_attention, for the compressed tokens (the fresh ones
     are always read). sliding_window: as in the reference; compressed tokens before a row
-    tile's window are never read. exact_window W (key and value None): a row at position p
-    reads positions < floor(p / W) * W, and lse_out (float32 [T, Hq], required) gets each row's
+    tile's window are never read. exact_rule (key and value None): a row at position p
+    reads positions < exact_rule.start(p), and lse_out (float32 [T, Hq], required) gets each row's
     natural-log log-sum-exp, -inf where it read nothing (kernels/window/exact.py's contract).
     """
     check_cache(kv_cache, codec)
     device = kv_cache.device
     check_tensor("query", query, 3, FLOAT_DTYPES, device)
     all_cached = key is None and value is None
-    if exact_window and (not all_cached or lse_out is None):
-        raise ValueError("exact_window reads the chunk back from the cache and needs lse_out")
+    if exact_rule and (not all_cached or lse_out is None):
+        raise ValueError("exact_rule reads the chunk back from the cache and needs lse_out")
     check_lse_out(lse_out, query)
     if not all_cached:
         check_tensor("key", key, 3, FLOAT_DTYPES, device)
@@ -314,7 +330,8 @@ def context_attention(
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), sliding_window or 0,
         HAS_WINDOW=sliding_window is not None, BLOCK_SIZE=block_size, G=group, GP=group_pad,
         BLOCK_M=block_m, D=head_dim, BLOCK_N=block_n,
-        FRESH_FP32=query.dtype == torch.float32, ALL_CACHED=all_cached, EXACT_WINDOW=exact_window,
+        FRESH_FP32=query.dtype == torch.float32, ALL_CACHED=all_cached,
+        **_exact_constexprs(exact_rule),
         num_warps=num_warps, num_stages=num_stages, **constexprs, **sparse_v_constexprs(sparse_v),
     )  # fmt: skip
     if lse_out is not None:

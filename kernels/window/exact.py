@@ -1,14 +1,22 @@
-"""Temporal tiers: each query reads its own W-aligned segment exactly, older tokens compressed.
+"""Temporal tiers: each query reads its newest tokens exactly, older tokens compressed.
 
-The rule is a function of positions only, so chunked prefill, prefix-cache hits, preemption and
-speculative verify steps give the same result as one long prefill: a query at position p reads
-positions s(p) = floor(p / W) * W .. p from the model-dtype keys and values, and positions
-< s(p) from the compressed records (which every token still gets).
+The rule (ExactRule) is a function of positions only, so chunked prefill, prefix-cache hits,
+preemption and speculative verify steps give the same result as one long prefill: a query at
+position p reads positions s(p) .. p from the model-dtype keys and values, and positions < s(p)
+from the compressed records (which every token still gets), where
+
+    s(p) = max(floor(p / G) * G - (W - G), floor(p / A) * A)
+
+W the window (at most W exact positions), G = W / 4 its grain (rows of one G-aligned group
+share s, so that a prefill chunk attends in groups) and A the anchor, vLLM's block size: a
+prefix-cache hit starts at a block, and nothing after it reads exactly what a ring of the new
+request has not stored. Away from an anchor a row reads its newest W - G + 1 .. W tokens
+exactly; the first rows after one read back to it only (1 .. W).
 
 Where the exact tokens live: a ring of R >= W slots per request and layer, position t at slot
 t mod R, K and V side by side ([num_rings, Hk, R, 2d], the model dtype, or bf16 where a float32
 ring would outgrow a block of records: plugin/exact_ring.py). A step reads the ring
-for the tokens of its first segment that earlier steps stored, and the step's own keys and
+for the exact tokens of its first row that earlier steps stored, and the step's own keys and
 values for the rest (rounded to the ring's dtype, so a token reads the same whichever step
 stored it), attends, then writes its own last R tokens (so a long chunk never overwrites what
 it still reads). R = W + the speculative lookahead keeps a rejected draft from overwriting a
@@ -23,8 +31,37 @@ here, window/exact.cpp on the CPU.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import torch
+
+
+@dataclass(frozen=True)
+class ExactRule:
+    """Which positions a query reads exactly (the module's docstring has the rule)."""
+
+    window: int  # W: a power of two
+    anchor: int  # A: vLLM's block size, a multiple of W
+
+    def __post_init__(self) -> None:
+        if self.window < 1 or self.window & (self.window - 1) or self.anchor % self.window:
+            raise ValueError(
+                f"an exact window must be a power of two dividing the block size, got "
+                f"window {self.window}, block size {self.anchor}"
+            )
+
+    @property
+    def grain(self) -> int:
+        return max(1, self.window // 4)
+
+    def start(self, positions: Any) -> Any:
+        """s(p), for an int or an integer tensor of positions."""
+        g = self.grain
+        recent = positions // g * g - (self.window - g)
+        anchored = positions // self.anchor * self.anchor
+        if isinstance(positions, torch.Tensor):
+            return torch.maximum(recent, anchored)
+        return max(recent, anchored)
 
 
 @dataclass
@@ -63,20 +100,20 @@ def exact_index(
     query_start_loc: torch.Tensor,
     seq_lens: torch.Tensor,
     rings: torch.Tensor,
-    window: int,
+    rule: ExactRule,
     ring_size: int,
 ) -> ExactIndex:
     """query_start_loc [B + 1] and seq_lens [B] as vLLM gives them (host tensors), rings [B]:
-    each sequence's ring; window W and ring size R >= W."""
-    if ring_size < window:
-        raise ValueError(f"a ring of {ring_size} slots cannot hold a {window}-token window")
+    each sequence's ring; ring size R >= W."""
+    if ring_size < rule.window:
+        raise ValueError(f"a ring of {ring_size} slots cannot hold a {rule.window}-token window")
     starts = query_start_loc.long()
     q_lens = starts[1:] - starts[:-1]
     lens = seq_lens.long()
     chunk = lens - q_lens  # each sequence's first position this step
     seq = torch.repeat_interleave(torch.arange(len(lens)), q_lens)
     positions = chunk[seq] + _ranks(q_lens)
-    segment = positions // window * window
+    segment = rule.start(positions)
     written = torch.minimum(q_lens, torch.full_like(q_lens, ring_size))
     write_seq = torch.repeat_interleave(torch.arange(len(lens)), written)
     write_pos = lens[write_seq] - written[write_seq] + _ranks(written)

@@ -1,5 +1,5 @@
 """The exact-window rule attended directly, row by row (the contract of exact.py with the
-compressed kernels): a query at position p reads positions < s(p) = floor(p / W) * W from the
+compressed kernels): a query at position p reads positions < s(p) = rule.start(p) from the
 compressed records and s(p) .. p from the model-dtype keys and values, in one softmax."""
 
 from __future__ import annotations
@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 
 from tq_vllm.kernels.context.reference import gather_context
+from tq_vllm.kernels.window.exact import ExactRule
 from tq_vllm.record.codec import LayerCodec
 
 
@@ -20,7 +21,7 @@ def exact_window_attention_reference(
     values: list[torch.Tensor],
     codec: LayerCodec,
     scale: float,
-    window: int,
+    rule: ExactRule,
 ) -> torch.Tensor:
     """query [T, Hq, d], the rows of each sequence its newest tokens (chunked-prefill layout);
     keys[b], values[b] [>= seq_lens[b], Hk, d]: sequence b's exact keys and values by position.
@@ -36,7 +37,7 @@ def exact_window_attention_reference(
         hk = k_hat.shape[0]
         for row in range(lo, hi):
             p = length - (hi - row)
-            s = p // window * window
+            s = rule.start(p)
             k = torch.cat([k_hat[:, :s], k_exact[:, s : p + 1]], 1)
             v = torch.cat([v_hat[:, :s], v_exact[:, s : p + 1]], 1)
             q = codec.rotate_queries(query[row].float()).view(hk, hq // hk, d) * scale

@@ -17,7 +17,7 @@ import torch
 from tq_vllm.kernels import dispatch
 from tq_vllm.kernels.context.cpu_context import DENSE_ROWS, dense_sequences
 from tq_vllm.kernels.window.dense_window import windowed_prefill
-from tq_vllm.kernels.window.exact import ExactIndex, sequence_exact
+from tq_vllm.kernels.window.exact import ExactIndex, ExactRule, sequence_exact
 from tq_vllm.record.codec import LayerCodec
 
 CHUNK_ROWS = DENSE_ROWS  # rows from which a sequence takes a chunk kernel
@@ -33,7 +33,7 @@ def windowed_attention(
     index: ExactIndex,
     codec: LayerCodec,
     scale: float,
-    window: int,
+    rule: ExactRule,
     sparse_v: float = 0.0,
 ) -> torch.Tensor:
     """query [T, Hq, d] and the step's key, value [T, Hk, d] (already stored as records),
@@ -44,11 +44,11 @@ def windowed_attention(
         starts.append(starts[-1] + rows)
     if not dispatch.cpu_kernel(kv_cache, codec):
         return _merged(query, key, value, kv_cache, block_table, ring, index, starts, codec,
-                       scale, window, sparse_v)  # fmt: skip
+                       scale, rule, sparse_v)  # fmt: skip
     dense = dense_sequences(query, codec, list(index.seq_rows))
     if not dense:  # a decode step: every row fused
         return _merged(query, key, value, kv_cache, block_table, ring, index, starts, codec,
-                       scale, window, sparse_v)  # fmt: skip
+                       scale, rule, sparse_v)  # fmt: skip
     out = torch.empty_like(query)
     fused = torch.ones(query.shape[0], dtype=torch.bool, device=query.device)
     for b in dense:
@@ -56,17 +56,17 @@ def windowed_attention(
         first = index.seq_lens[b] - (hi - lo)  # the chunk's first position
         exact = sequence_exact(key, value, ring, index, lo, hi)
         chunk = windowed_prefill(
-            query[lo:hi], exact, kv_cache, block_table[b], first, codec, scale, window
+            query[lo:hi], exact, kv_cache, block_table[b], first, codec, scale, rule
         )
         if chunk is not None:
             out[lo:hi], fused[lo:hi] = chunk, False
     if fused.all():
         return _merged(query, key, value, kv_cache, block_table, ring, index, starts, codec,
-                       scale, window, sparse_v)  # fmt: skip
+                       scale, rule, sparse_v)  # fmt: skip
     if fused.any():
         rows = fused.nonzero().flatten()
         out[rows] = _merged(query, key, value, kv_cache, block_table, ring, index, starts, codec,
-                            scale, window, sparse_v, rows)  # fmt: skip
+                            scale, rule, sparse_v, rows)  # fmt: skip
     return out
 
 
@@ -81,7 +81,7 @@ def _merged(
     starts: list[int],
     codec: LayerCodec,
     scale: float,
-    window: int,
+    rule: ExactRule,
     sparse_v: float,
     rows: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -95,8 +95,8 @@ def _merged(
     if not (rows is None and chunks and dispatch.uses_triton(kv_cache)):  # all decode rows
         compressed = _decode_rows(query, kv_cache, block_table, index, codec, scale, sparse_v,
                                   pick, lse)  # fmt: skip
-        return dispatch.exact_merge(q, key, value, ring, index, window, scale, rows, compressed,
-                                    lse)  # fmt: skip
+        return dispatch.exact_merge(q, key, value, ring, index, rule.window, scale, rows,
+                                    compressed, lse)  # fmt: skip
     # Triton: the chunks' compressed part in the context kernel, the other rows as decode rows.
     picked = torch.cat([torch.arange(starts[b], starts[b + 1]) for b in chunks]).to(q.device)
     counts = [index.seq_rows[b] for b in chunks]
@@ -105,7 +105,7 @@ def _merged(
     compressed = torch.empty(n, hq, d, device=q.device)
     chunk_lse = torch.empty(len(picked), hq, device=q.device)
     compressed[picked] = dispatch.windowed_context_attention(
-        q[picked].float(), kv_cache, block_table[chunks], qsl, lens, codec, scale, window,
+        q[picked].float(), kv_cache, block_table[chunks], qsl, lens, codec, scale, rule,
         max(counts), sparse_v, chunk_lse,
     )  # fmt: skip
     lse[picked] = chunk_lse
@@ -117,7 +117,9 @@ def _merged(
         out = _decode_rows(query, kv_cache, block_table, index, codec, scale, sparse_v,
                            lambda t: t[left], left_lse)  # fmt: skip
         compressed[left], lse[left] = out.float(), left_lse
-    return dispatch.exact_merge(q, key, value, ring, index, window, scale, rows, compressed, lse)
+    return dispatch.exact_merge(
+        q, key, value, ring, index, rule.window, scale, rows, compressed, lse
+    )
 
 
 def _decode_rows(

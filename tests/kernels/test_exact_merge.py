@@ -16,7 +16,12 @@ from cases import CPU_TOL
 
 from tq_vllm.kernels import cpu_extension, dispatch
 from tq_vllm.kernels.window import cpu_exact
-from tq_vllm.kernels.window.exact import exact_index, exact_merge_reference, write_ring_reference
+from tq_vllm.kernels.window.exact import (
+    ExactRule,
+    exact_index,
+    exact_merge_reference,
+    write_ring_reference,
+)
 
 pytestmark = pytest.mark.usefixtures("cpu_isa")
 
@@ -36,7 +41,7 @@ def inputs(seqs, hq, hk, d, window, dtype, ring_dtype=None, extra=0, seed=0):
     lens, q_lens = [n for n, _ in seqs], [q for _, q in seqs]
     rings = torch.randperm(len(seqs) + 1, generator=gen)[: len(seqs)]
     starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()])
-    index = exact_index(starts, torch.tensor(lens), rings, window, ring_size)
+    index = exact_index(starts, torch.tensor(lens), rings, ExactRule(window, 4 * window), ring_size)
     ring = torch.full(
         (len(seqs) + 1, hk, ring_size, 2 * d), float("nan"), dtype=ring_dtype or dtype
     )
@@ -52,9 +57,9 @@ def inputs(seqs, hq, hk, d, window, dtype, ring_dtype=None, extra=0, seed=0):
     return query, key, value, ring, index, compressed, lse
 
 
-# hq, hk, d, window, ring slots past W, (tokens after, tokens in the step) per sequence:
-# decodes at a segment's first, last and middle position, a first token, chunks starting
-# mid-segment and spanning segments.
+# hq, hk, d, window, ring slots past W, (tokens after, tokens in the step) per sequence, the
+# rule's anchor at 4W: decodes at a grain's first, last and middle position, a first token,
+# chunks starting mid-grain and spanning grains.
 CASES = [
     (3, 1, 64, 32, 0, [(1, 1), (32, 1), (33, 1), (50, 1)]),
     (9, 3, 64, 32, 3, [(100, 7), (40, 1), (64, 2)]),

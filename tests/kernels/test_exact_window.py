@@ -15,7 +15,7 @@ import torch
 from cases import CPU_TOL, DENSE_TOL, make_cache
 
 from tq_vllm.kernels import cpu_extension, dispatch
-from tq_vllm.kernels.window.exact import exact_index
+from tq_vllm.kernels.window.exact import ExactRule, exact_index
 from tq_vllm.kernels.window.reference import exact_window_attention_reference
 from tq_vllm.kernels.window.windowed import windowed_attention
 from tq_vllm.record.codec import LayerCodec
@@ -38,14 +38,16 @@ def tolerance(request, monkeypatch):
     return CPU_TOL
 
 
-# d, key_bits, value_bits, block_size, hq, hk, window, ring slots, per sequence
-# (tokens after this step, tokens this step): decodes at a segment's first position, its last,
-# and mid-segment; chunks that start mid-segment, span several segments, and do not divide W.
+# d, key_bits, value_bits, block_size, hq, hk, rule (window, anchor), per sequence (tokens
+# after this step, tokens this step), ring slots past W: decodes at an anchor, just past it
+# and away from it, at a grain's first and last position; chunks that start mid-grain, span
+# an anchor and several grains, and do not divide W. An anchor of W is the rule of whole
+# W-aligned segments.
 CASES = [
-    (64, 4, 4, 16, 3, 1, 16, [(1, 1), (16, 1), (17, 1), (40, 1)], 0),
-    (64, 6, 5, 32, 9, 3, 32, [(100, 37), (33, 5), (64, 64)], 0),
-    (128, 3, 3, 16, 8, 1, 16, [(50, 1), (75, 20)], 3),
-    (64, 2, 3, 16, 2, 2, 32, [(31, 31), (90, 7), (32, 2)], 4),
+    (64, 4, 4, 16, 3, 1, (16, 32), [(1, 1), (16, 1), (17, 1), (31, 1), (33, 1), (40, 1)], 0),
+    (64, 6, 5, 32, 9, 3, (32, 64), [(100, 37), (33, 5), (64, 64), (97, 1)], 0),
+    (128, 3, 3, 16, 8, 1, (16, 16), [(50, 1), (75, 20)], 3),
+    (64, 2, 3, 16, 2, 2, (32, 128), [(31, 31), (90, 7), (32, 2)], 4),
 ]
 
 
@@ -60,10 +62,12 @@ def _ring_holding(keys, values, lens, q_lens, hk, d, ring_size):
     return ring, order
 
 
-@pytest.mark.parametrize("d,kb,vb,block_size,hq,hk,window,seqs,extra", CASES)
+@pytest.mark.parametrize("d,kb,vb,block_size,hq,hk,rule,seqs,extra", CASES)
 def test_windowed_attention_matches_reference(
-    d, kb, vb, block_size, hq, hk, window, seqs, extra, tolerance
+    d, kb, vb, block_size, hq, hk, rule, seqs, extra, tolerance
 ):
+    rule = ExactRule(*rule)
+    window = rule.window
     codec = LayerCodec(RecordLayout(d, kb, "mse", vb), seed=d + kb)
     lens, q_lens = [n for n, _ in seqs], [q for _, q in seqs]
     ring_size = window + extra
@@ -74,11 +78,11 @@ def test_windowed_attention_matches_reference(
     key = torch.cat([k[n - q : n] for k, n, q in zip(keys, lens, q_lens)])
     value = torch.cat([v[n - q : n] for v, n, q in zip(values, lens, q_lens)])
     query = torch.randn(len(key), hq, d, generator=torch.Generator().manual_seed(2))
-    index = exact_index(starts, seq_lens, rings, window, ring_size)
+    index = exact_index(starts, seq_lens, rings, rule, ring_size)
     before = ring.clone()
-    out = windowed_attention(query, key, value, cache, table, ring, index, codec, d**-0.5, window)
+    out = windowed_attention(query, key, value, cache, table, ring, index, codec, d**-0.5, rule)
     ref = exact_window_attention_reference(
-        query, cache, table, starts, seq_lens, keys, values, codec, d**-0.5, window
+        query, cache, table, starts, seq_lens, keys, values, codec, d**-0.5, rule
     )
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, ref, **tolerance)
@@ -96,10 +100,11 @@ def test_windowed_attention_matches_reference(
 @pytest.mark.parametrize("ring_dtype", [torch.float32, torch.bfloat16])
 def test_windowed_attention_is_chunking_invariant(tolerance, ring_dtype):
     """The rule depends on positions only: one 70-token prefill, or chunks of 9 (with the ring
-    carrying each chunk's first segment over), give the same rows. A float32 model's ring is
+    carrying each chunk's first exact tokens over), give the same rows. A float32 model's ring is
     bf16 (exact.ring_dtype): then a step's own exact tokens are read as rounded as the ring's,
     and both match the reference over the bf16-rounded keys and values."""
     d, hk, hq, window, block_size = 64, 1, 3, 16, 16
+    rule = ExactRule(window, anchor=64)
     codec = LayerCodec(RecordLayout(d, 4, "mse", 4), seed=3)
     cache, table, keys, values = make_cache(codec, [70], block_size, hk, seed=4)
     query = torch.randn(70, hq, d, generator=torch.Generator().manual_seed(6))
@@ -108,11 +113,9 @@ def test_windowed_attention_is_chunking_invariant(tolerance, ring_dtype):
 
     def step(lo, hi):
         starts = torch.tensor([0, hi - lo], dtype=torch.int32)
-        index = exact_index(starts, torch.tensor([hi], dtype=torch.int32), rings, window, window)
+        index = exact_index(starts, torch.tensor([hi], dtype=torch.int32), rings, rule, window)
         k, v = keys[0][lo:hi], values[0][lo:hi]
-        out = windowed_attention(
-            query[lo:hi], k, v, cache, table, ring, index, codec, 0.125, window
-        )
+        out = windowed_attention(query[lo:hi], k, v, cache, table, ring, index, codec, 0.125, rule)
         dispatch.write_ring(ring, k, v, index)
         return out
 
@@ -124,14 +127,34 @@ def test_windowed_attention_is_chunking_invariant(tolerance, ring_dtype):
     seq = dict(query_start_loc=torch.tensor([0, 70]), seq_lens=torch.tensor([70]))
     ref = exact_window_attention_reference(
         query, cache, table, **seq, keys=rounded[0], values=rounded[1], codec=codec,
-        scale=0.125, window=window,
+        scale=0.125, rule=rule,
     )  # fmt: skip
     torch.testing.assert_close(whole, ref, **tolerance)
 
 
+RULE_32 = ExactRule(32, anchor=128)
+
+
+def test_exact_rule_positions():
+    """W 32 (grain 8), anchor 128: back to the anchor for the first rows after one, else the
+    newest 25 .. 32 positions; rows of a grain share their start; W must divide the anchor."""
+    starts = {0: 0, 31: 0, 32: 8, 39: 8, 40: 16, 127: 96, 128: 128, 159: 128, 160: 136}
+    assert {p: RULE_32.start(p) for p in starts} == starts
+    positions = torch.arange(1000)
+    s = RULE_32.start(positions)
+    assert torch.equal(s, RULE_32.start(positions // 8 * 8))
+    assert torch.equal(s, torch.tensor([RULE_32.start(p) for p in range(1000)]))
+    seen = positions - s + 1
+    assert seen.min() == 1 and seen.max() == 32
+    assert (seen[positions % 128 >= 31] >= 25).all()
+    assert torch.equal(ExactRule(32, anchor=32).start(positions), positions // 32 * 32)
+    with pytest.raises(ValueError, match="dividing the block size"):
+        ExactRule(32, anchor=48)
+
+
 def test_exact_index_refuses_a_ring_smaller_than_the_window():
     with pytest.raises(ValueError, match="cannot hold a 32-token window"):
-        exact_index(torch.tensor([0, 1]), torch.tensor([5]), torch.tensor([0]), 32, 16)
+        exact_index(torch.tensor([0, 1]), torch.tensor([5]), torch.tensor([0]), RULE_32, 16)
 
 
 def test_windowed_attention_in_bf16(tolerance):
@@ -139,7 +162,9 @@ def test_windowed_attention_in_bf16(tolerance):
     run in one call of vLLM's kernel (dense_window.py) and the decode rows through
     the C++ op. Tolerance: DENSE_TOL's bf16 bound (the output's own
     rounding), against the float32 reference over the same bf16 numbers."""
-    d, kb, vb, block_size, hq, hk, window, seqs, _ = CASES[1]
+    d, kb, vb, block_size, hq, hk, rule, seqs, _ = CASES[1]
+    rule = ExactRule(*rule)
+    window = rule.window
     codec = LayerCodec(RecordLayout(d, kb, "mse", vb), seed=d + kb)
     lens, q_lens = [n for n, _ in seqs] + [70], [q for _, q in seqs] + [1]
     cache, table, keys, values = make_cache(codec, lens, block_size, hk, seed=1)
@@ -151,13 +176,13 @@ def test_windowed_attention_in_bf16(tolerance):
     key = torch.cat([k[n - q : n] for k, n, q in zip(keys, lens, q_lens)])
     value = torch.cat([v[n - q : n] for v, n, q in zip(values, lens, q_lens)])
     query = torch.randn(len(key), hq, d, generator=torch.Generator().manual_seed(2)).bfloat16()
-    index = exact_index(starts, seq_lens, rings, window, window)
+    index = exact_index(starts, seq_lens, rings, rule, window)
     out = windowed_attention(
         query, key.bfloat16(), value.bfloat16(), cache, table, ring.bfloat16(), index, codec,
-        d**-0.5, window,
+        d**-0.5, rule,
     )  # fmt: skip
     ref = exact_window_attention_reference(
-        query.float(), cache, table, starts, seq_lens, keys, values, codec, d**-0.5, window
+        query.float(), cache, table, starts, seq_lens, keys, values, codec, d**-0.5, rule
     )
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), ref, **DENSE_TOL[torch.bfloat16])

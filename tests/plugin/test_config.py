@@ -89,7 +89,9 @@ def test_exact_window_is_on_by_default_and_its_memory_said():
     """The default's window stays under inline keys that do not name it; the other presets
     set it to 0."""
     text = load_config({}).describe(64, 30)
-    assert "each query's own 32-token segment in the model dtype, 8192 bytes per request" in text
+    assert (
+        "each query's newest tokens (up to 32) in the model dtype, 8192 bytes per request" in text
+    )
     assert load_config({"turboquant": {"key_bits": 4, "value_bits": 4}}).exact_window == 32
     assert load_config({"turboquant": {"config": "k4v4"}}).exact_window == 0
     assert "exact window" not in load_config({"turboquant": {"exact_window": 0}}).describe(64, 30)

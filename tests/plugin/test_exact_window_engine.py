@@ -1,4 +1,4 @@
-"""exact_window in the real engine: each query's own 32-token segment read exactly, the rest
+"""exact_window in the real engine: each query's newest tokens (up to 32) read exactly, the rest
 from K4 V4 records; the rings inside vLLM's KV budget; the same results whatever the chunking
 or prefix-cache hits."""
 
@@ -58,7 +58,7 @@ def test_exact_window_is_closer_to_bf16_and_counted_by_vllm(tmp_path, whole_prom
             {"kv_cache_dtype": "turboquant", "additional_config": {"turboquant": K4V4}},
         )
     )
-    assert "exact window: each query's own 32-token segment" in window_log
+    assert "exact window: each query's newest tokens (up to 32)" in window_log
     # Measured 2026-12-02: mean |prompt logprob - bf16's| K4 V4 0.131, with the window 0.060.
     print(f"mean gaps to bf16: K4 V4 {gap(k4v4, bf16):.3f}, exact window {gap(windowed, bf16):.3f}")
     assert gap(windowed, bf16) < 0.6 * gap(k4v4, bf16)
@@ -71,7 +71,7 @@ def test_exact_window_is_closer_to_bf16_and_counted_by_vllm(tmp_path, whole_prom
 
 def test_exact_window_gives_the_same_results_whatever_the_chunking(tmp_path, whole_prompts):
     """Chunks of 45 tokens (not a multiple of the window), and prefix-cache hits (which start
-    at block boundaries, where a segment starts), against one whole-prompt prefill. Every
+    at block boundaries, where the rule's anchors are), against one whole-prompt prefill. Every
     chunk here has 16 rows or more (the prompts' 155 and 158 tokens leave 20 and 23), so all
     take the dense path, as the whole prompt does; a shorter chunk runs the fused op, which
     rounds differently (0.16 nats apart at most on these prompts' last 7 tokens, chunks of 37)."""

@@ -113,7 +113,7 @@ class TurboQuantBackend(AttentionBackend):
 
     @staticmethod
     def get_supported_kernel_block_sizes(kv_cache_spec: Any = None) -> list[int | MultipleOf]:
-        # With an exact window and no --block-size, blocks that hold a segment and a ring's
+        # With an exact window and no --block-size, blocks that hold a window and a ring's
         # worth of records: on CUDA vLLM asks once the model is built and picks its block size
         # by the answer (update_block_size_for_backend). A size the user gave is checked by the
         # plugin instead, whose errors name the window.
@@ -286,13 +286,13 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         query = query[:n].view(n, self.num_heads, self.head_size)
         out = output[:n].view(n, self.num_heads, self.head_size)
         if self.exact_window:
-            index = exact_ring.ring_metadata(layer).index
-            ring = layer.tq_exact_ring.kv_cache
+            window = exact_ring.ring_metadata(layer)
+            index, ring = window.index, layer.tq_exact_ring.kv_cache
             key = key[:n].view(n, self.num_kv_heads, self.head_size)
             value = value[:n].view(n, self.num_kv_heads, self.head_size)
             out[:] = windowed_attention(
                 query, key, value, kv_cache, m.block_table, ring, index, codec, self.scale,
-                self.exact_window, self.settings.config.sparse_v,
+                window.rule, self.settings.config.sparse_v,
             )  # fmt: skip
             dispatch.write_ring(ring, key, value, index)
             return output

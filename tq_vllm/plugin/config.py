@@ -26,8 +26,9 @@ Fields (all optional):
                          row's running maximum (the weights still count; the dense prefill and
                          the references read everything)
   exact_window           W (a power of two, 16..256; configs/default.yaml: 32): a query at
-                         position p also keeps its own W-aligned segment, positions
-                         floor(p / W) * W .. p, exact (the model dtype), stored in one ring per
+                         position p also reads its newest tokens exact (the model dtype):
+                         W - W/4 + 1 .. W of them, never reaching back past the start of its
+                         vLLM block (kernels/window/exact.py, ExactRule), stored in one ring per
                          request and layer inside vLLM's KV budget. 0: every token is read from
                          its record (the named presets other than the default and k5v4-w32).
                          Inline keys keep the default's window unless they set this one
@@ -57,8 +58,8 @@ from tq_vllm.record.layout import VALUE_MODES, RecordLayout
 CONFIG_DIR = Path(presets.__file__).resolve().parent  # the repository's configs/
 ENV_VAR = "TQ_VLLM_CONFIG"
 LAYER_FIELDS = ("key_bits", "value_bits", "key_mode", "value_mode")
-# Powers of two, so that they divide vLLM's block sizes: a prefix-cache hit then starts a
-# segment, and needs nothing from a ring it has not filled.
+# Powers of two, so that they divide vLLM's block sizes: a prefix-cache hit then starts at an
+# anchor of the rule (ExactRule), and needs nothing from a ring it has not filled.
 EXACT_WINDOWS = (16, 32, 64, 128, 256)
 
 
@@ -271,7 +272,7 @@ class TurboQuantConfig:
         if self.exact_window:
             w = self.exact_window
             text += (
-                f"; exact window: each query's own {w}-token segment in the model dtype, "
+                f"; exact window: each query's newest tokens (up to {w}) in the model dtype, "
                 f"{w * dense} bytes per request per KV head and layer (a ring in vLLM's budget)"
             )
         return text

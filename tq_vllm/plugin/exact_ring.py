@@ -26,7 +26,7 @@ from vllm.v1.attention.backend import (
     CommonAttentionMetadata,
 )
 
-from tq_vllm.kernels.window.exact import ExactIndex, exact_index
+from tq_vllm.kernels.window.exact import ExactIndex, ExactRule, exact_index
 from tq_vllm.plugin import compat
 
 RING_SUFFIX = ".tq_exact_ring"
@@ -36,6 +36,7 @@ logger = logging.getLogger("tq_vllm")
 @dataclass
 class RingMetadata:
     index: ExactIndex
+    rule: ExactRule
 
 
 class RingMetadataBuilder(AttentionMetadataBuilder[RingMetadata]):
@@ -45,10 +46,12 @@ class RingMetadataBuilder(AttentionMetadataBuilder[RingMetadata]):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         from tq_vllm.plugin import startup
 
-        self.window = startup.active_settings().config.exact_window
+        window = startup.active_settings().config.exact_window
         self.ring_size = kv_cache_spec.block_size
         # Startup may not have known the block size: vLLM has chosen it since.
-        startup.check_exact_window(self.window, vllm_config.cache_config.block_size)
+        block_size = vllm_config.cache_config.block_size
+        startup.check_exact_window(window, block_size)
+        self.rule = ExactRule(window, anchor=block_size)
 
     def build(
         self,
@@ -59,8 +62,8 @@ class RingMetadataBuilder(AttentionMetadataBuilder[RingMetadata]):
         m = common_attn_metadata
         rings = m.block_table_tensor[: m.num_reqs, 0].cpu()
         lens = m.seq_lens[: m.num_reqs].cpu()
-        index = exact_index(m.query_start_loc_cpu, lens, rings, self.window, self.ring_size)
-        return RingMetadata(index.to(self.device))
+        index = exact_index(m.query_start_loc_cpu, lens, rings, self.rule, self.ring_size)
+        return RingMetadata(index.to(self.device), self.rule)
 
 
 class RingBackend(AttentionBackend):

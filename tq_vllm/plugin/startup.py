@@ -153,8 +153,8 @@ def choose_window_block(vllm_config: Any, settings: Settings) -> None:
 
 
 def smallest_block(vllm_config: Any, settings: Settings) -> int:
-    """The smallest block size (a power of two, 16 or more) that no W-aligned segment straddles
-    and whose block of records holds a 16-bit ring: the block size where the user gave none
+    """The smallest block size (a power of two, 16 or more) that W divides and whose block of
+    records holds a 16-bit ring: the block size where the user gave none
     (vLLM's CUDA default, 16, holds neither; its CPU default, 128, not every config's ring)."""
     window = settings.config.exact_window
     ring = ring_bytes(ring_size(vllm_config, window), settings.head_dim, 2)
@@ -178,9 +178,9 @@ def ring_bytes(slots: int, head_dim: int, itemsize: int) -> int:
 
 
 def check_exact_window(window: int, block_size: int | None) -> None:
-    """A W-aligned segment never straddles a block, so a prefix-cache hit (whole blocks) starts
-    a segment and reads nothing from a ring it has not filled. block_size None: vLLM picks it
-    later, and the ring's metadata builder asks again."""
+    """The rule's anchors are the block boundaries (ExactRule: W must divide the block size), so
+    a prefix-cache hit (whole blocks) reads nothing exactly from a ring it has not filled.
+    block_size None: vLLM picks it later, and the ring's metadata builder asks again."""
     if window and block_size and block_size % window:
         raise ConfigError(f"exact_window {window} must divide the block size ({block_size} tokens)")
 

@@ -107,6 +107,7 @@ def record_launches(variant: Variant) -> list[tuple[str, Any, tuple, dict]]:
     from tq_vllm.kernels.context.triton_context import context_attention
     from tq_vllm.kernels.decode.triton_decode import decode_attention
     from tq_vllm.kernels.store.triton_store import store_kv
+    from tq_vllm.kernels.window.exact import ExactRule
     from tq_vllm.record.codec import LayerCodec
     from tq_vllm.record.layout import RecordLayout
 
@@ -153,7 +154,7 @@ def record_launches(variant: Variant) -> list[tuple[str, Any, tuple, dict]]:
         "context (fresh)": lambda: context_attention(
             query, key, key, cache, table, qsl, lens, codec, 0.1, max_query_len=1, **sparse
         ),
-        # The exact window's prefill chunks: compressed positions before the own segment, lse.
+        # The exact window's prefill chunks: compressed positions before the exact ones, lse.
         "context (window)": lambda: context_attention(
             query,
             None,
@@ -166,7 +167,7 @@ def record_launches(variant: Variant) -> list[tuple[str, Any, tuple, dict]]:
             0.1,
             max_query_len=1,
             sparse_v=v.sparse_v,
-            exact_window=32,
+            exact_rule=ExactRule(window=32, anchor=128),
             lse_out=torch.empty(2, hk * group),
         ),
     }

@@ -95,7 +95,7 @@ def all_configs(num_layers: int = 30) -> dict[str, EvalConfig]:
         )
         for t in (1e-3, 1e-2)
     ]
-    # The exact window (each query's own W-aligned segment in bf16): W 32 where a ring fits in
+    # The exact window (each query's newest tokens in bf16, ExactRule): W 32 where a ring fits in
     # a 128-token block of records (>= 64 bytes per token per head), W 16 below.
     configs += [
         EvalConfig(
