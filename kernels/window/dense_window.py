@@ -5,19 +5,22 @@ A row at position p sees the compressed tokens before s(p) (ExactRule.start) and
 ones from s(p) to p. For rows that share s (a G-aligned group, or neighbouring groups reaching
 back to the same anchor) that is plain causal attention over a virtual sequence: compressed
 tokens 0 .. s - 1, then exact tokens s .. (the rows are its last positions). Each such run of
-the chunk's rows becomes a sequence of one varlen call. They share
-the paged blocks of whole compressed blocks, dequantized once (dense.dequantized); each has
-private blocks from its last partial compressed block on, holding compressed tokens up to s
-and then its exact ones. The exact keys and values are rotated into the compressed tokens'
-basis and rounded to the query's dtype, as the dense path rounds the compressed ones.
+the chunk's rows becomes a sequence of one varlen call. They share the whole compressed
+pages, dequantized once in the model's basis (dense.dequantized); each has
+private pages from its last partial compressed page on, holding compressed tokens up to s and
+then its exact ones, rounded to the query's dtype. Pages are PAGE tokens, the smallest the
+kernel's AMX path takes: a run's private part is then at most PAGE - G compressed tokens and W
+exact ones (128-token pages copied up to 127 + W per run, and the copies cost more than the
+kernel's own work on them).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from tq_vllm.kernels.context.dense import (
-    DENSE_BLOCK,
     PagedDenseCache,
     _cpu_attention_isa,
     dequantized,
@@ -26,6 +29,8 @@ from tq_vllm.kernels.context.dense import (
 )
 from tq_vllm.kernels.window.exact import ExactRule
 from tq_vllm.record.codec import LayerCodec
+
+PAGE = 32  # tokens per page of the temporary cache: a multiple of 32, as the AMX path needs
 
 
 def windowed_prefill(
@@ -47,7 +52,7 @@ def windowed_prefill(
     isa = _cpu_attention_isa(query.dtype, d)
     if isa is None or n == 0:
         return None
-    dtype, block = query.dtype, DENSE_BLOCK
+    dtype = query.dtype
     end = first + n
     s_first, s_last = rule.start(first), rule.start(end - 1)
     if s_last:
@@ -55,64 +60,82 @@ def windowed_prefill(
         keys, values = keys.transpose(0, 1), values.transpose(0, 1)  # [s_last, Hk, d]
     else:
         keys = values = exact.new_empty(0, exact.shape[1], d, dtype=dtype)
-    exact_keys = codec.rotate_queries(exact[..., :d]).to(dtype)
-    exact_values = exact[..., d:]
-    if not codec.layout.uniform_values:  # uniform values stay in the model's basis
-        exact_values = codec.rotate(exact_values)
     # Source rows: compressed positions 0 .. s_last - 1, then exact s_first .. end - 1.
-    source_k = torch.cat([keys, exact_keys])
-    source_v = torch.cat([values, exact_values.to(dtype)])
-    shared = s_last // block  # whole compressed blocks, slots = positions
-    rows, slots, tables, seq_lens, q_lens = [torch.arange(shared * block)], [], [], [], []
-    slots.append(rows[0])
-    next_block = shared
-    for s, lo, stop in _runs(first, end, rule):
-        from_block = s // block * block
-        compressed = torch.arange(from_block, s)
-        exact_rows = s_last + torch.arange(s, stop) - s_first
-        count = stop - from_block
-        private = -(-count // block)
-        rows += [compressed, exact_rows]
-        slots.append(next_block * block + torch.arange(count))
-        tables.append(list(range(s // block)) + list(range(next_block, next_block + private)))
-        next_block += private
-        seq_lens.append(stop)
-        q_lens.append(stop - lo)
-    table = torch.zeros(len(tables), max(map(len, tables)), dtype=torch.int32)
-    for i, row in enumerate(tables):
-        table[i, : len(row)] = torch.tensor(row, dtype=torch.int32)
-    picked, slot_mapping = torch.cat(rows), torch.cat(slots)
+    source_k = torch.cat([keys, exact[..., :d].to(dtype)])
+    source_v = torch.cat([values, exact[..., d:].to(dtype)])
+    pages = _virtual_pages(first, end, rule, s_first, s_last)
 
     def attend() -> torch.Tensor:
         import vllm._custom_ops as ops
 
-        # Zeroed: the kernel reads whole blocks (NaN bit patterns past a sequence's end would
-        # reach the output through 0-weight products).
-        cache = torch.zeros(next_block, kv_cache.shape[1], 2 * block, d, dtype=dtype)
+        # Every slot of every page is written (pads repeat a run's last row): the kernel reads
+        # whole pages, and garbage past a sequence's end (NaN bit patterns) would reach the
+        # output through 0-weight products.
+        cache = torch.empty(pages.count, kv_cache.shape[1], 2 * PAGE, d, dtype=dtype)
         key_cache, value_cache = cache.chunk(2, dim=2)
-        ops.cpu_attn_reshape_and_cache(
-            source_k[picked], source_v[picked], key_cache, value_cache, slot_mapping, isa
+        shared = pages.shared * PAGE  # whole compressed pages: slot = position = source row
+        parts = (
+            (source_k[:shared], source_v[:shared], torch.arange(shared)),
+            (source_k[pages.rows], source_v[pages.rows], pages.slots),
         )
-        lens = torch.tensor(seq_lens, dtype=torch.int32)
-        paged = PagedDenseCache(key_cache, value_cache, table, lens, isa)
-        q = codec.rotate_queries(query).to(dtype).contiguous()
-        return paged_dense_attention(q, paged, q_lens, scale)
+        for k, v, slots in parts:
+            ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, isa)
+        paged = PagedDenseCache(key_cache, value_cache, pages.table, pages.seq_lens, isa)
+        return paged_dense_attention(query.contiguous(), paged, pages.q_lens, scale)
 
-    out = with_vllm_ops(attend)
-    if out is None or codec.layout.uniform_values:
-        return out
-    return codec.unrotate(out).to(dtype)
+    return with_vllm_ops(attend)
 
 
-def _runs(first: int, end: int, rule: ExactRule) -> list[tuple[int, int, int]]:
-    """(s, lo, stop) for each run of positions lo .. stop - 1 in first .. end - 1 sharing
-    s = rule.start: the rule's G-aligned groups, neighbours with the same s joined."""
-    runs: list[tuple[int, int, int]] = []
+@dataclass
+class VirtualPages:
+    """The chunk's runs as sequences of one varlen call over a temporary paged cache: pages
+    0 .. shared - 1 hold compressed positions 0 .. shared * PAGE - 1 (read by every run that
+    reaches them), then each run's private pages in run order."""
+
+    count: int  # pages in all
+    shared: int
+    rows: torch.Tensor  # int64: the source row of each private slot, in slot order
+    slots: torch.Tensor  # int64: shared * PAGE .. count * PAGE - 1
+    table: torch.Tensor  # int32 [runs, pages]: each run's pages
+    seq_lens: torch.Tensor  # int32 [runs]: a run's virtual length, its last row's position + 1
+    q_lens: list[int]  # each run's rows
+
+
+def _virtual_pages(
+    first: int, end: int, rule: ExactRule, s_first: int, s_last: int
+) -> VirtualPages:
+    """Positions first .. end - 1 in runs sharing s = rule.start (the rule's G-aligned groups,
+    neighbours with the same s joined). Source rows: compressed positions 0 .. s_last - 1, then
+    exact positions s_first .. end - 1."""
     g = rule.grain
-    for lo in [first, *range(first // g * g + g, end, g)]:
-        s, stop = rule.start(lo), min(end, lo // g * g + g)
-        if runs and runs[-1][0] == s:
-            runs[-1] = (s, runs[-1][1], stop)
-        else:
-            runs.append((s, lo, stop))
-    return runs
+    lo = torch.cat([torch.tensor([first]), torch.arange(first // g * g + g, end, g)])
+    stop = (lo // g * g + g).clamp(max=end)
+    s, groups = torch.unique_consecutive(rule.start(lo), return_counts=True)
+    last = groups.cumsum(0) - 1
+    lo, stop = lo[last - groups + 1], stop[last]
+    own = s // PAGE  # whole compressed pages a run reads from the shared ones
+    private = (stop - own * PAGE + PAGE - 1) // PAGE
+    shared = s_last // PAGE
+    # Private slot k of run r holds position own[r] * PAGE + k: compressed below s, exact up
+    # to the run's last row, then that row again (a pad, past the run's length).
+    slots_each = private * PAGE
+    run = torch.repeat_interleave(torch.arange(len(s)), slots_each)
+    k = torch.arange(int(slots_each.sum())) - torch.repeat_interleave(
+        slots_each.cumsum(0) - slots_each, slots_each
+    )
+    pos = own[run] * PAGE + k
+    exact_row = s_last - s_first + torch.minimum(pos, stop[run] - 1)
+    rows = torch.where(pos < s[run], pos, exact_row)
+    page0 = shared + private.cumsum(0) - private
+    col = torch.arange(int((own + private).max()))[None]
+    table = torch.where(col < own[:, None], col, page0[:, None] + col - own[:, None])
+    table = table.masked_fill(col >= (own + private)[:, None], 0).to(torch.int32)
+    return VirtualPages(
+        count=shared + int(private.sum()),
+        shared=shared,
+        rows=rows,
+        slots=shared * PAGE + torch.arange(len(rows)),
+        table=table,
+        seq_lens=stop.to(torch.int32),
+        q_lens=(stop - lo).tolist(),
+    )

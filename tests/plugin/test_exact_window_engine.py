@@ -9,6 +9,8 @@ import pytest
 import torch
 from cases import generate
 
+from tq_vllm.kernels.context.dense import _cpu_attention_isa
+
 vllm = pytest.importorskip("vllm")
 
 pytestmark = pytest.mark.server
@@ -74,7 +76,14 @@ def test_exact_window_gives_the_same_results_whatever_the_chunking(tmp_path, who
     at block boundaries, where the rule's anchors are), against one whole-prompt prefill. Every
     chunk here has 16 rows or more (the prompts' 155 and 158 tokens leave 20 and 23), so all
     take the dense path, as the whole prompt does; a shorter chunk runs the fused op, which
-    rounds differently (0.16 nats apart at most on these prompts' last 7 tokens, chunks of 37)."""
+    rounds differently (0.16 nats apart at most on these prompts' last 7 tokens, chunks of 37).
+
+    Where vLLM's kernel runs on AMX tiles it rounds the softmax weights to bf16 in tiles shaped
+    by the rows it gets, so chunking moves its own bf16 prefill too: by up to 0.073 nats on
+    these prompts with the model dtype's cache (and a greedy token after a near-tie), measured
+    2026-12-05 on a Xeon with AMX. There the bound is 0.15 nats and the tokens may differ; a
+    cache read at wrong positions moves logprobs by nats."""
+    amx = _cpu_attention_isa(torch.bfloat16, 64) == "amx"
     plain, _ = whole_prompts
     chunked, cached = generate(
         tmp_path,
@@ -85,9 +94,10 @@ def test_exact_window_gives_the_same_results_whatever_the_chunking(tmp_path, who
     hits = json.loads(sorted(tmp_path.glob("out*.json"))[-1].read_text())["prefix_cache_hits"]
     assert hits >= 128  # the second pass started after whole cached blocks
     for a, b, c in zip(plain, chunked, cached):
-        assert a["token_ids"] == b["token_ids"] == c["token_ids"], (a["text"], b["text"])
+        if not amx:
+            assert a["token_ids"] == b["token_ids"] == c["token_ids"], (a["text"], b["text"])
         diff = max(abs(x - y) for x, y in zip(a["prompt_logprobs"], b["prompt_logprobs"]))
-        assert diff < 1e-3, diff
+        assert diff < (0.15 if amx else 1e-3), diff
 
 
 def test_exact_window_recomputes_the_same_cache_after_preemption(tmp_path):
