@@ -1,7 +1,6 @@
 """The dense prefill path on the CPU: dequantize a sequence's cached keys and values once (C++,
-dequantize.cpp: the reference's values, rotated back to the model's basis and rounded to the
-model's dtype), then attend with vLLM's own CPU attention kernel, or PyTorch's SDPA where that
-cannot run.
+dequantize.cpp: exactly the reference's values, rounded to the model's dtype), then attend
+with vLLM's own CPU attention kernel, or PyTorch's SDPA where that cannot run.
 
 Why vLLM's kernel: for prefill on a bf16 model it is about twice as fast per score as SDPA at
 head_dim 64 (AMX tiles where the CPU has them), and it is the kernel the bf16 baseline runs.
@@ -191,10 +190,10 @@ def dense_attention(
 ) -> torch.Tensor:
     """The new rows query [T, Hq, d] of sequences `seqs`, q_lens[i] each, in order, over their
     lens[i] cached tokens (the rows' own are the last), causal: keys and values dequantized
-    once to query's dtype in the model's basis, then vLLM's CPU attention kernel
-    (vllm_cpu_attention), or SDPA where that cannot run. With sliding_window W a row sees its
-    last W positions only, and nothing before the first row's window is dequantized (vLLM may
-    have freed those blocks): the blocks from the one holding that window's first token."""
+    once to query's dtype, then vLLM's CPU attention kernel (vllm_cpu_attention), or SDPA
+    where that cannot run. With sliding_window W a row sees its last W positions only, and
+    nothing before the first row's window is dequantized (vLLM may have freed those blocks):
+    the blocks from the one holding that window's first token."""
     keys, values = [], []
     block_size = kv_cache.shape[2]
     for b, q_len, length in zip(seqs, q_lens, lens):
@@ -205,32 +204,26 @@ def dense_attention(
                            query.dtype)  # fmt: skip
         keys.append(k)
         values.append(v)
-    q = query.contiguous()
+    q = codec.rotate_queries(query).to(query.dtype).contiguous()
     o = vllm_cpu_attention(q, keys, values, q_lens, scale, sliding_window)
     if o is None:
         parts = zip(q.split(q_lens), keys, values)
         o = torch.cat([_sdpa(qb, k, v, scale, sliding_window) for qb, k, v in parts])
-    return o
+    if codec.layout.uniform_values:  # unrotated values: the output is in the model's basis
+        return o
+    return codec.unrotate(o).to(query.dtype)
 
 
 def dequantized(
     kv_cache: torch.Tensor, blocks: torch.Tensor, length: int, codec: LayerCodec, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The first `length` cached tokens of the sequence whose block-table row is `blocks`, as
-    keys and values [Hk, length, d] in dtype, in the model's basis (C++, dequantize.cpp):
-    dequantized in float32, rotated back (keys, and Lloyd-Max values; uniform values are stored
-    unrotated), then rounded once to dtype.
-
-    Why the model's basis: the keys and values of a chunk's Hk heads are rotated back here,
-    where otherwise its queries and outputs, Hq heads each, would be rotated (3x the rows at
-    the embedded model's GQA ratio), and the queries reach vLLM's kernel unrounded."""
+    keys and values [Hk, length, d] in dtype (C++, dequantize.cpp): keys in the rotated basis,
+    Lloyd-Max values too, uniform values in the model's."""
     books = codebooks(codec)
-    split = codec.layout.split_keys  # each KV head's M_h [Hk, d, d], else R
     return cpu_extension.ops().dequantize(
         kv_cache, blocks.to(torch.int32).contiguous(), length, books.key, books.value,
         books.layout, codec.head_dim, dtype, books.outlier,
-        codec.key.rotation.contiguous() if split else codec.rotation,
-        None if codec.layout.uniform_values else codec.rotation,
     )  # fmt: skip
 
 

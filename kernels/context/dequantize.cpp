@@ -3,12 +3,7 @@
 namespace tq {
 namespace {
 
-// Dequantize: one sequence's cached tokens as dense keys and values, rotated, or in the model's
-// basis where the caller passes the rotations (key_rotation M [d, d], or [Hk, d, d] per head for
-// split keys; value_rotation R; the row is rotated back as M^T y in float32, then rounded once).
-// Rotated back row by row in a fixed order, a token's keys do not depend on how many tokens
-// are dequantized with it, as a BLAS product's rounding would (chunked prefill and prefix-cache
-// hits must reproduce one whole prefill).
+// Dequantize: one sequence's cached tokens as dense rotated keys and values.
 // For chunked prefill on bf16 models: the caller attends over the result with a dense kernel
 // (oneDNN, AMX where the CPU has it), far faster per score than the fused float32 loop once
 // a chunk has more than a few rows. Lloyd-Max values are norm * c[idx] in float32; uniform
@@ -46,16 +41,10 @@ TQ_NO_FMA void write_scaled<c10::BFloat16>(const float* src, float scale, float 
 }
 #endif
 
-struct BackRotations {
-  const float* key = nullptr;  // nullptr: rows stay rotated
-  int64_t key_head_stride = 0;  // d * d where each KV head has its own (split keys)
-  const float* value = nullptr;
-};
-
 template <typename T>
 void dequantize_into(const PagedCache& C, const int32_t* blocks, int64_t length, int d,
                      const Layout& L, const float* kc, const float* vc, const OutlierPart& O,
-                     const BackRotations& back, T* out) {
+                     T* out) {
   const int64_t hk = C.hk, block_size = C.block_size;
   const int64_t nb = (length + block_size - 1) / block_size;
   const int regular = d - O.count;
@@ -65,44 +54,25 @@ void dequantize_into(const PagedCache& C, const int32_t* blocks, int64_t length,
   T* keys = out;
   T* values = out + hk * length * d;
   at::parallel_for(0, hk * nb, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(d), scaled(d), model(d);
+    std::vector<float> row(d);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t h = item / nb, i = item % nb, block = blocks[i];
       TORCH_CHECK(block >= 0 && block < C.num_blocks, "block_table entry ", block,
                   " out of range for a cache of ", C.num_blocks, " blocks");
       const uint8_t* rec = C.head(block, h);
       const int64_t t0 = i * block_size, t1 = std::min(length, t0 + block_size);
-      const float* key_back = back.key ? back.key + h * back.key_head_stride : nullptr;
-      // Where a rotation is given a row is scaled in float32 into `scaled`, rotated back, then
-      // rounded into dst (back_into); else scaled straight into dst.
-      auto back_into = [&](const float* rotation, T* dst) {
-        combine_rows(rotation, scaled.data(), d, 1.f, model.data());
-        write_scaled(model.data(), 1.f, 0.f, false, d, dst);
-      };
       for (int64_t t = t0; t < t1; ++t, rec += C.ss) {
         const int64_t at = (h * length + t) * d;
-        auto key_part = [&](float norm, int offset, int n) {  // the regular or outlier channels
-          if (key_back)
-            write_scaled(row.data(), norm, 0.f, false, n, scaled.data() + offset);
-          else
-            write_scaled(row.data(), norm, 0.f, false, n, keys + at + offset);
-        };
         decode_k(rec + L.key_indices, row.data());
-        key_part(load_half(rec + L.key_norm), 0, regular);
+        write_scaled(row.data(), load_half(rec + L.key_norm), 0.f, false, regular, keys + at);
         if (O.count) {
           decode_o(rec + O.indices, row.data());
-          key_part(load_half(rec + O.norm), regular, O.count);
+          write_scaled(row.data(), load_half(rec + O.norm), 0.f, false, O.count,
+                       keys + at + regular);
         }
-        if (key_back) back_into(key_back, keys + at);
         decode_v(rec + L.value_indices, row.data());
-        const float norm = load_half(rec + L.value_norm);
-        if (back.value) {
-          write_scaled(row.data(), norm, 0.f, false, d, scaled.data());
-          back_into(back.value, values + at);
-        } else {
-          const float zero = uniform ? load_half(rec + L.value_zero) : 0.f;
-          write_scaled(row.data(), norm, zero, uniform, d, values + at);
-        }
+        const float zero = uniform ? load_half(rec + L.value_zero) : 0.f;
+        write_scaled(row.data(), load_half(rec + L.value_norm), zero, uniform, d, values + at);
       }
     }
   });
@@ -114,9 +84,7 @@ void dequantize_into(const PagedCache& C, const int32_t* blocks, int64_t length,
 at::Tensor dequantize(const at::Tensor& kv_cache, const at::Tensor& blocks, int64_t length,
                       const at::Tensor& key_centroids, const at::Tensor& value_centroids,
                       at::IntArrayRef layout, int64_t head_dim, at::ScalarType dtype,
-                      const std::optional<at::Tensor>& outlier_centroids,
-                      const std::optional<at::Tensor>& key_rotation,
-                      const std::optional<at::Tensor>& value_rotation) {
+                      const std::optional<at::Tensor>& outlier_centroids) {
   const PagedCache C = paged_cache(kv_cache);
   const Layout L = parse_layout(layout, head_dim, C.record);
   TORCH_CHECK(!L.prod && L.key_bits >= 1, "dequantize reads mse keys of 1..8 bits");
@@ -133,28 +101,10 @@ at::Tensor dequantize(const at::Tensor& kv_cache, const at::Tensor& blocks, int6
               "centroids must be contiguous float32 with 2^bits entries");
   const int d = static_cast<int>(head_dim);
   const OutlierPart O = outlier_part(L, outlier_centroids);
-  BackRotations back;
-  if (key_rotation) {
-    const at::Tensor& M = *key_rotation;
-    const bool per_head = M.dim() == 3;
-    TORCH_CHECK(M.scalar_type() == at::kFloat && M.is_contiguous() && M.size(-1) == d &&
-                    M.size(-2) == d && (M.dim() == 2 || (per_head && M.size(0) == hk)),
-                "key_rotation must be contiguous float32 [d, d] or [Hk, d, d]");
-    back.key = M.data_ptr<float>();
-    back.key_head_stride = per_head ? int64_t{d} * d : 0;
-  }
-  if (value_rotation) {
-    const at::Tensor& R = *value_rotation;
-    TORCH_CHECK(!L.uniform_values, "uniform values are stored unrotated: no value_rotation");
-    TORCH_CHECK(R.scalar_type() == at::kFloat && R.is_contiguous() && R.dim() == 2 &&
-                    R.size(0) == d && R.size(1) == d,
-                "value_rotation must be contiguous float32 [d, d]");
-    back.value = R.data_ptr<float>();
-  }
   auto out = at::empty({2, hk, length, head_dim}, kv_cache.options().dtype(dtype));
   auto run = [&](auto* dst) {
     dequantize_into(C, blocks.data_ptr<int32_t>(), length, d, L, key_centroids.data_ptr<float>(),
-                    value_centroids.data_ptr<float>(), O, back, dst);
+                    value_centroids.data_ptr<float>(), O, dst);
   };
   switch (dtype) {
     case at::kFloat: run(out.data_ptr<float>()); break;
@@ -173,8 +123,7 @@ TORCH_LIBRARY_FRAGMENT(TQ_OPS, m) {
   m.def(
       "dequantize(Tensor kv_cache, Tensor blocks, int length, Tensor key_centroids, "
       "Tensor value_centroids, int[] layout, int head_dim, ScalarType dtype, "
-      "Tensor? outlier_centroids=None, Tensor? key_rotation=None, "
-      "Tensor? value_rotation=None) -> Tensor");
+      "Tensor? outlier_centroids=None) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(TQ_OPS, CPU, m) { m.impl("dequantize", &tq::dequantize); }

@@ -1,25 +1,11 @@
 // Decoding rows of packed indices into centroid values (RowDecoder), shared by the C++ ops that
 // read records (attention.cpp, dequantize.cpp): per ISA, unpacking whole groups and looking the
-// codebook up in registers where it fits. Also their rotation back (combine_rows).
+// codebook up in registers where it fits.
 #pragma once
 
 #include "byte_planes.h"
 
 namespace tq {
-
-// y = scale * M^T x for M [d, d] row-major: a sum of M's rows, so the inner loop runs over
-// contiguous floats and vectorizes (a dot per output would be a float reduction, which -O3
-// leaves scalar). R q is combine_rows(R^T, q); R^T y is combine_rows(R, y). Each output's
-// sum runs in the same order whatever the rows around it, unlike a BLAS product's.
-inline void combine_rows(const float* __restrict__ M, const float* __restrict__ x, int d,
-                         float scale, float* __restrict__ y) {
-  for (int i = 0; i < d; ++i) y[i] = 0.f;
-  for (int j = 0; j < d; ++j) {
-    const float a = scale * x[j];
-    const float* __restrict__ row = M + static_cast<size_t>(j) * d;
-    for (int i = 0; i < d; ++i) y[i] += a * row[i];
-  }
-}
 
 // Centroid values of one row of b-bit indices: c[idx] for each of the n indices at p.
 class RowDecoder {

@@ -6,12 +6,12 @@ ones from s(p) to p. For rows that share s (a G-aligned group, or neighbouring g
 back to the same anchor) that is plain causal attention over a virtual sequence: compressed
 tokens 0 .. s - 1, then exact tokens s .. (the rows are its last positions). Each such run of
 the chunk's rows becomes a sequence of one varlen call. They share the whole compressed
-pages, dequantized once in the model's basis (dense.dequantized); each has
-private pages from its last partial compressed page on, holding compressed tokens up to s and
-then its exact ones, rounded to the query's dtype. Pages are PAGE tokens, the smallest the
-kernel's AMX path takes: a run's private part is then at most PAGE - G compressed tokens and W
-exact ones (128-token pages copied up to 127 + W per run, and the copies cost more than the
-kernel's own work on them).
+pages, dequantized once (dense.dequantized); each has private pages from its last partial
+compressed page on, holding compressed tokens up to s and then its exact ones (rotated into the
+compressed tokens' basis and rounded to the query's dtype, as the dense path rounds the
+compressed ones). Pages are PAGE tokens, the smallest the kernel's AMX path takes: a run's
+private part is then at most PAGE - G compressed tokens and W exact ones (128-token pages
+copied up to 127 + W per run, and the copies cost more than the kernel's own work on them).
 """
 
 from __future__ import annotations
@@ -60,9 +60,12 @@ def windowed_prefill(
         keys, values = keys.transpose(0, 1), values.transpose(0, 1)  # [s_last, Hk, d]
     else:
         keys = values = exact.new_empty(0, exact.shape[1], d, dtype=dtype)
+    exact_values = exact[..., d:]
+    if not codec.layout.uniform_values:  # uniform values stay in the model's basis
+        exact_values = codec.rotate(exact_values)
     # Source rows: compressed positions 0 .. s_last - 1, then exact s_first .. end - 1.
-    source_k = torch.cat([keys, exact[..., :d].to(dtype)])
-    source_v = torch.cat([values, exact[..., d:].to(dtype)])
+    source_k = torch.cat([keys, codec.rotate_queries(exact[..., :d]).to(dtype)])
+    source_v = torch.cat([values, exact_values.to(dtype)])
     pages = _virtual_pages(first, end, rule, s_first, s_last)
 
     def attend() -> torch.Tensor:
@@ -81,9 +84,13 @@ def windowed_prefill(
         for k, v, slots in parts:
             ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, isa)
         paged = PagedDenseCache(key_cache, value_cache, pages.table, pages.seq_lens, isa)
-        return paged_dense_attention(query.contiguous(), paged, pages.q_lens, scale)
+        q = codec.rotate_queries(query).to(dtype).contiguous()
+        return paged_dense_attention(q, paged, pages.q_lens, scale)
 
-    return with_vllm_ops(attend)
+    out = with_vllm_ops(attend)
+    if out is None or codec.layout.uniform_values:
+        return out
+    return codec.unrotate(out).to(dtype)
 
 
 @dataclass

@@ -13,15 +13,7 @@ import logging
 
 import pytest
 import torch
-from cases import (
-    CPU_TOL,
-    DENSE_TOL,
-    dense_kernel_calls,
-    dequantized,
-    make_cache,
-    split_codec,
-    strided_view,
-)
+from cases import CPU_TOL, DENSE_TOL, dense_kernel_calls, make_cache, strided_view
 
 from tq_vllm.kernels import cpu_extension, dispatch
 from tq_vllm.kernels.context import cpu_context, dense
@@ -185,25 +177,6 @@ def test_dequantize_5_6_bits_any_codebook(d, bits, codebook):
     got_k, got_v = cpp_dequantize(codec, cache, table[0], 50, torch.float32)
     ref_k, ref_v = gather_context(cache, table[0], 50, codec)
     assert torch.equal(got_k, ref_k) and torch.equal(got_v, ref_v)
-
-
-@pytest.mark.parametrize("split", [False, True])
-def test_dense_dequantize_in_the_model_basis(split):
-    """dense.dequantized rotates keys (each KV head by its own M_h where keys are split) and
-    values back to the model's basis: the reference's dequantized values within float32
-    rounding, and each token's rows bit for bit the same whatever the length dequantized
-    (chunking and prefix-cache hits rely on it; a BLAS product's rounding follows its row
-    count)."""
-    codec = split_codec() if split else LayerCodec(RecordLayout(64, 5, "mse", 4), seed=3)
-    cache, table, keys, values = make_cache(codec, [50], 16, 3, seed=2)
-    got_k, got_v = dense.dequantized(cache, table[0], 50, codec, torch.float32)
-    ref_k, ref_v = dequantized(codec, keys[0], values[0])  # [50, Hk, d]
-    torch.testing.assert_close(got_k.transpose(0, 1), ref_k, **CPU_TOL)
-    torch.testing.assert_close(got_v.transpose(0, 1), ref_v, **CPU_TOL)
-    for dtype in (torch.float32, torch.bfloat16):
-        whole_k, whole_v = dense.dequantized(cache, table[0], 50, codec, dtype)
-        short_k, short_v = dense.dequantized(cache, table[0], 17, codec, dtype)
-        assert torch.equal(short_k, whole_k[:, :17]) and torch.equal(short_v, whole_v[:, :17])
 
 
 # d, key bits, value bits, block size, hq, hk

@@ -2,8 +2,7 @@
 
 Attention runs in the rotated domain: <q, k> = <R q, R k> and sum_i p_i v_i = R^T sum_i p_i R v_i,
 so a layer rotates its queries once, compares them with R k_hat straight from the codes, and
-rotates the attention output back once; dequantized keys and values never leave that domain
-(except on the CPU's dense prefill path, which rotates them back: kernels/context/dense.py).
+rotates the attention output back once; dequantized keys and values never leave that domain.
 Uniform values (value_mode "uniform", upstream vLLM's format) are quantized unrotated, so they
 are rotated after dequantization: a matmul more, on the PyTorch path only. Split keys (outlier
 channels, quant/outliers.py) have their own rotation per KV head, M_h: queries are rotated by it
