@@ -12,6 +12,11 @@ from cases import generate
 from tq_vllm.kernels.context.dense import _cpu_attention_isa
 
 vllm = pytest.importorskip("vllm")
+# Where vLLM's kernel runs on AMX tiles it rounds the softmax weights to bf16 in tiles shaped by
+# the rows it gets: its own bf16 prefill then moves with chunking (measured 2026-12-05 on a Xeon
+# with AMX: 0.073 nats between a whole prompt and 45-token chunks, and a greedy token flipped
+# after a near-tie), and every gap to bf16 gets that jitter on top.
+AMX = _cpu_attention_isa(torch.bfloat16, 64) == "amx"
 
 pytestmark = pytest.mark.server
 HISTORY = (
@@ -62,8 +67,9 @@ def test_exact_window_is_closer_to_bf16_and_counted_by_vllm(tmp_path, whole_prom
     )
     assert "exact window: each query's newest tokens (up to 32)" in window_log
     # Measured 2026-12-02: mean |prompt logprob - bf16's| K4 V4 0.131, with the window 0.060.
+    # On AMX (2026-12-05): K4 V4 0.086, with the window 0.052, the jitter in both.
     print(f"mean gaps to bf16: K4 V4 {gap(k4v4, bf16):.3f}, exact window {gap(windowed, bf16):.3f}")
-    assert gap(windowed, bf16) < 0.6 * gap(k4v4, bf16)
+    assert gap(windowed, bf16) < (0.7 if AMX else 0.6) * gap(k4v4, bf16)
     assert "Augustus" in windowed["text"]
     # One ring block per request for its whole life, in vLLM's own count: requests of 1,024
     # tokens in 128-token blocks hold 8 record blocks, plus the ring's.
@@ -77,13 +83,8 @@ def test_exact_window_gives_the_same_results_whatever_the_chunking(tmp_path, who
     chunk here has 16 rows or more (the prompts' 155 and 158 tokens leave 20 and 23), so all
     take the dense path, as the whole prompt does; a shorter chunk runs the fused op, which
     rounds differently (0.16 nats apart at most on these prompts' last 7 tokens, chunks of 37).
-
-    Where vLLM's kernel runs on AMX tiles it rounds the softmax weights to bf16 in tiles shaped
-    by the rows it gets, so chunking moves its own bf16 prefill too: by up to 0.073 nats on
-    these prompts with the model dtype's cache (and a greedy token after a near-tie), measured
-    2026-12-05 on a Xeon with AMX. There the bound is 0.15 nats and the tokens may differ; a
-    cache read at wrong positions moves logprobs by nats."""
-    amx = _cpu_attention_isa(torch.bfloat16, 64) == "amx"
+    On AMX (see AMX) the bound is 0.15 nats and the tokens may differ; a cache read at wrong
+    positions moves logprobs by nats."""
     plain, _ = whole_prompts
     chunked, cached = generate(
         tmp_path,
@@ -94,10 +95,10 @@ def test_exact_window_gives_the_same_results_whatever_the_chunking(tmp_path, who
     hits = json.loads(sorted(tmp_path.glob("out*.json"))[-1].read_text())["prefix_cache_hits"]
     assert hits >= 128  # the second pass started after whole cached blocks
     for a, b, c in zip(plain, chunked, cached):
-        if not amx:
+        if not AMX:
             assert a["token_ids"] == b["token_ids"] == c["token_ids"], (a["text"], b["text"])
         diff = max(abs(x - y) for x, y in zip(a["prompt_logprobs"], b["prompt_logprobs"]))
-        assert diff < (0.15 if amx else 1e-3), diff
+        assert diff < (0.15 if AMX else 1e-3), diff
 
 
 def test_exact_window_recomputes_the_same_cache_after_preemption(tmp_path):
