@@ -83,6 +83,17 @@ def make_cache(codec, lens, block_size, hk, seed, stored=None):
     return cache, table, keys, values
 
 
+def vllm_attention_on_amx() -> bool:
+    """Whether vLLM's CPU attention runs a bf16 model on AMX tiles here. It then rounds the
+    softmax weights to bf16 in tiles shaped by the rows it gets, so its own bf16 prefill moves
+    with chunking (measured 2026-12-05 on a Xeon with AMX: 0.073 nats between a whole prompt
+    and 45-token chunks, and a greedy token flipped after a near-tie), and every gap to bf16
+    gets that jitter on top: engine tests that compare at rounding level bound it there."""
+    from tq_vllm.kernels.context.dense import _cpu_attention_isa
+
+    return _cpu_attention_isa(torch.bfloat16, 64) == "amx"
+
+
 def outlier_channels(hk, d, n, seed=0):
     """Each of hk KV heads' n outlier channels, drawn at random."""
     gen = torch.Generator().manual_seed(seed)

@@ -10,8 +10,8 @@ pages, dequantized once (dense.dequantized); each has private pages from its las
 compressed page on, holding compressed tokens up to s and then its exact ones (rotated into the
 compressed tokens' basis and rounded to the query's dtype, as the dense path rounds the
 compressed ones). Pages are PAGE tokens, the smallest the kernel's AMX path takes: a run's
-private part is then at most PAGE - G compressed tokens and W exact ones (128-token pages
-copied up to 127 + W per run, and the copies cost more than the kernel's own work on them).
+private part is then at most PAGE - G compressed tokens and W exact ones, where 128-token
+pages copied up to 127 + W per run.
 """
 
 from __future__ import annotations

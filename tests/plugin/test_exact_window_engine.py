@@ -7,16 +7,9 @@ import re
 
 import pytest
 import torch
-from cases import generate
-
-from tq_vllm.kernels.context.dense import _cpu_attention_isa
+from cases import generate, vllm_attention_on_amx
 
 vllm = pytest.importorskip("vllm")
-# Where vLLM's kernel runs on AMX tiles it rounds the softmax weights to bf16 in tiles shaped by
-# the rows it gets: its own bf16 prefill then moves with chunking (measured 2026-12-05 on a Xeon
-# with AMX: 0.073 nats between a whole prompt and 45-token chunks, and a greedy token flipped
-# after a near-tie), and every gap to bf16 gets that jitter on top.
-AMX = _cpu_attention_isa(torch.bfloat16, 64) == "amx"
 
 pytestmark = pytest.mark.server
 HISTORY = (
@@ -69,7 +62,7 @@ def test_exact_window_is_closer_to_bf16_and_counted_by_vllm(tmp_path, whole_prom
     # Measured 2026-12-02: mean |prompt logprob - bf16's| K4 V4 0.131, with the window 0.060.
     # On AMX (2026-12-05): K4 V4 0.086, with the window 0.052, the jitter in both.
     print(f"mean gaps to bf16: K4 V4 {gap(k4v4, bf16):.3f}, exact window {gap(windowed, bf16):.3f}")
-    assert gap(windowed, bf16) < (0.7 if AMX else 0.6) * gap(k4v4, bf16)
+    assert gap(windowed, bf16) < (0.7 if vllm_attention_on_amx() else 0.6) * gap(k4v4, bf16)
     assert "Augustus" in windowed["text"]
     # One ring block per request for its whole life, in vLLM's own count: requests of 1,024
     # tokens in 128-token blocks hold 8 record blocks, plus the ring's.
@@ -83,8 +76,9 @@ def test_exact_window_gives_the_same_results_whatever_the_chunking(tmp_path, who
     chunk here has 16 rows or more (the prompts' 155 and 158 tokens leave 20 and 23), so all
     take the dense path, as the whole prompt does; a shorter chunk runs the fused op, which
     rounds differently (0.16 nats apart at most on these prompts' last 7 tokens, chunks of 37).
-    On AMX (see AMX) the bound is 0.15 nats and the tokens may differ; a cache read at wrong
-    positions moves logprobs by nats."""
+    On AMX (cases.vllm_attention_on_amx) the bound is 0.15 nats and the tokens may differ; a
+    cache read at wrong positions moves logprobs by nats."""
+    amx = vllm_attention_on_amx()
     plain, _ = whole_prompts
     chunked, cached = generate(
         tmp_path,
@@ -95,10 +89,10 @@ def test_exact_window_gives_the_same_results_whatever_the_chunking(tmp_path, who
     hits = json.loads(sorted(tmp_path.glob("out*.json"))[-1].read_text())["prefix_cache_hits"]
     assert hits >= 128  # the second pass started after whole cached blocks
     for a, b, c in zip(plain, chunked, cached):
-        if not AMX:
+        if not amx:
             assert a["token_ids"] == b["token_ids"] == c["token_ids"], (a["text"], b["text"])
         diff = max(abs(x - y) for x, y in zip(a["prompt_logprobs"], b["prompt_logprobs"]))
-        assert diff < (0.15 if AMX else 1e-3), diff
+        assert diff < (0.15 if amx else 1e-3), diff
 
 
 def test_exact_window_recomputes_the_same_cache_after_preemption(tmp_path):

@@ -3,10 +3,8 @@ page (one KV-cache group, per-layer page sizes), so 8-bit edge layers cost bytes
 layers only instead of padding all thirty."""
 
 import pytest
-import torch
-from cases import generate
+from cases import generate, vllm_attention_on_amx
 
-from tq_vllm.kernels.context.dense import _cpu_attention_isa
 from tq_vllm.plugin.config import load_config
 from tq_vllm.tools.server import kv_cache_tokens
 
@@ -55,13 +53,13 @@ def test_edge_layers_at_8_bits_cost_only_their_own_bytes(tmp_path):
     assert tokens["edge8"] > 1.7 * tokens["k4v4"] * 68 / 132
     # Each layer reads its records with its own layout: the facts survive, and the 8-bit edges
     # bring the prompt logprobs closer to bf16's than K4 V4 (measured mean gap 0.119 nats
-    # against 0.136; a layer read with another layer's layout gives garbage). Where vLLM's
-    # kernel runs on AMX tiles (bf16 softmax weights, rounded by tile shape) the order did not
-    # hold: 0.118 against 0.094 on a Xeon with AMX, 2026-12-05; there both must stay close.
+    # against 0.136; a layer read with another layer's layout gives garbage). On AMX
+    # (cases.vllm_attention_on_amx) the order did not hold: 0.118 against 0.094 on a Xeon
+    # with AMX, 2026-12-05; there both must stay close.
     for (prompt, fact), run in zip(PROMPTS.items(), runs["edge8"]):
         assert fact in run["text"], (prompt, run["text"])
     gaps = {name: mean_gap(runs[name], runs["bf16"]) for name in ("k4v4", "edge8")}
     print("mean |prompt logprob - bf16's|:", gaps)
     assert max(gaps.values()) < 0.2, gaps
-    if _cpu_attention_isa(torch.bfloat16, 64) != "amx":
+    if not vllm_attention_on_amx():
         assert gaps["edge8"] < gaps["k4v4"], gaps
