@@ -7,6 +7,25 @@
 
 namespace tq {
 
+#ifdef TQ_AVX512
+// table[i] for each lane's index i < 2^B: from t, the table's first 64 entries in four
+// registers, up to 6 bits; a gather from memory above.
+template <int B>
+inline __m512 table_lookup(const __m512* t, __m512i i, const float* table) {
+  if constexpr (B <= 4) {
+    return _mm512_permutexvar_ps(i, t[0]);
+  } else if constexpr (B == 5) {
+    return _mm512_permutex2var_ps(t[0], i, t[1]);
+  } else if constexpr (B == 6) {
+    const __mmask16 high = _mm512_test_epi32_mask(i, _mm512_set1_epi32(32));
+    return _mm512_mask_blend_ps(high, _mm512_permutex2var_ps(t[0], i, t[1]),
+                                _mm512_permutex2var_ps(t[2], i, t[3]));
+  } else {
+    return _mm512_i32gather_ps(i, table, 4);
+  }
+}
+#endif
+
 // Centroid values of one row of b-bit indices: c[idx] for each of the n indices at p.
 class RowDecoder {
  public:
@@ -149,26 +168,12 @@ class RowDecoder {
         for (int v = 0; v < m; v += 16) {
           const __m512i i = _mm512_cvtepu8_epi32(_mm_load_si128(
               reinterpret_cast<const __m128i*>(idx + v)));
-          _mm512_storeu_ps(o + c + v, lookup<B>(i));
+          _mm512_storeu_ps(o + c + v, table_lookup<B>(t_, i, c_));
         }
       }
     }
   }
 
-  template <int B>
-  __m512 lookup(__m512i i) const {
-    if constexpr (B <= 4) {
-      return _mm512_permutexvar_ps(i, t_[0]);
-    } else if constexpr (B == 5) {
-      return _mm512_permutex2var_ps(t_[0], i, t_[1]);
-    } else if constexpr (B == 6) {
-      const __mmask16 high = _mm512_test_epi32_mask(i, _mm512_set1_epi32(32));
-      return _mm512_mask_blend_ps(high, _mm512_permutex2var_ps(t_[0], i, t_[1]),
-                                  _mm512_permutex2var_ps(t_[2], i, t_[3]));
-    } else {
-      return _mm512_i32gather_ps(i, c_, 4);
-    }
-  }
   bool fast_ = false;
   __m512i perm_, shift_, mask_;
   __m512 t_[4];
