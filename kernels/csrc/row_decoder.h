@@ -26,6 +26,22 @@ inline __m512 table_lookup(const __m512* t, __m512i i, const float* table) {
 }
 #endif
 
+// Entries [8 * first, 8 * first + 2^(B - 3) * 8) of a table held 8 floats per register in t,
+// for B <= 6, by index bits 3..B-1: vpermps on the low 3 bits, blends on the rest.
+#ifdef TQ_AVX2
+template <int B>
+inline __m256 table_pick(const __m256* t, __m256i i, int first) {
+  if constexpr (B <= 3) {
+    return _mm256_permutevar8x32_ps(t[first], i);
+  } else {
+    const __m256 low = table_pick<B - 1>(t, i, first);
+    const __m256 high = table_pick<B - 1>(t, i, first + (1 << (B - 4)));
+    // Index bit B - 1 moved to the sign bit selects.
+    return _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(i, 32 - B)));
+  }
+}
+#endif
+
 // Centroid values of one row of b-bit indices: c[idx] for each of the n indices at p.
 class RowDecoder {
  public:
@@ -232,16 +248,9 @@ class RowDecoder {
     }
   }
 
-  // Entries [8 * first, 8 * first + 2^(B - 3) * 8) of the table, by index bits 3..B-1.
   template <int B>
   __m256 pick(__m256i i, int first) const {
-    if constexpr (B <= 3) {
-      return _mm256_permutevar8x32_ps(t_[first], i);
-    } else {
-      const __m256 low = pick<B - 1>(i, first), high = pick<B - 1>(i, first + (1 << (B - 4)));
-      // Index bit B - 1 moved to the sign bit selects.
-      return _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(i, 32 - B)));
-    }
+    return table_pick<B>(t_, i, first);
   }
 
   // pick<B> of a symmetric codebook: an index in the upper half reads the mirror entry of the

@@ -79,9 +79,9 @@ inline void pack_indices(const int32_t* idx, int64_t n, int bits, uint8_t* out) 
 // record (pack_indices) and its centroids c[idx]. Where the row allows, whole groups of 8
 // indices are packed by multiply-adds (pairs, then fours, then eights, as the bit stream
 // concatenates them) and the centroids are read back from the packed bytes by RowDecoder, as
-// the attention reads them; on AVX-512 the search keeps the boundaries in registers (up to
-// 6 bits) instead of gathering them. The scalar packing loop and the per-coordinate lookup
-// were most of the store's own time.
+// the attention reads them; the search keeps the boundaries in registers (up to 6 bits)
+// instead of gathering them. The scalar packing loop, the per-coordinate lookup and the
+// gathers were most of the store's own time.
 class RowIndexer {
  public:
   RowIndexer(const float* bnd, const float* cent, int bits, int n)
@@ -99,6 +99,10 @@ class RowIndexer {
     compact_ = _mm512_load_si512(compact);
 #elif defined(TQ_AVX2)
     fast_ = bits >= 1 && bits <= 6 && n % 32 == 0 && n <= 256;  // pack_row's buffer
+    alignas(32) float table[64];  // as on AVX-512: boundaries, never-read padding
+    for (int i = 0; i < 64; ++i)
+      table[i] = i < (1 << bits) - 1 ? bnd[i] : std::numeric_limits<float>::infinity();
+    for (int k = 0; k < 8; ++k) t_[k] = _mm256_load_ps(table + 8 * k);
     alignas(32) uint8_t compact[32];  // per 128-bit lane: its two groups' 2b bytes first
     for (int k = 0; k < 16; ++k)
       compact[k] = compact[16 + k] =
@@ -184,7 +188,9 @@ class RowIndexer {
   __m512 t_[4];
   __m512i compact_;
 #elif defined(TQ_AVX2)
-  // 32 coordinates a step: bucketize's gathers, 4 vectors' searches interleaved.
+  // 32 coordinates a step, 4 vectors' searches interleaved; the boundaries by table_pick's
+  // permutes and blends (gathers are slow on AMD before Zen 4 and on Intel parts with the GDS
+  // microcode fix, RowDecoder::chosen_lookups).
   template <int B>
   void pack_row(const float* u, uint8_t* packed) const {
     alignas(32) uint8_t out[256 * 6 / 8 + 16];  // n * B / 8 bytes, and a step's spill
@@ -198,8 +204,7 @@ class RowIndexer {
 #pragma GCC unroll 4
         for (int v = 0; v < 4; ++v) {
           const __m256i cand = _mm256_add_epi32(i[v], _mm256_set1_epi32(1 << s));
-          const __m256 b =
-              _mm256_i32gather_ps(bnd_, _mm256_sub_epi32(cand, _mm256_set1_epi32(1)), 4);
+          const __m256 b = table_pick<B>(t_, _mm256_sub_epi32(cand, _mm256_set1_epi32(1)), 0);
           const __m256 lower = _mm256_cmp_ps(b, x[v], _CMP_NGE_UQ);
           i[v] = _mm256_blendv_epi8(i[v], cand, _mm256_castps_si256(lower));
         }
@@ -214,6 +219,7 @@ class RowIndexer {
     }
     std::memcpy(packed, out, n_ * B / 8);
   }
+  __m256 t_[8];
   __m256i compact_;
 #endif
   const float* bnd_;
