@@ -40,6 +40,7 @@ HEADERS = [
     HERE / "csrc" / "byte_planes.h",
     HERE / "csrc" / "row_decoder.h",
     *(HERE / "decode" / name for name in ("attention_math.h", "bf16_dots.h", "dots.h")),
+    HERE / "store" / "row_indexer.h",
 ]
 ISA_ENV = "TQ_VLLM_CPU_ISA"
 # Threads for at::parallel_for need OpenMP in our build: on Linux (gcc, torch's libgomp); Apple's
