@@ -68,21 +68,20 @@ class RowIndexer {
   RowIndexer(const float* bnd, const float* cent, int bits, int n)
       : bnd_(bnd), cent_(cent), bits_(bits), n_(n) {
     if (bits > 0) decoder_.emplace(cent, bits, n);
+#if defined(TQ_AVX512) || defined(TQ_AVX2)
+    alignas(64) float table[64];  // 2^bits - 1 boundaries (up to 6 bits); the rest is never read
+    for (int i = 0; i < 64; ++i)
+      table[i] = i < (1 << bits) - 1 ? bnd[i] : std::numeric_limits<float>::infinity();
+#endif
 #ifdef TQ_AVX512
     fast_ = bits >= 1 && bits <= 6 && n % 16 == 0;
     if (!fast_) return;
-    alignas(64) float table[64];  // 2^bits - 1 boundaries; the rest is never read
-    for (int i = 0; i < 64; ++i)
-      table[i] = i < (1 << bits) - 1 ? bnd[i] : std::numeric_limits<float>::infinity();
     for (int k = 0; k < 4; ++k) t_[k] = _mm512_load_ps(table + 16 * k);
     alignas(64) uint8_t compact[64] = {};  // byte k of the packed chunk: group k / b, byte k % b
     for (int k = 0; k < 8 * bits; ++k) compact[k] = static_cast<uint8_t>(8 * (k / bits) + k % bits);
     compact_ = _mm512_load_si512(compact);
 #elif defined(TQ_AVX2)
     fast_ = bits >= 1 && bits <= 6 && n % 32 == 0 && n <= 256;  // pack_row's buffer
-    alignas(32) float table[64];  // as on AVX-512: boundaries, never-read padding
-    for (int i = 0; i < 64; ++i)
-      table[i] = i < (1 << bits) - 1 ? bnd[i] : std::numeric_limits<float>::infinity();
     for (int k = 0; k < 8; ++k) t_[k] = _mm256_load_ps(table + 8 * k);
     alignas(32) uint8_t compact[32];  // per 128-bit lane: its two groups' 2b bytes first
     for (int k = 0; k < 16; ++k)
