@@ -35,10 +35,13 @@ def windowed_attention(
     scale: float,
     rule: ExactRule,
     sparse_v: float = 0.0,
+    whole_chunk: bool = False,
 ) -> torch.Tensor:
     """query [T, Hq, d] and the step's key, value [T, Hk, d] (already stored as records),
     block_table [B, max_blocks] of the step's sequences, ring [num_rings, Hk, R, 2d] (read,
-    not written), index on query's device. Returns [T, Hq, d] in query's dtype."""
+    not written), index on query's device. whole_chunk: the rows of a chunk that runs in vLLM's
+    CPU kernel read exactly from s(its first row) on (config window_prefill "chunk"). Returns
+    [T, Hq, d] in query's dtype."""
     starts = [0]
     for rows in index.seq_rows:
         starts.append(starts[-1] + rows)
@@ -56,7 +59,7 @@ def windowed_attention(
         first = index.seq_lens[b] - (hi - lo)  # the chunk's first position
         exact = sequence_exact(key, value, ring, index, lo, hi)
         chunk = windowed_prefill(
-            query[lo:hi], exact, kv_cache, block_table[b], first, codec, scale, rule
+            query[lo:hi], exact, kv_cache, block_table[b], first, codec, scale, rule, whole_chunk
         )
         if chunk is not None:
             out[lo:hi], fused[lo:hi] = chunk, False

@@ -15,9 +15,10 @@ import torch
 from cases import CPU_TOL, DENSE_TOL, make_cache
 
 from tq_vllm.kernels import cpu_extension, dispatch
+from tq_vllm.kernels.context.dense import _cpu_attention_isa
 from tq_vllm.kernels.window.exact import ExactRule, exact_index
 from tq_vllm.kernels.window.reference import exact_window_attention_reference
-from tq_vllm.kernels.window.windowed import windowed_attention
+from tq_vllm.kernels.window.windowed import CHUNK_ROWS, windowed_attention
 from tq_vllm.record.codec import LayerCodec
 from tq_vllm.record.layout import RecordLayout
 
@@ -51,6 +52,14 @@ CASES = [
 ]
 
 
+def _whole_chunks(whole_chunk, cache, codec, dtype, d):
+    """The reference's whole_chunks for windowed_attention(..., whole_chunk): chunks read
+    exactly from their first row's s where they run in vLLM's CPU kernel (the C++ family, a
+    dtype and head dim the kernel takes); elsewhere prefill rows read as decode rows do."""
+    in_vllm = dispatch.cpu_kernel(cache, codec) and _cpu_attention_isa(dtype, d) is not None
+    return CHUNK_ROWS if whole_chunk and in_vllm else 0
+
+
 def _ring_holding(keys, values, lens, q_lens, hk, d, ring_size):
     """Rings (NaN-filled) as earlier steps leave them: each sequence's last R tokens before
     this step, at slot position mod R; ring b belongs to sequence b, in a shuffled order."""
@@ -62,9 +71,10 @@ def _ring_holding(keys, values, lens, q_lens, hk, d, ring_size):
     return ring, order
 
 
+@pytest.mark.parametrize("whole_chunk", [False, True])
 @pytest.mark.parametrize("d,kb,vb,block_size,hq,hk,rule,seqs,extra", CASES)
 def test_windowed_attention_matches_reference(
-    d, kb, vb, block_size, hq, hk, rule, seqs, extra, tolerance
+    d, kb, vb, block_size, hq, hk, rule, seqs, extra, whole_chunk, tolerance
 ):
     rule = ExactRule(*rule)
     window = rule.window
@@ -80,9 +90,13 @@ def test_windowed_attention_matches_reference(
     query = torch.randn(len(key), hq, d, generator=torch.Generator().manual_seed(2))
     index = exact_index(starts, seq_lens, rings, rule, ring_size)
     before = ring.clone()
-    out = windowed_attention(query, key, value, cache, table, ring, index, codec, d**-0.5, rule)
+    out = windowed_attention(
+        query, key, value, cache, table, ring, index, codec, d**-0.5, rule,
+        whole_chunk=whole_chunk,
+    )  # fmt: skip
+    whole = _whole_chunks(whole_chunk, cache, codec, query.dtype, d)
     ref = exact_window_attention_reference(
-        query, cache, table, starts, seq_lens, keys, values, codec, d**-0.5, rule
+        query, cache, table, starts, seq_lens, keys, values, codec, d**-0.5, rule, whole
     )
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, ref, **tolerance)
@@ -157,11 +171,13 @@ def test_exact_index_refuses_a_ring_smaller_than_the_window():
         exact_index(torch.tensor([0, 1]), torch.tensor([5]), torch.tensor([0]), RULE_32, 16)
 
 
-def test_windowed_attention_in_bf16(tolerance):
+@pytest.mark.parametrize("whole_chunk", [False, True])
+def test_windowed_attention_in_bf16(whole_chunk, tolerance):
     """bf16 rows as a bf16 model gives them. On the CPU the prefill chunks (16 rows or more)
-    run in one call of vLLM's kernel (dense_window.py) and the decode rows through
-    the C++ op. Tolerance: DENSE_TOL's bf16 bound (the output's own
-    rounding), against the float32 reference over the same bf16 numbers."""
+    run in one call of vLLM's kernel (dense_window.py), by the rule or (whole_chunk) reading
+    exactly from their first row's s, and the decode rows through the C++ op. Tolerance:
+    DENSE_TOL's bf16 bound (the output's own rounding), against the float32 reference over the
+    same bf16 numbers."""
     d, kb, vb, block_size, hq, hk, rule, seqs, _ = CASES[1]
     rule = ExactRule(*rule)
     window = rule.window
@@ -179,10 +195,16 @@ def test_windowed_attention_in_bf16(tolerance):
     index = exact_index(starts, seq_lens, rings, rule, window)
     out = windowed_attention(
         query, key.bfloat16(), value.bfloat16(), cache, table, ring.bfloat16(), index, codec,
-        d**-0.5, rule,
+        d**-0.5, rule, whole_chunk=whole_chunk,
     )  # fmt: skip
+    whole = _whole_chunks(whole_chunk, cache, codec, query.dtype, d)
     ref = exact_window_attention_reference(
-        query.float(), cache, table, starts, seq_lens, keys, values, codec, d**-0.5, rule
+        query.float(), cache, table, starts, seq_lens, keys, values, codec, d**-0.5, rule, whole
     )
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     torch.testing.assert_close(out.float(), ref, **DENSE_TOL[torch.bfloat16])
+    if whole:  # the chunks' rows read more exactly than by the rule (0.139 apart at most)
+        by_rule = exact_window_attention_reference(
+            query.float(), cache, table, starts, seq_lens, keys, values, codec, d**-0.5, rule
+        )
+        assert (by_rule - ref).abs().max() > 3 * DENSE_TOL[torch.bfloat16]["atol"]

@@ -69,6 +69,7 @@ def test_layer_overrides_and_padding():
         ({"exact_window": 512}, "exact_window"),
         ({"exact_window": True}, "exact_window"),
         ({"exact_window": "32"}, "exact_window"),
+        ({"window_prefill": "rule"}, "window_prefill"),
     ],
 )
 def test_bad_configs_name_the_field(inline, field):
@@ -95,6 +96,9 @@ def test_exact_window_is_on_by_default_and_its_memory_said():
     assert load_config({"turboquant": {"key_bits": 4, "value_bits": 4}}).exact_window == 32
     assert load_config({"turboquant": {"config": "k4v4"}}).exact_window == 0
     assert "exact window" not in load_config({"turboquant": {"exact_window": 0}}).describe(64, 30)
+    assert "prefill chunks read as 'chunk'" in text  # the default; the eval asks for 'decode'
+    decode = load_config({"turboquant": {"window_prefill": "decode"}})
+    assert "prefill chunks read as 'decode'" in decode.describe(64, 30)
 
 
 def test_bad_yaml_and_layer_range(tmp_path):

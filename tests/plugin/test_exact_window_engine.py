@@ -1,6 +1,7 @@
 """exact_window in the real engine: each query's newest tokens (up to 32) read exactly, the rest
-from K4 V4 records; the rings inside vLLM's KV budget; the same results whatever the chunking
-or prefix-cache hits."""
+from K4 V4 records; the rings inside vLLM's KV budget; with window_prefill "decode" the same
+results whatever the chunking or prefix-cache hits; with "chunk" (the default) a prefill chunk
+reads its own tokens exactly."""
 
 import json
 import re
@@ -20,9 +21,13 @@ PROMPT = HISTORY * 4 + "In summary, the first Roman emperor was"
 PROMPTS = [PROMPT, PROMPT + " a man named"]
 K4V4 = {"key_bits": 4, "value_bits": 4, "exact_window": 0}
 BASE = {"max_model_len": 1024, "kv_cache_memory_bytes": 1 << 28, "enable_prefix_caching": False}
-WINDOWED = {
+WINDOWED = {  # prefill rows read as decode rows: results independent of the chunking
     "kv_cache_dtype": "turboquant",
-    "additional_config": {"turboquant": {**K4V4, "exact_window": 32}},
+    "additional_config": {"turboquant": {**K4V4, "exact_window": 32, "window_prefill": "decode"}},
+}
+CHUNK_PREFILL = {
+    "kv_cache_dtype": "turboquant",
+    "additional_config": {"turboquant": {**K4V4, "exact_window": 32, "window_prefill": "chunk"}},
 }
 # K4 V4 on the embedded model: 68 bytes x 3 KV heads x 30 layers per token, 128-token blocks
 # (a ring's block is padded to the same page).
@@ -51,19 +56,26 @@ def whole_prompts(tmp_path_factory):
 def test_exact_window_is_closer_to_bf16_and_counted_by_vllm(tmp_path, whole_prompts):
     (windowed, _), window_log = whole_prompts
     logs: list[str] = []
-    bf16, k4v4 = (
+    bf16, k4v4, chunk = (
         generate(tmp_path, {**BASE, **extra}, [PROMPT], max_tokens=4, log=logs)[0][0]
         for extra in (
             {},
             {"kv_cache_dtype": "turboquant", "additional_config": {"turboquant": K4V4}},
+            {**CHUNK_PREFILL, "enable_chunked_prefill": False},
         )
     )
     assert "exact window: each query's newest tokens (up to 32)" in window_log
+    assert "prefill chunks read as 'decode'" in window_log
     # Measured 2026-12-02: mean |prompt logprob - bf16's| K4 V4 0.131, with the window 0.060.
-    # On AMX (2026-12-05): K4 V4 0.086, with the window 0.052, the jitter in both.
-    print(f"mean gaps to bf16: K4 V4 {gap(k4v4, bf16):.3f}, exact window {gap(windowed, bf16):.3f}")
+    # On AMX (2026-12-05): K4 V4 0.086, with the window 0.052, the jitter in both. A whole
+    # prompt read as one chunk reads every prompt token exactly (2026-12-06, AMX: 0.020).
+    print(
+        f"mean gaps to bf16: K4 V4 {gap(k4v4, bf16):.3f}, exact window {gap(windowed, bf16):.3f}"
+        f", the prompt as one exact chunk {gap(chunk, bf16):.3f}"
+    )
     assert gap(windowed, bf16) < (0.7 if vllm_attention_on_amx() else 0.6) * gap(k4v4, bf16)
-    assert "Augustus" in windowed["text"]
+    assert gap(chunk, bf16) < 0.5 * gap(windowed, bf16)
+    assert "Augustus" in windowed["text"] and "Augustus" in chunk["text"]
     # One ring block per request for its whole life, in vLLM's own count: requests of 1,024
     # tokens in 128-token blocks hold 8 record blocks, plus the ring's.
     plain, ringed = (float(CONCURRENCY.search(log).group(1)) for log in (logs[1], window_log))

@@ -116,10 +116,17 @@ LONG_PROMPT = (
 
 
 def test_chunked_prefill_and_prefix_caching_give_the_same_results(tmp_path):
-    """Every query reads the compressed cache, its own chunk included, so the schedule does not
-    change what attention sees: same greedy tokens, same prompt logprobs to float noise."""
+    """With window_prefill "decode" every query reads what a decode step at its position would
+    (the compressed cache, its own chunk included, and the exact window by position), so the
+    schedule does not change what attention sees: same greedy tokens, same prompt logprobs to
+    float noise. (The default, "chunk", reads a prefill chunk's own tokens exactly.)"""
     prompts = [LONG_PROMPT, "The capital of France is", LONG_PROMPT + " a man named"]
-    base = {"kv_cache_dtype": "turboquant", "max_model_len": 1024, "kv_cache_memory_bytes": 1 << 28}
+    base = {
+        "kv_cache_dtype": "turboquant",
+        "additional_config": {"turboquant": {"window_prefill": "decode"}},
+        "max_model_len": 1024,
+        "kv_cache_memory_bytes": 1 << 28,
+    }
     plain = generate(
         tmp_path, {**base, "enable_chunked_prefill": False, "enable_prefix_caching": False}, prompts
     )[0]

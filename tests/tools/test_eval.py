@@ -174,6 +174,9 @@ def test_quick_eval_keeps_default_bound(tmp_path):
         ratio = row["conversations"] / bf16["conversations"]
         assert ratio == pytest.approx(by_bytes, rel=0.01), (row["config"]["name"], ratio)
     assert windowed["ppl"] < 1.05 * bf16["ppl"]  # K4 V4 alone: +7.6% on 8K tokens
+    # Every prompt token scored as a decode step at its position reads, whatever the chunking.
+    logs = [p.read_text() for p in (tmp_path / "quality_runs").glob("default.*.log")]
+    assert logs and all("prefill chunks read as 'decode'" in log for log in logs)
 
 
 def test_ops_read_uniform_records_with_the_reference():

@@ -293,6 +293,7 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
             out[:] = windowed_attention(
                 query, key, value, kv_cache, m.block_table, ring, index, codec, self.scale,
                 window.rule, self.settings.config.sparse_v,
+                self.settings.config.window_prefill == "chunk",
             )  # fmt: skip
             dispatch.write_ring(ring, key, value, index)
             return output

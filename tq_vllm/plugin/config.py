@@ -32,6 +32,14 @@ Fields (all optional):
                          request and layer inside vLLM's KV budget. 0: every token is read from
                          its record (the named presets other than the default and k5v4-w32).
                          Inline keys keep the default's window unless they set this one
+  window_prefill         with exact_window, what the rows of a prefill chunk read exactly where
+                         the chunk runs in vLLM's CPU kernel (kernels/window/dense_window.py):
+                         "chunk" (default): the chunk's own tokens and those from s(first row)
+                         on, one causal attention; "decode": each row what a decode step at its
+                         position reads (the rule), so results do not depend on the chunking.
+                         Elsewhere (CUDA, the fused fallback) prefill rows always read as decode
+                         rows do. The eval measures with "decode": the quality of each token as
+                         generated
 
 Every layer's record has its own size: vLLM gives each layer its own page (one KV-cache group,
 per-layer page sizes), so higher precision on a few layers costs bytes on those layers only.
@@ -61,6 +69,7 @@ LAYER_FIELDS = ("key_bits", "value_bits", "key_mode", "value_mode")
 # Powers of two, so that they divide vLLM's block sizes: a prefix-cache hit then starts at an
 # anchor of the rule (ExactRule), and needs nothing from a ring it has not filled.
 EXACT_WINDOWS = (16, 32, 64, 128, 256)
+WINDOW_PREFILLS = ("chunk", "decode")
 
 
 class ConfigError(ValueError):
@@ -107,6 +116,7 @@ class TurboQuantConfig:
     key_outlier_channels: Sequence[Any] = ()  # [layer][kv_head] -> channel indices
     sparse_v: float = 0.0  # 0: off
     exact_window: int = 0  # 0: off
+    window_prefill: str = "chunk"
     source: str = "defaults"
 
     def __post_init__(self) -> None:
@@ -147,6 +157,10 @@ class TurboQuantConfig:
         if w != 0 and (not isinstance(w, int) or isinstance(w, bool) or w not in EXACT_WINDOWS):
             raise ConfigError(
                 f"exact_window must be 0 (off) or a power of two in 16..256 tokens, got {w!r}"
+            )
+        if self.window_prefill not in WINDOW_PREFILLS:
+            raise ConfigError(
+                f"window_prefill must be one of {WINDOW_PREFILLS}, got {self.window_prefill!r}"
             )
 
     def _check_outliers(self) -> None:
@@ -273,7 +287,8 @@ class TurboQuantConfig:
             w = self.exact_window
             text += (
                 f"; exact window: each query's newest tokens (up to {w}) in the model dtype, "
-                f"{w * dense} bytes per request per KV head and layer (a ring in vLLM's budget)"
+                f"{w * dense} bytes per request per KV head and layer (a ring in vLLM's budget); "
+                f"prefill chunks read as {self.window_prefill!r}"
             )
         return text
 

@@ -127,10 +127,13 @@ QUICK = ["bf16", "default"]
 
 
 def turboquant_fields(config: EvalConfig, channels: list | None) -> dict[str, Any]:
-    """The config's additional_config["turboquant"], with its calibrated outlier channels."""
+    """The config's additional_config["turboquant"], with its calibrated outlier channels.
+    Prefill rows read as decode rows do (window_prefill "decode"): each token is scored as it
+    would be generated, whatever the eval's chunking."""
+    fields = {**(config.turboquant or {}), "window_prefill": "decode"}
     if config.calibrated:
-        return {**config.turboquant, "key_outlier_channels": channels}
-    return dict(config.turboquant or {})
+        fields["key_outlier_channels"] = channels
+    return fields
 
 
 def layer_layouts(
