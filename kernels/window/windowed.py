@@ -2,8 +2,9 @@
 or in the interpreter, else the PyTorch reference) attend each row over its compressed
 positions (< s(p)) as a decode row of that length and return their log-sum-exp, exact.py
 attends the exact ones, and the two merge. Prefill chunks (sequences with CHUNK_ROWS rows or
-more) take a chunk kernel instead: on the CPU one call of vLLM's kernel for the whole rule, as
-the dense path runs chunks without the window (dense_window.py); on Triton the context kernel
+more) take a chunk kernel instead: on the CPU one call of vLLM's kernel for the whole rule (or,
+with whole_chunk, for the chunk read exactly from its first row's s), as the dense path runs
+chunks without the window (dense_window.py); on Triton the context kernel
 for their compressed part (a tile of rows shares each record it reads). Same contract as
 reference.exact_window_attention_reference."""
 
