@@ -1,6 +1,7 @@
 """Temporal tiers: each query reads its newest tokens exactly, older tokens compressed.
 
-The rule (ExactRule) is a function of positions only, so chunked prefill, prefix-cache hits,
+The rule (ExactRule) is a function of positions only, so where every row reads by it (decode
+rows; prefill rows with the config's window_prefill "decode") chunked prefill, prefix-cache hits,
 preemption and speculative verify steps give the same result as one long prefill: a query at
 position p reads positions s(p) .. p from the model-dtype keys and values, and positions < s(p)
 from the compressed records (which every token still gets), where

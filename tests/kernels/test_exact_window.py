@@ -15,6 +15,7 @@ import torch
 from cases import CPU_TOL, DENSE_TOL, make_cache
 
 from tq_vllm.kernels import cpu_extension, dispatch
+from tq_vllm.kernels.context.cpu_context import dense_sequences
 from tq_vllm.kernels.context.dense import _cpu_attention_isa
 from tq_vllm.kernels.window.exact import ExactRule, exact_index
 from tq_vllm.kernels.window.reference import exact_window_attention_reference
@@ -52,11 +53,16 @@ CASES = [
 ]
 
 
-def _whole_chunks(whole_chunk, cache, codec, dtype, d):
+def _whole_chunks(whole_chunk, query, cache, codec):
     """The reference's whole_chunks for windowed_attention(..., whole_chunk): chunks read
-    exactly from their first row's s where they run in vLLM's CPU kernel (the C++ family, a
-    dtype and head dim the kernel takes); elsewhere prefill rows read as decode rows do."""
-    in_vllm = dispatch.cpu_kernel(cache, codec) and _cpu_attention_isa(dtype, d) is not None
+    exactly from their first row's s where they run in vLLM's CPU kernel (the C++ family, the
+    dense path's dtypes and layouts, a head dim the kernel takes); elsewhere prefill rows read
+    as decode rows do."""
+    in_vllm = (
+        dispatch.cpu_kernel(cache, codec)
+        and dense_sequences(query, codec, [CHUNK_ROWS]) == [0]
+        and _cpu_attention_isa(query.dtype, query.shape[-1]) is not None
+    )
     return CHUNK_ROWS if whole_chunk and in_vllm else 0
 
 
@@ -94,7 +100,7 @@ def test_windowed_attention_matches_reference(
         query, key, value, cache, table, ring, index, codec, d**-0.5, rule,
         whole_chunk=whole_chunk,
     )  # fmt: skip
-    whole = _whole_chunks(whole_chunk, cache, codec, query.dtype, d)
+    whole = _whole_chunks(whole_chunk, query, cache, codec)
     ref = exact_window_attention_reference(
         query, cache, table, starts, seq_lens, keys, values, codec, d**-0.5, rule, whole
     )
@@ -197,7 +203,7 @@ def test_windowed_attention_in_bf16(whole_chunk, tolerance):
         query, key.bfloat16(), value.bfloat16(), cache, table, ring.bfloat16(), index, codec,
         d**-0.5, rule, whole_chunk=whole_chunk,
     )  # fmt: skip
-    whole = _whole_chunks(whole_chunk, cache, codec, query.dtype, d)
+    whole = _whole_chunks(whole_chunk, query, cache, codec)
     ref = exact_window_attention_reference(
         query.float(), cache, table, starts, seq_lens, keys, values, codec, d**-0.5, rule, whole
     )

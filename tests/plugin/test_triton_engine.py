@@ -130,7 +130,15 @@ def test_engine_serves_the_exact_window_through_the_triton_kernels(tmp_path):
         **LLM,
         "model": str(tiny_gemma3(tmp_path / "model", sliding_layers=0)),
         "max_num_batched_tokens": 24,
-        "additional_config": {"turboquant": {"key_bits": 4, "value_bits": 4, "exact_window": 16}},
+        "additional_config": {
+            "turboquant": {
+                "key_bits": 4,
+                "value_bits": 4,
+                "exact_window": 16,
+                # Both sides by the rule (Triton's prefill rows always read as decode rows).
+                "window_prefill": "decode",
+            }
+        },
     }
     log, scored, (worst, mean) = triton_against_cpp(tmp_path, llm, prompt)
     assert "exact window" in log
