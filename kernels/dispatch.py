@@ -94,21 +94,26 @@ def decode_attention(
     sparse_v: float = 0.0,
     sliding_window: int | None = None,
     lse_out: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """max_seq_len: the batch's longest sequence, known on the host (sizes the Triton splits).
     sparse_v: the fused kernels skip value tiles whose weights all lie below sparse_v times
     their row's running maximum (the references read every value).
     sliding_window: a query at position p sees positions p - W < t <= p (None: all).
-    lse_out: float32 [B, Hq], written with each row's log-sum-exp (-inf where it read nothing)."""
+    lse_out: float32 [B, Hq], written with each row's log-sum-exp (-inf where it read nothing).
+    out_dtype: the result's dtype (None: query's). A partial to be merged takes float32: the C++
+    op then hands over its float32 sums instead of rounding them to the model dtype first."""
     args = (query, kv_cache, block_table, seq_lens, codec, scale)
     options = dict(sliding_window=sliding_window, lse_out=lse_out)
     if uses_triton(kv_cache):
         from tq_vllm.kernels.decode.triton_decode import decode_attention as kernel
 
-        return kernel(*args, max_seq_len, sparse_v=sparse_v, codebook=CODEBOOK, **options)
-    if cpu_kernel(kv_cache, codec):
-        return cpu_decode.decode_attention(*args, sparse_v=sparse_v, **options)
-    return decode_attention_reference(*args, **options)
+        out = kernel(*args, max_seq_len, sparse_v=sparse_v, codebook=CODEBOOK, **options)
+    elif cpu_kernel(kv_cache, codec):
+        return cpu_decode.decode_attention(*args, sparse_v=sparse_v, out_dtype=out_dtype, **options)
+    else:
+        out = decode_attention_reference(*args, **options)
+    return out if out_dtype is None else out.to(out_dtype)
 
 
 def windowed_context_attention(

@@ -68,6 +68,7 @@ def run_attention(
     sparse_v: float = 0.0,
     sliding_window: int | None = None,
     lse_out: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     layout = codec.layout
     # The op rotates plain mse queries itself; split keys have their own rotations per head and
@@ -101,7 +102,7 @@ def run_attention(
         in_op,
         scale,
     )
-    return out.to(query.dtype)
+    return out.to(out_dtype or query.dtype)
 
 
 def decode_attention(
@@ -115,8 +116,10 @@ def decode_attention(
     sparse_v: float = 0.0,
     sliding_window: int | None = None,
     lse_out: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """decode_attention_reference, fused: query [B, Hq, d] -> [B, Hq, d] in query's dtype.
+    """decode_attention_reference, fused: query [B, Hq, d] -> [B, Hq, d] in out_dtype (None:
+    query's).
 
     num_splits: context splits per (sequence, KV head), merged by log-sum-exp; 0 picks enough
     to give every thread about 4 work items, with splits of at least 256 tokens.
@@ -124,14 +127,15 @@ def decode_attention(
     row's running maximum (0: read every value, the reference's result).
     sliding_window: as in the reference; tokens before the window are never read.
     lse_out: float32 [B, Hq], written with each row's log-sum-exp of its scaled scores (-inf
-    for a row that read nothing), to merge this attention with one over other tokens."""
+    for a row that read nothing), to merge this attention with one over other tokens; such a
+    partial is best asked for in float32 (out_dtype), so that it is not rounded twice."""
     check_attention_inputs(query, kv_cache, block_table, seq_lens, codec)
     check_lse_out(lse_out, query)
     if query.shape[0] != seq_lens.shape[0]:
         raise ValueError(f"{query.shape[0]} queries for {seq_lens.shape[0]} sequences")
     return run_attention(
         query, kv_cache, block_table, _row_starts(query.shape[0]), seq_lens, codec, scale, 1,
-        num_splits, sparse_v, sliding_window, lse_out,
+        num_splits, sparse_v, sliding_window, lse_out, out_dtype,
     )  # fmt: skip
 
 

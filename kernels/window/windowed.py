@@ -120,7 +120,7 @@ def _merged(
         left_lse = torch.empty(len(left), hq, device=q.device)
         out = _decode_rows(query, kv_cache, block_table, index, codec, scale, sparse_v,
                            lambda t: t[left], left_lse)  # fmt: skip
-        compressed[left], lse[left] = out.float(), left_lse
+        compressed[left], lse[left] = out, left_lse
     return dispatch.exact_merge(
         q, key, value, ring, index, rule.window, scale, rows, compressed, lse
     )
@@ -138,7 +138,7 @@ def _decode_rows(
     lse: torch.Tensor,
 ) -> torch.Tensor:
     """The rows `part` picks (of the step's rows) over their compressed positions as decode
-    rows of length s(p); lse gets their log-sum-exps."""
+    rows of length s(p), in float32 (they are merged next); lse gets their log-sum-exps."""
     # On the CPU a bf16 query takes the C++ op's bf16 dots; Triton gets float32 rows.
     q = part(query) if query.device.type == "cpu" else part(query).float()
     # A decode step (one row per sequence, all rows picked) needs no gather of table rows.
@@ -147,5 +147,5 @@ def _decode_rows(
     tables = block_table[:rows] if one_each else block_table[part(index.row_seq)]
     return dispatch.decode_attention(
         q, kv_cache, tables, part(index.segment_starts), codec, scale,
-        index.longest_segment_start, sparse_v, lse_out=lse,
+        index.longest_segment_start, sparse_v, lse_out=lse, out_dtype=torch.float32,
     )  # fmt: skip

@@ -339,6 +339,25 @@ def test_decode_of_empty_and_one_token_sequences():
     torch.testing.assert_close(out, ref, **CPU_TOL)
 
 
+@pytest.mark.parametrize("path", ["cpu", "reference"])
+def test_decode_partial_in_float32_for_a_bf16_query(path, monkeypatch):
+    """out_dtype float32 (the exact window's compressed partial, merged next): a bf16 query's
+    result comes back as the op's float32 sums, not rounded to bf16 first; without it, in the
+    query's dtype. The reference path converts its result the same way."""
+    monkeypatch.setattr(dispatch, "REFERENCE_ONLY", path == "reference")
+    codec, cache, table, seq_lens = setup(64, 5, "mse", 3, 16, 3, [70, 9])
+    query = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(6)).bfloat16()
+    args = (query, cache, table, seq_lens, codec, 0.125)
+    partial = dispatch.decode_attention(*args, out_dtype=torch.float32)
+    rounded = dispatch.decode_attention(*args)
+    assert partial.dtype == torch.float32 and rounded.dtype == torch.bfloat16
+    ref = decode_attention_reference(query.float(), cache, table, seq_lens, codec, 0.125)
+    if path == "cpu":  # the float32 query the op computes with: the reference's result
+        torch.testing.assert_close(partial, ref, **CPU_TOL)
+        assert not torch.equal(partial, partial.bfloat16().float())  # not rounded on the way
+    assert torch.equal(rounded, partial.bfloat16())
+
+
 def test_strided_cache_views():
     """A hybrid model's layers get strided views of a shared buffer: decode, fused and dense
     context read them as they read a contiguous cache."""

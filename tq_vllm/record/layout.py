@@ -28,6 +28,7 @@ likewise checked.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from functools import cached_property
 
 import torch
 
@@ -57,6 +58,8 @@ KERNEL_FIELDS = (
 )
 
 
+# Derived offsets are cached_property: the kernel wrappers check them on every call of every
+# layer, and each walks a chain of the others (the fields are frozen, so they cannot go stale).
 @dataclass(frozen=True)
 class RecordLayout:
     head_dim: int
@@ -74,87 +77,87 @@ class RecordLayout:
         if self.split_keys and self.prod:
             raise ValueError("outlier channels need key_mode 'mse' (prod keys cannot be split)")
 
-    @property
+    @cached_property
     def split_keys(self) -> bool:
         return self.key_outliers > 0
 
-    @property
+    @cached_property
     def key_regular_channels(self) -> int:
         return self.head_dim - self.key_outliers
 
-    @property
+    @cached_property
     def key_rate(self) -> float:
         """Key bits per coordinate, outlier channels included (norms not)."""
         outliers = self.key_outliers * self.key_outlier_bits
         return (self.key_regular_channels * self.key_bits + outliers) / self.head_dim
 
-    @property
+    @cached_property
     def uniform_values(self) -> bool:
         return self.value_mode == "uniform"
 
-    @property
+    @cached_property
     def key_index_bits(self) -> int:
         return self.key_bits if self.key_mode == "mse" else self.key_bits - 1
 
-    @property
+    @cached_property
     def prod(self) -> bool:
         return self.key_mode == "prod"
 
-    @property
+    @cached_property
     def key_norm(self) -> int:
         return 0
 
-    @property
+    @cached_property
     def key_residual_norm(self) -> int:
         return 2  # meaningful in prod mode only
 
-    @property
+    @cached_property
     def key_outlier_norm(self) -> int:
         return 2  # meaningful with split keys only
 
-    @property
+    @cached_property
     def value_norm(self) -> int:
         return 4 if self.prod or self.split_keys else 2
 
-    @property
+    @cached_property
     def value_zero(self) -> int:
         return self.value_norm + 2  # meaningful in uniform value mode only
 
-    @property
+    @cached_property
     def key_indices(self) -> int:
         return self.value_norm + (4 if self.uniform_values else 2)
 
-    @property
+    @cached_property
     def key_outlier_indices(self) -> int:
         return self.key_indices + packed_bytes(self.key_regular_channels, self.key_index_bits)
 
-    @property
+    @cached_property
     def key_index_bytes(self) -> int:
         outliers = packed_bytes(self.key_outliers, self.key_outlier_bits)
         return packed_bytes(self.key_regular_channels, self.key_index_bits) + outliers
 
-    @property
+    @cached_property
     def key_signs(self) -> int:
         return self.key_indices + self.key_index_bytes
 
-    @property
+    @cached_property
     def key_sign_bytes(self) -> int:
         return packed_bytes(self.head_dim, 1) if self.prod else 0
 
-    @property
+    @cached_property
     def value_indices(self) -> int:
         return self.key_signs + self.key_sign_bytes
 
-    @property
+    @cached_property
     def value_index_bytes(self) -> int:
         return packed_bytes(self.head_dim, self.value_bits)
 
-    @property
+    @cached_property
     def size(self) -> int:
         """Bytes the record uses."""
         return self.value_indices + self.value_index_bytes
 
-    @property
+    @cached_property
     def record_bytes(self) -> int:
         """Bytes the record occupies in the paged cache (padding included)."""
         return max(self.size, self.padded_size)
