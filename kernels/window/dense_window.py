@@ -34,6 +34,7 @@ from tq_vllm.kernels.context.dense import (
     _cpu_attention_isa,
     dequantized,
     paged_dense_attention,
+    rotated,
     with_vllm_ops,
 )
 from tq_vllm.kernels.window.exact import ExactRule
@@ -72,12 +73,12 @@ def windowed_prefill(
         keys, values = keys.transpose(0, 1), values.transpose(0, 1)  # [s_last, Hk, d]
     else:
         keys = values = exact.new_empty(0, exact.shape[1], d, dtype=dtype)
-    exact_values = exact[..., d:]
+    exact_values = exact[..., d:].to(dtype)
     if not codec.layout.uniform_values:  # uniform values stay in the model's basis
-        exact_values = codec.rotate(exact_values)
+        exact_values = rotated(exact_values, codec, values=True)
     # Source rows: compressed positions 0 .. s_last - 1, then exact s_first .. end - 1.
-    source_k = torch.cat([keys, codec.rotate_queries(exact[..., :d]).to(dtype)])
-    source_v = torch.cat([values, exact_values.to(dtype)])
+    source_k = torch.cat([keys, rotated(exact[..., :d].to(dtype), codec)])
+    source_v = torch.cat([values, exact_values])
     pages = _virtual_pages(first, end, rule.grain, start, s_first, s_last)
 
     def attend() -> torch.Tensor:
@@ -96,13 +97,13 @@ def windowed_prefill(
         for k, v, slots in parts:
             ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, isa)
         paged = PagedDenseCache(key_cache, value_cache, pages.table, pages.seq_lens, isa)
-        q = codec.rotate_queries(query).to(dtype).contiguous()
+        q = rotated(query, codec).contiguous()
         return paged_dense_attention(q, paged, pages.q_lens, scale)
 
     out = with_vllm_ops(attend)
     if out is None or codec.layout.uniform_values:
         return out
-    return codec.unrotate(out).to(dtype)
+    return rotated(out.to(dtype), codec, back=True)
 
 
 @dataclass

@@ -13,7 +13,14 @@ import logging
 
 import pytest
 import torch
-from cases import CPU_TOL, DENSE_TOL, dense_kernel_calls, make_cache, strided_view
+from cases import (
+    CPU_TOL,
+    DENSE_TOL,
+    dense_kernel_calls,
+    make_cache,
+    split_codec,
+    strided_view,
+)
 
 from tq_vllm.kernels import cpu_extension, dispatch
 from tq_vllm.kernels.context import cpu_context, dense
@@ -356,6 +363,25 @@ def test_decode_partial_in_float32_for_a_bf16_query(path, monkeypatch):
         torch.testing.assert_close(partial, ref, **CPU_TOL)
         assert not torch.equal(partial, partial.bfloat16().float())  # not rounded on the way
     assert torch.equal(rounded, partial.bfloat16())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("split", [False, True])
+def test_dense_rotations_match_the_float32_products(dtype, split):
+    """dense.rotated (the dense paths' rotations; bf16 through one bf16 product with a split
+    matrix where the CPU has bf16 dot products) against the codec's float32 products rounded
+    to the input's dtype: equal but for rounding ties, at most one bf16 ulp apart."""
+    codec = split_codec(hk=2) if split else LayerCodec(RecordLayout(64, 5, "mse", 3), seed=3)
+    x = torch.randn(2000, 2, 64, generator=torch.Generator().manual_seed(7)).to(dtype)
+    products = {"keys": codec.rotate_queries, "values": codec.rotate, "back": codec.unrotate}
+    for name, product in products.items():
+        got = dense.rotated(x, codec, back=name == "back", values=name == "values")
+        want = product(x).to(dtype)
+        assert got.dtype == dtype and got.shape == x.shape
+        differ = got != want
+        assert differ.float().mean() < 1e-3, name
+        ulp = want.float().abs() * 2.0**-7
+        assert ((got.float() - want.float()).abs() <= ulp)[differ].all(), name
 
 
 def test_strided_cache_views():
