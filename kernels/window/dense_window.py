@@ -73,12 +73,12 @@ def windowed_prefill(
         keys, values = keys.transpose(0, 1), values.transpose(0, 1)  # [s_last, Hk, d]
     else:
         keys = values = exact.new_empty(0, exact.shape[1], d, dtype=dtype)
-    exact_values = exact[..., d:].to(dtype)
+    exact_values = exact[..., d:]
     if not codec.layout.uniform_values:  # uniform values stay in the model's basis
         exact_values = rotated(exact_values, codec, values=True)
     # Source rows: compressed positions 0 .. s_last - 1, then exact s_first .. end - 1.
-    source_k = torch.cat([keys, rotated(exact[..., :d].to(dtype), codec)])
-    source_v = torch.cat([values, exact_values])
+    source_k = torch.cat([keys, rotated(exact[..., :d], codec).to(dtype)])
+    source_v = torch.cat([values, exact_values.to(dtype)])
     pages = _virtual_pages(first, end, rule.grain, start, s_first, s_last)
 
     def attend() -> torch.Tensor:
@@ -103,7 +103,7 @@ def windowed_prefill(
     out = with_vllm_ops(attend)
     if out is None or codec.layout.uniform_values:
         return out
-    return rotated(out.to(dtype), codec, back=True)
+    return rotated(out, codec, back=True)  # out in query's dtype
 
 
 @dataclass
