@@ -352,6 +352,8 @@ def test_decode_partial_in_float32_for_a_bf16_query(path, monkeypatch):
     result comes back as the op's float32 sums, not rounded to bf16 first; without it, in the
     query's dtype. The reference path converts its result the same way."""
     monkeypatch.setattr(dispatch, "REFERENCE_ONLY", path == "reference")
+    # The float32 dots, whose sums match the reference's (test_cpu_bf16_dots.py: the bf16 ones).
+    monkeypatch.setattr(cpu_decode, "BF16_DOTS", False)
     codec, cache, table, seq_lens = setup(64, 5, "mse", 3, 16, 3, [70, 9])
     query = torch.randn(2, 9, 64, generator=torch.Generator().manual_seed(6)).bfloat16()
     args = (query, cache, table, seq_lens, codec, 0.125)

@@ -61,6 +61,13 @@ def test_an_unknown_codebook_switch_is_refused():
     assert unsupported_platform_reasons(Platform("cuda"), {"TQ_VLLM_CODEBOOK": "registers"}) == []
 
 
+def test_an_unknown_bf16_dots_switch_is_refused():
+    (reason,) = unsupported_platform_reasons(Platform("cpu"), {"TQ_VLLM_BF16_DOTS": "yes"})
+    assert "TQ_VLLM_BF16_DOTS='yes' is unknown" in reason
+    for choice in ("0", "1"):
+        assert unsupported_platform_reasons(Platform("cpu"), {"TQ_VLLM_BF16_DOTS": choice}) == []
+
+
 def test_the_cuda_graphs_switch(monkeypatch):
     (reason,) = unsupported_platform_reasons(Platform("cuda"), {CUDA_GRAPHS_ENV: "always"})
     assert f"{CUDA_GRAPHS_ENV}='always' is unknown" in reason

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tq_vllm.kernels.common import CODEBOOKS
+from tq_vllm.kernels.decode.cpu_decode import BF16_DOTS_CHOICES, BF16_DOTS_ENV
 from tq_vllm.kernels.dispatch import CODEBOOK_ENV, KERNEL_CHOICES, KERNELS_ENV, TRITON_EVERYWHERE
 from tq_vllm.plugin import compat
 from tq_vllm.plugin.config import ConfigError, TurboQuantConfig, load_config
@@ -105,6 +106,9 @@ def unsupported_platform_reasons(platform: Any, env: Mapping[str, str]) -> list[
     codebook = env.get(CODEBOOK_ENV, "")
     if codebook and codebook not in CODEBOOKS:
         reasons.append(f"{CODEBOOK_ENV}={codebook!r} is unknown (choices: {CODEBOOKS})")
+    dots = env.get(BF16_DOTS_ENV, "")
+    if dots and dots not in BF16_DOTS_CHOICES:
+        reasons.append(f"{BF16_DOTS_ENV}={dots!r} is unknown (choices: {BF16_DOTS_CHOICES})")
     graphs = env.get(CUDA_GRAPHS_ENV, "")
     if graphs and graphs not in CUDA_GRAPH_MODES:
         reasons.append(f"{CUDA_GRAPHS_ENV}={graphs!r} is unknown (choices: {CUDA_GRAPH_MODES})")
