@@ -1,8 +1,8 @@
 """The C++ attention's bf16 dots (kernels/decode/bf16_dots.h) against the float32 references.
 
-bf16 queries take them on builds with AVX512-BF16, for Lloyd-Max keys (plain or split)
-and values of at most 6 bits at head dims 64, 128 and 256: the rotated query, the centroids and the softmax
-weights are rounded to bf16 (relative error 2^-9 each) and every sum stays float32.
+bf16 queries take them on builds with AVX512-BF16, for Lloyd-Max keys (plain or split) and
+values of at most 6 bits at head dims 64, 128 and 256: the rotated query, the centroids and the
+softmax weights are rounded to bf16 (relative error 2^-9 each) and every sum stays float32.
 Tolerance: the dense path's bf16 bound (DENSE_TOL, atol = rtol = 3e-2, which the bf16 output's
 own rounding needs), and the error's RMS under 1% of the reference output's RMS. Other builds
 and layouts take the float32 path for the same calls and match it to CPU_TOL. Caches are
