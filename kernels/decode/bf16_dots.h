@@ -31,16 +31,12 @@ inline int pair_dim(int i) {
   return 16 * (lane / 4) + 4 * k + lane % 4;
 }
 
-// A row of n b-bit indices (b <= 6) as bf16 centroids in permuted_dim order, padded to a
-// multiple of 64 words (width()). Packed bytes past the row's own read as zeros (masked loads:
-// nothing past the row is touched), so a padded word holds a centroid, finite; the query's
-// padded words are 0 (pad_query), and the dots add nothing for them.
+// A row of b-bit indices (b <= 6, n % 64 == 0) as bf16 centroids in permuted_dim order.
 class Bf16RowDecoder {
  public:
-  static bool fits(int bits) { return bits >= 1 && bits <= 6; }
+  static bool fits(int bits, int n) { return bits >= 1 && bits <= 6 && n % 64 == 0; }
 
-  Bf16RowDecoder(const float* centroids, int bits, int n)
-      : bits_(bits), n_((n + 63) / 64 * 64), bytes_((n * bits + 7) / 8) {
+  Bf16RowDecoder(const float* centroids, int bits, int n) : bits_(bits), n_(n) {
     alignas(64) uint8_t perm[64], shift[64], low[64] = {}, high[64] = {};
     for (int g = 0; g < 8; ++g)
       for (int i = 0; i < 8; ++i) {
@@ -58,27 +54,24 @@ class Bf16RowDecoder {
     low_ = _mm512_load_si512(low);
     high_ = _mm512_load_si512(high);
   }
-  int width() const { return n_; }
 
-  // Words of the 64 indices from index c on (c % 64 == 0): dims c + 0-7, 16-23, ... in w[0],
-  // the rest in w[1].
-  void words(const uint8_t* row, int c, __m512i w[2]) const {
-    const int at = c * bits_ / 8, bytes = std::min(8 * bits_, bytes_ - at);  // 8b: 64 indices
-    const __mmask64 keep = (__mmask64{1} << bytes) - 1;
-    const __m512i lanes = _mm512_permutexvar_epi8(perm_, _mm512_maskz_loadu_epi8(keep, row + at));
+  // Words of 64 indices at p (64 * b / 8 bytes): dims 0-7, 16-23, ... in w[0], the rest in w[1].
+  void words(const uint8_t* p, __m512i w[2]) const {
+    const __mmask64 keep = (__mmask64{1} << (8 * bits_)) - 1;  // 64 indices: 8b bytes
+    const __m512i lanes = _mm512_permutexvar_epi8(perm_, _mm512_maskz_loadu_epi8(keep, p));
     const __m512i idx = _mm512_and_si512(_mm512_multishift_epi64_epi8(shift_, lanes), mask_);
     const __m512i lo = _mm512_permutexvar_epi8(idx, low_), hi = _mm512_permutexvar_epi8(idx, high_);
     w[0] = _mm512_unpacklo_epi8(lo, hi);
     w[1] = _mm512_unpackhi_epi8(lo, hi);
   }
 
-  // Rows recs[u] + offset (u < n) into out + u * width() words.
+  // Rows recs[u] + offset (u < n) into out + u * n_ words.
   void rows(const uint8_t* const* recs, int offset, int n, uint16_t* out) const {
     for (int u = 0; u < n; ++u) {
       if (u + 2 < n) __builtin_prefetch(recs[u + 2] + offset);
       for (int c = 0; c < n_; c += 64) {
         __m512i w[2];
-        words(recs[u] + offset, c, w);
+        words(recs[u] + offset + c * bits_ / 8, w);
         __m512i* o = reinterpret_cast<__m512i*>(out + static_cast<size_t>(u) * n_ + c);
         _mm512_storeu_si512(o, w[0]);
         _mm512_storeu_si512(o + 1, w[1]);
@@ -93,8 +86,8 @@ class Bf16RowDecoder {
       if (i + 1 < pairs) __builtin_prefetch(recs[2 * i + 2] + offset);
       for (int c = 0; c < n_; c += 64) {
         __m512i a[2], b[2];
-        words(recs[2 * i] + offset, c, a);
-        words(recs[2 * i + 1] + offset, c, b);
+        words(recs[2 * i] + offset + c * bits_ / 8, a);
+        words(recs[2 * i + 1] + offset + c * bits_ / 8, b);
         __m512i* o = reinterpret_cast<__m512i*>(out + static_cast<size_t>(i) * 2 * n_ + 2 * c);
         _mm512_storeu_si512(o, _mm512_unpacklo_epi16(a[0], b[0]));
         _mm512_storeu_si512(o + 1, _mm512_unpackhi_epi16(a[0], b[0]));
@@ -105,7 +98,7 @@ class Bf16RowDecoder {
   }
 
  private:
-  int bits_, n_, bytes_;
+  int bits_, n_;
   __m512i perm_, shift_, mask_, low_, high_;
 };
 

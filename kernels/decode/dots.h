@@ -69,46 +69,28 @@ class FloatDots {
 };
 
 #ifdef TQ_BF16_DOTS
-// bf16_dots.h's dots: keys, values, queries and weights in bf16, sums in float32. Split keys
-// score each part against its own bf16 rows (each padded to 64 words) and scale each part's dot
-// by its own norm.
+// bf16_dots.h's dots: keys, values, queries and weights in bf16, sums in float32.
 class Bf16Dots {
  public:
-  // fits(L, d, O) must hold.
-  Bf16Dots(const Layout& L, int d, const float* kc, const float* vc, const OutlierPart& O, int R)
-      : d_(d), regular_(d - O.count), outliers_(O), key_(kc, L.key_bits, regular_),
-        value_(vc, L.value_bits, d), keys_(TILE * key_.width()), values_(TILE * d) {
-    if (O.count) {
-      outlier_.emplace(O.centroids, O.bits, O.count);
-      outlier_keys_.resize(TILE * outlier_->width());
-    }
-    query_words_ = key_.width() + (outlier_ ? outlier_->width() : 0);
-    q_.resize(static_cast<size_t>(R) * query_words_);
-  }
+  // fits(L, d) must hold.
+  Bf16Dots(const Layout& L, int d, const float* kc, const float* vc, const OutlierPart&, int R)
+      : d_(d), key_(kc, L.key_bits, d), value_(vc, L.value_bits, d),
+        q_(static_cast<size_t>(R) * d), keys_(TILE * d), values_(TILE * d) {}
   static bool fits(const Layout& L, int d, const OutlierPart& O) {
-    return L.key_bits > 0 && !L.prod && (d == 64 || d == 128 || d == 256) &&
-           dot_width(d - O.count) &&
-           Bf16RowDecoder::fits(L.key_bits) && Bf16RowDecoder::fits(L.value_bits) &&
-           (O.count == 0 || (Bf16RowDecoder::fits(O.bits) && dot_width(O.count)));
+    return L.key_bits > 0 && !L.prod && O.count == 0 && (d == 64 || d == 128 || d == 256) &&
+           Bf16RowDecoder::fits(L.key_bits, d) && Bf16RowDecoder::fits(L.value_bits, d);
   }
   static int dim(int j) { return j / 64 * 64 + pair_dim(j % 64); }
   void set_query(int r, const float* q) {
-    uint16_t* row = &q_[size_t(r) * query_words_];
-    pad_query(q, regular_, key_.width(), row);
-    if (outlier_) pad_query(q + regular_, outliers_.count, outlier_->width(), row + key_.width());
+    float permuted[256];
+    for (int j = 0; j < d_; ++j) permuted[j] = q[j / 64 * 64 + permuted_dim(j % 64)];
+    to_bf16(permuted, d_, &q_[size_t(r) * d_]);
   }
   void decode_keys(const uint8_t* const* recs, int key_indices, int n, float*) {
     key_.rows(recs, key_indices, n, keys_.data());
-    if (!outlier_) return;
-    outlier_->rows(recs, outliers_.indices, n, outlier_keys_.data());
-    for (int u = 0; u < n; ++u) outlier_norms_[u] = load_half(recs[u] + outliers_.norm);
   }
   void add_scores(int r, const float* knorm, int n, float* s) const {
-    const uint16_t* q = &q_[size_t(r) * query_words_];
-    add_scores_bf16(q, keys_.data(), knorm, n, key_.width(), s);
-    if (outlier_)
-      add_scores_bf16(q + key_.width(), outlier_keys_.data(), outlier_norms_, n,
-                      outlier_->width(), s);
+    add_scores_bf16(&q_[size_t(r) * d_], keys_.data(), knorm, n, d_, s);
   }
   // An odd n pairs the last token with itself; its weight is 0 (attend_item zeroes a tile's
   // weights past the visible tokens).
@@ -124,28 +106,9 @@ class Bf16Dots {
   }
 
  private:
-  // Rows of n words padded to 64, 128 or 256 (add_scores_bf16's widths).
-  static bool dot_width(int n) {
-    const int w = (n + 63) / 64 * 64;
-    return w == 64 || w == 128 || w == 256;
-  }
-  // The n floats of a query part in permuted_dim order, zero past n, as `width` bf16 words.
-  static void pad_query(const float* q, int n, int width, uint16_t* out) {
-    float permuted[256];
-    for (int j = 0; j < width; ++j) {
-      const int dim = j / 64 * 64 + permuted_dim(j % 64);
-      permuted[j] = dim < n ? q[dim] : 0.f;
-    }
-    to_bf16(permuted, width, out);
-  }
-
-  int d_, regular_, query_words_ = 0;
-  OutlierPart outliers_;
-  Bf16RowDecoder key_;
-  std::optional<Bf16RowDecoder> outlier_;
-  Bf16RowDecoder value_;
-  std::vector<uint16_t> q_, keys_, outlier_keys_, values_;
-  float outlier_norms_[TILE];
+  int d_;
+  Bf16RowDecoder key_, value_;
+  std::vector<uint16_t> q_, keys_, values_;
 };
 #endif
 

@@ -1,8 +1,8 @@
 """The C++ attention's bf16 dots (kernels/decode/bf16_dots.h) against the float32 references.
 
-bf16 queries take them on builds with AVX512-BF16, for Lloyd-Max keys (plain or split) and
-values of at most 6 bits at head dims 64, 128 and 256: the rotated query, the centroids and the
-softmax weights are rounded to bf16 (relative error 2^-9 each) and every sum stays float32.
+bf16 queries take them on builds with AVX512-BF16, for Lloyd-Max keys and values of
+at most 6 bits at head dims 64, 128 and 256: the rotated query, the centroids and the softmax
+weights are rounded to bf16 (relative error 2^-9 each) and every sum stays float32.
 Tolerance: the dense path's bf16 bound (DENSE_TOL, atol = rtol = 3e-2, which the bf16 output's
 own rounding needs), and the error's RMS under 1% of the reference output's RMS. Other builds
 and layouts take the float32 path for the same calls and match it to CPU_TOL. Caches are
@@ -12,7 +12,7 @@ past a sequence (an odd tile's pairing, say) shows as NaN.
 
 import pytest
 import torch
-from cases import CPU_TOL, DENSE_TOL, make_cache, split_codec
+from cases import CPU_TOL, DENSE_TOL, make_cache
 
 from tq_vllm.kernels import cpu_extension
 from tq_vllm.kernels.context.reference import context_attention_reference
@@ -103,37 +103,3 @@ def test_sparse_values_and_float16_queries():
     out = cpu_decode.decode_attention(query.half(), *args)
     ref = decode_attention_reference(query.half().float(), *args)
     torch.testing.assert_close(out.float(), ref, **DENSE_TOL[torch.float16])
-
-
-# Split keys: d, regular bits, outlier bits, outlier channels, value bits, hq, hk. Each key part
-# pads to 64-word rows: 48 + 16 (the K2.5 V3 preset), 40 + 24 (parts of 15 and 18 packed
-# bytes), 112 + 16 and 96 + 32 at d 128, 240 + 16 at d 256.
-SPLIT_CASES = [
-    (64, 2, 4, 16, 3, 9, 3),
-    (64, 3, 6, 24, 4, 3, 1),
-    (128, 2, 4, 16, 3, 8, 2),
-    (128, 4, 5, 32, 4, 6, 2),
-    (256, 2, 4, 16, 3, 4, 1),
-]
-
-
-@pytest.mark.parametrize("num_splits", [0, 3])
-@pytest.mark.parametrize("d,bits,outlier_bits,n,value_bits,hq,hk", SPLIT_CASES)
-def test_split_keys(d, bits, outlier_bits, n, value_bits, hq, hk, num_splits):
-    """Split keys take the bf16 dots too: each part scored against its own padded bf16 rows and
-    scaled by its own norm. A wrong part offset, norm or padding moves the scores by far more
-    than the bound."""
-    lens = [150, 65, 64, 1]
-    codec = split_codec(d, bits, outlier_bits, n, value_bits, hk, seed=d + bits)
-    cache, table, _, _ = make_cache(codec, lens, 16, hk, seed=3)
-    seq_lens = torch.tensor(lens, dtype=torch.int32)
-    query = torch.randn(len(lens), hq, d, generator=torch.Generator().manual_seed(7))
-    query = query.to(torch.bfloat16).float()
-    args = (cache, table, seq_lens, codec, d**-0.5)
-    ref = decode_attention_reference(query, *args)
-    out32 = cpu_decode.decode_attention(query, *args, num_splits=num_splits)
-    torch.testing.assert_close(out32, ref, **CPU_TOL)
-    out16 = cpu_decode.decode_attention(query.bfloat16(), *args, num_splits=num_splits)
-    check_bf16(out16, ref)
-    if takes_bf16_dots():
-        assert not torch.equal(out16, out32.bfloat16())
