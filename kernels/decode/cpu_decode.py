@@ -9,9 +9,9 @@ bf16 queries on builds with AVX512-BF16 take bf16 dots (kernels/decode/bf16_dots
 query, centroids and weights rounded to bf16, sums in float32, 1.15-1.4x faster per token)
 unless TQ_VLLM_BF16_DOTS=0, where the layout fits them (Bf16Dots::fits: plain Lloyd-Max keys
 and values of up to 6 bits, head dims 64/128/256); other queries and layouts, and every query
-with the switch at 0, float32 ones. On the eval's
-51,175 tokens with every row through the op (chunks of 8, the default config) they cost
-+0.064% perplexity (standard error 0.041%) over the float32 dots.
+with the switch at 0, float32 ones. On the eval's 51,175 tokens with every row through the op
+(chunks of 8, the default config) they cost +0.064% perplexity (standard error 0.041%) over
+the float32 dots.
 Threads: ATen's intra-op pool (torch.get_num_threads(), which vLLM sets).
 """
 

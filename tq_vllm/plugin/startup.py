@@ -95,23 +95,25 @@ def unsupported_platform_reasons(platform: Any, env: Mapping[str, str]) -> list[
         reasons.append("ROCm is not supported (the Triton kernels are tested on NVIDIA GPUs only)")
     elif not (platform.is_cuda() or platform.is_cpu()):
         reasons.append(f"device {platform.device_type!r} is not supported (CUDA and CPU only)")
-    switch = env.get(KERNELS_ENV, "")
-    if switch and switch not in KERNEL_CHOICES:
-        reasons.append(f"{KERNELS_ENV}={switch!r} is unknown (choices: {KERNEL_CHOICES})")
-    elif switch == "triton" and platform.is_cpu() and env.get("TRITON_INTERPRET") != "1":
+    switches = {
+        KERNELS_ENV: KERNEL_CHOICES,
+        CODEBOOK_ENV: CODEBOOKS,
+        BF16_DOTS_ENV: BF16_DOTS_CHOICES,
+        CUDA_GRAPHS_ENV: CUDA_GRAPH_MODES,
+    }
+    for name, choices in switches.items():
+        value = env.get(name, "")
+        if value and value not in choices:
+            reasons.append(f"{name}={value!r} is unknown (choices: {choices})")
+    if (
+        env.get(KERNELS_ENV) == "triton"
+        and platform.is_cpu()
+        and env.get("TRITON_INTERPRET") != "1"
+    ):
         reasons.append(
             f"{KERNELS_ENV}=triton on CPU runs the Triton kernels in Triton's interpreter: "
             "set TRITON_INTERPRET=1 too"
         )
-    codebook = env.get(CODEBOOK_ENV, "")
-    if codebook and codebook not in CODEBOOKS:
-        reasons.append(f"{CODEBOOK_ENV}={codebook!r} is unknown (choices: {CODEBOOKS})")
-    dots = env.get(BF16_DOTS_ENV, "")
-    if dots and dots not in BF16_DOTS_CHOICES:
-        reasons.append(f"{BF16_DOTS_ENV}={dots!r} is unknown (choices: {BF16_DOTS_CHOICES})")
-    graphs = env.get(CUDA_GRAPHS_ENV, "")
-    if graphs and graphs not in CUDA_GRAPH_MODES:
-        reasons.append(f"{CUDA_GRAPHS_ENV}={graphs!r} is unknown (choices: {CUDA_GRAPH_MODES})")
     return reasons
 
 
