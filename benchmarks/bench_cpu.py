@@ -134,17 +134,19 @@ def chunk_rows(args: argparse.Namespace, dtype: torch.dtype) -> None:
     """One prefill chunk of args.chunk new tokens of one sequence: the store, and the dense
     path's dequantize + attention, against vLLM's kernel over the model-dtype cache."""
     n = args.chunk
-    query, keys, values = sequences(1, n, dtype)
-    query = torch.randn(n, HQ, D).to(dtype)
+    _, keys, values = sequences(1, n, dtype)
+    # Our path takes the query, key and value as vLLM passes them: strided views of one fused
+    # qkv projection (a 3-d strided x @ M once cost 7x a 2-d product here).
+    qkv = torch.randn(n, (HQ + 2 * HK) * D).to(dtype)
+    query, k, v = (t.view(n, -1, D) for t in qkv.split([HQ * D, HK * D, HK * D], dim=-1))
     dense = paged_dense_cache(keys, values)
     repeat = max(3, args.repeat // 4)
-    base = timed(repeat, paged_dense_attention, query, dense, [n], SCALE)
+    base = timed(repeat, paged_dense_attention, query.contiguous(), dense, [n], SCALE)
     what = f"prefill {n}"
     print(f"{str(dtype)[6:]:9} {'vLLM':12} {'model dtype':16} {what:22} {base * 1e3:8.2f} "
           f"{1.0:10.2f}")  # fmt: skip
     table = torch.arange(-(-n // BLOCK), dtype=torch.int32)[None]
     slots = torch.arange(n)
-    k, v = keys[0].transpose(0, 1).contiguous(), values[0].transpose(0, 1).contiguous()
     for build in args.builds:
         use_build(build)
         for name, bits in CONFIGS.items():

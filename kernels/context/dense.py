@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tq_vllm.kernels import cpu_extension
 from tq_vllm.kernels.common import per_codec
 from tq_vllm.kernels.cpu_extension import codebooks
+from tq_vllm.quant.rotation import rows_times
 from tq_vllm.record.codec import LayerCodec
 
 logger = logging.getLogger("tq_vllm")
@@ -234,7 +235,7 @@ def rotated(
         product = codec.unrotate if back else codec.rotate if values else codec.rotate_queries
         return product(x).to(x.dtype)
     matrix = per_codec(codec, "bf16 rotations", _bf16_rotations)[back]
-    return (x if matrix.shape[0] == x.shape[-1] else torch.cat([x, x], dim=-1)) @ matrix
+    return rows_times(x if matrix.shape[0] == x.shape[-1] else torch.cat([x, x], dim=-1), matrix)
 
 
 @functools.cache

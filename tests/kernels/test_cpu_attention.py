@@ -400,6 +400,21 @@ def test_dense_rotations_match_the_float32_products(d, split, monkeypatch):
     assert torch.equal(dense.rotated(f32, codec), codec.rotate_queries(f32))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dense_rotations_of_strided_rows(dtype):
+    """Queries and keys arrive as strided views of the fused qkv projection: rotated gives them
+    the numbers it gives a contiguous copy (one 2-d product over the rows, rotation.rows_times,
+    where x @ M ran per token)."""
+    codec = LayerCodec(RecordLayout(64, 5, "mse", 3), seed=3)
+    qkv = torch.randn(300, 15 * 64, generator=torch.Generator().manual_seed(1)).to(dtype)
+    query = qkv[:, : 9 * 64].view(300, 9, 64)
+    assert not query.is_contiguous()
+    for back, values in ((False, False), (False, True), (True, False)):
+        got = dense.rotated(query, codec, back=back, values=values)
+        assert got.shape == query.shape and got.dtype == dtype
+        assert torch.equal(got, dense.rotated(query.contiguous(), codec, back=back, values=values))
+
+
 def test_strided_cache_views():
     """A hybrid model's layers get strided views of a shared buffer: decode, fused and dense
     context read them as they read a contiguous cache."""

@@ -76,10 +76,12 @@ def test_store_padded_layout_padding_slots_and_dtypes(dtype):
     assert (got == 0xFF).all()
 
 
-def test_store_strided_views_of_a_fused_qkv():
-    """vLLM passes key and value as views into one [T, (Hq + 2 Hk) d] qkv tensor."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_store_strided_views_of_a_fused_qkv(dtype):
+    """vLLM passes key and value as views into one [T, (Hq + 2 Hk) d] qkv tensor (a float32
+    model's stay strided through the rotation: store.cpp multiplies their rows as one matrix)."""
     hq, hk, d = 9, 3, 64
-    qkv = torch.randn(16, (hq + 2 * hk) * d).bfloat16()
+    qkv = torch.randn(16, (hq + 2 * hk) * d).to(dtype)
     _, key, value = qkv.split([hq * d, hk * d, hk * d], dim=-1)
     key, value = key.view(16, hk, d), value.view(16, hk, d)
     assert not key.is_contiguous()

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from tq_vllm.quant.centroids import check_bits, check_head_dim, codebook
-from tq_vllm.quant.rotation import qjl_matrix, rotation_matrix
+from tq_vllm.quant.rotation import qjl_matrix, rotation_matrix, rows_times
 from tq_vllm.record.packing import (
     chunk_table,
     pack_indices,
@@ -151,7 +151,7 @@ class TurboQuantizer:
         return x.to(device=self.rotation.device, dtype=torch.float32)
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
-        return x @ self.rotation.T
+        return rows_times(x, self.rotation.T)
 
     def quantize(self, x: torch.Tensor, check: bool = True) -> TurboCodes:
         """Codes for x [..., head_dim].

@@ -16,6 +16,14 @@ def is_power_of_two(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+def rows_times(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """x [..., n] @ m [n, k] as one 2-d matrix product over x's rows, the same numbers. Why:
+    on the CPU, x @ m with a strided 3-d x (queries sliced from the fused qkv projection) runs
+    as a batched product of [H, n] x [n, k] blocks against m expanded per token: 7x slower for
+    a 2,048-token chunk's queries in bf16, 2x in float32."""
+    return (x.reshape(-1, x.shape[-1]) @ m).view(*x.shape[:-1], m.shape[-1])
+
+
 def hadamard(n: int) -> torch.Tensor:
     """The n x n Sylvester Hadamard matrix (entries +-1), n a power of two."""
     h = torch.ones(1, 1, dtype=torch.float64)

@@ -15,7 +15,7 @@ import torch
 
 from tq_vllm.quant.outliers import SplitKeyQuantizer
 from tq_vllm.quant.quantizer import SERVED_GAIN, TurboQuantizer
-from tq_vllm.quant.rotation import rotation_matrix
+from tq_vllm.quant.rotation import rotation_matrix, rows_times
 from tq_vllm.quant.uniform import UniformQuantizer
 from tq_vllm.record.layout import RecordLayout, decode_records, encode_records
 
@@ -86,7 +86,7 @@ class LayerCodec:
 
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., d] -> R x, float32 (values; keys and queries unless split)."""
-        return x.float() @ self.rotation.T
+        return rows_times(x.float(), self.rotation.T)
 
     def rotate_queries(self, x: torch.Tensor) -> torch.Tensor:
         """Queries or keys x [..., H, d] (H a multiple of Hk, heads in vLLM's order) -> their
@@ -97,4 +97,4 @@ class LayerCodec:
 
     def unrotate(self, y: torch.Tensor) -> torch.Tensor:
         """y [..., d] -> R^T y, float32."""
-        return y.float() @ self.rotation
+        return rows_times(y.float(), self.rotation)
