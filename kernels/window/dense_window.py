@@ -68,18 +68,22 @@ def windowed_prefill(
     s_first = rule.start(first)
     start = (lambda p: p * 0 + s_first) if whole_chunk else rule.start  # p: int or tensor
     s_last = start(end - 1)
-    if s_last:
+    pages = _virtual_pages(first, end, rule.grain, start, s_first, s_last)
+    # Source rows: compressed positions 0 .. s_last - 1, then exact s_first .. end - 1.
+    exact_k, exact_v = exact[..., :d].to(dtype), exact[..., d:].to(dtype)
+    # Rows that read exact tokens only (a prompt's first chunk) need no rotation: the model's
+    # own attention, as its dtype computes it.
+    in_model_basis = not s_last
+    if in_model_basis:
+        q, source_k, source_v = query, exact_k, exact_v
+    else:
         keys, values = dequantized(kv_cache, blocks, s_last, codec, dtype)
         keys, values = keys.transpose(0, 1), values.transpose(0, 1)  # [s_last, Hk, d]
-    else:
-        keys = values = exact.new_empty(0, exact.shape[1], d, dtype=dtype)
-    exact_values = exact[..., d:]
-    if not codec.layout.uniform_values:  # uniform values stay in the model's basis
-        exact_values = rotated(exact_values, codec, values=True)
-    # Source rows: compressed positions 0 .. s_last - 1, then exact s_first .. end - 1.
-    source_k = torch.cat([keys, rotated(exact[..., :d], codec).to(dtype)])
-    source_v = torch.cat([values, exact_values.to(dtype)])
-    pages = _virtual_pages(first, end, rule.grain, start, s_first, s_last)
+        if not codec.layout.uniform_values:  # uniform values stay in the model's basis
+            exact_v = rotated(exact_v, codec, values=True)
+        source_k = torch.cat([keys, rotated(exact_k, codec)])
+        source_v = torch.cat([values, exact_v])
+        q = rotated(query, codec)
 
     def attend() -> torch.Tensor:
         import vllm._custom_ops as ops
@@ -97,11 +101,10 @@ def windowed_prefill(
         for k, v, slots in parts:
             ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, isa)
         paged = PagedDenseCache(key_cache, value_cache, pages.table, pages.seq_lens, isa)
-        q = rotated(query, codec).contiguous()
-        return paged_dense_attention(q, paged, pages.q_lens, scale)
+        return paged_dense_attention(q.contiguous(), paged, pages.q_lens, scale)
 
     out = with_vllm_ops(attend)
-    if out is None or codec.layout.uniform_values:
+    if out is None or in_model_basis or codec.layout.uniform_values:
         return out
     return rotated(out, codec, back=True)  # out in query's dtype
 
