@@ -18,16 +18,14 @@ positions vLLM's VLLM_ALLOW_LONG_MAX_MODEL_LEN opt-in is set: the speed is real,
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
-from typing import NoReturn
+
+import paired
 
 from tq_vllm.tools import machine
 
@@ -76,78 +74,14 @@ def prepare(spec: dict) -> Callable[[], float]:
     return lambda: (run(n + 1) - first) / n
 
 
-def serve(spec: dict) -> None:
-    """Worker: READY once prefilled, then one TPOT line per "run" line on stdin."""
-    timed = prepare(spec)
-    print("READY", flush=True)
-    for line in sys.stdin:
-        if line.strip() != "run":
-            break
-        print(f"TPOT {timed()!r}", flush=True)
-
-
-class Engine:
-    """One config's worker process, prefilled and waiting for runs."""
-
-    def __init__(self, spec: dict) -> None:
-        # vLLM logs to stdout unless told otherwise: its lines go to the log file, replies stay.
-        env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0",
-                   VLLM_LOGGING_STREAM="ext://sys.stderr")  # fmt: skip
-        env.setdefault("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")  # a 16K prefill on 2 cores
-        if spec["context"] + spec["tokens"] >= POSITIONS:
-            env["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
-        self.config = spec["config"]
-        self.log = tempfile.TemporaryFile(mode="w+")  # vLLM's logs, shown if the worker fails
-        self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--worker", json.dumps(spec)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env,
-        )  # fmt: skip
-        self._reply("READY")
-
-    def _reply(self, tag: str) -> str:
-        for line in self.proc.stdout:
-            if line.startswith(tag):
-                return line[len(tag) :].strip()
-        self._failed()
-
-    def _failed(self) -> NoReturn:
-        self.proc.wait()
-        self.log.seek(0)
-        raise RuntimeError(f"{self.config} failed:\n{self.log.read()[-3000:]}")
-
-    def tpot(self) -> float:
-        try:
-            self.proc.stdin.write("run\n")
-            self.proc.stdin.flush()
-        except BrokenPipeError:  # the worker died between runs
-            self._failed()
-        return float(self._reply("TPOT "))
-
-    def close(self) -> None:
-        with contextlib.suppress(BrokenPipeError):
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
-
-
 def measure(configs: list[str], base: dict, repeats: int) -> dict[str, list[float]]:
     """TPOTs (ms) per config, run i of each taken back to back, the order alternating."""
-    engines = []
-    try:
-        for config in configs:  # one at a time: a prefill takes both cores
-            engines.append(Engine({**base, "config": config}))
-        tpots: dict[str, list[float]] = {config: [] for config in configs}
-        for i in range(repeats):
-            for engine in engines if i % 2 == 0 else engines[::-1]:
-                time.sleep(0.2)  # the other engine's OpenMP threads stop spinning
-                tpots[engine.config].append(engine.tpot() * 1e3)
-        return tpots
-    finally:
-        for engine in engines:
-            engine.close()
+    timeout = os.environ.get("VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS", "3600")  # 16K on 2 cores
+    env = {"VLLM_EXECUTE_MODEL_TIMEOUT_SECONDS": timeout}
+    if base["context"] + base["tokens"] >= POSITIONS:
+        env["VLLM_ALLOW_LONG_MAX_MODEL_LEN"] = "1"
+    tpots = paired.alternate(__file__, configs, base, repeats, env)
+    return {config: [t * 1e3 for t in times] for config, times in tpots.items()}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -174,20 +108,16 @@ def main(argv: list[str] | None = None) -> None:
             configs = ["auto", *dict.fromkeys(c for c in args.configs if c != "auto")]
             tpots = measure(configs, base, args.repeats)
             for config, times in tpots.items():
-                ratios = [t / a for t, a in zip(times, tpots["auto"])]
-                paired = (
-                    f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) | "
-                    f"{sum(ratio < 1 for ratio in ratios)} of {len(ratios)}"
-                )
+                ratio = paired.paired_ratio(times, tpots["auto"], lower_is_better=True)
                 print(
                     f"| {r} | {context} | {config} | {statistics.median(times):.1f} | "
-                    f"{min(times):.1f} | {paired if config != 'auto' else ' |'} |",
+                    f"{min(times):.1f} | {ratio if config != 'auto' else ' |'} |",
                     flush=True,
                 )
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
-        serve(json.loads(sys.argv[2]))
+        paired.serve(prepare(json.loads(sys.argv[2])))
     else:
         main()

@@ -1,27 +1,34 @@
-"""Offline throughput through vllm.LLM: bf16 (auto) and TurboQuant configs, back to back.
+"""Offline throughput through vllm.LLM: bf16 (auto) and TurboQuant configs, paired.
 
-Each measurement runs in a fresh process (one engine, eager mode, a fixed KV budget): N
-sequences of real text (pydoc_data/topics.py) with P-token prompts, greedy, exactly O output
-tokens each, submitted at once. Output tokens/s covers prefill and decode, as a user sees it.
-Rounds interleave the configs, and each ratio is to auto in the same round, so a machine whose
-speed drifts (shared CPUs) still gives comparable pairs.
+Each config gets its own process (one engine, eager mode, a fixed KV budget, no prefix cache so
+that every run prefills): N sequences of real text (pydoc_data/topics.py) with P-token prompts,
+greedy, exactly O output tokens each, submitted at once. Output tokens/s covers prefill and
+decode, as a user sees it. The engines stay up side by side and take turns (paired.py): run i
+of every config comes seconds from run i of auto, so on a machine whose speed drifts (shared
+CPUs) each ratio is a pair measured on the same machine state; the table gives each config's
+median tokens/s, the median of its ratios to auto (their range) and in how many pairs it was
+faster. Rounds start fresh engines.
 
-    .venv/bin/python benchmarks/offline_throughput.py                  # auto vs default, 2 rounds
-    .venv/bin/python benchmarks/offline_throughput.py default k2v2 --rounds 3 --prompt 2048
+    .venv/bin/python benchmarks/offline_throughput.py                  # auto vs default
+    .venv/bin/python benchmarks/offline_throughput.py default k2v2 --repeats 8 --prompt 2048
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
+import statistics
 import sys
 import time
+from collections.abc import Callable
+
+import paired
 
 from tq_vllm.tools import machine
 
 
-def worker(spec: dict) -> dict:
+def prepare(spec: dict) -> Callable[[], float]:
+    """The engine, warmed up; returns a function timing one run's output tokens/s."""
     import pydoc_data.topics as topics
 
     from vllm import LLM, SamplingParams
@@ -38,6 +45,7 @@ def worker(spec: dict) -> dict:
         enforce_eager=True,
         max_model_len=spec["prompt"] + spec["output"],
         kv_cache_memory_bytes=spec["kv_bytes"],
+        enable_prefix_caching=False,  # every run prefills its prompts
         dtype=spec["dtype"],
         seed=0,
         **kwargs,
@@ -50,25 +58,14 @@ def worker(spec: dict) -> dict:
     ]
     greedy = SamplingParams(temperature=0, max_tokens=spec["output"], ignore_eos=True)
     llm.generate(prompts[:2], SamplingParams(max_tokens=4), use_tqdm=False)  # warm-up
-    start = time.perf_counter()
-    outs = llm.generate(prompts, greedy, use_tqdm=False)
-    seconds = time.perf_counter() - start
-    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    return {"tokens": tokens, "seconds": seconds}
 
+    def run() -> float:
+        start = time.perf_counter()
+        outs = llm.generate(prompts, greedy, use_tqdm=False)
+        seconds = time.perf_counter() - start
+        return sum(len(o.outputs[0].token_ids) for o in outs) / seconds
 
-def measure(spec: dict, script: str = __file__, env: dict | None = None) -> dict:
-    """The RESULT line of `script --worker spec`, run in a fresh process (one engine)."""
-    proc = subprocess.run(
-        [sys.executable, script, "--worker", json.dumps(spec)],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"{spec['config']} failed:\n{proc.stderr[-3000:]}")
-    return json.loads(lines[-1][len("RESULT ") :])
+    return run
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -77,7 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seqs", type=int, default=16)
     parser.add_argument("--prompt", type=int, default=1024, help="prompt tokens per sequence")
     parser.add_argument("--output", type=int, default=128, help="output tokens per sequence")
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=4, help="timed runs per config")
+    parser.add_argument("--rounds", type=int, default=1, help="fresh engines per round")
     parser.add_argument("--kv-bytes", type=int, default=1 << 29, help="KV cache budget")
     parser.add_argument("--dtype", help="model dtype (default: the CPU's best, see machine.py)")
     args = parser.parse_args(argv)
@@ -87,21 +85,25 @@ def main(argv: list[str] | None = None) -> None:
     print(machine.describe(dtype))
     print(
         f"{args.seqs} sequences x {args.prompt}-token prompts, {args.output} output tokens, "
-        f"KV budget {args.kv_bytes / 2**20:.0f} MiB, eager\n"
+        f"KV budget {args.kv_bytes / 2**20:.0f} MiB, eager, {args.repeats} timed runs per "
+        "config, the configs' runs alternating\n"
     )
-    print("| round | config | output tok/s | vs auto |")
-    print("|---:|---|---:|---:|")
+    print("| round | config | output tok/s, median | ratio to auto, median (range) | faster |")
+    print("|---:|---|---:|---|---:|")
+    configs = ["auto", *dict.fromkeys(c for c in args.configs if c != "auto")]
     for r in range(1, args.rounds + 1):
-        auto = None
-        for config in ["auto", *args.configs]:
-            res = measure({**base, "config": config})
-            rate = res["tokens"] / res["seconds"]
-            auto = rate if config == "auto" else auto
-            print(f"| {r} | {config} | {rate:.1f} | {rate / auto:.2f}x |", flush=True)
+        rates = paired.alternate(__file__, configs, base, args.repeats)
+        for config, values in rates.items():
+            ratio = paired.paired_ratio(values, rates["auto"], lower_is_better=False)
+            print(
+                f"| {r} | {config} | {statistics.median(values):.1f} | "
+                f"{ratio if config != 'auto' else ' |'} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--worker"]:
-        print("RESULT " + json.dumps(worker(json.loads(sys.argv[2]))), flush=True)
+        paired.serve(prepare(json.loads(sys.argv[2])))
     else:
         main()
