@@ -23,9 +23,8 @@ run per chunk, and the runs' pages besides).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -64,12 +63,9 @@ def windowed_prefill(
     if isa is None or n == 0:
         return None
     dtype = query.dtype
-    end = first + n
-    s_first = rule.start(first)
-    start = (lambda p: p * 0 + s_first) if whole_chunk else rule.start  # p: int or tensor
-    s_last = start(end - 1)
-    pages = _virtual_pages(first, end, rule.grain, start, s_first, s_last)
-    # Source rows: compressed positions 0 .. s_last - 1, then exact s_first .. end - 1.
+    pages = _virtual_pages(first, first + n, rule, whole_chunk)
+    s_last = pages.compressed
+    # Source rows: compressed positions 0 .. s_last - 1, then exact s(first) .. first + n - 1.
     exact_k, exact_v = exact[..., :d].to(dtype), exact[..., d:].to(dtype)
     # Rows that read exact tokens only (a prompt's first chunk) need no rotation: the model's
     # own attention, as its dtype computes it.
@@ -115,6 +111,7 @@ class VirtualPages:
     0 .. shared - 1 hold compressed positions 0 .. shared * PAGE - 1 (read by every run that
     reaches them), then each run's private pages in run order."""
 
+    compressed: int  # s_last: compressed positions 0 .. s_last - 1 are read
     count: int  # pages in all
     shared: int
     rows: torch.Tensor  # int64: the source row of each private slot, in slot order
@@ -124,12 +121,16 @@ class VirtualPages:
     q_lens: list[int]  # each run's rows
 
 
-def _virtual_pages(
-    first: int, end: int, g: int, start: Callable[[Any], Any], s_first: int, s_last: int
-) -> VirtualPages:
+@functools.lru_cache(maxsize=64)
+def _virtual_pages(first: int, end: int, rule: ExactRule, whole_chunk: bool) -> VirtualPages:
     """Positions first .. end - 1 in runs sharing s = start(p), constant over each g-aligned
-    group (the rule's groups; neighbours with the same s joined). Source rows: compressed
-    positions 0 .. s_last - 1, then exact positions s_first .. end - 1."""
+    group (the rule's groups; neighbours with the same s joined; whole_chunk: s(first) for
+    all). Source rows: compressed positions 0 .. s_last - 1, then exact positions s(first) ..
+    end - 1. Cached (its tensors are only read): every layer of a step asks for the same
+    chunk's pages, 0.2-0.6 ms of small tensor ops each time."""
+    g, s_first = rule.grain, rule.start(first)
+    start = (lambda p: p * 0 + s_first) if whole_chunk else rule.start  # p: int or tensor
+    s_last = start(end - 1)
     lo = torch.cat([torch.tensor([first]), torch.arange(first // g * g + g, end, g)])
     stop = (lo // g * g + g).clamp(max=end)
     s, groups = torch.unique_consecutive(start(lo), return_counts=True)
@@ -153,6 +154,7 @@ def _virtual_pages(
     table = torch.where(col < own[:, None], col, page0[:, None] + col - own[:, None])
     table = table.masked_fill(col >= (own + private)[:, None], 0).to(torch.int32)
     return VirtualPages(
+        compressed=s_last,
         count=shared + int(private.sum()),
         shared=shared,
         rows=rows,
