@@ -107,13 +107,11 @@ def main(argv: list[str] | None = None) -> None:
             base = dict(context=context, dtype=dtype, tokens=args.tokens)
             configs = ["auto", *dict.fromkeys(c for c in args.configs if c != "auto")]
             tpots = measure(configs, base, args.repeats)
+            cells = paired.ratio_cells(tpots, lower_is_better=True)
             for config, times in tpots.items():
-                ratio = paired.paired_ratio(times, tpots["auto"], lower_is_better=True)
-                print(
-                    f"| {r} | {context} | {config} | {statistics.median(times):.1f} | "
-                    f"{min(times):.1f} | {ratio if config != 'auto' else ' |'} |",
-                    flush=True,
-                )
+                median, best = statistics.median(times), min(times)
+                row = f"| {r} | {context} | {config} | {median:.1f} | {best:.1f} |"
+                print(f"{row} {cells[config]} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -93,13 +93,10 @@ def main(argv: list[str] | None = None) -> None:
     configs = ["auto", *dict.fromkeys(c for c in args.configs if c != "auto")]
     for r in range(1, args.rounds + 1):
         rates = paired.alternate(__file__, configs, base, args.repeats)
+        cells = paired.ratio_cells(rates, lower_is_better=False)
         for config, values in rates.items():
-            ratio = paired.paired_ratio(values, rates["auto"], lower_is_better=False)
-            print(
-                f"| {r} | {config} | {statistics.median(values):.1f} | "
-                f"{ratio if config != 'auto' else ' |'} |",
-                flush=True,
-            )
+            median = statistics.median(values)
+            print(f"| {r} | {config} | {median:.1f} | {cells[config]} |", flush=True)
 
 
 if __name__ == "__main__":

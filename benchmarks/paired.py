@@ -94,12 +94,17 @@ def alternate(
             engine.close()
 
 
-def paired_ratio(values: list[float], auto: list[float], lower_is_better: bool) -> str:
-    """'median (range) | n of N': the ratios to auto's pairs, and in how many pairs the
-    config did better."""
-    ratios = [v / a for v, a in zip(values, auto)]
-    better = sum(r < 1 if lower_is_better else r > 1 for r in ratios)
-    return (
-        f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) | "
-        f"{better} of {len(ratios)}"
-    )
+def ratio_cells(results: dict[str, list[float]], lower_is_better: bool) -> dict[str, str]:
+    """Per config, two table cells: 'median (range) | n of N', the ratios to auto's pairs and
+    in how many pairs the config did better (auto: empty cells)."""
+    cells = {}
+    for config, values in results.items():
+        ratios = [v / a for v, a in zip(values, results["auto"])]
+        better = sum(r < 1 if lower_is_better else r > 1 for r in ratios)
+        cells[config] = (
+            " |"
+            if config == "auto"
+            else f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}) | "
+            f"{better} of {len(ratios)}"
+        )
+    return cells

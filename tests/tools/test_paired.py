@@ -22,10 +22,12 @@ def test_engines_take_turns_in_alternating_order(tmp_path):
     assert order == ["auto", "a", "b", "b", "a", "auto"] * 2
 
 
-def test_paired_ratio_counts_the_better_side():
-    assert paired.paired_ratio([2, 4, 3], [1, 4, 4], lower_is_better=False) == (
-        "1.00x (0.75-2.00) | 1 of 3"
-    )
-    assert paired.paired_ratio([2, 4, 3], [1, 4, 4], lower_is_better=True) == (
-        "1.00x (0.75-2.00) | 1 of 3"
-    )
+def test_ratio_cells_count_the_better_side():
+    results = {"auto": [1, 4, 4], "a": [2, 4, 3]}
+    assert paired.ratio_cells(results, lower_is_better=False) == {
+        "auto": " |",
+        "a": "1.00x (0.75-2.00) | 1 of 3",
+    }
+    assert paired.ratio_cells(results, lower_is_better=True)["a"] == "1.00x (0.75-2.00) | 1 of 3"
+    results["a"] = [0.5, 2, 2]
+    assert paired.ratio_cells(results, lower_is_better=True)["a"] == "0.50x (0.50-0.50) | 3 of 3"
