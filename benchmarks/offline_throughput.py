@@ -7,7 +7,8 @@ decode, as a user sees it. The engines stay up side by side and take turns (pair
 of every config comes seconds from run i of auto, so on a machine whose speed drifts (shared
 CPUs) each ratio is a pair measured on the same machine state; the table gives each config's
 median tokens/s, the median of its ratios to auto (their range) and in how many pairs it was
-faster. Rounds start fresh engines.
+faster. Rounds start fresh engines. (Before 2026-12-06 each measurement was one fresh process,
+its engine core in a second one.)
 
     .venv/bin/python benchmarks/offline_throughput.py                  # auto vs default
     .venv/bin/python benchmarks/offline_throughput.py default k2v2 --repeats 8 --prompt 2048

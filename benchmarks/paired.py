@@ -5,7 +5,8 @@ Each config gets its own worker process (`script --worker SPEC`), which sets up 
 READY, then answers each "run" line with one number. The engines stay up together and take
 turns, the order alternating, so run i of every config happens within seconds of run i of
 auto: on a VM whose speed drifts by 10-25% within minutes, each run's ratio to auto is a pair
-measured on the same machine state.
+measured on the same machine state. A worker runs vLLM's engine core in its own process
+(VLLM_ENABLE_V1_MULTIPROCESSING=0), so that the engines' turns are the only switching.
 """
 
 from __future__ import annotations

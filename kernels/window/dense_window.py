@@ -9,9 +9,10 @@ the chunk's rows becomes a sequence of one varlen call. They share the whole com
 pages, dequantized once (dense.dequantized); each has private pages from its last partial
 compressed page on, holding compressed tokens up to s and then its exact ones (rotated into the
 compressed tokens' basis and rounded to the query's dtype, as the dense path rounds the
-compressed ones). Pages are PAGE tokens, the smallest the kernel's AMX path takes: a run's
-private part is then at most PAGE - G compressed tokens and W exact ones, where 128-token
-pages copied up to 127 + W per run.
+compressed ones). A chunk that reads no compressed token (a prompt's first chunk) stays in the
+model's basis: no rotations in or out, the model dtype's own attention. Pages are PAGE tokens,
+the smallest the kernel's AMX path takes: a run's private part is then at most PAGE - G
+compressed tokens and W exact ones, where 128-token pages copied up to 127 + W per run.
 
 With whole_chunk (the config's window_prefill "chunk", the default) every row of the chunk reads
 exactly from s(first row) on: one run, a plain causal attention over the compressed tokens
@@ -97,7 +98,7 @@ def windowed_prefill(
         for k, v, slots in parts:
             ops.cpu_attn_reshape_and_cache(k, v, key_cache, value_cache, slots, isa)
         paged = PagedDenseCache(key_cache, value_cache, pages.table, pages.seq_lens, isa)
-        return paged_dense_attention(q.contiguous(), paged, pages.q_lens, scale)
+        return paged_dense_attention(q.contiguous(), paged, list(pages.q_lens), scale)
 
     out = with_vllm_ops(attend)
     if out is None or in_model_basis or codec.layout.uniform_values:
@@ -105,7 +106,7 @@ def windowed_prefill(
     return rotated(out, codec, back=True)  # out in query's dtype
 
 
-@dataclass
+@dataclass(frozen=True)  # cached and shared by a step's layers: read only
 class VirtualPages:
     """The chunk's runs as sequences of one varlen call over a temporary paged cache: pages
     0 .. shared - 1 hold compressed positions 0 .. shared * PAGE - 1 (read by every run that
@@ -118,7 +119,7 @@ class VirtualPages:
     slots: torch.Tensor  # int64: shared * PAGE .. count * PAGE - 1
     table: torch.Tensor  # int32 [runs, pages]: each run's pages
     seq_lens: torch.Tensor  # int32 [runs]: a run's virtual length, its last row's position + 1
-    q_lens: list[int]  # each run's rows
+    q_lens: tuple[int, ...]  # each run's rows
 
 
 @functools.lru_cache(maxsize=64)
@@ -161,5 +162,5 @@ def _virtual_pages(first: int, end: int, rule: ExactRule, whole_chunk: bool) -> 
         slots=shared * PAGE + torch.arange(len(rows)),
         table=table,
         seq_lens=stop.to(torch.int32),
-        q_lens=(stop - lo).tolist(),
+        q_lens=tuple((stop - lo).tolist()),
     )

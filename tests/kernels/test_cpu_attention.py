@@ -402,15 +402,17 @@ def test_dense_rotations_match_the_float32_products(d, split, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_dense_rotations_of_strided_rows(dtype):
-    """Queries and keys arrive as strided views of the fused qkv projection: rotated gives them
-    the numbers it gives a contiguous copy (one 2-d product over the rows, rotation.rows_times,
-    where x @ M ran per token)."""
+    """Queries and keys arrive as strided views of the fused qkv projection: rotated multiplies
+    their rows as one 2-d matrix (rotation.rows_times; x @ M ran a batched product per token)
+    and gives them the numbers it gives a contiguous copy."""
     codec = LayerCodec(RecordLayout(64, 5, "mse", 3), seed=3)
     qkv = torch.randn(300, 15 * 64, generator=torch.Generator().manual_seed(1)).to(dtype)
     query = qkv[:, : 9 * 64].view(300, 9, 64)
     assert not query.is_contiguous()
     for back, values in ((False, False), (False, True), (True, False)):
-        got = dense.rotated(query, codec, back=back, values=values)
+        with torch.profiler.profile() as prof:
+            got = dense.rotated(query, codec, back=back, values=values)
+        assert "aten::bmm" not in {event.name for event in prof.events()}  # one 2-d product
         assert got.shape == query.shape and got.dtype == dtype
         assert torch.equal(got, dense.rotated(query.contiguous(), codec, back=back, values=values))
 

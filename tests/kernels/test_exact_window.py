@@ -217,24 +217,27 @@ def test_windowed_attention_in_bf16(whole_chunk, tolerance):
 
 
 @pytest.mark.skipif(_cpu_attention_isa(torch.bfloat16, 64) is None, reason="no vLLM CPU kernel")
-@pytest.mark.parametrize("whole_chunk", [False, True])
-def test_a_first_chunk_is_the_model_dtypes_own_attention(whole_chunk):
-    """A prompt's first chunk, shorter than the window, reads exact tokens only: vLLM's kernel
-    over its keys and values as they came, no rotation on the way in or out, so it equals the
-    model dtype's own prefill (vLLM's kernel over a bf16 cache)."""
+@pytest.mark.parametrize("n,whole_chunk", [(24, False), (24, True), (100, True)])
+def test_a_first_chunk_is_the_model_dtypes_own_attention(n, whole_chunk):
+    """A prompt's first chunk that reads exact tokens only (shorter than the window, or any
+    length with whole_chunk: 100 rows are 4 pages, the last padded) is vLLM's kernel over its
+    keys and values as they came, no rotation on the way in or out: the model dtype's own
+    prefill (vLLM's kernel over a bf16 cache), bit for bit."""
     from tq_vllm.kernels.context.dense import vllm_cpu_attention
     from tq_vllm.kernels.window.dense_window import windowed_prefill
 
-    n, hq, hk, d = 24, 9, 3, 64
+    hq, hk, d = 9, 3, 64
     codec = LayerCodec(RecordLayout(d, 5, "mse", 3), seed=1)
     gen = torch.Generator().manual_seed(3)
     query, exact = (
         torch.randn(n, h, w, generator=gen).bfloat16() for h, w in ((hq, d), (hk, 2 * d))
     )
-    cache = torch.full((4, hk, 16, codec.layout.record_bytes), 0xFF, dtype=torch.uint8)
+    # 0xFF records decode to NaN norms: a compressed token read by mistake poisons the output.
+    cache = torch.full((8, hk, 16, codec.layout.record_bytes), 0xFF, dtype=torch.uint8)
     out = windowed_prefill(
-        query, exact, cache, torch.arange(4), 0, codec, d**-0.5, ExactRule(32, 64), whole_chunk
+        query, exact, cache, torch.arange(8), 0, codec, d**-0.5, ExactRule(32, 64), whole_chunk
     )
     keys, values = exact[..., :d].transpose(0, 1), exact[..., d:].transpose(0, 1)
     own = vllm_cpu_attention(query, [keys], [values], [n], d**-0.5)
+    assert out is not None and own is not None  # vLLM's kernel ran on both sides
     torch.testing.assert_close(out, own, atol=0, rtol=0)
