@@ -91,8 +91,12 @@ def _runnable(machine: str, flags: frozenset[str]) -> tuple[str, ...]:
 
 
 def chosen_variant() -> str:
+    return _chosen(os.environ.get(ISA_ENV))
+
+
+@functools.cache  # ops() asks on every kernel call (4 per layer and decode step)
+def _chosen(forced: str | None) -> str:
     runnable = runnable_variants()
-    forced = os.environ.get(ISA_ENV)
     if forced is None:
         return runnable[0]
     if forced not in runnable:

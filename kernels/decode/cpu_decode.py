@@ -137,11 +137,12 @@ def decode_attention(
     if query.shape[0] != seq_lens.shape[0]:
         raise ValueError(f"{query.shape[0]} queries for {seq_lens.shape[0]} sequences")
     return run_attention(
-        query, kv_cache, block_table, _row_starts(query.shape[0]), seq_lens, codec, scale, 1,
+        query, kv_cache, block_table, row_starts(query.shape[0]), seq_lens, codec, scale, 1,
         num_splits, sparse_v, sliding_window, lse_out, out_dtype,
     )  # fmt: skip
 
 
 @functools.lru_cache(maxsize=256)  # a decode batch's query_start_loc, asked per layer and step
-def _row_starts(rows: int) -> torch.Tensor:
+def row_starts(rows: int) -> torch.Tensor:
+    """query_start_loc of `rows` sequences with one query row each."""
     return torch.arange(rows + 1, dtype=torch.int32)

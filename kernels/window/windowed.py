@@ -1,7 +1,8 @@
 """The exact-window rule on any device: the compressed kernels (C++ on the CPU, Triton on CUDA
 or in the interpreter, else the PyTorch reference) attend each row over its compressed
 positions (< s(p)) as a decode row of that length and return their log-sum-exp, exact.py
-attends the exact ones, and the two merge. Prefill chunks (sequences with CHUNK_ROWS rows or
+attends the exact ones, and the two merge (on the CPU a decode step calls the two ops
+directly: cpu_exact.decode_step). Prefill chunks (sequences with CHUNK_ROWS rows or
 more) take a chunk kernel instead: on the CPU one call of vLLM's kernel for the whole rule (or,
 with whole_chunk, for the chunk read exactly from its first row's s), as the dense path runs
 chunks without the window (dense_window.py); on Triton the context kernel
@@ -17,6 +18,7 @@ import torch
 
 from tq_vllm.kernels import dispatch
 from tq_vllm.kernels.context.cpu_context import DENSE_ROWS, dense_sequences
+from tq_vllm.kernels.window import cpu_exact
 from tq_vllm.kernels.window.dense_window import windowed_prefill
 from tq_vllm.kernels.window.exact import ExactIndex, ExactRule, sequence_exact
 from tq_vllm.record.codec import LayerCodec
@@ -43,14 +45,18 @@ def windowed_attention(
     not written), index on query's device. whole_chunk: the rows of a chunk that runs in vLLM's
     CPU kernel read exactly from s(its first row) on (config window_prefill "chunk"). Returns
     [T, Hq, d] in query's dtype."""
+    cpu = dispatch.cpu_kernel(kv_cache, codec)
+    if cpu and max(index.seq_rows, default=0) == 1:  # a decode step: one row per sequence
+        return cpu_exact.decode_step(query, key, value, kv_cache, block_table, ring, index,
+                                     codec, scale, rule.window, sparse_v)  # fmt: skip
     starts = [0]
     for rows in index.seq_rows:
         starts.append(starts[-1] + rows)
-    if not dispatch.cpu_kernel(kv_cache, codec):
+    if not cpu:
         return _merged(query, key, value, kv_cache, block_table, ring, index, starts, codec,
                        scale, rule, sparse_v)  # fmt: skip
     dense = dense_sequences(query, codec, list(index.seq_rows))
-    if not dense:  # a decode step: every row fused
+    if not dense:  # every row fused
         return _merged(query, key, value, kv_cache, block_table, ring, index, starts, codec,
                        scale, rule, sparse_v)  # fmt: skip
     out = torch.empty_like(query)

@@ -12,11 +12,12 @@ slot the rule does not allow shows.
 
 import pytest
 import torch
-from cases import CPU_TOL, DENSE_TOL, make_cache
+from cases import CPU_TOL, DENSE_TOL, make_cache, split_codec
 
 from tq_vllm.kernels import cpu_extension, dispatch
 from tq_vllm.kernels.context.cpu_context import dense_sequences
 from tq_vllm.kernels.context.dense import _cpu_attention_isa
+from tq_vllm.kernels.window import cpu_exact, windowed
 from tq_vllm.kernels.window.exact import ExactRule, exact_index
 from tq_vllm.kernels.window.reference import exact_window_attention_reference
 from tq_vllm.kernels.window.windowed import CHUNK_ROWS, windowed_attention
@@ -241,3 +242,41 @@ def test_a_first_chunk_is_the_model_dtypes_own_attention(n, whole_chunk):
     own = vllm_cpu_attention(query, [keys], [values], [n], d**-0.5)
     assert out is not None and own is not None  # vLLM's kernel ran on both sides
     torch.testing.assert_close(out, own, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("keys", ["mse", "prod", "split"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_cpu_decode_step_calls_the_ops_directly(keys, dtype, cpu_isa, monkeypatch):
+    """A decode step (one row per sequence) on the CPU goes to cpu_exact.decode_step: the same
+    two ops as the general path (_merged, which picks rows, checks arguments and wraps each
+    op), so the same bits; and the reference's result (over keys and values rounded to the
+    model dtype, as the ring holds them) within the dense path's tolerance for the dtype (bf16
+    queries take the op's bf16 dots)."""
+    d, hq, hk, block_size = 64, 6, 3, 16
+    rule = ExactRule(16, anchor=32)
+    if keys == "split":
+        codec = split_codec(d, hk=hk, seed=5)
+    else:
+        codec = LayerCodec(RecordLayout(d, 4, keys, 3), seed=5)
+    lens = [1, 31, 33, 90]
+    cache, table, keys_, values = make_cache(codec, lens, block_size, hk, seed=6)
+    ring, rings = _ring_holding(keys_, values, lens, [1] * len(lens), hk, d, rule.window)
+    starts = torch.arange(len(lens) + 1, dtype=torch.int32)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    key = torch.stack([k[n - 1] for k, n in zip(keys_, lens)]).to(dtype)
+    value = torch.stack([v[n - 1] for v, n in zip(values, lens)]).to(dtype)
+    query = torch.randn(len(lens), hq, d, generator=torch.Generator().manual_seed(7)).to(dtype)
+    index = exact_index(starts, seq_lens, rings, rule, rule.window)
+    calls = []
+    direct = cpu_exact.decode_step
+    monkeypatch.setattr(cpu_exact, "decode_step", lambda *a: calls.append(1) or direct(*a))
+    out = windowed_attention(query, key, value, cache, table, ring, index, codec, 0.125, rule)
+    assert calls == [1]
+    general = windowed._merged(query, key, value, cache, table, ring, index,
+                               starts.tolist(), codec, 0.125, rule, 0.0)  # fmt: skip
+    assert out.dtype == dtype and torch.equal(out, general)
+    rounded = [k.to(dtype).float() for k in keys_], [v.to(dtype).float() for v in values]
+    ref = exact_window_attention_reference(
+        query.float(), cache, table, starts, seq_lens, *rounded, codec, 0.125, rule
+    )
+    torch.testing.assert_close(out.float(), ref, **DENSE_TOL[dtype])
