@@ -8,6 +8,7 @@ reference still runs on the CPU, so the comparison and its tolerance are the sam
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -19,8 +20,9 @@ from typing import Any
 import torch
 
 from tq_vllm.kernels.store.reference import store_kv_reference
+from tq_vllm.quant.quantizer import FP16_MAX
 from tq_vllm.record.codec import LayerCodec
-from tq_vllm.record.layout import RecordLayout
+from tq_vllm.record.layout import RecordLayout, decode_records
 from tq_vllm.record.packing import unpack_indices
 
 DEVICE = torch.device(
@@ -105,9 +107,9 @@ def split_codec(d=64, bits=2, outlier_bits=4, n=16, value_bits=3, hk=3, seed=1):
     return LayerCodec(layout, seed, None, outlier_channels(hk, d, n, seed))
 
 
-# What a kernel's store may differ from the reference's by: an index whose rotated coordinate
-# lies within NEAR_BOUNDARY of a bucket boundary (the rotation rounds differently), a norm by
-# one fp16 ulp (squares summed in another order).
+# What a kernel's store (Triton, C++) may differ from the reference's by: an index whose rotated
+# coordinate lies within NEAR_BOUNDARY of a bucket boundary (the rotation rounds differently), a
+# norm by one fp16 ulp (squares summed in another order).
 NEAR_BOUNDARY = 1e-5
 
 
@@ -131,6 +133,81 @@ def check_indices(quantizer, got_codes, ref_codes, x):
     assert bool((gap[differ] < NEAR_BOUNDARY).all()), "an index differs away from a boundary"
     assert int(differ.sum()) <= 2 + differ.numel() // 1000, "too many boundary flips"
     return ~differ.any(-1)
+
+
+NEAR_ZERO_PROJECTION = 1e-4  # a QJL sign may flip where |S r'| < this * ||r'||
+
+
+def assert_records_close(codec, got_cache, ref_cache, key, value, slots):
+    """A kernel's store (got_cache) against store_kv_reference's (ref_cache), both filled alike
+    before: every byte outside the written records equal; fp16 norms within 1 ulp; indices equal
+    but near a boundary (check_indices); mse reconstructions keep the input's norm; in prod
+    mode, for vectors whose indices all match, the residual norm within 1 ulp and the QJL signs
+    equal but where the projection is near zero. Checks that need the input's value (indices,
+    reconstructed norms, signs) skip vectors with a non-finite coordinate: both stores give
+    those a zero norm."""
+    layout = codec.layout
+    block_size = got_cache.shape[2]
+    valid = slots >= 0
+    blocks, offsets = slots[valid] // block_size, slots[valid] % block_size
+    written = torch.zeros_like(got_cache, dtype=torch.bool)
+    written[blocks, :, offsets, : layout.size] = True
+    assert torch.equal(got_cache[~written], ref_cache[~written]), "bytes outside records differ"
+
+    def records(cache):
+        return decode_records(layout, cache[blocks, :, offsets].reshape(-1, cache.shape[3]))
+
+    (got_k, got_v), (ref_k, ref_v) = records(got_cache), records(ref_cache)
+    k = key[valid].float()
+    v = value[valid].reshape(-1, codec.head_dim).float()
+    finite_k = k.reshape(-1, codec.head_dim).isfinite().all(-1)
+    finite_v = v.isfinite().all(-1)
+    assert_fp16_close(got_v.norms, ref_v.norms, "value norm")
+    check_indices(codec.value, _rows(got_v, finite_v), _rows(ref_v, finite_v), v[finite_v])
+    parts = [(codec.key, got_k, ref_k, k.reshape(-1, codec.head_dim))]
+    if layout.split_keys:  # each part over its own channels (SplitKeyQuantizer.quantize)
+        split = k.gather(-1, codec.key.order.expand(k.shape)).reshape(-1, codec.head_dim)
+        regular = codec.key.num_regular
+        parts = [
+            (codec.key.regular, got_k.regular, ref_k.regular, split[:, :regular]),
+            (codec.key.outlier, got_k.outlier, ref_k.outlier, split[:, regular:]),
+        ]
+    recon = [(codec.value, got_v, v[finite_v], finite_v)]
+    for quantizer, got, ref, x in parts:
+        assert_fp16_close(got.norms, ref.norms, "key norm")
+        same = check_indices(quantizer, _rows(got, finite_k), _rows(ref, finite_k), x[finite_k])
+        if not layout.prod:
+            recon.append((quantizer, got, x[finite_k], finite_k))
+    # Norm correction: mse-mode reconstructions keep the input's norm (fp16 rounding of the
+    # stored norm, plus the 1 ulp the kernel may differ by), where it fits an fp16 norm.
+    for quantizer, codes, x, rows in recon:
+        got_norm = quantizer.dequantize(_rows(codes, rows)).norm(dim=-1)
+        fits = x.norm(dim=-1) < FP16_MAX
+        torch.testing.assert_close(got_norm[fits], x[fits].norm(dim=-1), rtol=2**-10, atol=0)
+    if not layout.prod:
+        return
+    got_k, ref_k = _rows(got_k, finite_k), _rows(ref_k, finite_k)  # same: of these rows
+    assert_fp16_close(got_k.residual_norms[same], ref_k.residual_norms[same], "residual norm")
+    q = codec.key
+    y = k.reshape(-1, codec.head_dim)[finite_k].double() @ q.rotation.double().T
+    idx = (
+        unpack_indices(ref_k.indices, q.mse_bits, q.head_dim)
+        if q.mse_bits
+        else torch.zeros_like(y, dtype=torch.long)
+    )
+    r = y - ref_k.norms.double().unsqueeze(-1) * q.centroids.double()[idx]
+    proj = r @ q.qjl.double().T
+    got_s = unpack_indices(got_k.signs, 1, q.head_dim)
+    ref_s = unpack_indices(ref_k.signs, 1, q.head_dim)
+    flips = (got_s != ref_s) & same.unsqueeze(-1)
+    near_zero = proj.abs() < NEAR_ZERO_PROJECTION * r.norm(dim=-1, keepdim=True)
+    assert bool(near_zero[flips].all()), "a QJL sign differs away from zero"
+
+
+def _rows(codes, rows):
+    """The codes of the vectors `rows` (a bool mask) picks."""
+    picked = {f.name: getattr(codes, f.name) for f in dataclasses.fields(codes)}
+    return type(codes)(**{n: None if t is None else t[rows] for n, t in picked.items()})
 
 
 def dense(q, k, v, context, scale):

@@ -38,20 +38,6 @@ struct Problem {
   float scale = 1.f;                  // the queries' scale where the op rotates them
 };
 
-// y = scale * M^T x for M [d, d] row-major: a sum of M's rows, so the inner loop runs over
-// contiguous floats and vectorizes (a dot per output would be a float reduction, which -O3
-// leaves scalar). R q is combine_rows(R^T, q); R^T y is combine_rows(R, y).
-inline void combine_rows(const float* __restrict__ M, const float* __restrict__ x, int d,
-                         float scale, float* __restrict__ y) {
-  for (int i = 0; i < d; ++i) y[i] = 0.f;
-  for (int j = 0; j < d; ++j) {
-    const float a = scale * x[j];
-    const float* __restrict__ row = M + static_cast<size_t>(j) * d;
-    for (int i = 0; i < d; ++i) y[i] += a * row[i];
-  }
-}
-
-
 // One (sequence, rows [row0, row0 + rows), KV head) over tokens [t0, t1). Row r of the item
 // is query row row0 + r / g, head h * g + r % g, and sees tokens lim0 + r / g - window < t <=
 // lim0 + r / g (window 0: no lower bound). t0 must not precede the first row's window: tokens

@@ -1,5 +1,6 @@
-"""Store through the C++ op (store.cpp): the bytes reference.store_kv_reference writes, packed
-in C++ without the reference's dozens of small tensor ops."""
+"""Store through the C++ op (store.cpp): reference.store_kv_reference's records, one row at a
+time in C++ (its own rounding: an index can differ at a bucket boundary, a norm by one fp16
+ulp) instead of the reference's dozens of small tensor ops."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def store_kv(
     slot_mapping: torch.Tensor,
     codec: LayerCodec,
 ) -> None:
-    """store_kv_reference, fused: the same bytes (value_mode "uniform" has no fused store)."""
+    """store_kv_reference, fused (value_mode "uniform" has no fused store)."""
     check_records(kv_cache, codec)
     check_store_inputs(key, value, kv_cache, slot_mapping, codec)
     if slot_mapping.numel() == 0:
@@ -26,22 +27,27 @@ def store_kv(
 
 
 def _arguments(codec: LayerCodec) -> tuple:
-    """store.cpp's arguments after the slot mapping: rotations, codebooks and the layout."""
+    """store.cpp's arguments after the slot mapping: rotations (as R^T, S^T: a row's product is
+    then a sum of their rows), codebooks and the layout."""
     layout = codec.layout
     split = layout.split_keys
     plain = codec.key.regular if split else codec.key  # the keys' (regular part's) quantizer
     outlier = codec.key.outlier if split else None
+
+    def transposed(m: torch.Tensor) -> torch.Tensor:
+        return m.T.float().contiguous()
+
     return (
-        codec.rotation,
+        transposed(codec.rotation),
         codec.value.centroids,
         codec.value.boundaries,
-        plain.rotation,
+        transposed(plain.rotation),
         plain.centroids,
         plain.boundaries,
-        plain.qjl if layout.prod else None,
+        transposed(plain.qjl) if layout.prod else None,
         layout_fields(codec),
-        codec.key.order if split else None,
-        outlier.rotation if split else None,
+        codec.key.order.contiguous() if split else None,
+        transposed(outlier.rotation) if split else None,
         outlier.centroids if split else None,
         outlier.boundaries if split else None,
     )

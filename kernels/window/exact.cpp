@@ -16,21 +16,6 @@
 namespace tq {
 namespace {
 
-void load_floats(const void* src, at::ScalarType type, int n, float* dst) {
-  switch (type) {
-    case at::kFloat: std::memcpy(dst, src, sizeof(float) * n); break;
-    case at::kBFloat16: {
-      const auto* s = static_cast<const c10::BFloat16*>(src);
-      for (int j = 0; j < n; ++j) dst[j] = static_cast<float>(s[j]);
-      break;
-    }
-    default: {
-      const auto* s = static_cast<const c10::Half*>(src);
-      for (int j = 0; j < n; ++j) dst[j] = static_cast<float>(s[j]);
-    }
-  }
-}
-
 void store_floats(const float* src, at::ScalarType type, int n, void* dst) {
   switch (type) {
     case at::kFloat: std::memcpy(dst, src, sizeof(float) * n); break;

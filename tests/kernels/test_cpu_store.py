@@ -1,8 +1,10 @@
-"""The C++ store against store_kv_reference: byte-identical records."""
+"""The C++ store against store_kv_reference: records within a store's tolerance
+(cases.assert_records_close: an index may differ at a bucket boundary, a norm by one fp16 ulp),
+and the same bytes whichever rows share a call and however many threads run it."""
 
 import pytest
 import torch
-from cases import strided_view
+from cases import assert_records_close, split_codec, strided_view
 
 from tq_vllm.kernels import dispatch
 from tq_vllm.kernels.store import cpu_store
@@ -13,10 +15,10 @@ from tq_vllm.record.layout import RecordLayout
 pytestmark = pytest.mark.usefixtures("cpu_isa")  # every test, once per runnable C++ build
 
 
-# -- the fused store: byte-identical records ------------------------------------------------
-# The kernel takes its matrix products and norms from the same ATen calls as the reference
-# and does the elementwise steps in the same float32 order, so no index may flip at a
-# boundary and no norm may round differently: every comparison below is exact.
+# -- the fused store -------------------------------------------------------------------------
+# The kernel quantizes each (token, head) row alone in an order of its own; the reference's
+# products and norms are ATen's. So the records are close to the reference's, and a row's bytes
+# depend on nothing but the row.
 
 
 def stores(key, value, slots, codec, num_blocks=4, block_size=16, extra=3):
@@ -46,22 +48,43 @@ def test_store_matches_reference_every_width(d, mode):
     for bits in range(1, 9):
         codec = LayerCodec(RecordLayout(d, bits, mode, 9 - bits), seed=bits)
         ref, got = stores(key, value, slots, codec)
-        assert torch.equal(got, ref), f"d={d} {mode} K{bits}V{9 - bits}"
+        assert_records_close(codec, got, ref, key, value, slots)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 4])
 @pytest.mark.parametrize("tokens", [1, 200])  # 3 and 600 rows: store.cpp's SERIAL_ROWS is 256
-def test_store_matches_reference_at_any_thread_count(threads, tokens):
-    # The store's small products run on one thread (store.cpp, SerialProducts), the reference's
-    # on torch's pool: the records must not depend on it.
+def test_store_bytes_do_not_depend_on_the_thread_count(threads, tokens):
+    key, value, slots = store_inputs(tokens, 3, 64, torch.float32, num_slots=256)
+    codec = LayerCodec(RecordLayout(64, 5, "mse", 4))
+    alone = stores(key, value, slots, codec, 16)[1]
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        key, value, slots = store_inputs(tokens, 3, 64, torch.float32, num_slots=256)
-        ref, got = stores(key, value, slots, LayerCodec(RecordLayout(64, 5, "mse", 4)), 16)
+        ref, got = stores(key, value, slots, codec, 16)
     finally:
         torch.set_num_threads(before)
-    assert torch.equal(got, ref)
+    assert torch.equal(got, alone)
+    assert_records_close(codec, got, ref, key, value, slots)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("keys", ["mse", "prod", "split"])
+def test_a_tokens_record_does_not_depend_on_its_step(dtype, keys):
+    """One call for 40 tokens, or one per token in reverse order: the same bytes. (ATen's
+    products, which the store used until 2026-12-06, pick kernels by shape: a token's record
+    could depend on how many tokens shared its step, so a speculative verify step or another
+    chunking could store it differently.)"""
+    key, value, slots = store_inputs(40, 3, 64, dtype, num_slots=64)
+    codec = (
+        split_codec(64, hk=3, seed=4)
+        if keys == "split"
+        else LayerCodec(RecordLayout(64, 4, keys, 3), seed=4)
+    )
+    together = stores(key, value, slots, codec)[1]
+    alone = torch.full_like(together, 0xFF)
+    for t in reversed(range(40)):
+        cpu_store.store_kv(key[t : t + 1], value[t : t + 1], alone, slots[t : t + 1], codec)
+    assert torch.equal(alone, together)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -70,7 +93,7 @@ def test_store_padded_layout_padding_slots_and_dtypes(dtype):
     key, value, slots = store_inputs(20, 3, 64, dtype)
     slots[[0, 7, 19]] = -1  # vLLM's padding: those tokens write nothing
     ref, got = stores(key, value, slots, codec)
-    assert torch.equal(got, ref)
+    assert_records_close(codec, got, ref, key, value, slots)
     assert int((got != 0xFF).any(dim=(1, 3)).sum()) <= 17  # 17 slots written, no more
     ref, got = stores(key, value, torch.full_like(slots, -1), codec)
     assert (got == 0xFF).all()
@@ -89,7 +112,7 @@ def test_store_strided_views_of_a_fused_qkv(dtype):
     for layout in (RecordLayout(d, 6, "mse", 4), RecordLayout(d, 3, "prod", 2)):
         codec = LayerCodec(layout, seed=0)
         ref, got = stores(key, value, slots, codec)
-        assert torch.equal(got, ref)
+        assert_records_close(codec, got, ref, key, value, slots)
         contiguous = stores(key.contiguous(), value.contiguous(), slots, codec)[1]
         assert torch.equal(got, contiguous)
 
@@ -97,8 +120,8 @@ def test_store_strided_views_of_a_fused_qkv(dtype):
 @pytest.mark.parametrize("mode", ["mse", "prod"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), 0.0, 3e38, 1e5, 1e-30])
 def test_store_bad_tokens_as_the_reference(mode, bad):
-    """A non-finite coordinate, an all-zero vector, huge and tiny norms: the same bytes as
-    the reference (a NaN norm, a saturated 65504, a zero record), see test_bad_input.py."""
+    """A non-finite coordinate, an all-zero vector, huge and tiny norms: what the reference
+    stores (a zero norm for a non-finite vector, a saturated 65504), see test_bad_input.py."""
     key, value, slots = store_inputs(12, 3, 64, torch.float32)
     key[2, 1, 5] = bad
     value[4, 0, 9] = bad
@@ -107,7 +130,7 @@ def test_store_bad_tokens_as_the_reference(mode, bad):
     for bits in (1, 2, 6):
         codec = LayerCodec(RecordLayout(64, bits, mode, bits), seed=0)
         ref, got = stores(key, value, slots, codec)
-        assert torch.equal(got, ref), f"{mode} {bits} bits, bad={bad}"
+        assert_records_close(codec, got, ref, key, value, slots)
 
 
 def test_ops_dispatches_cpu_stores_to_the_kernel(monkeypatch):
@@ -159,11 +182,12 @@ def test_store_refuses_a_slot_past_the_cache():
 
 @pytest.mark.parametrize("store", [cpu_store.store_kv, store_kv_reference])
 def test_store_into_a_strided_view(store):
-    """Records land in the view's slots; the buffer's bytes around them stay untouched."""
+    """Records land in the view's slots (as in a contiguous cache); the buffer's bytes around
+    them stay untouched."""
     codec = LayerCodec(RecordLayout(64, 6, "mse", 5), seed=0)
     key, value, slots = store_inputs(20, 2, 64)
     expected = torch.zeros(4, 2, 16, codec.layout.record_bytes, dtype=torch.uint8)
-    store_kv_reference(key, value, expected, slots, codec)
+    store(key, value, expected, slots, codec)
     view, buffer = strided_view(torch.zeros_like(expected))
     store(key, value, view, slots, codec)
     assert torch.equal(view, expected)

@@ -1,68 +1,20 @@
 """The Triton store kernel against store_kv_reference (runs in the Triton interpreter here).
 
-What must match: every byte outside the written fields (unwritten slots, padding, slot -1)
-exactly; fp16 norms within 1 ulp (the kernel sums squares in another order); packed indices
-exactly, except at coordinates whose rotated value lies within 1e-5 of a bucket boundary (the
-kernel's rotation rounds differently from torch's matmul); in prod mode, for vectors whose
-indices all match, QJL sign bits exactly except where |S r'| < 1e-4 ||r'||.
+What must match (cases.assert_records_close): every byte outside the written fields (unwritten
+slots, padding, slot -1) exactly; fp16 norms within 1 ulp (the kernel sums squares in another
+order); packed indices exactly, except at coordinates whose rotated value lies within 1e-5 of a
+bucket boundary (the kernel's rotation rounds differently from torch's matmul); in prod mode,
+for vectors whose indices all match, QJL sign bits exactly except where |S r'| < 1e-4 ||r'||.
 """
 
 import pytest
 import torch
-from cases import DEVICE, assert_fp16_close, check_indices, run_kernel, strided_view
+from cases import DEVICE, assert_fp16_close, assert_records_close, run_kernel, strided_view
 
 from tq_vllm.kernels.store.reference import store_kv_reference
 from tq_vllm.kernels.store.triton_store import store_kv
 from tq_vllm.record.codec import LayerCodec
 from tq_vllm.record.layout import RecordLayout, decode_records
-from tq_vllm.record.packing import unpack_indices
-
-NEAR_ZERO_PROJECTION = 1e-4
-
-
-def compare(codec, got_cache, ref_cache, key, value, slots):
-    layout = codec.layout
-    block_size = got_cache.shape[2]
-    valid = slots >= 0
-    blocks, offsets = slots[valid] // block_size, slots[valid] % block_size
-    written = torch.zeros_like(got_cache, dtype=torch.bool)
-    written[blocks, :, offsets, : layout.size] = True
-    assert torch.equal(got_cache[~written], ref_cache[~written]), "bytes outside records differ"
-    got_k, got_v = decode_records(
-        layout, got_cache[blocks, :, offsets].reshape(-1, got_cache.shape[3])
-    )
-    ref_k, ref_v = decode_records(
-        layout, ref_cache[blocks, :, offsets].reshape(-1, got_cache.shape[3])
-    )
-    k = key[valid].reshape(-1, codec.head_dim).float()
-    v = value[valid].reshape(-1, codec.head_dim).float()
-    assert_fp16_close(got_k.norms, ref_k.norms, "key norm")
-    assert_fp16_close(got_v.norms, ref_v.norms, "value norm")
-    check_indices(codec.value, got_v, ref_v, v)
-    same = check_indices(codec.key, got_k, ref_k, k)
-    # Norm correction: mse-mode reconstructions keep the input's norm (fp16 rounding of the
-    # stored norm, plus the 1 ulp the kernel may differ by).
-    recon = [(codec.value, got_v, v)] + ([] if layout.prod else [(codec.key, got_k, k)])
-    for quantizer, codes, x in recon:
-        got_norm = quantizer.dequantize(codes).norm(dim=-1)
-        torch.testing.assert_close(got_norm, x.norm(dim=-1), rtol=2**-10, atol=0)
-    if not layout.prod:
-        return
-    assert_fp16_close(got_k.residual_norms[same], ref_k.residual_norms[same], "residual norm")
-    q = codec.key
-    y = k.double() @ q.rotation.double().T
-    idx = (
-        unpack_indices(ref_k.indices, q.mse_bits, q.head_dim)
-        if q.mse_bits
-        else torch.zeros_like(y, dtype=torch.long)
-    )
-    r = y - ref_k.norms.double().unsqueeze(-1) * q.centroids.double()[idx]
-    proj = r @ q.qjl.double().T
-    got_s = unpack_indices(got_k.signs, 1, q.head_dim)
-    ref_s = unpack_indices(ref_k.signs, 1, q.head_dim)
-    flips = (got_s != ref_s) & same.unsqueeze(-1)
-    near_zero = proj.abs() < NEAR_ZERO_PROJECTION * r.norm(dim=-1, keepdim=True)
-    assert bool(near_zero[flips].all()), "a QJL sign differs away from zero"
 
 
 def run_case(
@@ -82,7 +34,7 @@ def run_case(
     got, ref = cache.clone(), cache.clone()
     run_kernel(store_kv, key, value, got, slots, codec)
     store_kv_reference(key, value, ref, slots, codec)
-    compare(codec, got, ref, key, value, slots)
+    assert_records_close(codec, got, ref, key, value, slots)
 
 
 # A covering set: every head_dim, key bits 1..8, value bits 1..4 and 8, both modes, both block
@@ -117,7 +69,7 @@ def test_store_bf16_input_and_strided_heads():
     dev_qkv = qkv.to(DEVICE)  # slice on the kernel's device so the views stay strided there
     run_kernel(store_kv, dev_qkv[:, 1], dev_qkv[:, 2], got, slots, codec)
     store_kv_reference(qkv[:, 1], qkv[:, 2], ref, slots, codec)
-    compare(codec, got, ref, qkv[:, 1], qkv[:, 2], slots)
+    assert_records_close(codec, got, ref, qkv[:, 1], qkv[:, 2], slots)
 
 
 def test_padding_slots_write_nothing():
