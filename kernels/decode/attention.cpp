@@ -43,11 +43,12 @@ struct Problem {
 // lim0 + r / g (window 0: no lower bound). t0 must not precede the first row's window: tokens
 // before it may sit in blocks vLLM has freed.
 // Writes acc[r] / l[r] to out (row stride out_stride; rotated back by P.rotation if `final`,
-// else left in the rotated domain for the split merge) and log(l[r]) + m[r] to lse if given.
+// else left in the rotated domain for the split merge) and log(l[r]) + m[r] to lse if given
+// (row stride lse_stride: g within a split's partials, Hq in the op's lse_out).
 template <class Dots>
 void attend_item(const Problem& P, int64_t b, int64_t row0, int rows, int64_t lim0, int64_t h,
                  int64_t t0, int64_t t1, float* out, int64_t out_stride, float* lse,
-                 bool final) {
+                 int64_t lse_stride, bool final) {
   const int d = P.d, g = P.g, R = rows * g;
   const Layout& L = P.lay;
   Dots dots(L, d, P.kc, P.vc, P.outliers, R);
@@ -163,17 +164,20 @@ void attend_item(const Problem& P, int64_t b, int64_t row0, int rows, int64_t li
     float* y = back ? row.data() : o;
     for (int j = 0; j < d; ++j) y[dots.dim(j)] = ar[j] * inv;
     if (back) combine_rows(P.rotation, y, d, 1.f, o);
-    if (lse) lse[r] = l[r] > 0.f ? m[r] + std::log(l[r]) : NEG_INF;
+    if (lse) lse[(r / g) * lse_stride + r % g] = l[r] > 0.f ? m[r] + std::log(l[r]) : NEG_INF;
   }
 }
 
 void attend(const Problem& P, int64_t b, int64_t row0, int rows, int64_t lim0, int64_t h,
-            int64_t t0, int64_t t1, float* out, int64_t out_stride, float* lse, bool final) {
+            int64_t t0, int64_t t1, float* out, int64_t out_stride, float* lse, int64_t lse_stride,
+            bool final) {
 #ifdef TQ_BF16_DOTS
   if (P.bf16_dots)
-    return attend_item<Bf16Dots>(P, b, row0, rows, lim0, h, t0, t1, out, out_stride, lse, final);
+    return attend_item<Bf16Dots>(P, b, row0, rows, lim0, h, t0, t1, out, out_stride, lse,
+                                 lse_stride, final);
 #endif
-  attend_item<FloatDots>(P, b, row0, rows, lim0, h, t0, t1, out, out_stride, lse, final);
+  attend_item<FloatDots>(P, b, row0, rows, lim0, h, t0, t1, out, out_stride, lse, lse_stride,
+                         final);
 }
 
 // A bijection of [0, n): 0, n-1, 1, n-2, ... Row tiles later in a chunk see more (causal)
@@ -305,14 +309,15 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor
   }
   float* o = out.data_ptr<float>();
   const int64_t hq = P.hq, d = P.d, g = P.g, rpt = rows_per_tile;
-  if (num_splits == 1 && !lse_rows) {
+  if (num_splits == 1) {  // items write their rows' outputs (and lse) themselves
     at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
       for (int64_t pos = begin; pos < end; ++pos) {
         const int64_t i = interleaved(pos, units);
         const RowTile& tile = tiles[i / P.hk];
         const int64_t h = i % P.hk;
-        attend(P, tile.b, tile.row0, tile.rows, tile.lim0, h, tile.begin, tile.end,
-               o + (tile.row0 * hq + h * g) * d, hq * d, nullptr, true);
+        const int64_t first = tile.row0 * hq + h * g;  // the item's first (row, head)
+        attend(P, tile.b, tile.row0, tile.rows, tile.lim0, h, tile.begin, tile.end, o + first * d,
+               hq * d, lse_rows ? lse_rows + first : nullptr, hq, true);
       }
     });
     return out;
@@ -330,7 +335,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor
       const int64_t t0 = std::min(tile.begin + split * per, tile.end);
       const int64_t t1 = std::min(t0 + per, tile.end);
       attend(P, tile.b, tile.row0, tile.rows, tile.lim0, unit % P.hk, t0, t1,
-             &part[i * unit_rows * d], g * d, &lse[i * unit_rows], false);
+             &part[i * unit_rows * d], g * d, &lse[i * unit_rows], g, false);
     }
   });
   at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
