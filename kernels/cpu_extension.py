@@ -37,6 +37,7 @@ SOURCES = [HERE / "store" / "store.cpp", HERE / "decode" / "attention.cpp",
            HERE / "context" / "dequantize.cpp", HERE / "window" / "exact.cpp"]  # fmt: skip
 HEADERS = [
     HERE / "csrc" / "records.h",
+    HERE / "csrc" / "float_rows.h",
     HERE / "csrc" / "byte_planes.h",
     HERE / "csrc" / "row_decoder.h",
     *(HERE / "decode" / name for name in ("attention_math.h", "bf16_dots.h", "dots.h")),

@@ -1,8 +1,9 @@
-// The float32 arithmetic of the C++ ops: rows of floats, products with small matrices and dots
-// (the store's too), and the fused attention's scores, online softmax weights and weighted
-// value sums (attention.cpp), with AVX-512 and AVX2 paths where the CPU has them.
+// The float32 arithmetic of the fused attention (attention.cpp): dots (the store's norms too),
+// scores, the online softmax's weights and the weighted value sums, with AVX-512 and AVX2 paths
+// where the CPU has them.
 #pragma once
 
+#include "../csrc/float_rows.h"
 #include "../csrc/row_decoder.h"
 
 namespace tq {
@@ -43,35 +44,6 @@ inline __m256 exp_nonpositive(__m256 x) {
   return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 #endif
-
-// n values of a float32/bf16/fp16 row as floats.
-inline void load_floats(const void* src, at::ScalarType type, int n, float* dst) {
-  switch (type) {
-    case at::kFloat: std::memcpy(dst, src, sizeof(float) * n); break;
-    case at::kBFloat16: {
-      const auto* s = static_cast<const c10::BFloat16*>(src);
-      for (int j = 0; j < n; ++j) dst[j] = static_cast<float>(s[j]);
-      break;
-    }
-    default: {
-      const auto* s = static_cast<const c10::Half*>(src);
-      for (int j = 0; j < n; ++j) dst[j] = static_cast<float>(s[j]);
-    }
-  }
-}
-
-// y = scale * M^T x for M [d, d] row-major: a sum of M's rows, so the inner loop runs over
-// contiguous floats and vectorizes (a dot per output would be a float reduction, which -O3
-// leaves scalar). R q is combine_rows(R^T, q); R^T y is combine_rows(R, y).
-inline void combine_rows(const float* __restrict__ M, const float* __restrict__ x, int d,
-                         float scale, float* __restrict__ y) {
-  for (int i = 0; i < d; ++i) y[i] = 0.f;
-  for (int j = 0; j < d; ++j) {
-    const float a = scale * x[j];
-    const float* __restrict__ row = M + static_cast<size_t>(j) * d;
-    for (int i = 0; i < d; ++i) y[i] += a * row[i];
-  }
-}
 
 inline float dot(const float* a, const float* b, int n) {
 #ifdef TQ_AVX512
