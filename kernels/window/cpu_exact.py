@@ -30,8 +30,8 @@ def decode_step(
     exact-window rule: windowed._merged's result ([B, Hq, d] in query's dtype) from the fused
     attention over each row's compressed positions and exact_merge, called directly. In a
     served model the Python between the ops cost more than the ops (at 256 tokens of context,
-    about 110 of 200 us per layer and step went to the wrappers, argument checks and row
-    picking of the general path); the ops check their arguments themselves."""
+    over half of the forward's ~200 us per layer and step went to the general path's wrappers,
+    argument checks and row picking); the ops check their arguments themselves."""
     rows = query.shape[0]
     lse = torch.empty(rows, query.shape[1])
     compressed = run_attention(
