@@ -46,8 +46,12 @@ struct Part {
   Part(const at::Tensor& rotation_t, const at::Tensor& centroids, const at::Tensor& boundaries,
        int bits, int n, int indices)
       : rotation_t(rotation_t.data_ptr<float>()),
-        indexer(boundaries.data_ptr<float>(), centroids.data_ptr<float>(), bits, n),
-        n(n), indices(indices) {
+        indexer(checked_indexer(rotation_t, centroids, boundaries, bits, n)), n(n),
+        indices(indices) {}
+
+  // The indexer reads the codebook as it is built: the tensors are checked first.
+  static RowIndexer checked_indexer(const at::Tensor& rotation_t, const at::Tensor& centroids,
+                                    const at::Tensor& boundaries, int bits, int n) {
     TORCH_CHECK(rotation_t.scalar_type() == at::kFloat && rotation_t.is_contiguous() &&
                     rotation_t.numel() == int64_t{n} * n,
                 "store: a rotation must be a contiguous float32 [", n, ", ", n, "] tensor");
@@ -57,6 +61,7 @@ struct Part {
                     boundaries.numel() == (int64_t{1} << bits) - 1,
                 "store: centroids and boundaries must be contiguous float32 with 2^bits and "
                 "2^bits - 1 entries");
+    return RowIndexer(boundaries.data_ptr<float>(), centroids.data_ptr<float>(), bits, n);
   }
 };
 

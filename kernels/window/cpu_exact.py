@@ -33,7 +33,7 @@ def decode_step(
     over half of the forward's ~200 us per layer and step went to the general path's wrappers,
     argument checks and row picking); the ops check their arguments themselves."""
     rows = query.shape[0]
-    lse = torch.empty(rows, query.shape[1])
+    lse = torch.empty(rows, query.shape[1], dtype=torch.float32)
     compressed = run_attention(
         query, kv_cache, block_table[:rows], row_starts(rows), index.segment_starts, codec,
         scale, 1, 0, sparse_v, lse_out=lse, out_dtype=torch.float32,

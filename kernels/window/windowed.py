@@ -46,7 +46,8 @@ def windowed_attention(
     CPU kernel read exactly from s(its first row) on (config window_prefill "chunk"). Returns
     [T, Hq, d] in query's dtype."""
     cpu = dispatch.cpu_kernel(kv_cache, codec)
-    if cpu and max(index.seq_rows, default=0) == 1:  # a decode step: one row per sequence
+    one_each = len(index.seq_rows) == query.shape[0] and max(index.seq_rows, default=0) == 1
+    if cpu and one_each:  # a decode step: one row per sequence, in block_table's order
         return cpu_exact.decode_step(query, key, value, kv_cache, block_table, ring, index,
                                      codec, scale, rule.window, sparse_v)  # fmt: skip
     starts = [0]

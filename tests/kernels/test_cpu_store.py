@@ -52,7 +52,7 @@ def test_store_matches_reference_every_width(d, mode):
 
 
 @pytest.mark.parametrize("threads", [1, 2, 4])
-@pytest.mark.parametrize("tokens", [1, 200])  # 3 and 600 rows: store.cpp's SERIAL_ROWS is 256
+@pytest.mark.parametrize("tokens", [1, 200])  # 3 rows on the calling thread; 600 in parallel
 def test_store_bytes_do_not_depend_on_the_thread_count(threads, tokens):
     key, value, slots = store_inputs(tokens, 3, 64, torch.float32, num_slots=256)
     codec = LayerCodec(RecordLayout(64, 5, "mse", 4))

@@ -280,3 +280,26 @@ def test_a_cpu_decode_step_calls_the_ops_directly(keys, dtype, cpu_isa, monkeypa
         query.float(), cache, table, starts, seq_lens, *rounded, codec, 0.125, rule
     )
     torch.testing.assert_close(out.float(), ref, **DENSE_TOL[dtype])
+
+
+def test_a_step_with_a_sequence_of_no_rows_takes_the_general_path(cpu_isa, monkeypatch):
+    """decode_step pairs row i with block_table row i: a sequence with no rows this step (rows
+    [1, 0, 1]) must leave it to the general path, which finds each row's sequence."""
+    d, hq, hk, block_size = 64, 3, 1, 16
+    rule = ExactRule(16, anchor=32)
+    codec = LayerCodec(RecordLayout(d, 4, "mse", 3), seed=5)
+    lens, q_lens = [40, 20, 70], [1, 0, 1]
+    cache, table, keys, values = make_cache(codec, lens, block_size, hk, seed=6)
+    ring, rings = _ring_holding(keys, values, lens, q_lens, hk, d, rule.window)
+    starts = torch.tensor([0, 1, 1, 2], dtype=torch.int32)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    key = torch.stack([keys[0][39], keys[2][69]])
+    value = torch.stack([values[0][39], values[2][69]])
+    query = torch.randn(2, hq, d, generator=torch.Generator().manual_seed(7))
+    index = exact_index(starts, seq_lens, rings, rule, rule.window)
+    monkeypatch.setattr(cpu_exact, "decode_step", None)  # a call would raise
+    out = windowed_attention(query, key, value, cache, table, ring, index, codec, 0.125, rule)
+    ref = exact_window_attention_reference(
+        query, cache, table, starts, seq_lens, keys, values, codec, 0.125, rule
+    )
+    torch.testing.assert_close(out, ref, **CPU_TOL)

@@ -177,7 +177,7 @@ class TurboQuantizer:
     def _gain_norms(self, norms: torch.Tensor, u: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         """n = ||x|| g (module docstring); a zero code (impossible with a symmetric codebook,
         but never divide by it) keeps g = 1. "norm" divides by ||c[idx]|| as the fused stores
-        do, so their records match to the bit."""
+        do (their norms in another summation order: within one fp16 ulp)."""
         c = self.centroids[idx]
         if self.gain == "norm":
             cn = torch.linalg.vector_norm(c, dim=-1)
