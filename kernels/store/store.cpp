@@ -65,11 +65,11 @@ struct Part {
   }
 };
 
-// Per thread: one row's floats at each stage.
+// Per thread: one row's floats at each stage (x the input, parts its split-key channel order).
 struct Scratch {
-  std::vector<float> x, y, u, c, r, proj;
+  std::vector<float> x, parts, y, u, c, r, proj;
   std::vector<int32_t> idx;
-  explicit Scratch(int d) : x(d), y(d), u(d), c(d), r(d), proj(d), idx(d) {}
+  explicit Scratch(int d) : x(d), parts(d), y(d), u(d), c(d), r(d), proj(d), idx(d) {}
 };
 
 // x [P.n] rotated (y), searched and packed into rec; c gets the centroids at its indices.
@@ -108,7 +108,7 @@ void store_prod(const Part& P, const float* qjl_t, const Layout& L, const float*
 void store_split(const Part& regular, const Part& outlier, const int64_t* order,
                  const Layout& L, const float* x, uint8_t* rec, Scratch& s) {
   const int d = regular.n + outlier.n;
-  std::vector<float>& parts = s.r;
+  std::vector<float>& parts = s.parts;
   bool finite = true;
   for (int j = 0; j < d; ++j) {
     parts[j] = x[order[j]];
@@ -198,20 +198,20 @@ void store(const at::Tensor& key, const at::Tensor& value, at::Tensor kv_cache,
   // Rows of one token and head each; a decode step's few rows stay on this thread.
   at::parallel_for(0, tokens * hk, 16, [&](int64_t begin, int64_t end) {
     Scratch s(d);
-    std::vector<float> x(d);
+    float* x = s.x.data();
     for (int64_t row = begin; row < end; ++row) {
       const int64_t t = row / hk, h = row % hk, slot = sp[t];
       if (slot < 0) continue;  // vLLM's padding
       uint8_t* rec = cache + (slot / C.block_size) * C.sb + h * C.sh + (slot % C.block_size) * C.ss;
-      load_floats(values.row(t, h), values.type, d, x.data());
-      store_mse(value_part, x.data(), L.value_norm, rec, s);
-      load_floats(keys.row(t, h), keys.type, d, x.data());
+      load_floats(values.row(t, h), values.type, d, x);
+      store_mse(value_part, x, L.value_norm, rec, s);
+      load_floats(keys.row(t, h), keys.type, d, x);
       if (order)
-        store_split(key_part, *outlier_part, order + h * d, L, x.data(), rec, s);
+        store_split(key_part, *outlier_part, order + h * d, L, x, rec, s);
       else if (L.prod)
-        store_prod(key_part, qjl, L, x.data(), rec, s);
+        store_prod(key_part, qjl, L, x, rec, s);
       else
-        store_mse(key_part, x.data(), L.key_norm, rec, s);
+        store_mse(key_part, x, L.key_norm, rec, s);
     }
   });
 }
