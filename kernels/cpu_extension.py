@@ -1,6 +1,6 @@
 """The C++ CPU ops (store/store.cpp, decode/attention.cpp, context/dequantize.cpp,
-window/exact.cpp, with the shared csrc/*.h): built once per ISA variant, the best one this CPU
-runs chosen at load time.
+window/exact.cpp, window/decode_step.cpp, with the shared csrc/*.h): built once per ISA
+variant, the best one this CPU runs chosen at load time.
 
 Variants (VARIANTS): the same sources compiled for AVX-512 with BF16, AVX-512, AVX2 + FMA
 (x86-64-v3) and the compiler's portable baseline. Each registers its ops under its own
@@ -34,8 +34,10 @@ from tq_vllm.record.layout import RecordLayout
 logger = logging.getLogger("tq_vllm")
 HERE = Path(__file__).parent
 SOURCES = [HERE / "store" / "store.cpp", HERE / "decode" / "attention.cpp",
-           HERE / "context" / "dequantize.cpp", HERE / "window" / "exact.cpp"]  # fmt: skip
+           HERE / "context" / "dequantize.cpp", HERE / "window" / "exact.cpp",
+           HERE / "window" / "decode_step.cpp"]  # fmt: skip
 HEADERS = [
+    HERE / "csrc" / "ops.h",
     HERE / "csrc" / "records.h",
     HERE / "csrc" / "float_rows.h",
     HERE / "csrc" / "byte_planes.h",
@@ -194,15 +196,16 @@ def _kernel_fields(layout: RecordLayout) -> tuple[int, ...]:
 
 
 class Codebooks(NamedTuple):
-    """A codec's centroids and record layout as the C++ ops take them: for split keys the
-    regular part's key centroids and the outlier part's, for plain keys (centroids, None);
-    value centroids, or for uniform values the levels 0 .. 2^b - 1 (scaled and shifted per
-    vector)."""
+    """A codec's centroids, record layout and rotation as the C++ ops take them: for split
+    keys the regular part's key centroids and the outlier part's, for plain keys (centroids,
+    None); value centroids, or for uniform values the levels 0 .. 2^b - 1 (scaled and shifted
+    per vector)."""
 
     key: torch.Tensor
     outlier: torch.Tensor | None
     value: torch.Tensor
     layout: tuple[int, ...]
+    rotation_t: torch.Tensor  # R^T, with which the attention op rotates queries
 
 
 def codebooks(codec: LayerCodec) -> Codebooks:
@@ -222,4 +225,5 @@ def _codebooks(codec: LayerCodec) -> Codebooks:
         None if outlier is None else floats(outlier.centroids),
         floats(codec.value.centroids) if uniform is None else uniform,
         layout_fields(codec),
+        floats(codec.rotation.T),
     )

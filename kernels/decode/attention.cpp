@@ -12,6 +12,7 @@
 // log-sum-exp. Everything is float32, except on AVX512-BF16 builds for bf16 models, where the
 // dots take bf16 operands (dots.h, bf16_dots.h).
 
+#include "../csrc/ops.h"
 #include "dots.h"
 
 namespace tq {
@@ -192,6 +193,8 @@ struct RowTile {
   int rows;                           // window start to the last row's limit + 1
 };
 
+}  // namespace
+
 at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor& kv_cache,
                      const at::Tensor& block_table, const at::Tensor& query_start_loc,
                      const at::Tensor& seq_lens, const at::Tensor& key_centroids,
@@ -200,18 +203,23 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor
                      const std::optional<at::Tensor>& outlier_centroids, double sparse_v,
                      int64_t sliding_window, const std::optional<at::Tensor>& lse_out,
                      bool bf16_dots, const std::optional<at::Tensor>& rotation,
-                     bool rotate_queries, double scale) {
+                     const std::optional<at::Tensor>& rotation_t, bool rotate_queries,
+                     double scale) {
   TORCH_CHECK(q.dim() == 3 && q.scalar_type() == at::kFloat && q.is_contiguous(),
               "q must be a contiguous float32 [T, Hq, d] tensor");
   TORCH_CHECK(block_table.dim() == 2 && block_table.scalar_type() == at::kInt &&
                   block_table.stride(1) == 1,
               "block_table must be int32 [B, max_blocks] with unit column stride");
-  TORCH_CHECK(query_start_loc.scalar_type() == at::kInt && query_start_loc.is_contiguous() &&
+  // An undefined query_start_loc (from decode_step.cpp): one query row per sequence.
+  const bool one_row_each = !query_start_loc.defined();
+  TORCH_CHECK((one_row_each || (query_start_loc.scalar_type() == at::kInt &&
+                                query_start_loc.is_contiguous())) &&
                   seq_lens.scalar_type() == at::kInt && seq_lens.is_contiguous(),
               "query_start_loc and seq_lens must be contiguous int32");
   TORCH_CHECK(rows_per_tile >= 1 && num_splits >= 0, "rows_per_tile >= 1, num_splits >= 0");
   const int64_t batch = seq_lens.size(0);
-  TORCH_CHECK(query_start_loc.size(0) == batch + 1 && block_table.size(0) == batch,
+  TORCH_CHECK((one_row_each ? q.size(0) == batch : query_start_loc.size(0) == batch + 1) &&
+                  block_table.size(0) == batch,
               "query_start_loc needs B + 1 entries and block_table B rows");
   Problem P;
   P.cache = paged_cache(kv_cache);
@@ -248,20 +256,20 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor
 #else
   P.bf16_dots = false;
 #endif
-  std::vector<float> rotation_t;
+  auto square = [&](const at::Tensor& m) {
+    return m.scalar_type() == at::kFloat && m.is_contiguous() && m.dim() == 2 &&
+           m.size(0) == P.d && m.size(1) == P.d;
+  };
   if (rotation) {
-    TORCH_CHECK(rotation->scalar_type() == at::kFloat && rotation->is_contiguous() &&
-                    rotation->dim() == 2 && rotation->size(0) == P.d && rotation->size(1) == P.d,
-                "rotation must be a contiguous float32 [d, d] tensor");
+    TORCH_CHECK(square(*rotation), "rotation must be a contiguous float32 [d, d] tensor");
     P.rotation = rotation->data_ptr<float>();
     if (rotate_queries) {
       TORCH_CHECK(!P.lay.prod && P.outliers.count == 0,
                   "prod keys (their qs are S R q) and split keys (a rotation per head) take "
                   "rotated queries");
-      rotation_t.resize(static_cast<size_t>(P.d) * P.d);
-      for (int i = 0; i < P.d; ++i)
-        for (int j = 0; j < P.d; ++j) rotation_t[j * P.d + i] = P.rotation[i * P.d + j];
-      P.rotation_t = rotation_t.data();
+      TORCH_CHECK(rotation_t && square(*rotation_t),
+                  "rotate_queries needs rotation_t (R^T), a contiguous float32 [d, d] tensor");
+      P.rotation_t = rotation_t->data_ptr<float>();
       P.scale = static_cast<float>(scale);
     }
   } else {
@@ -278,12 +286,12 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor
     lse_rows = lse_out->data_ptr<float>();
   }
 
-  const int32_t* qsl = query_start_loc.data_ptr<int32_t>();
+  const int32_t* qsl = one_row_each ? nullptr : query_start_loc.data_ptr<int32_t>();
   const int32_t* lens = seq_lens.data_ptr<int32_t>();
   std::vector<RowTile> tiles;
   int64_t longest = 0;
   for (int64_t b = 0; b < batch; ++b) {
-    const int64_t lo = qsl[b], hi = qsl[b + 1], len = lens[b];
+    const int64_t lo = qsl ? qsl[b] : b, hi = qsl ? qsl[b + 1] : b + 1, len = lens[b];
     // len 0 with one query row: a padding row of a decode batch, which attends to nothing (0).
     TORCH_CHECK(hi >= lo && hi <= q.size(0) && (len >= hi - lo || (len == 0 && hi - lo == 1)),
                 "sequence ", b, ": bad query_start_loc or seq_len");
@@ -370,8 +378,6 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor
   return out;
 }
 
-
-}  // namespace
 }  // namespace tq
 
 TORCH_LIBRARY_FRAGMENT(TQ_OPS, m) {
@@ -381,7 +387,7 @@ TORCH_LIBRARY_FRAGMENT(TQ_OPS, m) {
       "int[] layout, float qjl_coef, int rows_per_tile, int num_splits, "
       "Tensor? outlier_centroids=None, float sparse_v=0.0, int sliding_window=0, "
       "Tensor(a!)? lse_out=None, bool bf16_dots=False, Tensor? rotation=None, "
-      "bool rotate_queries=False, float scale=1.0) -> Tensor");
+      "Tensor? rotation_t=None, bool rotate_queries=False, float scale=1.0) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(TQ_OPS, CPU, m) { m.impl("attention", &tq::attention); }

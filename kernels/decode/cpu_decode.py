@@ -73,15 +73,8 @@ def run_attention(
     lse_out: torch.Tensor | None = None,
     out_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    layout = codec.layout
-    # The op rotates plain mse queries itself; split keys have their own rotations per head and
-    # prod keys need S R q as well, so theirs arrive rotated. Every output is rotated back there.
-    in_op = not layout.prod and not layout.split_keys
-    if in_op:
-        q = query.float().contiguous()
-    else:
-        q = (codec.rotate_queries(query) * scale).contiguous()
-    qs = (q @ codec.key.qjl.T).contiguous() if layout.prod else q
+    rotated = rotated_queries(query, codec, scale)
+    q, qs = rotated or (query.float().contiguous(),) * 2
     books = codebooks(codec)
     out = ops().attention(
         q,
@@ -93,19 +86,43 @@ def run_attention(
         books.key,
         books.value,
         books.layout,
-        math.sqrt(math.pi / 2) / codec.head_dim,
+        qjl_coefficient(codec),
         rows_per_tile,
         num_splits,
         books.outlier,
         sparse_v,
         sliding_window or 0,
         lse_out,
-        BF16_DOTS and query.dtype == torch.bfloat16,  # where the build has them (bf16_dots.h)
+        bf16_dots(query),
         codec.rotation,
-        in_op,
+        books.rotation_t,
+        rotated is None,
         scale,
     )
     return out.to(out_dtype or query.dtype)
+
+
+def rotated_queries(
+    query: torch.Tensor, codec: LayerCodec, scale: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(R q scale, qs) for the layouts whose queries the op cannot rotate itself: split keys
+    have a rotation per head and prod keys need qs = S R q scale as well. None for plain mse
+    keys, which the op rotates and scales. Every output is rotated back in the op."""
+    layout = codec.layout
+    if not layout.prod and not layout.split_keys:
+        return None
+    q = (codec.rotate_queries(query) * scale).contiguous()
+    return q, (q @ codec.key.qjl.T).contiguous() if layout.prod else q
+
+
+def qjl_coefficient(codec: LayerCodec) -> float:
+    """The prod keys' QJL term's factor, sqrt(pi / 2) / d."""
+    return math.sqrt(math.pi / 2) / codec.head_dim
+
+
+def bf16_dots(query: torch.Tensor) -> bool:
+    """Whether the op takes bf16 dots for these queries (where the build has them, bf16_dots.h)."""
+    return BF16_DOTS and query.dtype == torch.bfloat16
 
 
 def decode_attention(

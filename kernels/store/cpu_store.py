@@ -23,12 +23,18 @@ def store_kv(
     check_store_inputs(key, value, kv_cache, slot_mapping, codec)
     if slot_mapping.numel() == 0:
         return
-    ops().store(key, value, kv_cache, slot_mapping, *per_codec(codec, "cpu store", _arguments))
+    ops().store(key, value, kv_cache, slot_mapping, *store_arguments(codec))
+
+
+def store_arguments(codec: LayerCodec) -> tuple:
+    """store.cpp's arguments after the slot mapping (window/decode_step.cpp ends with them too),
+    made once per codec."""
+    return per_codec(codec, "cpu store", _arguments)
 
 
 def _arguments(codec: LayerCodec) -> tuple:
-    """store.cpp's arguments after the slot mapping: rotations (as R^T, S^T: a row's product is
-    then a sum of their rows), codebooks and the layout."""
+    """Rotations (as R^T, S^T: a row's product is then a sum of their rows), codebooks and the
+    layout."""
     layout = codec.layout
     split = layout.split_keys
     plain = codec.key.regular if split else codec.key  # the keys' (regular part's) quantizer

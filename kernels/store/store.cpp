@@ -1,3 +1,4 @@
+#include "../csrc/ops.h"
 #include "../decode/attention_math.h"
 #include "row_indexer.h"
 
@@ -144,6 +145,8 @@ Rows rows_of(const at::Tensor& x, int64_t tokens, int64_t heads, int64_t d, cons
               x.stride(0) * size, x.stride(1) * size};
 }
 
+}  // namespace
+
 void store(const at::Tensor& key, const at::Tensor& value, at::Tensor kv_cache,
            const at::Tensor& slot_mapping, const at::Tensor& value_rotation_t,
            const at::Tensor& value_centroids, const at::Tensor& value_boundaries,
@@ -216,8 +219,6 @@ void store(const at::Tensor& key, const at::Tensor& value, at::Tensor kv_cache,
   });
 }
 
-
-}  // namespace
 }  // namespace tq
 
 TORCH_LIBRARY_FRAGMENT(TQ_OPS, m) {

@@ -1,14 +1,15 @@
 """The exact window on the CPU (window/exact.cpp): its exact part and merge in one op per layer
 and step, reading the ring and the step's own keys and values where they lie (instead of
 exact.exact_merge_reference's gathers and dozen PyTorch calls), and the ring's write.
-decode_step: a whole decode step's attention in two ops."""
+decode_step: a whole decode step in one op (window/decode_step.cpp)."""
 
 from __future__ import annotations
 
 import torch
 
-from tq_vllm.kernels.cpu_extension import ops
-from tq_vllm.kernels.decode.cpu_decode import row_starts, run_attention
+from tq_vllm.kernels.cpu_extension import codebooks, ops
+from tq_vllm.kernels.decode.cpu_decode import bf16_dots, qjl_coefficient, rotated_queries
+from tq_vllm.kernels.store.cpu_store import store_arguments
 from tq_vllm.kernels.window.exact import ExactIndex
 from tq_vllm.record.codec import LayerCodec
 
@@ -17,7 +18,9 @@ def decode_step(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
+    out: torch.Tensor,
     kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
     block_table: torch.Tensor,
     ring: torch.Tensor,
     index: ExactIndex,
@@ -25,22 +28,21 @@ def decode_step(
     scale: float,
     window: int,
     sparse_v: float,
-) -> torch.Tensor:
-    """A decode step (one row per sequence, block_table's first rows theirs) under the
-    exact-window rule: windowed._merged's result ([B, Hq, d] in query's dtype) from the fused
-    attention over each row's compressed positions and exact_merge, called directly. In a
-    served model the Python between the ops cost more than the ops (at 256 tokens of context,
-    over half of the forward's ~200 us per layer and step went to the general path's wrappers,
-    argument checks and row picking); the ops check their arguments themselves."""
-    rows = query.shape[0]
-    lse = torch.empty(rows, query.shape[1], dtype=torch.float32)
-    compressed = run_attention(
-        query, kv_cache, block_table[:rows], row_starts(rows), index.segment_starts, codec,
-        scale, 1, 0, sparse_v, lse_out=lse, out_dtype=torch.float32,
-    )  # fmt: skip
-    return ops().exact_merge(
-        query, key, value, ring, None, index.segment_starts, index.visible, index.row_ring,
-        index.ring_reads, window, scale, compressed, lse,
+) -> None:
+    """A decode step (one row per sequence, block_table's first rows theirs, one slot per row)
+    under the exact-window rule, whole: what store_kv, windowed_attention and write_ring do in
+    turn, in one op. query [B, Hq, d], key and value [B, Hk, d]; out [B, Hq, d] (contiguous,
+    query's dtype) gets the attention. In a served model the Python and dispatch around four ops
+    cost more than their work (each layer's weights pass through the caches between two of its
+    steps, so every call runs cold); the op checks its arguments itself."""
+    rotated = rotated_queries(query, codec, scale)
+    books = codebooks(codec)
+    ops().decode_step(
+        query, key, value, out, kv_cache, slot_mapping, block_table, ring, index.segment_starts,
+        index.visible, index.row_ring, index.ring_reads, index.write_tokens, index.write_blocks,
+        index.write_slots, window, scale, sparse_v, bf16_dots(query),
+        *(rotated or (None, None)), books.key, books.value, books.outlier, codec.rotation,
+        books.rotation_t, qjl_coefficient(codec), *store_arguments(codec),
     )  # fmt: skip
 
 

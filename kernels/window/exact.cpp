@@ -11,6 +11,7 @@
 // depend on which rows share its step. Float32 throughout; the output is rounded once to the
 // query's dtype.
 
+#include "../csrc/ops.h"
 #include "../decode/attention_math.h"
 
 namespace tq {
@@ -52,12 +53,14 @@ const int64_t* index_data(const at::Tensor& t, int64_t n, const char* name) {
   return t.data_ptr<int64_t>();
 }
 
-at::Tensor exact_merge(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
-                       const at::Tensor& ring, const std::optional<at::Tensor>& rows,
-                       const at::Tensor& segment_starts, const at::Tensor& visible,
-                       const at::Tensor& row_ring, const at::Tensor& ring_reads,
-                       int64_t window, double scale, const at::Tensor& out_c,
-                       const at::Tensor& lse_c) {
+}  // namespace
+
+void exact_merge_into(at::Tensor out, const at::Tensor& query, const at::Tensor& key,
+                      const at::Tensor& value, const at::Tensor& ring,
+                      const std::optional<at::Tensor>& rows, const at::Tensor& segment_starts,
+                      const at::Tensor& visible, const at::Tensor& row_ring,
+                      const at::Tensor& ring_reads, int64_t window, double scale,
+                      const at::Tensor& out_c, const at::Tensor& lse_c) {
   TORCH_CHECK(query.dim() == 3 && float_type(query.scalar_type()) &&
                   rows_of_heads(query, query.size(2)),
               "query must be a float32/bf16/fp16 [T, Hq, d] tensor with contiguous rows");
@@ -102,7 +105,9 @@ at::Tensor exact_merge(const at::Tensor& query, const at::Tensor& key, const at:
                 ring.size(0), " rings");
   }
 
-  at::Tensor out = at::empty(query.sizes(), query.options());
+  TORCH_CHECK(out.sizes() == query.sizes() && out.scalar_type() == query.scalar_type() &&
+                  out.is_contiguous(),
+              "exact_merge: out must be contiguous, shaped and typed as the query");
   const auto qt = query.scalar_type(), kt = key.scalar_type(), rt = ring.scalar_type();
   const size_t q_size = query.element_size(), k_size = key.element_size();
   const size_t r_size = ring.element_size();
@@ -168,7 +173,6 @@ at::Tensor exact_merge(const at::Tensor& query, const at::Tensor& key, const at:
       }
     }
   });
-  return out;
 }
 
 // exact.py's write_ring_reference: token tokens[e] of the step goes to slot slots[e] of ring blocks[e],
@@ -207,6 +211,20 @@ void write_ring(at::Tensor ring, const at::Tensor& key, const at::Tensor& value,
                    r_bytes + (block[e] * ring.stride(0) + h * ring.stride(1) +
                               slot[e] * ring.stride(2)) * r_size);
     }
+}
+
+namespace {
+
+at::Tensor exact_merge(const at::Tensor& query, const at::Tensor& key, const at::Tensor& value,
+                       const at::Tensor& ring, const std::optional<at::Tensor>& rows,
+                       const at::Tensor& segment_starts, const at::Tensor& visible,
+                       const at::Tensor& row_ring, const at::Tensor& ring_reads,
+                       int64_t window, double scale, const at::Tensor& out_c,
+                       const at::Tensor& lse_c) {
+  at::Tensor out = at::empty(query.sizes(), query.options());
+  exact_merge_into(out, query, key, value, ring, rows, segment_starts, visible, row_ring,
+                   ring_reads, window, scale, out_c, lse_c);
+  return out;
 }
 
 }  // namespace

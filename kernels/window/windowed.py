@@ -1,12 +1,12 @@
-"""The exact-window rule on any device: the compressed kernels (C++ on the CPU, Triton on CUDA
-or in the interpreter, else the PyTorch reference) attend each row over its compressed
-positions (< s(p)) as a decode row of that length and return their log-sum-exp, exact.py
-attends the exact ones, and the two merge (on the CPU a decode step calls the two ops
-directly: cpu_exact.decode_step). Prefill chunks (sequences with CHUNK_ROWS rows or
-more) take a chunk kernel instead: on the CPU one call of vLLM's kernel for the whole rule (or,
-with whole_chunk, for the chunk read exactly from its first row's s), as the dense path runs
-chunks without the window (dense_window.py); on Triton the context kernel
-for their compressed part (a tile of rows shares each record it reads). Same contract as
+"""The exact-window rule on any device: the compressed kernels (C++ on the CPU, Triton on CUDA or
+in the interpreter, else the PyTorch reference) attend each row over its compressed positions
+(< s(p)) as a decode row of that length and return their log-sum-exp, exact.py attends the exact
+ones, and the two merge. windowed_step runs a whole step: store, attention, ring write (on the
+CPU a decode step is one op: cpu_exact.decode_step). Prefill chunks (sequences with CHUNK_ROWS
+rows or more) take a chunk kernel instead: on the CPU one call of vLLM's kernel for the whole
+rule (or, with whole_chunk, for the chunk read exactly from its first row's s), as the dense
+path runs chunks without the window (dense_window.py); on Triton the context kernel for their
+compressed part (a tile of rows shares each record it reads). Same contract as
 reference.exact_window_attention_reference."""
 
 from __future__ import annotations
@@ -24,6 +24,35 @@ from tq_vllm.kernels.window.exact import ExactIndex, ExactRule, sequence_exact
 from tq_vllm.record.codec import LayerCodec
 
 CHUNK_ROWS = DENSE_ROWS  # rows from which a sequence takes a chunk kernel
+
+
+def windowed_step(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    out: torch.Tensor,
+    kv_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    block_table: torch.Tensor,
+    ring: torch.Tensor,
+    index: ExactIndex,
+    codec: LayerCodec,
+    scale: float,
+    rule: ExactRule,
+    sparse_v: float = 0.0,
+    whole_chunk: bool = False,
+) -> None:
+    """A step under the exact-window rule, whole: key and value [T, Hk, d] stored as records
+    at slot_mapping [T] (-1: padding), windowed_attention's result written to out [T, Hq, d],
+    then the ring written."""
+    one_each = len(index.seq_rows) == query.shape[0] and max(index.seq_rows, default=0) == 1
+    if one_each and dispatch.cpu_kernel(kv_cache, codec):  # a decode step, in block_table's order
+        return cpu_exact.decode_step(query, key, value, out, kv_cache, slot_mapping, block_table,
+                                     ring, index, codec, scale, rule.window, sparse_v)  # fmt: skip
+    dispatch.store_kv(key, value, kv_cache, slot_mapping, codec)
+    out[:] = windowed_attention(query, key, value, kv_cache, block_table, ring, index, codec,
+                                scale, rule, sparse_v, whole_chunk)  # fmt: skip
+    dispatch.write_ring(ring, key, value, index)
 
 
 def windowed_attention(
@@ -46,10 +75,6 @@ def windowed_attention(
     CPU kernel read exactly from s(its first row) on (config window_prefill "chunk"). Returns
     [T, Hq, d] in query's dtype."""
     cpu = dispatch.cpu_kernel(kv_cache, codec)
-    one_each = len(index.seq_rows) == query.shape[0] and max(index.seq_rows, default=0) == 1
-    if cpu and one_each:  # a decode step: one row per sequence, in block_table's order
-        return cpu_exact.decode_step(query, key, value, kv_cache, block_table, ring, index,
-                                     codec, scale, rule.window, sparse_v)  # fmt: skip
     starts = [0]
     for rows in index.seq_rows:
         starts.append(starts[-1] + rows)

@@ -20,7 +20,7 @@ from tq_vllm.kernels.context.dense import _cpu_attention_isa
 from tq_vllm.kernels.window import cpu_exact, windowed
 from tq_vllm.kernels.window.exact import ExactRule, exact_index
 from tq_vllm.kernels.window.reference import exact_window_attention_reference
-from tq_vllm.kernels.window.windowed import CHUNK_ROWS, windowed_attention
+from tq_vllm.kernels.window.windowed import CHUNK_ROWS, windowed_attention, windowed_step
 from tq_vllm.record.codec import LayerCodec
 from tq_vllm.record.layout import RecordLayout
 
@@ -246,20 +246,26 @@ def test_a_first_chunk_is_the_model_dtypes_own_attention(n, whole_chunk):
 
 @pytest.mark.parametrize("keys", ["mse", "prod", "split"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_a_cpu_decode_step_calls_the_ops_directly(keys, dtype, cpu_isa, monkeypatch):
-    """A decode step (one row per sequence) on the CPU goes to cpu_exact.decode_step: the same
-    two ops as the general path (_merged, which picks rows, checks arguments and wraps each
-    op), so the same bits; and the reference's result (over keys and values rounded to the
-    model dtype, as the ring holds them) within the dense path's tolerance for the dtype (bf16
-    queries take the op's bf16 dots)."""
+def test_a_cpu_decode_step_is_one_op(keys, dtype, cpu_isa, monkeypatch):
+    """A decode step (one row per sequence) on the CPU goes to cpu_exact.decode_step, one op
+    for the store, the attention and the ring's write: the same bytes in the cache and the
+    ring, and the same bits out, as the general path's store_kv, _merged (which picks rows,
+    checks arguments and wraps each op) and write_ring; and the reference's result (over keys
+    and values rounded to the model dtype, as the ring holds them) within the dense path's
+    tolerance for the dtype (bf16 queries take the op's bf16 dots). The step's slots start as
+    0xFF bytes (NaN norms); slot -1 (padding) writes nothing."""
     d, hq, hk, block_size = 64, 6, 3, 16
     rule = ExactRule(16, anchor=32)
     if keys == "split":
         codec = split_codec(d, hk=hk, seed=5)
     else:
         codec = LayerCodec(RecordLayout(d, 4, keys, 3), seed=5)
-    lens = [1, 31, 33, 90]
-    cache, table, keys_, values = make_cache(codec, lens, block_size, hk, seed=6)
+    lens = [1, 31, 33, 90, 20]
+    stored = [n - 1 for n in lens]  # the step stores each sequence's last token
+    cache, table, keys_, values = make_cache(codec, lens, block_size, hk, seed=6, stored=stored)
+    slots = torch.stack([table[b, n // block_size] * block_size + n % block_size
+                         for b, n in enumerate(stored)]).long()  # fmt: skip
+    slots[-1] = -1  # a padded row: its slot stays 0xFF
     ring, rings = _ring_holding(keys_, values, lens, [1] * len(lens), hk, d, rule.window)
     starts = torch.arange(len(lens) + 1, dtype=torch.int32)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
@@ -267,14 +273,24 @@ def test_a_cpu_decode_step_calls_the_ops_directly(keys, dtype, cpu_isa, monkeypa
     value = torch.stack([v[n - 1] for v, n in zip(values, lens)]).to(dtype)
     query = torch.randn(len(lens), hq, d, generator=torch.Generator().manual_seed(7)).to(dtype)
     index = exact_index(starts, seq_lens, rings, rule, rule.window)
+    general_cache, general_ring = cache.clone(), ring.to(dtype)
+    ring = ring.to(dtype)
     calls = []
     direct = cpu_exact.decode_step
     monkeypatch.setattr(cpu_exact, "decode_step", lambda *a: calls.append(1) or direct(*a))
-    out = windowed_attention(query, key, value, cache, table, ring, index, codec, 0.125, rule)
+    out = torch.full_like(query, float("nan"))
+    windowed_step(query, key, value, out, cache, slots, table, ring, index, codec, 0.125, rule)
     assert calls == [1]
-    general = windowed._merged(query, key, value, cache, table, ring, index,
+    dispatch.store_kv(key, value, general_cache, slots, codec)
+    general = windowed._merged(query, key, value, general_cache, table, general_ring, index,
                                starts.tolist(), codec, 0.125, rule, 0.0)  # fmt: skip
+    dispatch.write_ring(general_ring, key, value, index)
     assert out.dtype == dtype and torch.equal(out, general)
+    assert torch.equal(cache, general_cache)
+    assert torch.equal(ring.nan_to_num(7.0), general_ring.nan_to_num(7.0))
+    written = [(cache[s // block_size, :, s % block_size] != 0xFF).any() for s in slots[:-1]]
+    padded = table[-1, stored[-1] // block_size], stored[-1] % block_size
+    assert all(written) and (cache[padded[0], :, padded[1]] == 0xFF).all()
     rounded = [k.to(dtype).float() for k in keys_], [v.to(dtype).float() for v in values]
     ref = exact_window_attention_reference(
         query.float(), cache, table, starts, seq_lens, *rounded, codec, 0.125, rule
@@ -284,12 +300,15 @@ def test_a_cpu_decode_step_calls_the_ops_directly(keys, dtype, cpu_isa, monkeypa
 
 def test_a_step_with_a_sequence_of_no_rows_takes_the_general_path(cpu_isa, monkeypatch):
     """decode_step pairs row i with block_table row i: a sequence with no rows this step (rows
-    [1, 0, 1]) must leave it to the general path, which finds each row's sequence."""
+    [1, 0, 1]) must leave the step to the general path, which finds each row's sequence."""
     d, hq, hk, block_size = 64, 3, 1, 16
     rule = ExactRule(16, anchor=32)
     codec = LayerCodec(RecordLayout(d, 4, "mse", 3), seed=5)
     lens, q_lens = [40, 20, 70], [1, 0, 1]
-    cache, table, keys, values = make_cache(codec, lens, block_size, hk, seed=6)
+    stored = [n - q for n, q in zip(lens, q_lens)]
+    cache, table, keys, values = make_cache(codec, lens, block_size, hk, seed=6, stored=stored)
+    slots = torch.tensor([table[b, n // block_size] * block_size + n % block_size
+                          for b, n in ((0, 39), (2, 69))])  # fmt: skip
     ring, rings = _ring_holding(keys, values, lens, q_lens, hk, d, rule.window)
     starts = torch.tensor([0, 1, 1, 2], dtype=torch.int32)
     seq_lens = torch.tensor(lens, dtype=torch.int32)
@@ -298,7 +317,8 @@ def test_a_step_with_a_sequence_of_no_rows_takes_the_general_path(cpu_isa, monke
     query = torch.randn(2, hq, d, generator=torch.Generator().manual_seed(7))
     index = exact_index(starts, seq_lens, rings, rule, rule.window)
     monkeypatch.setattr(cpu_exact, "decode_step", None)  # a call would raise
-    out = windowed_attention(query, key, value, cache, table, ring, index, codec, 0.125, rule)
+    out = torch.full_like(query, float("nan"))
+    windowed_step(query, key, value, out, cache, slots, table, ring, index, codec, 0.125, rule)
     ref = exact_window_attention_reference(
         query, cache, table, starts, seq_lens, keys, values, codec, 0.125, rule
     )
