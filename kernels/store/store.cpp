@@ -164,7 +164,9 @@ void store(const at::Tensor& key, const at::Tensor& value, at::Tensor kv_cache,
   const Rows keys = rows_of(key, tokens, hk, d, "key"), values = rows_of(value, tokens, hk, d, "value");
   TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.size(0) == tokens,
               "store: slot_mapping needs one slot per token");
-  const at::Tensor slots = slot_mapping.to(at::kLong).contiguous();
+  // vLLM's int64 slots as they are: even a no-op .to() is a dispatch, costly in a cold step.
+  const bool as_is = slot_mapping.scalar_type() == at::kLong && slot_mapping.is_contiguous();
+  const at::Tensor slots = as_is ? slot_mapping : slot_mapping.to(at::kLong).contiguous();
   const int64_t* sp = slots.data_ptr<int64_t>();
   const int64_t capacity = C.num_blocks * C.block_size;
   for (int64_t t = 0; t < tokens; ++t)  // before any write: a bad slot writes nothing

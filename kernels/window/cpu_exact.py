@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import torch
 
+from tq_vllm.kernels.common import per_codec
 from tq_vllm.kernels.cpu_extension import codebooks, ops
 from tq_vllm.kernels.decode.cpu_decode import bf16_dots, qjl_coefficient, rotated_queries
 from tq_vllm.kernels.store.cpu_store import store_arguments
@@ -36,14 +37,20 @@ def decode_step(
     cost more than their work (each layer's weights pass through the caches between two of its
     steps, so every call runs cold); the op checks its arguments itself."""
     rotated = rotated_queries(query, codec, scale)
-    books = codebooks(codec)
     ops().decode_step(
         query, key, value, out, kv_cache, slot_mapping, block_table, ring, index.segment_starts,
         index.visible, index.row_ring, index.ring_reads, index.write_tokens, index.write_blocks,
         index.write_slots, window, scale, sparse_v, bf16_dots(query),
-        *(rotated or (None, None)), books.key, books.value, books.outlier, codec.rotation,
-        books.rotation_t, qjl_coefficient(codec), *store_arguments(codec),
+        *(rotated or (None, None)), *per_codec(codec, "cpu decode step", _codec_arguments),
     )  # fmt: skip
+
+
+def _codec_arguments(codec: LayerCodec) -> tuple:
+    """decode_step.cpp's arguments from the codec: the attention's codebooks, rotation and
+    QJL factor, then the store's."""
+    books = codebooks(codec)
+    return (books.key, books.value, books.outlier, codec.rotation, books.rotation_t,
+            qjl_coefficient(codec), *store_arguments(codec))  # fmt: skip
 
 
 def exact_merge(

@@ -36,17 +36,15 @@ void decode_step(const at::Tensor& query, const at::Tensor& key, const at::Tenso
                  const std::optional<at::Tensor>& outlier_boundaries) {
   TORCH_CHECK(query.dim() == 3 && key.dim() == 3 && slot_mapping.dim() == 1,
               "decode_step: query and key must be [T, H, d], slot_mapping 1-d");
-  const int64_t rows = query.size(0), stored = slot_mapping.size(0);
-  TORCH_CHECK(stored <= key.size(0) && rows <= block_table.size(0),
-              "decode_step: ", stored, " slots for ", key.size(0), " tokens, ", rows,
-              " rows for ", block_table.size(0), " block_table rows");
-  store(key.narrow(0, 0, stored), value.narrow(0, 0, stored), kv_cache, slot_mapping,
-        value_rotation_t, value_centroids, value_boundaries, key_rotation_t, key_centroids,
+  const int64_t rows = query.size(0);
+  TORCH_CHECK(slot_mapping.size(0) == rows && key.size(0) == rows,
+              "decode_step: one slot and one key per query row");
+  store(key, value, kv_cache, slot_mapping, value_rotation_t, value_centroids, value_boundaries, key_rotation_t, key_centroids,
         key_boundaries, qjl_t, layout, key_order, outlier_rotation_t, outlier_centroids,
         outlier_boundaries);
 
   // Plain mse keys' queries are rotated and scaled in the attention op, as float32 rows; the
-  // others arrive so. Scratch from the heap rather than ATen ops, which cost more cold.
+  // others arrive so. Scratch from the heap, views not made: ATen calls cost more cold.
   const bool rotate = !rotated_query.has_value();
   const int64_t hq = query.size(1), d = query.size(2);
   const auto floats = query.options().dtype(at::kFloat);
@@ -63,7 +61,7 @@ void decode_step(const at::Tensor& query, const at::Tensor& key, const at::Tenso
                               : *rotated_query;
   const at::Tensor lse = at::from_blob(lse_rows.data(), {rows, hq}, floats);
   const at::Tensor compressed = attention(
-      q, rotated_qs ? *rotated_qs : q, kv_cache, block_table.narrow(0, 0, rows), at::Tensor(),
+      q, rotated_qs ? *rotated_qs : q, kv_cache, block_table, at::Tensor(),
       segment_starts, key_codebook, value_codebook, layout, qjl_coef, 1, 0, outlier_codebook,
       sparse_v, 0, lse, bf16_dots, rotation, rotation_t, rotate, scale);
   exact_merge_into(out, query, key, value, ring, std::nullopt, segment_starts, visible, row_ring,

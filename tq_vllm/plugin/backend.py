@@ -211,6 +211,7 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         # A local layer's window: a query at position p sees p - W < t <= p.
         self.sliding_window = sliding_window
         self.exact_window = self.settings.config.exact_window
+        self.ring: exact_ring.Ring | None = None  # exact_ring.attach_ring's, with an exact window
         if self.exact_window and sliding_window is not None:
             raise NotImplementedError(
                 "exact_window on a model with sliding-window layers is not supported yet"
@@ -276,10 +277,10 @@ class TurboQuantImpl(AttentionImpl[TurboQuantMetadata]):
         slots = m.slot_mapping[:n]  # where vLLM pads a step, the padding's slots are -1
         out = output[:n].view(n, self.num_heads, self.head_size)
         if self.exact_window:
-            window = exact_ring.ring_metadata(layer)
+            window = exact_ring.ring_metadata(self.ring)
             windowed_step(
-                query, key, value, out, kv_cache, slots, m.block_table,
-                layer.tq_exact_ring.kv_cache, window.index, codec, self.scale, window.rule,
+                query, key, value, out, kv_cache, slots, m.block_table, self.ring.kv_cache,
+                window.index, codec, self.scale, window.rule,
                 self.settings.config.sparse_v, self.settings.config.window_prefill == "chunk",
             )  # fmt: skip
             return output

@@ -7,7 +7,7 @@ life, K and V side by side in the model dtype, or bf16 where that fits a block o
 the model's float32 does not), registered in the forward context once the
 model's weights are loaded (attach_ring), before vLLM collects the layers' cache specs.
 RingMetadataBuilder: per step, each request's ring and the step's ExactIndex, built once and
-shared by every layer. The attention layer finds its ring as `layer.tq_exact_ring` and the
+shared by every layer. The attention layer's impl finds its ring as `impl.ring` and the
 step's index in the forward context.
 """
 
@@ -145,7 +145,8 @@ def attach_ring(impl: Any, vllm_config: Any, dtype: torch.dtype) -> None:
     if ring.layer_name not in context:  # weights can be loaded again (sleep mode, reload)
         context[ring.layer_name] = ring
         layer.tq_exact_ring = ring
+        impl.ring = ring  # a plain attribute: the Module's lookup is a Python call per step
 
 
-def ring_metadata(layer: Any) -> RingMetadata:
-    return compat.forward_metadata(layer.tq_exact_ring.layer_name)
+def ring_metadata(ring: Ring) -> RingMetadata:
+    return compat.forward_metadata(ring.layer_name)
