@@ -9,8 +9,9 @@ the chunk's rows becomes a sequence of one varlen call. They share the whole com
 pages, dequantized once (dense.dequantized); each has private pages from its last partial
 compressed page on, holding compressed tokens up to s and then its exact ones (rotated into the
 compressed tokens' basis and rounded to the query's dtype, as the dense path rounds the
-compressed ones). A chunk that reads no compressed token (a prompt's first chunk) stays in the
-model's basis: no rotations in or out, the model dtype's own attention. Pages are PAGE tokens,
+compressed ones). Chunks that read no compressed token (prompts' first chunks) stay in the
+model's basis, all of a step's in one call (first_chunks): no rotations in or out, the model
+dtype's own attention. Pages are PAGE tokens,
 the smallest the kernel's AMX path takes: a run's private part is then at most PAGE - G
 compressed tokens and W exact ones, where 128-token pages copied up to 127 + W per run.
 
@@ -35,6 +36,7 @@ from tq_vllm.kernels.context.dense import (
     dequantized,
     paged_dense_attention,
     rotated,
+    vllm_cpu_attention,
     with_vllm_ops,
 )
 from tq_vllm.kernels.window.exact import ExactRule
@@ -67,20 +69,16 @@ def windowed_prefill(
     pages = _virtual_pages(first, first + n, rule, whole_chunk)
     s_last = pages.compressed
     # Source rows: compressed positions 0 .. s_last - 1, then exact s(first) .. first + n - 1.
+    if not s_last:
+        raise ValueError("a chunk that reads no compressed token is first_chunks' to attend")
     exact_k, exact_v = exact[..., :d].to(dtype), exact[..., d:].to(dtype)
-    # Rows that read exact tokens only (a prompt's first chunk) need no rotation: the model's
-    # own attention, as its dtype computes it.
-    in_model_basis = not s_last
-    if in_model_basis:
-        q, source_k, source_v = query, exact_k, exact_v
-    else:
-        keys, values = dequantized(kv_cache, blocks, s_last, codec, dtype)
-        keys, values = keys.transpose(0, 1), values.transpose(0, 1)  # [s_last, Hk, d]
-        if not codec.layout.uniform_values:  # uniform values stay in the model's basis
-            exact_v = rotated(exact_v, codec, values=True)
-        source_k = torch.cat([keys, rotated(exact_k, codec)])
-        source_v = torch.cat([values, exact_v])
-        q = rotated(query, codec)
+    keys, values = dequantized(kv_cache, blocks, s_last, codec, dtype)
+    keys, values = keys.transpose(0, 1), values.transpose(0, 1)  # [s_last, Hk, d]
+    if not codec.layout.uniform_values:  # uniform values stay in the model's basis
+        exact_v = rotated(exact_v, codec, values=True)
+    source_k = torch.cat([keys, rotated(exact_k, codec)])
+    source_v = torch.cat([values, exact_v])
+    q = rotated(query, codec)
 
     def attend() -> torch.Tensor:
         import vllm._custom_ops as ops
@@ -101,9 +99,32 @@ def windowed_prefill(
         return paged_dense_attention(q.contiguous(), paged, list(pages.q_lens), scale)
 
     out = with_vllm_ops(attend)
-    if out is None or in_model_basis or codec.layout.uniform_values:
+    if out is None or codec.layout.uniform_values:
         return out
     return rotated(out, codec, back=True)  # out in query's dtype
+
+
+def reads_compressed(first: int, end: int, rule: ExactRule, whole_chunk: bool) -> bool:
+    """Whether a chunk's rows first .. end - 1 read a compressed token (as windowed_prefill)."""
+    return _virtual_pages(first, end, rule, whole_chunk).compressed > 0
+
+
+def first_chunks(
+    query: torch.Tensor,
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    q_lens: list[int],
+    scale: float,
+) -> torch.Tensor | None:
+    """Chunks that read exact tokens only (prompts' first chunks), all in one call of vLLM's
+    kernel: query [T, Hq, d] holds chunk b's q_lens[b] rows in order; keys[b], values[b]
+    [q_lens[b], Hk, d] are its own, as the ring holds them. No rotation on the way in or out:
+    the model dtype's own attention, as its dtype computes it. None where the kernel cannot
+    run. One call for the step's first chunks rather than one each through windowed_prefill's
+    pages: in a served step of four 1,000-token prompts that took 2.8 ms per prompt and layer,
+    of vLLM's 8.4 ms for the whole step's attention."""
+    rows = [k.transpose(0, 1) for k in keys], [v.transpose(0, 1) for v in values]
+    return vllm_cpu_attention(query, *rows, q_lens, scale)
 
 
 @dataclass(frozen=True)  # cached and shared by a step's layers: read only

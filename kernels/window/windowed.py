@@ -19,7 +19,7 @@ import torch
 from tq_vllm.kernels import dispatch
 from tq_vllm.kernels.context.cpu_context import DENSE_ROWS, dense_sequences
 from tq_vllm.kernels.window import cpu_exact
-from tq_vllm.kernels.window.dense_window import windowed_prefill
+from tq_vllm.kernels.window.dense_window import first_chunks, reads_compressed, windowed_prefill
 from tq_vllm.kernels.window.exact import ExactIndex, ExactRule, sequence_exact
 from tq_vllm.record.codec import LayerCodec
 
@@ -87,9 +87,22 @@ def windowed_attention(
                        scale, rule, sparse_v)  # fmt: skip
     out = torch.empty_like(query)
     fused = torch.ones(query.shape[0], dtype=torch.bool, device=query.device)
-    for b in dense:
-        lo, hi = starts[b], starts[b + 1]
-        first = index.seq_lens[b] - (hi - lo)  # the chunk's first position
+    firsts = [index.seq_lens[b] - (starts[b + 1] - starts[b]) for b in range(len(starts) - 1)]
+    reads = [b for b in dense if reads_compressed(firsts[b], index.seq_lens[b], rule, whole_chunk)]
+    own = [b for b in dense if b not in reads]  # chunks over their own tokens only: one call
+    if own:
+        rows = torch.cat([torch.arange(starts[b], starts[b + 1]) for b in own])
+
+        def held(t: torch.Tensor, b: int) -> torch.Tensor:  # chunk b's, as its ring holds them
+            return t[starts[b] : starts[b + 1]].to(ring.dtype).to(query.dtype)
+
+        chunk = first_chunks(query[rows], [held(key, b) for b in own],
+                             [held(value, b) for b in own], [index.seq_rows[b] for b in own],
+                             scale)  # fmt: skip
+        if chunk is not None:
+            out[rows], fused[rows] = chunk, False
+    for b in reads:
+        lo, hi, first = starts[b], starts[b + 1], firsts[b]
         exact = sequence_exact(key, value, ring, index, lo, hi)
         chunk = windowed_prefill(
             query[lo:hi], exact, kv_cache, block_table[b], first, codec, scale, rule, whole_chunk

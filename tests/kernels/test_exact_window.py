@@ -218,30 +218,38 @@ def test_windowed_attention_in_bf16(whole_chunk, tolerance):
 
 
 @pytest.mark.skipif(_cpu_attention_isa(torch.bfloat16, 64) is None, reason="no vLLM CPU kernel")
-@pytest.mark.parametrize("n,whole_chunk", [(24, False), (24, True), (100, True)])
-def test_a_first_chunk_is_the_model_dtypes_own_attention(n, whole_chunk):
-    """A prompt's first chunk that reads exact tokens only (shorter than the window, or any
-    length with whole_chunk: 100 rows are 4 pages, the last padded) is vLLM's kernel over its
-    keys and values as they came, no rotation on the way in or out: the model dtype's own
-    prefill (vLLM's kernel over a bf16 cache), bit for bit."""
+@pytest.mark.parametrize(
+    "lens,whole_chunk", [((24, 20), False), ((24, 37), True), ((100, 70), True)]
+)
+def test_first_chunks_are_the_model_dtypes_own_attention(lens, whole_chunk, cpu_isa):
+    """Prompts' first chunks that read exact tokens only (shorter than the window, or any
+    length with whole_chunk: 100 rows are 4 pages, the last padded) are vLLM's kernel over
+    their keys and values as they came, no rotation on the way in or out, all of the step's in
+    one call: each chunk's rows equal the model dtype's own prefill of that prompt alone (vLLM's
+    kernel over a bf16 cache), bit for bit."""
     from tq_vllm.kernels.context.dense import vllm_cpu_attention
-    from tq_vllm.kernels.window.dense_window import windowed_prefill
 
     hq, hk, d = 9, 3, 64
     codec = LayerCodec(RecordLayout(d, 5, "mse", 3), seed=1)
     gen = torch.Generator().manual_seed(3)
-    query, exact = (
-        torch.randn(n, h, w, generator=gen).bfloat16() for h, w in ((hq, d), (hk, 2 * d))
-    )
-    # 0xFF records decode to NaN norms: a compressed token read by mistake poisons the output.
-    cache = torch.full((8, hk, 16, codec.layout.record_bytes), 0xFF, dtype=torch.uint8)
-    out = windowed_prefill(
-        query, exact, cache, torch.arange(8), 0, codec, d**-0.5, ExactRule(32, 64), whole_chunk
-    )
-    keys, values = exact[..., :d].transpose(0, 1), exact[..., d:].transpose(0, 1)
-    own = vllm_cpu_attention(query, [keys], [values], [n], d**-0.5)
-    assert out is not None and own is not None  # vLLM's kernel ran on both sides
-    torch.testing.assert_close(out, own, atol=0, rtol=0)
+    rows = sum(lens)
+    query = torch.randn(rows, hq, d, generator=gen).bfloat16()
+    key, value = (torch.randn(rows, hk, d, generator=gen).bfloat16() for _ in range(2))
+    # 0xFF records decode to NaN norms and the rings hold NaN: a compressed or ring token read
+    # by mistake poisons the output.
+    cache = torch.full((16, hk, 16, codec.layout.record_bytes), 0xFF, dtype=torch.uint8)
+    ring = torch.full((3, hk, 32, 2 * d), float("nan"), dtype=torch.bfloat16)
+    rule = ExactRule(32, 64)
+    starts = torch.tensor([0, lens[0], rows], dtype=torch.int32)
+    index = exact_index(starts, torch.tensor(lens), torch.tensor([2, 0]), rule, 32)
+    table = torch.arange(16, dtype=torch.int32).view(2, 8)
+    out = windowed_attention(query, key, value, cache, table, ring, index, codec, d**-0.5, rule,
+                             whole_chunk=whole_chunk)  # fmt: skip
+    for lo, hi in ((0, lens[0]), (lens[0], rows)):
+        k, v = key[lo:hi].transpose(0, 1), value[lo:hi].transpose(0, 1)
+        own = vllm_cpu_attention(query[lo:hi], [k], [v], [hi - lo], d**-0.5)
+        assert own is not None  # vLLM's kernel ran
+        torch.testing.assert_close(out[lo:hi], own, atol=0, rtol=0)
 
 
 @pytest.mark.parametrize("keys", ["mse", "prod", "split"])
