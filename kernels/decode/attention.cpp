@@ -218,9 +218,13 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& qs, const at::Tensor
               "query_start_loc and seq_lens must be contiguous int32");
   TORCH_CHECK(rows_per_tile >= 1 && num_splits >= 0, "rows_per_tile >= 1, num_splits >= 0");
   const int64_t batch = seq_lens.size(0);
-  TORCH_CHECK((one_row_each ? q.size(0) == batch : query_start_loc.size(0) == batch + 1) &&
-                  block_table.size(0) >= batch,
-              "query_start_loc needs B + 1 entries and block_table B rows (rows past B unread)");
+  if (one_row_each) {  // decode_step.cpp passes vLLM's block table: rows past B are not read
+    TORCH_CHECK(q.size(0) == batch && block_table.size(0) >= batch,
+                "one query row per sequence needs B query rows and B block_table rows or more");
+  } else {
+    TORCH_CHECK(query_start_loc.size(0) == batch + 1 && block_table.size(0) == batch,
+                "query_start_loc needs B + 1 entries and block_table B rows");
+  }
   Problem P;
   P.cache = paged_cache(kv_cache);
   P.d = static_cast<int>(q.size(2));

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from tq_vllm.kernels.common import check_records, check_store_inputs, per_codec
-from tq_vllm.kernels.cpu_extension import layout_fields, ops
+from tq_vllm.kernels.cpu_extension import codebooks, layout_fields, ops
 from tq_vllm.record.codec import LayerCodec
 
 
@@ -44,7 +44,7 @@ def _arguments(codec: LayerCodec) -> tuple:
         return m.T.float().contiguous()
 
     return (
-        transposed(codec.rotation),
+        codebooks(codec).rotation_t,
         codec.value.centroids,
         codec.value.boundaries,
         transposed(plain.rotation),

@@ -36,9 +36,11 @@ void decode_step(const at::Tensor& query, const at::Tensor& key, const at::Tenso
                  const std::optional<at::Tensor>& outlier_boundaries) {
   TORCH_CHECK(query.dim() == 3 && key.dim() == 3 && slot_mapping.dim() == 1,
               "decode_step: query and key must be [T, H, d], slot_mapping 1-d");
-  const int64_t rows = query.size(0);
+  const int64_t rows = query.size(0), hq = query.size(1), d = query.size(2);
   TORCH_CHECK(slot_mapping.size(0) == rows && key.size(0) == rows,
               "decode_step: one slot and one key per query row");
+  TORCH_CHECK(query.stride(2) == 1 && query.stride(1) == d,
+              "decode_step: the query's heads must lie together in a row");
   store(key, value, kv_cache, slot_mapping, value_rotation_t, value_centroids, value_boundaries, key_rotation_t, key_centroids,
         key_boundaries, qjl_t, layout, key_order, outlier_rotation_t, outlier_centroids,
         outlier_boundaries);
@@ -46,12 +48,9 @@ void decode_step(const at::Tensor& query, const at::Tensor& key, const at::Tenso
   // Plain mse keys' queries are rotated and scaled in the attention op, as float32 rows; the
   // others arrive so. Scratch from the heap, views not made: ATen calls cost more cold.
   const bool rotate = !rotated_query.has_value();
-  const int64_t hq = query.size(1), d = query.size(2);
   const auto floats = query.options().dtype(at::kFloat);
   std::vector<float> q_rows(rotate ? rows * hq * d : 0), lse_rows(rows * hq);
   if (rotate) {
-    TORCH_CHECK(query.stride(2) == 1 && query.stride(1) == d,
-                "decode_step: the query's heads must lie together in a row");
     const auto* bytes = static_cast<const uint8_t*>(query.data_ptr());
     for (int64_t r = 0; r < rows; ++r)
       load_floats(bytes + r * query.stride(0) * query.element_size(), query.scalar_type(),

@@ -9,7 +9,7 @@ the chunk's rows becomes a sequence of one varlen call. They share the whole com
 pages, dequantized once (dense.dequantized); each has private pages from its last partial
 compressed page on, holding compressed tokens up to s and then its exact ones (rotated into the
 compressed tokens' basis and rounded to the query's dtype, as the dense path rounds the
-compressed ones). Chunks that read no compressed token (prompts' first chunks) stay in the
+compressed ones). Chunks that read no compressed token (a prompt's first chunk) stay in the
 model's basis, all of a step's in one call (first_chunks): no rotations in or out, the model
 dtype's own attention. Pages are PAGE tokens,
 the smallest the kernel's AMX path takes: a run's private part is then at most PAGE - G
@@ -60,7 +60,8 @@ def windowed_prefill(
     [first + T - s(first), Hk, 2d]: the exact keys then values of positions s(first) .. first +
     T - 1, model basis; blocks: the sequence's block-table row (its records before its last
     row's s are read). whole_chunk: every row reads exactly from s(first). Returns [T, Hq, d]
-    in query's dtype, or None where vLLM's kernel cannot run."""
+    in query's dtype, or None where vLLM's kernel cannot run. A chunk that reads no compressed
+    token is first_chunks' (a ValueError here)."""
     n, hq, d = query.shape
     isa = _cpu_attention_isa(query.dtype, d)
     if isa is None or n == 0:
@@ -116,13 +117,14 @@ def first_chunks(
     q_lens: list[int],
     scale: float,
 ) -> torch.Tensor | None:
-    """Chunks that read exact tokens only (prompts' first chunks), all in one call of vLLM's
-    kernel: query [T, Hq, d] holds chunk b's q_lens[b] rows in order; keys[b], values[b]
-    [q_lens[b], Hk, d] are its own, as the ring holds them. No rotation on the way in or out:
-    the model dtype's own attention, as its dtype computes it. None where the kernel cannot
-    run. One call for the step's first chunks rather than one each through windowed_prefill's
-    pages: in a served step of four 1,000-token prompts that took 2.8 ms per prompt and layer,
-    of vLLM's 8.4 ms for the whole step's attention."""
+    """Chunks that read exact tokens only (a prompt's first chunk, or one that starts inside
+    the first window), all in one call of vLLM's kernel: query [T, Hq, d] holds chunk b's
+    q_lens[b] rows in order, the last positions of keys[b], values[b] [L_b, Hk, d] (the exact
+    tokens from position 0, as the ring holds them). No rotation on the way in or out: the
+    model dtype's own attention, as its dtype computes it. None where the kernel cannot run.
+    One call for the step's such chunks rather than one each through windowed_prefill's pages:
+    in a served step of four 1,000-token prompts that took 2.8 ms per prompt and layer, of
+    vLLM's 8.4 ms for the whole step's attention."""
     rows = [k.transpose(0, 1) for k in keys], [v.transpose(0, 1) for v in values]
     return vllm_cpu_attention(query, *rows, q_lens, scale)
 

@@ -89,16 +89,14 @@ def windowed_attention(
     fused = torch.ones(query.shape[0], dtype=torch.bool, device=query.device)
     firsts = [index.seq_lens[b] - (starts[b + 1] - starts[b]) for b in range(len(starts) - 1)]
     reads = [b for b in dense if reads_compressed(firsts[b], index.seq_lens[b], rule, whole_chunk)]
-    own = [b for b in dense if b not in reads]  # chunks over their own tokens only: one call
+    own = [b for b in dense if b not in reads]  # chunks over exact tokens only: one call
     if own:
         rows = torch.cat([torch.arange(starts[b], starts[b + 1]) for b in own])
-
-        def held(t: torch.Tensor, b: int) -> torch.Tensor:  # chunk b's, as its ring holds them
-            return t[starts[b] : starts[b + 1]].to(ring.dtype).to(query.dtype)
-
-        chunk = first_chunks(query[rows], [held(key, b) for b in own],
-                             [held(value, b) for b in own], [index.seq_rows[b] for b in own],
-                             scale)  # fmt: skip
+        exact = [sequence_exact(key, value, ring, index, starts[b], starts[b + 1]) for b in own]
+        d = query.shape[-1]
+        chunk = first_chunks(query[rows], [e[..., :d].to(query.dtype) for e in exact],
+                             [e[..., d:].to(query.dtype) for e in exact],
+                             [index.seq_rows[b] for b in own], scale)  # fmt: skip
         if chunk is not None:
             out[rows], fused[rows] = chunk, False
     for b in reads:

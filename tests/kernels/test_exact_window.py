@@ -219,34 +219,47 @@ def test_windowed_attention_in_bf16(whole_chunk, tolerance):
 
 @pytest.mark.skipif(_cpu_attention_isa(torch.bfloat16, 64) is None, reason="no vLLM CPU kernel")
 @pytest.mark.parametrize(
-    "lens,whole_chunk", [((24, 20), False), ((24, 37), True), ((100, 70), True)]
+    "lens,q_lens,whole_chunk",
+    [
+        ((24, 20), (24, 20), False),
+        ((24, 37), (24, 37), True),
+        ((100, 70), (100, 70), True),
+        ((28, 26), (20, 18), False),  # chunks after 8 tokens, inside the first window
+        ((90, 20), (80, 20), True),  # a chunk from position 10: all of it reads from s = 0
+    ],
 )
-def test_first_chunks_are_the_model_dtypes_own_attention(lens, whole_chunk, cpu_isa):
-    """Prompts' first chunks that read exact tokens only (shorter than the window, or any
-    length with whole_chunk: 100 rows are 4 pages, the last padded) are vLLM's kernel over
-    their keys and values as they came, no rotation on the way in or out, all of the step's in
-    one call: each chunk's rows equal the model dtype's own prefill of that prompt alone (vLLM's
-    kernel over a bf16 cache), bit for bit."""
+def test_chunks_of_exact_tokens_are_the_model_dtypes_own_attention(
+    lens, q_lens, whole_chunk, cpu_isa
+):
+    """Chunks that read exact tokens only (a prompt's first chunk, shorter than the window or
+    any length with whole_chunk: 100 rows are 4 pages, the last padded; or one that starts
+    inside the first window, its earlier tokens in the ring) are vLLM's kernel over their keys
+    and values as they came, no rotation on the way in or out, all of the step's in one call:
+    each chunk's rows equal the model dtype's own attention of that prompt alone (vLLM's kernel
+    over a bf16 cache of all its tokens), bit for bit."""
     from tq_vllm.kernels.context.dense import vllm_cpu_attention
 
     hq, hk, d = 9, 3, 64
     codec = LayerCodec(RecordLayout(d, 5, "mse", 3), seed=1)
     gen = torch.Generator().manual_seed(3)
-    rows = sum(lens)
+    keys = [torch.randn(n, hk, d, generator=gen).bfloat16().float() for n in lens]
+    values = [torch.randn(n, hk, d, generator=gen).bfloat16().float() for n in lens]
+    rows = sum(q_lens)
     query = torch.randn(rows, hq, d, generator=gen).bfloat16()
-    key, value = (torch.randn(rows, hk, d, generator=gen).bfloat16() for _ in range(2))
-    # 0xFF records decode to NaN norms and the rings hold NaN: a compressed or ring token read
-    # by mistake poisons the output.
+    key = torch.cat([k[n - q :] for k, n, q in zip(keys, lens, q_lens)]).bfloat16()
+    value = torch.cat([v[n - q :] for v, n, q in zip(values, lens, q_lens)]).bfloat16()
+    # 0xFF records decode to NaN norms, and the rings hold NaN where no earlier step wrote: a
+    # compressed token or a ring slot read by mistake poisons the output.
     cache = torch.full((16, hk, 16, codec.layout.record_bytes), 0xFF, dtype=torch.uint8)
-    ring = torch.full((3, hk, 32, 2 * d), float("nan"), dtype=torch.bfloat16)
+    ring, rings = _ring_holding(keys, values, lens, q_lens, hk, d, 32)
     rule = ExactRule(32, 64)
-    starts = torch.tensor([0, lens[0], rows], dtype=torch.int32)
-    index = exact_index(starts, torch.tensor(lens), torch.tensor([2, 0]), rule, 32)
+    starts = torch.tensor([0, q_lens[0], rows], dtype=torch.int32)
+    index = exact_index(starts, torch.tensor(lens), rings, rule, 32)
     table = torch.arange(16, dtype=torch.int32).view(2, 8)
-    out = windowed_attention(query, key, value, cache, table, ring, index, codec, d**-0.5, rule,
-                             whole_chunk=whole_chunk)  # fmt: skip
-    for lo, hi in ((0, lens[0]), (lens[0], rows)):
-        k, v = key[lo:hi].transpose(0, 1), value[lo:hi].transpose(0, 1)
+    out = windowed_attention(query, key, value, cache, table, ring.bfloat16(), index, codec,
+                             d**-0.5, rule, whole_chunk=whole_chunk)  # fmt: skip
+    for b, (lo, hi) in enumerate(((0, q_lens[0]), (q_lens[0], rows))):
+        k, v = (t[b].bfloat16().transpose(0, 1) for t in (keys, values))
         own = vllm_cpu_attention(query[lo:hi], [k], [v], [hi - lo], d**-0.5)
         assert own is not None  # vLLM's kernel ran
         torch.testing.assert_close(out[lo:hi], own, atol=0, rtol=0)

@@ -144,8 +144,8 @@ def attach_ring(impl: Any, vllm_config: Any, dtype: torch.dtype) -> None:
     ring = Ring(layer.layer_name, impl.num_kv_heads, impl.head_size, dtype)
     if ring.layer_name not in context:  # weights can be loaded again (sleep mode, reload)
         context[ring.layer_name] = ring
-        layer.tq_exact_ring = ring
-        impl.ring = ring  # a plain attribute: the Module's lookup is a Python call per step
+        layer.tq_exact_ring = ring  # a submodule of its layer, as vLLM's layers are
+        impl.ring = ring  # a plain attribute: a Module's attribute lookup is a Python call
 
 
 def ring_metadata(ring: Ring) -> RingMetadata:
