@@ -10,10 +10,10 @@ pages, dequantized once (dense.dequantized); each has private pages from its las
 compressed page on, holding compressed tokens up to s and then its exact ones (rotated into the
 compressed tokens' basis and rounded to the query's dtype, as the dense path rounds the
 compressed ones). Chunks that read no compressed token (a prompt's first chunk) stay in the
-model's basis, all of a step's in one call (first_chunks): no rotations in or out, the model
-dtype's own attention. Pages are PAGE tokens,
-the smallest the kernel's AMX path takes: a run's private part is then at most PAGE - G
-compressed tokens and W exact ones, where 128-token pages copied up to 127 + W per run.
+model's basis, all of a step's in one call (windowed.windowed_attention): no rotations in or
+out, the model dtype's own attention. Pages are PAGE tokens, the smallest the kernel's AMX path
+takes: a run's private part is then at most PAGE - G compressed tokens and W exact ones, where
+128-token pages copied up to 127 + W per run.
 
 With whole_chunk (the config's window_prefill "chunk", the default) every row of the chunk reads
 exactly from s(first row) on: one run, a plain causal attention over the compressed tokens
@@ -36,7 +36,6 @@ from tq_vllm.kernels.context.dense import (
     dequantized,
     paged_dense_attention,
     rotated,
-    vllm_cpu_attention,
     with_vllm_ops,
 )
 from tq_vllm.kernels.window.exact import ExactRule
@@ -61,7 +60,7 @@ def windowed_prefill(
     T - 1, model basis; blocks: the sequence's block-table row (its records before its last
     row's s are read). whole_chunk: every row reads exactly from s(first). Returns [T, Hq, d]
     in query's dtype, or None where vLLM's kernel cannot run. A chunk that reads no compressed
-    token is first_chunks' (a ValueError here)."""
+    token is windowed_attention's to send to vLLM's kernel directly (a ValueError here)."""
     n, hq, d = query.shape
     isa = _cpu_attention_isa(query.dtype, d)
     if isa is None or n == 0:
@@ -71,7 +70,7 @@ def windowed_prefill(
     s_last = pages.compressed
     # Source rows: compressed positions 0 .. s_last - 1, then exact s(first) .. first + n - 1.
     if not s_last:
-        raise ValueError("a chunk that reads no compressed token is first_chunks' to attend")
+        raise ValueError("a chunk that reads no compressed token takes vLLM's kernel directly")
     exact_k, exact_v = exact[..., :d].to(dtype), exact[..., d:].to(dtype)
     keys, values = dequantized(kv_cache, blocks, s_last, codec, dtype)
     keys, values = keys.transpose(0, 1), values.transpose(0, 1)  # [s_last, Hk, d]
@@ -108,25 +107,6 @@ def windowed_prefill(
 def reads_compressed(first: int, end: int, rule: ExactRule, whole_chunk: bool) -> bool:
     """Whether a chunk's rows first .. end - 1 read a compressed token (as windowed_prefill)."""
     return _virtual_pages(first, end, rule, whole_chunk).compressed > 0
-
-
-def first_chunks(
-    query: torch.Tensor,
-    keys: list[torch.Tensor],
-    values: list[torch.Tensor],
-    q_lens: list[int],
-    scale: float,
-) -> torch.Tensor | None:
-    """Chunks that read exact tokens only (a prompt's first chunk, or one that starts inside
-    the first window), all in one call of vLLM's kernel: query [T, Hq, d] holds chunk b's
-    q_lens[b] rows in order, the last positions of keys[b], values[b] [L_b, Hk, d] (the exact
-    tokens from position 0, as the ring holds them). No rotation on the way in or out: the
-    model dtype's own attention, as its dtype computes it. None where the kernel cannot run.
-    One call for the step's such chunks rather than one each through windowed_prefill's pages:
-    in a served step of four 1,000-token prompts that took 2.8 ms per prompt and layer, of
-    vLLM's 8.4 ms for the whole step's attention."""
-    rows = [k.transpose(0, 1) for k in keys], [v.transpose(0, 1) for v in values]
-    return vllm_cpu_attention(query, *rows, q_lens, scale)
 
 
 @dataclass(frozen=True)  # cached and shared by a step's layers: read only

@@ -84,6 +84,11 @@ class ExactIndex:
     seq_rows: tuple[int, ...]  # host: each sequence's rows this step
     seq_lens: tuple[int, ...]  # host: each sequence's length after this step
 
+    @property
+    def one_row_each(self) -> bool:
+        """A decode step: every sequence has one row (so rows follow block_table's order)."""
+        return bool(self.seq_rows) and self.seq_rows.count(1) == len(self.seq_rows)
+
     def to(self, device: torch.device) -> ExactIndex:
         """The index with its tensors on the device that attends (one copy per step)."""
         moved = {
