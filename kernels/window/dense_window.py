@@ -46,7 +46,8 @@ PAGE = 32  # tokens per page of the temporary cache: a multiple of 32, as the AM
 
 def windowed_prefill(
     query: torch.Tensor,
-    exact: torch.Tensor,
+    exact_k: torch.Tensor,
+    exact_v: torch.Tensor,
     kv_cache: torch.Tensor,
     blocks: torch.Tensor,
     first: int,
@@ -55,9 +56,9 @@ def windowed_prefill(
     rule: ExactRule,
     whole_chunk: bool = False,
 ) -> torch.Tensor | None:
-    """query [T, Hq, d]: one sequence's rows at positions first .. first + T - 1; exact
-    [first + T - s(first), Hk, 2d]: the exact keys then values of positions s(first) .. first +
-    T - 1, model basis; blocks: the sequence's block-table row (its records before its last
+    """query [T, Hq, d]: one sequence's rows at positions first .. first + T - 1; exact_k,
+    exact_v [first + T - s(first), Hk, d]: the exact keys and values of positions s(first) ..
+    first + T - 1, model basis; blocks: the sequence's block-table row (its records before its last
     row's s are read). whole_chunk: every row reads exactly from s(first). Returns [T, Hq, d]
     in query's dtype, or None where vLLM's kernel cannot run. A chunk that reads no compressed
     token is windowed_attention's to send to vLLM's kernel directly (a ValueError here)."""
@@ -71,7 +72,7 @@ def windowed_prefill(
     # Source rows: compressed positions 0 .. s_last - 1, then exact s(first) .. first + n - 1.
     if not s_last:
         raise ValueError("a chunk that reads no compressed token takes vLLM's kernel directly")
-    exact_k, exact_v = exact[..., :d].to(dtype), exact[..., d:].to(dtype)
+    exact_k, exact_v = exact_k.to(dtype), exact_v.to(dtype)
     keys, values = dequantized(kv_cache, blocks, s_last, codec, dtype)
     keys, values = keys.transpose(0, 1), values.transpose(0, 1)  # [s_last, Hk, d]
     if not codec.layout.uniform_values:  # uniform values stay in the model's basis

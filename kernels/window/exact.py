@@ -145,21 +145,28 @@ def _ranks(counts: torch.Tensor) -> torch.Tensor:
     return torch.arange(total) - torch.repeat_interleave(firsts, counts)
 
 
-def _own_entries(key: torch.Tensor, value: torch.Tensor, ring: torch.Tensor) -> torch.Tensor:
-    """The step's own K and V side by side [T, Hk, 2d], rounded to the ring's dtype as the ring
-    holds them, in key's dtype."""
-    return torch.cat([key, value], -1).to(ring.dtype).to(key.dtype)
+def _as_ring_holds(rows: torch.Tensor, ring: torch.Tensor) -> torch.Tensor:
+    """The step's own keys or values rounded to the ring's dtype, as the ring holds them, in
+    their own dtype (the rows themselves where the dtypes agree)."""
+    return rows.to(ring.dtype).to(rows.dtype)
 
 
 def sequence_exact(
     key: torch.Tensor, value: torch.Tensor, ring: torch.Tensor, index: ExactIndex, lo: int, hi: int
-) -> torch.Tensor:
-    """One sequence's exact entries [ring_reads + hi - lo, Hk, 2d] (key's dtype) for its rows
-    lo .. hi - 1 of the step: positions s(first row) .. last row, K then V."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One sequence's exact keys and values, each [ring_reads + hi - lo, Hk, d] in key's dtype,
+    for its rows lo .. hi - 1 of the step: positions s(first row) .. last row. With no ring
+    reads and a ring of key's dtype they are views of key and value (no copy: a prefill chunk's
+    thousands of rows)."""
+    d = key.shape[-1]
+    own = [_as_ring_holds(t[lo:hi], ring) for t in (key, value)]
+    reads = int(index.ring_reads[lo])
+    if not reads:
+        return own[0], own[1]
     first = int(index.segment_starts[lo])
-    slots = (first + torch.arange(int(index.ring_reads[lo]), device=ring.device)) % ring.shape[2]
+    slots = (first + torch.arange(reads, device=ring.device)) % ring.shape[2]
     stored = ring[int(index.row_ring[lo]), :, slots].transpose(0, 1).to(key.dtype)
-    return torch.cat([stored, _own_entries(key[lo:hi], value[lo:hi], ring)])
+    return torch.cat([stored[..., :d], own[0]]), torch.cat([stored[..., d:], own[1]])
 
 
 def exact_attention(
@@ -181,7 +188,7 @@ def exact_attention(
     steps = torch.arange(window, device=device)
     rows = torch.arange(n, device=device) if rows is None else rows
     q = query.float().view(n, hk, 1, hq // hk, d)
-    own = _own_entries(key, value, ring)
+    own = _as_ring_holds(torch.cat([key, value], -1), ring)
     out = torch.empty(n, hk, hq // hk, d, device=device)
     lse = torch.empty(n, hk, hq // hk, device=device)
     # Products and sums, not einsum: a batched matmul's rounding depends on how many rows it

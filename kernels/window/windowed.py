@@ -50,8 +50,8 @@ def windowed_step(
         return cpu_exact.decode_step(query, key, value, out, kv_cache, slot_mapping, block_table,
                                      ring, index, codec, scale, rule.window, sparse_v)  # fmt: skip
     dispatch.store_kv(key, value, kv_cache, slot_mapping, codec)
-    out[:] = windowed_attention(query, key, value, kv_cache, block_table, ring, index, codec,
-                                scale, rule, sparse_v, whole_chunk)  # fmt: skip
+    windowed_attention(query, key, value, kv_cache, block_table, ring, index, codec, scale, rule,
+                       sparse_v, whole_chunk, out)  # fmt: skip
     dispatch.write_ring(ring, key, value, index)
 
 
@@ -68,24 +68,23 @@ def windowed_attention(
     rule: ExactRule,
     sparse_v: float = 0.0,
     whole_chunk: bool = False,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """query [T, Hq, d] and the step's key, value [T, Hk, d] (already stored as records),
     block_table [B, max_blocks] of the step's sequences, ring [num_rings, Hk, R, 2d] (read,
     not written), index on query's device. whole_chunk: the rows of a chunk that runs in vLLM's
     CPU kernel read exactly from s(its first row) on (config window_prefill "chunk"). Returns
-    [T, Hq, d] in query's dtype."""
+    [T, Hq, d] in query's dtype: out where given (contiguous), written in place."""
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device) if out is None else out
     cpu = dispatch.cpu_kernel(kv_cache, codec)
     starts = [0]
     for rows in index.seq_rows:
         starts.append(starts[-1] + rows)
-    if not cpu:
-        return _merged(query, key, value, kv_cache, block_table, ring, index, starts, codec,
-                       scale, rule, sparse_v)  # fmt: skip
-    dense = dense_sequences(query, codec, list(index.seq_rows))
+    dense = dense_sequences(query, codec, list(index.seq_rows)) if cpu else []
     if not dense:  # every row fused
-        return _merged(query, key, value, kv_cache, block_table, ring, index, starts, codec,
-                       scale, rule, sparse_v)  # fmt: skip
-    out = torch.empty_like(query)
+        out[:] = _merged(query, key, value, kv_cache, block_table, ring, index, starts, codec,
+                         scale, rule, sparse_v)  # fmt: skip
+        return out
     fused = torch.ones(query.shape[0], dtype=torch.bool, device=query.device)
     firsts = [index.seq_lens[b] - (starts[b + 1] - starts[b]) for b in range(len(starts) - 1)]
     reads = [b for b in dense if reads_compressed(firsts[b], index.seq_lens[b], rule, whole_chunk)]
@@ -96,27 +95,34 @@ def windowed_attention(
         # position 0 in the model's basis: the model dtype's own attention. One call rather
         # than one each through windowed_prefill's pages, which took 2.8 ms per 1,000-token
         # prompt and layer (vLLM's whole attention for a step of four: 8.4 ms).
-        rows = torch.cat([torch.arange(starts[b], starts[b + 1]) for b in own])
+        # Where their rows are one run (a step of prompts' first chunks, or those after the
+        # step's decode rows) the kernel reads the query and writes out in place: gathering
+        # and scattering 4,000 rows took 2.3 ms per layer.
         exact = [sequence_exact(key, value, ring, index, starts[b], starts[b + 1]) for b in own]
-        d = query.shape[-1]
-        keys = [e[..., :d].transpose(0, 1).to(query.dtype) for e in exact]
-        values = [e[..., d:].transpose(0, 1).to(query.dtype) for e in exact]
-        chunk = vllm_cpu_attention(query[rows], keys, values, [index.seq_rows[b] for b in own],
-                                   scale)  # fmt: skip
-        if chunk is not None:
-            out[rows], fused[rows] = chunk, False
+        keys = [k.transpose(0, 1).to(query.dtype) for k, _ in exact]
+        values = [v.transpose(0, 1).to(query.dtype) for _, v in exact]
+        q_lens = [index.seq_rows[b] for b in own]
+        lo, hi = starts[own[0]], starts[own[-1] + 1]
+        if hi - lo == sum(q_lens):
+            attended = vllm_cpu_attention(query[lo:hi], keys, values, q_lens, scale, out=out[lo:hi])
+            if attended is not None:
+                fused[lo:hi] = False
+        else:
+            rows = torch.cat([torch.arange(starts[b], starts[b + 1]) for b in own])
+            chunk = vllm_cpu_attention(query[rows], keys, values, q_lens, scale)
+            if chunk is not None:
+                out[rows], fused[rows] = chunk, False
     for b in reads:
         lo, hi, first = starts[b], starts[b + 1], firsts[b]
-        exact = sequence_exact(key, value, ring, index, lo, hi)
-        chunk = windowed_prefill(
-            query[lo:hi], exact, kv_cache, block_table[b], first, codec, scale, rule, whole_chunk
-        )
+        exact_k, exact_v = sequence_exact(key, value, ring, index, lo, hi)
+        chunk = windowed_prefill(query[lo:hi], exact_k, exact_v, kv_cache, block_table[b], first,
+                                 codec, scale, rule, whole_chunk)  # fmt: skip
         if chunk is not None:
             out[lo:hi], fused[lo:hi] = chunk, False
     if fused.all():
-        return _merged(query, key, value, kv_cache, block_table, ring, index, starts, codec,
-                       scale, rule, sparse_v)  # fmt: skip
-    if fused.any():
+        out[:] = _merged(query, key, value, kv_cache, block_table, ring, index, starts, codec,
+                         scale, rule, sparse_v)  # fmt: skip
+    elif fused.any():
         rows = fused.nonzero().flatten()
         out[rows] = _merged(query, key, value, kv_cache, block_table, ring, index, starts, codec,
                             scale, rule, sparse_v, rows)  # fmt: skip

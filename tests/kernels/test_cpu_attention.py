@@ -237,6 +237,34 @@ def test_vllm_kernel_runs_for_the_embedded_model_shape():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_vllm_kernel_over_uninitialised_pages_and_into_out(dtype, monkeypatch):
+    """The temporary paged cache is not zeroed as a whole: with every torch.empty NaN-filled,
+    sequences that end inside a block (5, 130 tokens; 256 ends on one) and rows that are not a
+    sequence's whole (the last 3 of 130) still match SDPA; out= is written in place, and an
+    out the kernel cannot write gets a clear error."""
+    real_empty = torch.empty
+
+    def nan_empty(*args, **kwargs):
+        t = real_empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", nan_empty)
+    torch.manual_seed(0)
+    lens, q_lens = [5, 130, 256], [5, 3, 256]
+    keys = [torch.randn(3, n, 64).to(dtype) for n in lens]
+    values = [torch.randn(3, n, 64).to(dtype) for n in lens]
+    query = torch.randn(sum(q_lens), 9, 64).to(dtype)
+    out = torch.full_like(query, float("nan"))
+    got = dense.vllm_cpu_attention(query, keys, values, q_lens, 0.125, out=out)
+    assert got is out and torch.isfinite(out).all()
+    parts = zip(query.split(q_lens), keys, values)
+    ref = torch.cat([dense._sdpa(q.float(), k.float(), v.float(), 0.125) for q, k, v in parts])
+    torch.testing.assert_close(out.float(), ref, **DENSE_TOL[dtype])
+    with pytest.raises(ValueError, match="attention output must be contiguous"):
+        dense.vllm_cpu_attention(query, keys, values, q_lens, 0.125, out=out[:, :, :32])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_uniform_values_context_matches_reference(dtype):
     """value_mode 'uniform' (the upstream emulation) has no fused kernel: 16-bit chunks of
     DENSE_ROWS or more take the dense path, whose dequantized values (zero + scale * idx,

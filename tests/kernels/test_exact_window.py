@@ -10,6 +10,8 @@ test_triton_decode.py). Rings are NaN-filled wherever no earlier step wrote, so 
 slot the rule does not allow shows.
 """
 
+import itertools
+
 import pytest
 import torch
 from cases import CPU_TOL, DENSE_TOL, make_cache, split_codec
@@ -226,6 +228,7 @@ def test_windowed_attention_in_bf16(whole_chunk, tolerance):
         ((100, 70), (100, 70), True),
         ((28, 26), (20, 18), False),  # chunks after 8 tokens, inside the first window
         ((90, 20), (80, 20), True),  # a chunk from position 10: all of it reads from s = 0
+        ((24, 5, 20), (24, 1, 20), False),  # a decode row between them: two runs of rows
     ],
 )
 def test_chunks_of_exact_tokens_are_the_model_dtypes_own_attention(
@@ -236,7 +239,8 @@ def test_chunks_of_exact_tokens_are_the_model_dtypes_own_attention(
     inside the first window, its earlier tokens in the ring) are vLLM's kernel over their keys
     and values as they came, no rotation on the way in or out, all of the step's in one call:
     each chunk's rows equal the model dtype's own attention of that prompt alone (vLLM's kernel
-    over a bf16 cache of all its tokens), bit for bit."""
+    over a bf16 cache of all its tokens), bit for bit; a decode row among them (fused: float32
+    over the bf16 ring) within the bf16 tolerance."""
     from tq_vllm.kernels.context.dense import vllm_cpu_attention
 
     hq, hk, d = 9, 3, 64
@@ -253,16 +257,18 @@ def test_chunks_of_exact_tokens_are_the_model_dtypes_own_attention(
     cache = torch.full((16, hk, 16, codec.layout.record_bytes), 0xFF, dtype=torch.uint8)
     ring, rings = _ring_holding(keys, values, lens, q_lens, hk, d, 32)
     rule = ExactRule(32, 64)
-    starts = torch.tensor([0, q_lens[0], rows], dtype=torch.int32)
+    bounds = [0, *itertools.accumulate(q_lens)]
+    starts = torch.tensor(bounds, dtype=torch.int32)
     index = exact_index(starts, torch.tensor(lens), rings, rule, 32)
-    table = torch.arange(16, dtype=torch.int32).view(2, 8)
+    table = torch.arange(8 * len(lens), dtype=torch.int32).view(-1, 8) % 16
     out = windowed_attention(query, key, value, cache, table, ring.bfloat16(), index, codec,
                              d**-0.5, rule, whole_chunk=whole_chunk)  # fmt: skip
-    for b, (lo, hi) in enumerate(((0, q_lens[0]), (q_lens[0], rows))):
+    for b, (lo, hi) in enumerate(itertools.pairwise(bounds)):
         k, v = (t[b].bfloat16().transpose(0, 1) for t in (keys, values))
         own = vllm_cpu_attention(query[lo:hi], [k], [v], [hi - lo], d**-0.5)
         assert own is not None  # vLLM's kernel ran
-        torch.testing.assert_close(out[lo:hi], own, atol=0, rtol=0)
+        exact = dict(atol=0, rtol=0) if hi - lo > 1 else DENSE_TOL[torch.bfloat16]
+        torch.testing.assert_close(out[lo:hi], own, **exact)
 
 
 @pytest.mark.parametrize("keys", ["mse", "prod", "split"])
