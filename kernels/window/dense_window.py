@@ -15,10 +15,12 @@ out, the model dtype's own attention. Pages are PAGE tokens, the smallest the ke
 takes: a run's private part is then at most PAGE - G compressed tokens and W exact ones, where
 128-token pages copied up to 127 + W per run.
 
-With whole_chunk (the config's window_prefill "chunk", the default) every row of the chunk reads
-exactly from s(first row) on: one run, a plain causal attention over the compressed tokens
-before s(first) and the exact ones after, as fast as the model dtype's own prefill. By the rule
-a 2,048-row chunk at W 32 is 256 runs of 8 rows, each re-reading its whole context in vLLM's
+With the config's window_prefill "chunk" (the default) every row of a chunk reads exactly from
+s(first row) on: a plain causal attention over the compressed tokens before s(first) and the
+exact ones after. Those chunks are no runs: windowed.windowed_attention gives them, all of a
+step's, to one call of vLLM's kernel in the model's basis (model_basis_tokens: the compressed
+tokens dequantized and rotated back, the exact ones as they are). By the rule, instead, a
+2,048-row chunk at W 32 is 256 runs of 8 rows, each re-reading its whole context in vLLM's
 kernel (in the throughput workload its calls took 13.7-15.2 s, against 10.0-11.0 s with one
 run per chunk, and the runs' pages besides).
 """
@@ -54,20 +56,19 @@ def windowed_prefill(
     codec: LayerCodec,
     scale: float,
     rule: ExactRule,
-    whole_chunk: bool = False,
 ) -> torch.Tensor | None:
     """query [T, Hq, d]: one sequence's rows at positions first .. first + T - 1; exact_k,
     exact_v [first + T - s(first), Hk, d]: the exact keys and values of positions s(first) ..
     first + T - 1, model basis; blocks: the sequence's block-table row (its records before its last
-    row's s are read). whole_chunk: every row reads exactly from s(first). Returns [T, Hq, d]
-    in query's dtype, or None where vLLM's kernel cannot run. A chunk that reads no compressed
-    token is windowed_attention's to send to vLLM's kernel directly (a ValueError here)."""
+    row's s are read). Returns [T, Hq, d] in query's dtype, or None where vLLM's kernel cannot
+    run. A chunk that reads no compressed token is windowed_attention's to send to vLLM's
+    kernel directly (a ValueError here)."""
     n, hq, d = query.shape
     isa = _cpu_attention_isa(query.dtype, d)
     if isa is None or n == 0:
         return None
     dtype = query.dtype
-    pages = _virtual_pages(first, first + n, rule, whole_chunk)
+    pages = _virtual_pages(first, first + n, rule)
     s_last = pages.compressed
     # Source rows: compressed positions 0 .. s_last - 1, then exact s(first) .. first + n - 1.
     if not s_last:
@@ -105,9 +106,37 @@ def windowed_prefill(
     return rotated(out, codec, back=True)  # out in query's dtype
 
 
-def reads_compressed(first: int, end: int, rule: ExactRule, whole_chunk: bool) -> bool:
-    """Whether a chunk's rows first .. end - 1 read a compressed token (as windowed_prefill)."""
-    return _virtual_pages(first, end, rule, whole_chunk).compressed > 0
+def reads_compressed(first: int, end: int, rule: ExactRule) -> bool:
+    """Whether a chunk's rows first .. end - 1 read a compressed token by the rule."""
+    return rule.start(end - 1) > 0
+
+
+def model_basis_tokens(
+    kv_cache: torch.Tensor,
+    blocks: torch.Tensor,
+    compressed: int,
+    exact_k: torch.Tensor,
+    exact_v: torch.Tensor,
+    codec: LayerCodec,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A sequence's keys and values [Hk, compressed + L, d] in dtype and the model's basis, for
+    vLLM's kernel: its first `compressed` tokens dequantized from the records (blocks: its
+    block-table row) and rotated back, then exact_k, exact_v [L, Hk, d] as they are. Rotating
+    the compressed tokens back, not the chunk's rows forward, leaves the query and the output
+    alone: a 1,843-row chunk after 2,048 compressed tokens rotated 44K rows of 64, now 12K."""
+    exact_k, exact_v = exact_k.to(dtype), exact_v.to(dtype)
+    if compressed:
+        keys, values = dequantized(kv_cache, blocks, compressed, codec, dtype)
+        keys, values = keys.transpose(0, 1), values.transpose(0, 1)  # [compressed, Hk, d]
+        if codec.layout.split_keys:  # a rotation per head
+            keys = codec.key.unrotate(keys).to(dtype)
+        else:
+            keys = rotated(keys, codec, back=True)
+        if not codec.layout.uniform_values:  # uniform values are in the model's basis
+            values = rotated(values, codec, back=True)
+        exact_k, exact_v = torch.cat([keys, exact_k]), torch.cat([values, exact_v])
+    return exact_k.transpose(0, 1), exact_v.transpose(0, 1)
 
 
 @dataclass(frozen=True)  # cached and shared by a step's layers: read only
@@ -127,14 +156,13 @@ class VirtualPages:
 
 
 @functools.lru_cache(maxsize=64)
-def _virtual_pages(first: int, end: int, rule: ExactRule, whole_chunk: bool) -> VirtualPages:
+def _virtual_pages(first: int, end: int, rule: ExactRule) -> VirtualPages:
     """Positions first .. end - 1 in runs sharing s = start(p), constant over each g-aligned
-    group (the rule's groups; neighbours with the same s joined; whole_chunk: s(first) for
-    all). Source rows: compressed positions 0 .. s_last - 1, then exact positions s(first) ..
-    end - 1. Cached (its tensors are only read): every layer of a step asks for the same
-    chunk's pages, 0.2-0.6 ms of small tensor ops each time."""
-    g, s_first = rule.grain, rule.start(first)
-    start = (lambda p: p * 0 + s_first) if whole_chunk else rule.start  # p: int or tensor
+    group (the rule's groups; neighbours with the same s joined). Source rows: compressed
+    positions 0 .. s_last - 1, then exact positions s(first) .. end - 1. Cached (its tensors are
+    only read): every layer of a step asks for the same chunk's pages, 0.2-0.6 ms of small
+    tensor ops each time."""
+    g, s_first, start = rule.grain, rule.start(first), rule.start
     s_last = start(end - 1)
     lo = torch.cat([torch.tensor([first]), torch.arange(first // g * g + g, end, g)])
     stop = (lo // g * g + g).clamp(max=end)

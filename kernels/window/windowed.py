@@ -20,7 +20,11 @@ from tq_vllm.kernels import dispatch
 from tq_vllm.kernels.context.cpu_context import DENSE_ROWS, dense_sequences
 from tq_vllm.kernels.context.dense import vllm_cpu_attention
 from tq_vllm.kernels.window import cpu_exact
-from tq_vllm.kernels.window.dense_window import reads_compressed, windowed_prefill
+from tq_vllm.kernels.window.dense_window import (
+    model_basis_tokens,
+    reads_compressed,
+    windowed_prefill,
+)
 from tq_vllm.kernels.window.exact import ExactIndex, ExactRule, sequence_exact
 from tq_vllm.record.codec import LayerCodec
 
@@ -87,36 +91,18 @@ def windowed_attention(
         return out
     fused = torch.ones(query.shape[0], dtype=torch.bool, device=query.device)
     firsts = [index.seq_lens[b] - (starts[b + 1] - starts[b]) for b in range(len(starts) - 1)]
-    reads = [b for b in dense if reads_compressed(firsts[b], index.seq_lens[b], rule, whole_chunk)]
-    own = [b for b in dense if b not in reads]
-    if own:
-        # Chunks that read exact tokens only (a prompt's first chunk, or one that starts inside
-        # the first window), all in one call of vLLM's kernel over their exact tokens from
-        # position 0 in the model's basis: the model dtype's own attention. One call rather
-        # than one each through windowed_prefill's pages, which took 2.8 ms per 1,000-token
-        # prompt and layer (vLLM's whole attention for a step of four: 8.4 ms).
-        # Where their rows are one run (a step of prompts' first chunks, or those after the
-        # step's decode rows) the kernel reads the query and writes out in place: gathering
-        # and scattering 4,000 rows took 2.3 ms per layer.
-        exact = [sequence_exact(key, value, ring, index, starts[b], starts[b + 1]) for b in own]
-        keys = [k.transpose(0, 1).to(query.dtype) for k, _ in exact]
-        values = [v.transpose(0, 1).to(query.dtype) for _, v in exact]
-        q_lens = [index.seq_rows[b] for b in own]
-        lo, hi = starts[own[0]], starts[own[-1] + 1]
-        if hi - lo == sum(q_lens):
-            attended = vllm_cpu_attention(query[lo:hi], keys, values, q_lens, scale, out=out[lo:hi])
-            if attended is not None:
-                fused[lo:hi] = False
-        else:
-            rows = torch.cat([torch.arange(starts[b], starts[b + 1]) for b in own])
-            chunk = vllm_cpu_attention(query[rows], keys, values, q_lens, scale)
-            if chunk is not None:
-                out[rows], fused[rows] = chunk, False
-    for b in reads:
+    by_rule = [] if whole_chunk else [
+        b for b in dense if reads_compressed(firsts[b], index.seq_lens[b], rule)
+    ]  # fmt: skip
+    whole = [b for b in dense if b not in by_rule]
+    if whole:
+        _whole_chunks(query, key, value, kv_cache, block_table, ring, index, codec, scale, whole,
+                      starts, out, fused)  # fmt: skip
+    for b in by_rule:
         lo, hi, first = starts[b], starts[b + 1], firsts[b]
         exact_k, exact_v = sequence_exact(key, value, ring, index, lo, hi)
         chunk = windowed_prefill(query[lo:hi], exact_k, exact_v, kv_cache, block_table[b], first,
-                                 codec, scale, rule, whole_chunk)  # fmt: skip
+                                 codec, scale, rule)  # fmt: skip
         if chunk is not None:
             out[lo:hi], fused[lo:hi] = chunk, False
     if fused.all():
@@ -127,6 +113,50 @@ def windowed_attention(
         out[rows] = _merged(query, key, value, kv_cache, block_table, ring, index, starts, codec,
                             scale, rule, sparse_v, rows)  # fmt: skip
     return out
+
+
+def _whole_chunks(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    kv_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    ring: torch.Tensor,
+    index: ExactIndex,
+    codec: LayerCodec,
+    scale: float,
+    chunks: list[int],
+    starts: list[int],
+    out: torch.Tensor,
+    fused: torch.Tensor,
+) -> None:
+    """Chunks whose rows all read exactly from s(first row) on (window_prefill "chunk", or a
+    chunk that reads no compressed token), all of the step's in one call of vLLM's kernel in
+    the model's basis: tokens before s(first) dequantized and rotated back, the exact ones as
+    they are, the query and the output untouched; a chunk with nothing compressed is the model
+    dtype's own attention. Their rows of out written, of fused cleared, where the kernel ran.
+    One call rather than one per chunk through windowed_prefill's pages (2.8 ms per
+    1,000-token prompt and layer; vLLM's whole attention for a step of four took 8.4 ms)."""
+    keys, values = [], []
+    for b in chunks:
+        lo, hi = starts[b], starts[b + 1]
+        exact_k, exact_v = sequence_exact(key, value, ring, index, lo, hi)
+        k, v = model_basis_tokens(kv_cache, block_table[b], int(index.segment_starts[lo]),
+                                  exact_k, exact_v, codec, query.dtype)  # fmt: skip
+        keys.append(k)
+        values.append(v)
+    q_lens = [index.seq_rows[b] for b in chunks]
+    lo, hi = starts[chunks[0]], starts[chunks[-1] + 1]
+    if hi - lo == sum(q_lens):  # one run of rows: read and written in place (no gather and
+        # scatter of 4,000 rows, 2.3 ms per layer)
+        if vllm_cpu_attention(query[lo:hi], keys, values, q_lens, scale, out=out[lo:hi]) is None:
+            return
+        fused[lo:hi] = False
+        return
+    rows = torch.cat([torch.arange(starts[b], starts[b + 1]) for b in chunks])
+    attended = vllm_cpu_attention(query[rows], keys, values, q_lens, scale)
+    if attended is not None:
+        out[rows], fused[rows] = attended, False
 
 
 def _merged(

@@ -180,17 +180,25 @@ def test_exact_index_refuses_a_ring_smaller_than_the_window():
         exact_index(torch.tensor([0, 1]), torch.tensor([5]), torch.tensor([0]), RULE_32, 16)
 
 
+@pytest.mark.parametrize("layout", ["mse", "split keys", "uniform values"])
 @pytest.mark.parametrize("whole_chunk", [False, True])
-def test_windowed_attention_in_bf16(whole_chunk, tolerance):
+def test_windowed_attention_in_bf16(whole_chunk, layout, tolerance):
     """bf16 rows as a bf16 model gives them. On the CPU the prefill chunks (16 rows or more)
-    run in one call of vLLM's kernel (dense_window.py), by the rule or (whole_chunk) reading
-    exactly from their first row's s, and the decode rows through the C++ op. Tolerance:
-    DENSE_TOL's bf16 bound (the output's own rounding), against the float32 reference over the
-    same bf16 numbers."""
+    run in one call of vLLM's kernel: by the rule in the rotated basis (dense_window.py), or
+    (whole_chunk) reading exactly from their first row's s in the model's basis (the
+    compressed tokens rotated back: per head for split keys; uniform values are in the model's
+    basis already); the decode rows through the C++ op. Tolerance: DENSE_TOL's bf16 bound (the
+    output's own rounding), against the float32 reference over the same bf16 numbers."""
     d, kb, vb, block_size, hq, hk, rule, seqs, _ = CASES[1]
     rule = ExactRule(*rule)
     window = rule.window
-    codec = LayerCodec(RecordLayout(d, kb, "mse", vb), seed=d + kb)
+    if layout == "split keys":
+        codec = split_codec(d, bits=3, hk=hk, seed=d + kb)
+    else:
+        value_mode = "uniform" if layout == "uniform values" else "mse"
+        codec = LayerCodec(RecordLayout(d, kb, "mse", vb, value_mode=value_mode), seed=d + kb)
+        if layout == "uniform values" and dispatch.TRITON_EVERYWHERE:
+            pytest.skip("uniform values (an eval baseline) have no Triton kernel")
     lens, q_lens = [n for n, _ in seqs] + [70], [q for _, q in seqs] + [1]
     cache, table, keys, values = make_cache(codec, lens, block_size, hk, seed=1)
     keys = [k.bfloat16().float() for k in keys]
