@@ -18,11 +18,11 @@ takes: a run's private part is then at most PAGE - G compressed tokens and W exa
 With the config's window_prefill "chunk" (the default) every row of a chunk reads exactly from
 s(first row) on: a plain causal attention over the compressed tokens before s(first) and the
 exact ones after. Those chunks are no runs: windowed.windowed_attention gives them, all of a
-step's, to one call of vLLM's kernel in the model's basis (model_basis_tokens: the compressed
-tokens dequantized and rotated back, the exact ones as they are). By the rule, instead, a
-2,048-row chunk at W 32 is 256 runs of 8 rows, each re-reading its whole context in vLLM's
-kernel (in the throughput workload its calls took 13.7-15.2 s, against 10.0-11.0 s with one
-run per chunk, and the runs' pages besides).
+step's, to one call of vLLM's kernel over 128-token blocks (rotated_tokens), those that read a
+compressed token in its rotated basis. By the rule, instead, a 2,048-row chunk at W 32 is 256
+runs of 8 rows, each re-reading its whole context in vLLM's kernel (in the throughput workload
+its calls took 13.7-15.2 s, against 10.0-11.0 s with one run per chunk, and the runs' pages
+besides).
 """
 
 from __future__ import annotations
@@ -73,13 +73,7 @@ def windowed_prefill(
     # Source rows: compressed positions 0 .. s_last - 1, then exact s(first) .. first + n - 1.
     if not s_last:
         raise ValueError("a chunk that reads no compressed token takes vLLM's kernel directly")
-    exact_k, exact_v = exact_k.to(dtype), exact_v.to(dtype)
-    keys, values = dequantized(kv_cache, blocks, s_last, codec, dtype)
-    keys, values = keys.transpose(0, 1), values.transpose(0, 1)  # [s_last, Hk, d]
-    if not codec.layout.uniform_values:  # uniform values stay in the model's basis
-        exact_v = rotated(exact_v, codec, values=True)
-    source_k = torch.cat([keys, rotated(exact_k, codec)])
-    source_v = torch.cat([values, exact_v])
+    source_k, source_v = rotated_tokens(kv_cache, blocks, s_last, exact_k, exact_v, codec, dtype)
     q = rotated(query, codec)
 
     def attend() -> torch.Tensor:
@@ -111,7 +105,7 @@ def reads_compressed(first: int, end: int, rule: ExactRule) -> bool:
     return rule.start(end - 1) > 0
 
 
-def model_basis_tokens(
+def rotated_tokens(
     kv_cache: torch.Tensor,
     blocks: torch.Tensor,
     compressed: int,
@@ -120,23 +114,17 @@ def model_basis_tokens(
     codec: LayerCodec,
     dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A sequence's keys and values [Hk, compressed + L, d] in dtype and the model's basis, for
-    vLLM's kernel: its first `compressed` tokens dequantized from the records (blocks: its
-    block-table row) and rotated back, then exact_k, exact_v [L, Hk, d] as they are. Rotating
-    the compressed tokens back, not the chunk's rows forward, leaves the query and the output
-    alone: a 1,843-row chunk after 2,048 compressed tokens rotated 44K rows of 64, now 12K."""
-    exact_k, exact_v = exact_k.to(dtype), exact_v.to(dtype)
-    if compressed:
-        keys, values = dequantized(kv_cache, blocks, compressed, codec, dtype)
-        keys, values = keys.transpose(0, 1), values.transpose(0, 1)  # [compressed, Hk, d]
-        if codec.layout.split_keys:  # a rotation per head
-            keys = codec.key.unrotate(keys).to(dtype)
-        else:
-            keys = rotated(keys, codec, back=True)
-        if not codec.layout.uniform_values:  # uniform values are in the model's basis
-            values = rotated(values, codec, back=True)
-        exact_k, exact_v = torch.cat([keys, exact_k]), torch.cat([values, exact_v])
-    return exact_k.transpose(0, 1), exact_v.transpose(0, 1)
+    """A sequence's keys and values [compressed + L, Hk, d] in dtype and the compressed
+    tokens' basis (keys and Lloyd-Max values rotated, uniform values the model's): its first
+    `compressed` tokens dequantized from the records (blocks: its block-table row), then
+    exact_k, exact_v [L, Hk, d] rotated into it. Keys stay rotated because rounded to bf16 in
+    the model's basis, where a few channels carry most of a key, they cost perplexity (README,
+    Quality: the default +0.41% -> +0.52%)."""
+    keys, values = dequantized(kv_cache, blocks, compressed, codec, dtype)
+    exact_k, exact_v = rotated(exact_k.to(dtype), codec), exact_v.to(dtype)
+    if not codec.layout.uniform_values:
+        exact_v = rotated(exact_v, codec, values=True)
+    return torch.cat([keys.transpose(0, 1), exact_k]), torch.cat([values.transpose(0, 1), exact_v])
 
 
 @dataclass(frozen=True)  # cached and shared by a step's layers: read only

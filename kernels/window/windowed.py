@@ -18,13 +18,9 @@ import torch
 
 from tq_vllm.kernels import dispatch
 from tq_vllm.kernels.context.cpu_context import DENSE_ROWS, dense_sequences
-from tq_vllm.kernels.context.dense import vllm_cpu_attention
+from tq_vllm.kernels.context.dense import rotated, vllm_cpu_attention
 from tq_vllm.kernels.window import cpu_exact
-from tq_vllm.kernels.window.dense_window import (
-    model_basis_tokens,
-    reads_compressed,
-    windowed_prefill,
-)
+from tq_vllm.kernels.window.dense_window import reads_compressed, rotated_tokens, windowed_prefill
 from tq_vllm.kernels.window.exact import ExactIndex, ExactRule, sequence_exact
 from tq_vllm.record.codec import LayerCodec
 
@@ -131,32 +127,43 @@ def _whole_chunks(
     fused: torch.Tensor,
 ) -> None:
     """Chunks whose rows all read exactly from s(first row) on (window_prefill "chunk", or a
-    chunk that reads no compressed token), all of the step's in one call of vLLM's kernel in
-    the model's basis: tokens before s(first) dequantized and rotated back, the exact ones as
-    they are, the query and the output untouched; a chunk with nothing compressed is the model
-    dtype's own attention. Their rows of out written, of fused cleared, where the kernel ran.
-    One call rather than one per chunk through windowed_prefill's pages (2.8 ms per
-    1,000-token prompt and layer; vLLM's whole attention for a step of four took 8.4 ms)."""
-    keys, values = [], []
-    for b in chunks:
-        lo, hi = starts[b], starts[b + 1]
-        exact_k, exact_v = sequence_exact(key, value, ring, index, lo, hi)
-        k, v = model_basis_tokens(kv_cache, block_table[b], int(index.segment_starts[lo]),
-                                  exact_k, exact_v, codec, query.dtype)  # fmt: skip
-        keys.append(k)
-        values.append(v)
-    q_lens = [index.seq_rows[b] for b in chunks]
-    lo, hi = starts[chunks[0]], starts[chunks[-1] + 1]
-    if hi - lo == sum(q_lens):  # one run of rows: read and written in place (no gather and
-        # scatter of 4,000 rows, 2.3 ms per layer)
-        if vllm_cpu_attention(query[lo:hi], keys, values, q_lens, scale, out=out[lo:hi]) is None:
-            return
-        fused[lo:hi] = False
-        return
-    rows = torch.cat([torch.arange(starts[b], starts[b + 1]) for b in chunks])
-    attended = vllm_cpu_attention(query[rows], keys, values, q_lens, scale)
-    if attended is not None:
-        out[rows], fused[rows] = attended, False
+    chunk that reads no compressed token): each a plain causal attention, a sequence of one
+    call of vLLM's kernel. Those with nothing compressed in one call in the model's basis (the
+    model dtype's own attention); those that read compressed tokens in another, in the
+    rotated basis (dense_window.rotated_tokens). Their rows of out written, of fused cleared,
+    where the kernel ran. One call rather than one per chunk through windowed_prefill's pages
+    (2.8 ms per 1,000-token prompt and layer; vLLM's whole attention for a step of four took
+    8.4 ms; a later chunk 0.93x the time there)."""
+    reading = [b for b in chunks if int(index.segment_starts[starts[b]])]
+    for group in ([b for b in chunks if b not in reading], reading):
+        if not group:
+            continue
+        rotate = reading is group
+        keys, values = [], []
+        for b in group:
+            lo, hi = starts[b], starts[b + 1]
+            k, v = sequence_exact(key, value, ring, index, lo, hi)
+            if rotate:  # into the rotated basis, behind the compressed tokens
+                k, v = rotated_tokens(kv_cache, block_table[b], int(index.segment_starts[lo]),
+                                      k, v, codec, query.dtype)  # fmt: skip
+            keys.append(k.transpose(0, 1).to(query.dtype))
+            values.append(v.transpose(0, 1).to(query.dtype))
+        q_lens = [index.seq_rows[b] for b in group]
+        lo, hi = starts[group[0]], starts[group[-1] + 1]
+        one_run = hi - lo == sum(q_lens)
+        rows = slice(lo, hi) if one_run else torch.cat([torch.arange(starts[b], starts[b + 1])
+                                                        for b in group])  # fmt: skip
+        in_place = one_run and not rotate  # no gather and scatter of 4,000 rows: 2.3 ms a layer
+        q = rotated(query[rows], codec) if rotate else query[rows]
+        attended = vllm_cpu_attention(q, keys, values, q_lens, scale,
+                                      out=out[rows] if in_place else None)  # fmt: skip
+        if attended is None:
+            continue
+        if rotate and not codec.layout.uniform_values:
+            attended = rotated(attended, codec, back=True)
+        if not in_place:
+            out[rows] = attended
+        fused[rows] = False
 
 
 def _merged(

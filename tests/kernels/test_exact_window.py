@@ -184,11 +184,11 @@ def test_exact_index_refuses_a_ring_smaller_than_the_window():
 @pytest.mark.parametrize("whole_chunk", [False, True])
 def test_windowed_attention_in_bf16(whole_chunk, layout, tolerance):
     """bf16 rows as a bf16 model gives them. On the CPU the prefill chunks (16 rows or more)
-    run in one call of vLLM's kernel: by the rule in the rotated basis (dense_window.py), or
-    (whole_chunk) reading exactly from their first row's s in the model's basis (the
-    compressed tokens rotated back: per head for split keys; uniform values are in the model's
-    basis already); the decode rows through the C++ op. Tolerance: DENSE_TOL's bf16 bound (the
-    output's own rounding), against the float32 reference over the same bf16 numbers."""
+    run in one call of vLLM's kernel in the rotated basis (split keys: a rotation per head;
+    uniform values stay in the model's), by the rule (dense_window.py) or (whole_chunk)
+    reading exactly from their first row's s; the decode rows through the C++ op. Tolerance:
+    DENSE_TOL's bf16 bound (the output's own rounding), against the float32 reference over the
+    same bf16 numbers."""
     d, kb, vb, block_size, hq, hk, rule, seqs, _ = CASES[1]
     rule = ExactRule(*rule)
     window = rule.window

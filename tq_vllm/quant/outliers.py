@@ -109,11 +109,6 @@ class SplitKeyQuantizer:
             dim=-1,
         )
 
-    def unrotate(self, y: torch.Tensor) -> torch.Tensor:
-        """y [..., Hk, d] in the rotated domain (M_h x) -> x, float32, in the model's channel
-        order (M_h is orthogonal)."""
-        return torch.einsum("...he,hed->...hd", y.float(), self.rotation)
-
     def dequantize(self, codes: SplitCodes) -> torch.Tensor:
         """x_hat [..., Hk, d], float32, in the model's channel order."""
-        return self.unrotate(self.dequantize_rotated(codes))
+        return torch.einsum("...he,hed->...hd", self.dequantize_rotated(codes), self.rotation)
