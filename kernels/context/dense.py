@@ -126,7 +126,8 @@ def paged_dense_cache(
         # past a sequence's end (NaN bit patterns) would reach the output through 0-weight
         # products. The other blocks are written whole (zeroing all cost 0.3 ms per 4,000
         # tokens); the kernel's layout inside a block is its own, so the block goes whole.
-        cache[first + blocks[b] - 1] = 0
+        if lens[b] % DENSE_BLOCK:
+            cache[first + blocks[b] - 1] = 0
         slots = torch.arange(lens[b]) + first * DENSE_BLOCK
         ops.cpu_attn_reshape_and_cache(
             k.transpose(0, 1), v.transpose(0, 1), key_cache, value_cache, slots, isa

@@ -100,8 +100,9 @@ def windowed_prefill(
     return rotated(out, codec, back=True)  # out in query's dtype
 
 
-def reads_compressed(first: int, end: int, rule: ExactRule) -> bool:
-    """Whether a chunk's rows first .. end - 1 read a compressed token by the rule."""
+def reads_compressed(end: int, rule: ExactRule) -> bool:
+    """Whether a chunk that ends at position end - 1 reads a compressed token by the rule (its
+    last row reads the most)."""
     return rule.start(end - 1) > 0
 
 

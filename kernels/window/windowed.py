@@ -88,7 +88,7 @@ def windowed_attention(
     fused = torch.ones(query.shape[0], dtype=torch.bool, device=query.device)
     firsts = [index.seq_lens[b] - (starts[b + 1] - starts[b]) for b in range(len(starts) - 1)]
     by_rule = [] if whole_chunk else [
-        b for b in dense if reads_compressed(firsts[b], index.seq_lens[b], rule)
+        b for b in dense if reads_compressed(index.seq_lens[b], rule)
     ]  # fmt: skip
     whole = [b for b in dense if b not in by_rule]
     if whole:
@@ -153,7 +153,8 @@ def _whole_chunks(
         one_run = hi - lo == sum(q_lens)
         rows = slice(lo, hi) if one_run else torch.cat([torch.arange(starts[b], starts[b + 1])
                                                         for b in group])  # fmt: skip
-        in_place = one_run and not rotate  # no gather and scatter of 4,000 rows: 2.3 ms a layer
+        # In place: no gather and scatter of 4,000 rows (2.3 ms a layer).
+        in_place = one_run and not rotate and out.is_contiguous()
         q = rotated(query[rows], codec) if rotate else query[rows]
         attended = vllm_cpu_attention(q, keys, values, q_lens, scale,
                                       out=out[rows] if in_place else None)  # fmt: skip

@@ -46,11 +46,13 @@ def tolerance(request, monkeypatch):
 # d, key_bits, value_bits, block_size, hq, hk, rule (window, anchor), per sequence (tokens
 # after this step, tokens this step), ring slots past W: decodes at an anchor, just past it
 # and away from it, at a grain's first and last position; chunks that start mid-grain, span
-# an anchor and several grains, and do not divide W. An anchor of W is the rule of whole
-# W-aligned segments.
+# an anchor and several grains, and do not divide W; chunks past compressed tokens on both
+# sides of a decode row (one call over rows that are not one run). An anchor of W is the rule
+# of whole W-aligned segments.
 CASES = [
     (64, 4, 4, 16, 3, 1, (16, 32), [(1, 1), (16, 1), (17, 1), (31, 1), (33, 1), (40, 1)], 0),
     (64, 6, 5, 32, 9, 3, (32, 64), [(100, 37), (33, 5), (64, 64), (97, 1)], 0),
+    (64, 6, 5, 32, 9, 3, (32, 64), [(100, 37), (33, 1), (97, 20), (64, 18)], 0),
     (128, 3, 3, 16, 8, 1, (16, 16), [(50, 1), (75, 20)], 3),
     (64, 2, 3, 16, 2, 2, (32, 128), [(31, 31), (90, 7), (32, 2)], 4),
 ]
@@ -269,8 +271,10 @@ def test_chunks_of_exact_tokens_are_the_model_dtypes_own_attention(
     starts = torch.tensor(bounds, dtype=torch.int32)
     index = exact_index(starts, torch.tensor(lens), rings, rule, 32)
     table = torch.arange(8 * len(lens), dtype=torch.int32).view(-1, 8) % 16
+    given = torch.full_like(query, float("nan"))  # as vLLM's buffer: every row must be written
     out = windowed_attention(query, key, value, cache, table, ring.bfloat16(), index, codec,
-                             d**-0.5, rule, whole_chunk=whole_chunk)  # fmt: skip
+                             d**-0.5, rule, whole_chunk=whole_chunk, out=given)  # fmt: skip
+    assert out is given
     for b, (lo, hi) in enumerate(itertools.pairwise(bounds)):
         k, v = (t[b].bfloat16().transpose(0, 1) for t in (keys, values))
         own = vllm_cpu_attention(query[lo:hi], [k], [v], [hi - lo], d**-0.5)
