@@ -249,8 +249,8 @@ def test_chunks_of_exact_tokens_are_the_model_dtypes_own_attention(
     inside the first window, its earlier tokens in the ring) are vLLM's kernel over their keys
     and values as they came, no rotation on the way in or out, all of the step's in one call:
     each chunk's rows equal the model dtype's own attention of that prompt alone (vLLM's kernel
-    over a bf16 cache of all its tokens), bit for bit; a decode row among them (fused: float32
-    over the bf16 ring) within the bf16 tolerance."""
+    over a bf16 cache of all its tokens, from a contiguous query), bit for bit; a decode row
+    among them (fused: float32 over the bf16 ring) within the bf16 tolerance."""
     from tq_vllm.kernels.context.dense import vllm_cpu_attention
 
     hq, hk, d = 9, 3, 64
@@ -259,9 +259,15 @@ def test_chunks_of_exact_tokens_are_the_model_dtypes_own_attention(
     keys = [torch.randn(n, hk, d, generator=gen).bfloat16().float() for n in lens]
     values = [torch.randn(n, hk, d, generator=gen).bfloat16().float() for n in lens]
     rows = sum(q_lens)
-    query = torch.randn(rows, hq, d, generator=gen).bfloat16()
-    key = torch.cat([k[n - q :] for k, n, q in zip(keys, lens, q_lens)]).bfloat16()
-    value = torch.cat([v[n - q :] for v, n, q in zip(values, lens, q_lens)]).bfloat16()
+    # Query, key and value as vLLM's backend gets them: views of one fused qkv projection, rows
+    # strided (vLLM's kernel reads the query in place).
+    qkv = torch.empty(rows, (hq + 2 * hk) * d, dtype=torch.bfloat16)
+    query = qkv[:, : hq * d].view(rows, hq, d)
+    key = qkv[:, hq * d : (hq + hk) * d].view(rows, hk, d)
+    value = qkv[:, (hq + hk) * d :].view(rows, hk, d)
+    query.copy_(torch.randn(rows, hq, d, generator=gen))
+    key.copy_(torch.cat([k[n - q :] for k, n, q in zip(keys, lens, q_lens)]))
+    value.copy_(torch.cat([v[n - q :] for v, n, q in zip(values, lens, q_lens)]))
     # 0xFF records decode to NaN norms, and the rings hold NaN where no earlier step wrote: a
     # compressed token or a ring slot read by mistake poisons the output.
     cache = torch.full((16, hk, 16, codec.layout.record_bytes), 0xFF, dtype=torch.uint8)
@@ -277,7 +283,7 @@ def test_chunks_of_exact_tokens_are_the_model_dtypes_own_attention(
     assert out is given
     for b, (lo, hi) in enumerate(itertools.pairwise(bounds)):
         k, v = (t[b].bfloat16().transpose(0, 1) for t in (keys, values))
-        own = vllm_cpu_attention(query[lo:hi], [k], [v], [hi - lo], d**-0.5)
+        own = vllm_cpu_attention(query[lo:hi].contiguous(), [k], [v], [hi - lo], d**-0.5)
         assert own is not None  # vLLM's kernel ran
         exact = dict(atol=0, rtol=0) if hi - lo > 1 else DENSE_TOL[torch.bfloat16]
         torch.testing.assert_close(out[lo:hi], own, **exact)
