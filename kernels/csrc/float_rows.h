@@ -22,37 +22,83 @@ inline void load_floats(const void* src, at::ScalarType type, int n, float* dst)
   }
 }
 
+// Outputs i0 .. i0 + 16K - 1 of combine_rows, held in K registers of 16 lanes (one AVX-512
+// register, two AVX2 ones) over all of M's rows.
+template <int K>
+inline void combine_pass(const float* __restrict__ M, const float* __restrict__ x, int d,
+                         float scale, int i0, float* __restrict__ y) {
+  typedef float lanes __attribute__((vector_size(64)));
+  lanes acc[K] = {};
+  for (int j = 0; j < d; ++j) {
+    const float a = scale * x[j];
+    const float* __restrict__ row = M + static_cast<size_t>(j) * d + i0;
+    for (int k = 0; k < K; ++k) {
+      lanes r;
+      std::memcpy(&r, row + 16 * k, sizeof r);
+      acc[k] += a * r;
+    }
+  }
+  std::memcpy(y + i0, acc, sizeof acc);
+}
+
 // y = scale * M^T x for M [d, d] row-major: a sum of M's rows, so the inner loop runs over
 // contiguous floats and vectorizes (a dot per output would be a float reduction, which -O3
 // leaves scalar). R q is combine_rows(R^T, q); R^T y is combine_rows(R, y). Outputs go in
-// passes of COLS held in registers over all of M's rows: summed in memory, every row's update
-// loaded and stored y again, and the stores were most of a short decode's time. Each output
-// is summed in row order either way (x[j] * M[j, i] added for j = 0, 1, ...), so the result
-// does not depend on the pass width.
+// passes of up to 64 held in registers over all of M's rows: summed in memory, every row's
+// update loaded and stored y again, and the stores were most of a short decode's time. Each
+// output is summed in row order either way (x[j] * M[j, i] added for j = 0, 1, ...), so the
+// result does not depend on the pass width.
 inline void combine_rows(const float* __restrict__ M, const float* __restrict__ x, int d,
                          float scale, float* __restrict__ y) {
-  typedef float lanes __attribute__((vector_size(64)));  // one AVX-512 register, two AVX2 ones
-  constexpr int W = 16, K = 4;                            // a pass: 64 outputs in 4 x 16 lanes
   int i0 = 0;
-  for (; i0 + W * K <= d; i0 += W * K) {
-    lanes acc[K] = {};
-    for (int j = 0; j < d; ++j) {
-      const float a = scale * x[j];
-      const float* __restrict__ row = M + static_cast<size_t>(j) * d + i0;
-      for (int k = 0; k < K; ++k) {
-        lanes r;
-        std::memcpy(&r, row + W * k, sizeof r);
-        acc[k] += a * r;
-      }
-    }
-    std::memcpy(y + i0, acc, sizeof acc);
+  for (; i0 + 64 <= d; i0 += 64) combine_pass<4>(M, x, d, scale, i0, y);
+  switch ((d - i0) / 16) {  // a split key's parts: 48 and 16 of 64 channels
+    case 3: combine_pass<3>(M, x, d, scale, i0, y), i0 += 48; break;
+    case 2: combine_pass<2>(M, x, d, scale, i0, y), i0 += 32; break;
+    case 1: combine_pass<1>(M, x, d, scale, i0, y), i0 += 16; break;
   }
-  for (int i = i0; i < d; ++i) y[i] = 0.f;  // the last d % 64 outputs, summed in y
+  for (int i = i0; i < d; ++i) y[i] = 0.f;  // the last d % 16 outputs, summed in y
   for (int j = 0; j < d && i0 < d; ++j) {
     const float a = scale * x[j];
     const float* __restrict__ row = M + static_cast<size_t>(j) * d;
     for (int i = i0; i < d; ++i) y[i] += a * row[i];
   }
+}
+
+// combine_rows of two rows at once (y1 = M1^T x1, y2 = M2^T x2, both [d, d]), the same bits as
+// two calls. One row's 64-output pass is 4 chains of d dependent FMAs, which wait on the FMA's
+// latency (4 cycles) where the two AVX-512 FMA ports could take two a cycle; the two rows'
+// chains interleaved keep 8 in flight (the store's key and value rotations in about half the
+// time). On AVX2 a row's pass is already 8 chains (64 outputs in 8-lane registers), and two
+// rows' 16 accumulators would not fit its 16 registers.
+inline void combine_rows_pair(const float* __restrict__ M1, const float* __restrict__ x1,
+                              const float* __restrict__ M2, const float* __restrict__ x2, int d,
+                              float* __restrict__ y1, float* __restrict__ y2) {
+#ifdef TQ_AVX512
+  if (d % 64 == 0) {
+    for (int i0 = 0; i0 < d; i0 += 64) {
+      __m512 a1[4], a2[4];
+      for (int k = 0; k < 4; ++k) a1[k] = a2[k] = _mm512_setzero_ps();
+      for (int j = 0; j < d; ++j) {
+        const __m512 b1 = _mm512_set1_ps(x1[j]), b2 = _mm512_set1_ps(x2[j]);
+        const float* r1 = M1 + static_cast<size_t>(j) * d + i0;
+        const float* r2 = M2 + static_cast<size_t>(j) * d + i0;
+#pragma GCC unroll 4
+        for (int k = 0; k < 4; ++k) {
+          a1[k] = _mm512_fmadd_ps(b1, _mm512_loadu_ps(r1 + 16 * k), a1[k]);
+          a2[k] = _mm512_fmadd_ps(b2, _mm512_loadu_ps(r2 + 16 * k), a2[k]);
+        }
+      }
+      for (int k = 0; k < 4; ++k) {
+        _mm512_storeu_ps(y1 + i0 + 16 * k, a1[k]);
+        _mm512_storeu_ps(y2 + i0 + 16 * k, a2[k]);
+      }
+    }
+    return;
+  }
+#endif
+  combine_rows(M1, x1, d, 1.f, y1);
+  combine_rows(M2, x2, d, 1.f, y2);
 }
 
 }  // namespace tq

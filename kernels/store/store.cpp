@@ -66,37 +66,41 @@ struct Part {
   }
 };
 
-// Per thread: one row's floats at each stage (x the input, parts its split-key channel order).
+// Per thread: a value's and a key's row at each stage (x the input, y its rotation, parts a
+// split key's channel order).
 struct Scratch {
-  std::vector<float> x, parts, y, u, c, r, proj;
+  std::vector<float> x, key, parts, y, key_y, u, c, r, proj;
   std::vector<int32_t> idx;
-  explicit Scratch(int d) : x(d), parts(d), y(d), u(d), c(d), r(d), proj(d), idx(d) {}
+  explicit Scratch(int d)
+      : x(d), key(d), parts(d), y(d), key_y(d), u(d), c(d), r(d), proj(d), idx(d) {}
 };
 
-// x [P.n] rotated (y), searched and packed into rec; c gets the centroids at its indices.
-// Returns ||x||. u = y / max(||y||, 1e-30), as the reference's clamp_min (which keeps a NaN).
-float index_row(const Part& P, const float* x, uint8_t* rec, Scratch& s) {
-  combine_rows(P.rotation_t, x, P.n, 1.f, s.y.data());
-  float ny = norm(s.y.data(), P.n);
+// x [P.n] with y its rotation, searched and packed into rec; c gets the centroids at its
+// indices. Returns ||x||. u = y / max(||y||, 1e-30), as the reference's clamp_min (which keeps
+// a NaN).
+float index_row(const Part& P, const float* x, const float* y, uint8_t* rec, Scratch& s) {
+  float ny = norm(y, P.n);
   if (ny < 1e-30f) ny = 1e-30f;
-  for (int j = 0; j < P.n; ++j) s.u[j] = s.y[j] / ny;
+  for (int j = 0; j < P.n; ++j) s.u[j] = y[j] / ny;
   P.indexer(s.u.data(), s.idx.data(), rec + P.indices, s.c.data());
   return norm(x, P.n);
 }
 
-// mse mode: the stored norm is ||x|| / ||c[idx]|| (quantizer._gain_norms, gain "norm").
-void store_mse(const Part& P, const float* x, int norm_off, uint8_t* rec, Scratch& s) {
-  const float nx = index_row(P, x, rec, s);
+// mse mode: the stored norm is ||x|| / ||c[idx]|| (quantizer._gain_norms, gain "norm"); y is
+// x rotated.
+void store_mse(const Part& P, const float* x, const float* y, int norm_off, uint8_t* rec,
+               Scratch& s) {
+  const float nx = index_row(P, x, y, rec, s);
   const float nc = norm(s.c.data(), P.n);
   store_fp16_norm(rec + norm_off, nx / (nc > 0 ? nc : 1.f));
 }
 
 // prod mode: the stored norm is ||x||; the residual of that (rounded) norm keeps QJL signs of
-// S r (S^T given) and its own norm.
-void store_prod(const Part& P, const float* qjl_t, const Layout& L, const float* x, uint8_t* rec,
-                Scratch& s) {
-  store_fp16_norm(rec + L.key_norm, index_row(P, x, rec, s));
-  residual_row(s.y.data(), s.c.data(), load_half(rec + L.key_norm), P.n, s.r.data());
+// S r (S^T given) and its own norm. y is x rotated.
+void store_prod(const Part& P, const float* qjl_t, const Layout& L, const float* x,
+                const float* y, uint8_t* rec, Scratch& s) {
+  store_fp16_norm(rec + L.key_norm, index_row(P, x, y, rec, s));
+  residual_row(y, s.c.data(), load_half(rec + L.key_norm), P.n, s.r.data());
   combine_rows(qjl_t, s.r.data(), P.n, 1.f, s.proj.data());
   store_fp16_norm(rec + L.key_residual_norm, norm(s.r.data(), P.n));
   for (int j = 0; j < P.n; ++j) s.idx[j] = s.proj[j] >= 0;
@@ -115,8 +119,11 @@ void store_split(const Part& regular, const Part& outlier, const int64_t* order,
     parts[j] = x[order[j]];
     finite = finite && std::isfinite(x[j]);
   }
-  store_mse(regular, parts.data(), L.key_norm, rec, s);
-  store_mse(outlier, parts.data() + regular.n, L.key_outlier_norm, rec, s);
+  float* y = s.key_y.data();
+  combine_rows(regular.rotation_t, parts.data(), regular.n, 1.f, y);
+  combine_rows(outlier.rotation_t, parts.data() + regular.n, outlier.n, 1.f, y + regular.n);
+  store_mse(regular, parts.data(), y, L.key_norm, rec, s);
+  store_mse(outlier, parts.data() + regular.n, y + regular.n, L.key_outlier_norm, rec, s);
   if (!finite) {
     store_fp16_norm(rec + L.key_norm, 0.f);
     store_fp16_norm(rec + L.key_outlier_norm, 0.f);
@@ -203,20 +210,25 @@ void store(const at::Tensor& key, const at::Tensor& value, at::Tensor kv_cache,
   // Rows of one token and head each; a decode step's few rows stay on this thread.
   at::parallel_for(0, tokens * hk, 16, [&](int64_t begin, int64_t end) {
     Scratch s(d);
-    float* x = s.x.data();
+    float *x = s.x.data(), *y = s.y.data(), *key = s.key.data(), *key_y = s.key_y.data();
     for (int64_t row = begin; row < end; ++row) {
       const int64_t t = row / hk, h = row % hk, slot = sp[t];
       if (slot < 0) continue;  // vLLM's padding
       uint8_t* rec = cache + (slot / C.block_size) * C.sb + h * C.sh + (slot % C.block_size) * C.ss;
       load_floats(values.row(t, h), values.type, d, x);
-      store_mse(value_part, x, L.value_norm, rec, s);
-      load_floats(keys.row(t, h), keys.type, d, x);
-      if (order)
-        store_split(key_part, *outlier_part, order + h * d, L, x, rec, s);
-      else if (L.prod)
-        store_prod(key_part, qjl, L, x, rec, s);
+      load_floats(keys.row(t, h), keys.type, d, key);
+      if (order) {  // the key's two parts rotate together in store_split
+        combine_rows(value_part.rotation_t, x, d, 1.f, y);
+        store_mse(value_part, x, y, L.value_norm, rec, s);
+        store_split(key_part, *outlier_part, order + h * d, L, key, rec, s);
+        continue;
+      }
+      combine_rows_pair(value_part.rotation_t, x, key_part.rotation_t, key, d, y, key_y);
+      store_mse(value_part, x, y, L.value_norm, rec, s);
+      if (L.prod)
+        store_prod(key_part, qjl, L, key, key_y, rec, s);
       else
-        store_mse(key_part, x, L.key_norm, rec, s);
+        store_mse(key_part, key, key_y, L.key_norm, rec, s);
     }
   });
 }
