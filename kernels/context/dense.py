@@ -236,18 +236,31 @@ def rotated(
     of its output. A bf16 x on a CPU with bf16 dot products (AVX512-BF16, AMX) takes one bf16
     matrix product with float32 sums instead: against M = R^T (R back) where bf16 holds M
     exactly (the Hadamard rotation at head dims 64 and 256, entries +-1/8 and +-1/16), else
-    [x, x] against [bf16(M); M - bf16(M)], which holds M to 16 significant bits. The result is
-    the float32 product's but within ~2^-17 of a rounding tie (none of the test's values at
-    head dim 64, 0.25% one ulp off at 96), in a fifth of the time (a 2,048-row chunk's four
-    rotations at head dim 64: 4.0 ms -> 0.8 ms on the AMX Xeon). Split keys (a rotation per
-    head) and other dtypes take the float32 product."""
-    if not (x.dtype == torch.bfloat16 and x.is_cpu and _bf16_products()) or (
-        codec.layout.split_keys and not (back or values)
-    ):
+    [x, x] against [bf16(M); M - bf16(M)], which holds M to 16 significant bits; split keys
+    (a rotation M_h per KV head) one such product per head. The result is the float32
+    product's but within ~2^-17 of a rounding tie (none of the test's values at head dim 64,
+    0.25% one ulp off at 96, 0.2% for split keys), in a fifth of the time (a 2,048-row chunk's
+    four rotations at head dim 64: 4.0 ms -> 0.8 ms on the AMX Xeon; a 904-row chunk's split-key
+    queries 1.5 -> 0.6 ms). Other dtypes take the float32 product."""
+    if not (x.dtype == torch.bfloat16 and x.is_cpu and _bf16_products()):
         product = codec.unrotate if back else codec.rotate if values else codec.rotate_queries
         return product(x).to(x.dtype)
-    matrix = per_codec(codec, "bf16 rotations", _bf16_rotations)[back]
+    matrices = per_codec(codec, "bf16 rotations", _bf16_rotations)
+    if codec.layout.split_keys and not (back or values):
+        return _per_head_times(x, matrices[2])
+    matrix = matrices[back]
     return rows_times(x if matrix.shape[0] == x.shape[-1] else torch.cat([x, x], dim=-1), matrix)
+
+
+def _per_head_times(x: torch.Tensor, matrices: torch.Tensor) -> torch.Tensor:
+    """x [..., Hk * G, d] (G rows per KV head) with each head's rows times its matrix of
+    matrices [Hk, d or 2d, d] (2d: against [x, x]), as one batched product over the heads."""
+    hk, d = matrices.shape[0], x.shape[-1]
+    g = x.shape[-2] // hk
+    grouped = x.reshape(-1, hk, g, d).transpose(0, 1).reshape(hk, -1, d)
+    if matrices.shape[1] != d:
+        grouped = torch.cat([grouped, grouped], dim=-1)
+    return torch.bmm(grouped, matrices).view(hk, -1, g, d).transpose(0, 1).reshape(x.shape)
 
 
 @functools.cache
@@ -255,16 +268,20 @@ def _bf16_products() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_extension.cpu_flags())
 
 
-def _bf16_rotations(codec: LayerCodec) -> tuple[torch.Tensor, torch.Tensor]:
+def _bf16_rotations(codec: LayerCodec) -> tuple[torch.Tensor, ...]:
     """rotated's bf16 matrices for M = R^T (rotate) and M = R (back): bf16(M) [d, d] where that
-    is M, else [bf16(M); M - bf16(M)] [2d, d]."""
+    is M, else [bf16(M); M - bf16(M)] [2d, d]; with split keys a third, M_h^T per KV head the
+    same way [Hk, d or 2d, d]."""
 
     def split(m: torch.Tensor) -> torch.Tensor:
         high = m.bfloat16()
         low = (m - high.float()).bfloat16()
-        return high.contiguous() if not low.any() else torch.cat([high, low]).contiguous()
+        return high.contiguous() if not low.any() else torch.cat([high, low], dim=-2).contiguous()
 
-    return split(codec.rotation.T), split(codec.rotation)
+    both = (split(codec.rotation.T), split(codec.rotation))
+    if not codec.layout.split_keys:
+        return both
+    return (*both, split(codec.key.rotation.transpose(1, 2)))
 
 
 def dequantized(
