@@ -12,7 +12,6 @@ reference.exact_window_attention_reference."""
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable
 
 import torch
 
@@ -81,34 +80,42 @@ def windowed_attention(
     for rows in index.seq_rows:
         starts.append(starts[-1] + rows)
     dense = dense_sequences(query, codec, list(index.seq_rows)) if cpu else []
-    if not dense:  # every row fused
-        out[:] = _merged(query, key, value, kv_cache, block_table, ring, index, starts, codec,
-                         scale, rule, sparse_v)  # fmt: skip
-        return out
-    fused = torch.ones(query.shape[0], dtype=torch.bool, device=query.device)
-    firsts = [index.seq_lens[b] - (starts[b + 1] - starts[b]) for b in range(len(starts) - 1)]
     by_rule = [] if whole_chunk else [
         b for b in dense if reads_compressed(index.seq_lens[b], rule)
     ]  # fmt: skip
     whole = [b for b in dense if b not in by_rule]
-    if whole:
-        _whole_chunks(query, key, value, kv_cache, block_table, ring, index, codec, scale, whole,
-                      starts, out, fused)  # fmt: skip
+    # Sequences whose rows vLLM's kernel served; the rest take the fused kernels.
+    served = _whole_chunks(query, key, value, kv_cache, block_table, ring, index, codec, scale,
+                           whole, starts, out) if whole else []  # fmt: skip
     for b in by_rule:
-        lo, hi, first = starts[b], starts[b + 1], firsts[b]
+        lo, hi = starts[b], starts[b + 1]
         exact_k, exact_v = sequence_exact(key, value, ring, index, lo, hi)
+        first = index.seq_lens[b] - (hi - lo)
         chunk = windowed_prefill(query[lo:hi], exact_k, exact_v, kv_cache, block_table[b], first,
                                  codec, scale, rule)  # fmt: skip
         if chunk is not None:
-            out[lo:hi], fused[lo:hi] = chunk, False
-    if fused.all():
+            out[lo:hi] = chunk
+            served.append(b)
+    rest = [b for b in range(len(index.seq_rows)) if b not in served]
+    if len(rest) == len(index.seq_rows):
         out[:] = _merged(query, key, value, kv_cache, block_table, ring, index, starts, codec,
                          scale, rule, sparse_v)  # fmt: skip
-    elif fused.any():
-        rows = fused.nonzero().flatten()
-        out[rows] = _merged(query, key, value, kv_cache, block_table, ring, index, starts, codec,
-                            scale, rule, sparse_v, rows)  # fmt: skip
+    elif rest:
+        # Host bookkeeping, and a slice where the rows are one run (a mixed step's decode rows
+        # lead it): a mask, its tests and a gather and scatter cost 0.5 ms of a served layer.
+        span = _rows_of(rest, starts, query.device)
+        out[span] = _merged(query, key, value, kv_cache, block_table, ring, index, starts, codec,
+                            scale, rule, sparse_v, span)  # fmt: skip
     return out
+
+
+def _rows_of(seqs: list[int], starts: list[int], device: torch.device) -> slice | torch.Tensor:
+    """The step's rows of sequences seqs (ascending): a slice where they are one run, else an
+    index tensor."""
+    lo, hi = starts[seqs[0]], starts[seqs[-1] + 1]
+    if hi - lo == sum(starts[b + 1] - starts[b] for b in seqs):
+        return slice(lo, hi)
+    return torch.cat([torch.arange(starts[b], starts[b + 1]) for b in seqs]).to(device)
 
 
 def _whole_chunks(
@@ -124,17 +131,17 @@ def _whole_chunks(
     chunks: list[int],
     starts: list[int],
     out: torch.Tensor,
-    fused: torch.Tensor,
-) -> None:
+) -> list[int]:
     """Chunks whose rows all read exactly from s(first row) on (window_prefill "chunk", or a
     chunk that reads no compressed token): each a plain causal attention, a sequence of one
     call of vLLM's kernel. Those with nothing compressed in one call in the model's basis (the
     model dtype's own attention); those that read compressed tokens in another, in the
-    rotated basis (dense_window.rotated_tokens). Their rows of out written, of fused cleared,
-    where the kernel ran. One call rather than one per chunk through windowed_prefill's pages
+    rotated basis (dense_window.rotated_tokens). Their rows of out written where the kernel
+    ran; returns those chunks. One call rather than one per chunk through windowed_prefill's pages
     (2.8 ms per 1,000-token prompt and layer; vLLM's whole attention for a step of four took
     8.4 ms; a later chunk 0.93x the time there)."""
     reading = [b for b in chunks if int(index.segment_starts[starts[b]])]
+    served = []
     for group in ([b for b in chunks if b not in reading], reading):
         if not group:
             continue
@@ -149,12 +156,9 @@ def _whole_chunks(
             keys.append(k.transpose(0, 1).to(query.dtype))
             values.append(v.transpose(0, 1).to(query.dtype))
         q_lens = [index.seq_rows[b] for b in group]
-        lo, hi = starts[group[0]], starts[group[-1] + 1]
-        one_run = hi - lo == sum(q_lens)
-        rows = slice(lo, hi) if one_run else torch.cat([torch.arange(starts[b], starts[b + 1])
-                                                        for b in group])  # fmt: skip
+        rows = _rows_of(group, starts, query.device)
         # In place: no gather and scatter of 4,000 rows (2.3 ms a layer).
-        in_place = one_run and not rotate and out.is_contiguous()
+        in_place = isinstance(rows, slice) and not rotate and out.is_contiguous()
         q = rotated(query[rows], codec) if rotate else query[rows]
         attended = vllm_cpu_attention(q, keys, values, q_lens, scale,
                                       out=out[rows] if in_place else None)  # fmt: skip
@@ -164,7 +168,8 @@ def _whole_chunks(
             attended = rotated(attended, codec, back=True)
         if not in_place:
             out[rows] = attended
-        fused[rows] = False
+        served += group
+    return served
 
 
 def _merged(
@@ -180,18 +185,20 @@ def _merged(
     scale: float,
     rule: ExactRule,
     sparse_v: float,
-    rows: torch.Tensor | None = None,
+    rows: slice | torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Rows (all where None) attended over their compressed positions by the fused kernels and
-    over their exact ones, merged by log-sum-exp (dispatch.exact_merge); in query's dtype."""
-    pick = (lambda t: t) if rows is None else (lambda t: t[rows])
-    q = pick(query)
+    """Rows (a slice or an index; all where None) attended over their compressed positions by
+    the fused kernels and over their exact ones, merged by log-sum-exp (dispatch.exact_merge);
+    in query's dtype."""
+    q = query if rows is None else query[rows]
     n, hq, d = q.shape
     lse = torch.empty(n, hq, device=q.device)
     chunks = [b for b, count in enumerate(index.seq_rows) if count >= CHUNK_ROWS]
     if not (rows is None and chunks and dispatch.uses_triton(kv_cache)):  # all decode rows
         compressed = _decode_rows(query, kv_cache, block_table, index, codec, scale, sparse_v,
-                                  pick, lse)  # fmt: skip
+                                  rows, lse)  # fmt: skip
+        if isinstance(rows, slice):
+            rows = torch.arange(rows.start, rows.stop, device=q.device)
         return dispatch.exact_merge(q, key, value, ring, index, rule.window, scale, rows,
                                     compressed, lse)  # fmt: skip
     # Triton: the chunks' compressed part in the context kernel, the other rows as decode rows.
@@ -211,8 +218,8 @@ def _merged(
     if decode.any():
         left = decode.nonzero().flatten()
         left_lse = torch.empty(len(left), hq, device=q.device)
-        out = _decode_rows(query, kv_cache, block_table, index, codec, scale, sparse_v,
-                           lambda t: t[left], left_lse)  # fmt: skip
+        out = _decode_rows(query, kv_cache, block_table, index, codec, scale, sparse_v, left,
+                           left_lse)  # fmt: skip
         compressed[left], lse[left] = out, left_lse
     return dispatch.exact_merge(
         q, key, value, ring, index, rule.window, scale, rows, compressed, lse
@@ -227,18 +234,23 @@ def _decode_rows(
     codec: LayerCodec,
     scale: float,
     sparse_v: float,
-    part: Callable[[torch.Tensor], torch.Tensor],
+    rows: slice | torch.Tensor | None,
     lse: torch.Tensor,
 ) -> torch.Tensor:
-    """The rows `part` picks (of the step's rows) over their compressed positions as decode
-    rows of length s(p), in float32 (they are merged next); lse gets their log-sum-exps."""
-    # On the CPU a bf16 query takes the C++ op's bf16 dots; Triton gets float32 rows.
-    q = part(query) if query.device.type == "cpu" else part(query).float()
-    # A decode step's rows, all picked, need no gather of table rows.
-    rows = q.shape[0]
-    whole_step = rows == query.shape[0] and index.one_row_each
-    tables = block_table[:rows] if whole_step else block_table[part(index.row_seq)]
+    """The step's rows `rows` (a slice or an index; all where None) over their compressed
+    positions as decode rows of length s(p), in float32 (they are merged next); lse gets their
+    log-sum-exps."""
+    span = slice(0, query.shape[0]) if rows is None else rows
+    q = query[span]
+    if query.device.type != "cpu":  # on the CPU a bf16 query takes the C++ op's bf16 dots
+        q = q.float()
+    # Rows 0 .. n - 1 that are sequences 0 .. n - 1's only rows (a decode step's, a mixed
+    # step's leading decodes) need no gather of table rows.
+    leading = isinstance(span, slice) and span.start == 0 and (
+        index.one_row_each if rows is None else index.seq_rows[: span.stop].count(1) == span.stop
+    )  # fmt: skip
+    tables = block_table[: q.shape[0]] if leading else block_table[index.row_seq[span]]
     return dispatch.decode_attention(
-        q, kv_cache, tables, part(index.segment_starts), codec, scale,
+        q, kv_cache, tables, index.segment_starts[span], codec, scale,
         index.longest_segment_start, sparse_v, lse_out=lse, out_dtype=torch.float32,
     )  # fmt: skip
