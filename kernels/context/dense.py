@@ -84,8 +84,8 @@ def with_vllm_ops(call: Callable[[], torch.Tensor]) -> torch.Tensor | None:
     except (AttributeError, TypeError, RuntimeError) as e:
         _unusable.append(f"{type(e).__name__}: {e}")
         logger.warning(
-            "vLLM's CPU attention ops failed (%s); the dense prefill path uses PyTorch's SDPA "
-            "from now on",
+            "vLLM's CPU attention ops failed (%s); prefill chunks take PyTorch's SDPA or the "
+            "fused kernels from now on",
             _unusable[0],
         )
         return None

@@ -11,6 +11,7 @@ slot the rule does not allow shows.
 """
 
 import itertools
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -191,9 +192,8 @@ def test_windowed_attention_in_bf16(whole_chunk, layout, tolerance):
     reading exactly from their first row's s; the decode rows through the C++ op. Tolerance:
     DENSE_TOL's bf16 bound (the output's own rounding), against the float32 reference over the
     same bf16 numbers."""
-    d, kb, vb, block_size, hq, hk, rule, seqs, _ = CASES[1]
+    d, kb, vb, _, _, hk, rule, _, _ = CASES[1]
     rule = ExactRule(*rule)
-    window = rule.window
     if layout == "split keys":
         codec = split_codec(d, bits=3, hk=hk, seed=d + kb)
     else:
@@ -201,21 +201,9 @@ def test_windowed_attention_in_bf16(whole_chunk, layout, tolerance):
         codec = LayerCodec(RecordLayout(d, kb, "mse", vb, value_mode=value_mode), seed=d + kb)
         if layout == "uniform values" and dispatch.TRITON_EVERYWHERE:
             pytest.skip("uniform values (an eval baseline) have no Triton kernel")
-    lens, q_lens = [n for n, _ in seqs] + [70], [q for _, q in seqs] + [1]
-    cache, table, keys, values = make_cache(codec, lens, block_size, hk, seed=1)
-    keys = [k.bfloat16().float() for k in keys]
-    values = [v.bfloat16().float() for v in values]
-    ring, rings = _ring_holding(keys, values, lens, q_lens, hk, d, window)
-    starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
-    seq_lens = torch.tensor(lens, dtype=torch.int32)
-    key = torch.cat([k[n - q : n] for k, n, q in zip(keys, lens, q_lens)])
-    value = torch.cat([v[n - q : n] for v, n, q in zip(values, lens, q_lens)])
-    query = torch.randn(len(key), hq, d, generator=torch.Generator().manual_seed(2)).bfloat16()
-    index = exact_index(starts, seq_lens, rings, rule, window)
-    out = windowed_attention(
-        query, key.bfloat16(), value.bfloat16(), cache, table, ring.bfloat16(), index, codec,
-        d**-0.5, rule, whole_chunk=whole_chunk,
-    )  # fmt: skip
+    step = _bf16_step(codec, CASES[1])
+    query, cache, table, starts, seq_lens, keys, values = step.reference_args
+    out = windowed_attention(*step.args, codec, d**-0.5, rule, whole_chunk=whole_chunk)
     whole = _whole_chunks(whole_chunk, query, cache, codec)
     ref = exact_window_attention_reference(
         query.float(), cache, table, starts, seq_lens, keys, values, codec, d**-0.5, rule, whole
@@ -227,6 +215,71 @@ def test_windowed_attention_in_bf16(whole_chunk, layout, tolerance):
             query.float(), cache, table, starts, seq_lens, keys, values, codec, d**-0.5, rule
         )
         assert (by_rule - ref).abs().max() > 3 * DENSE_TOL[torch.bfloat16]["atol"]
+
+
+@dataclass
+class Bf16Step:
+    args: tuple  # windowed_attention's query .. index
+    reference_args: tuple  # query, cache, table, starts, seq_lens, keys, values
+
+
+def _bf16_step(codec, case) -> Bf16Step:
+    """A step of case's sequences and one more decode row, in bf16 as a bf16 model gives it."""
+    d, _, _, block_size, hq, hk, rule, seqs, _ = case
+    rule = ExactRule(*rule)
+    lens, q_lens = [n for n, _ in seqs] + [70], [q for _, q in seqs] + [1]
+    cache, table, keys, values = make_cache(codec, lens, block_size, hk, seed=1)
+    keys = [k.bfloat16().float() for k in keys]
+    values = [v.bfloat16().float() for v in values]
+    ring, rings = _ring_holding(keys, values, lens, q_lens, hk, d, rule.window)
+    starts = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    key = torch.cat([k[n - q : n] for k, n, q in zip(keys, lens, q_lens)])
+    value = torch.cat([v[n - q : n] for v, n, q in zip(values, lens, q_lens)])
+    query = torch.randn(len(key), hq, d, generator=torch.Generator().manual_seed(2)).bfloat16()
+    index = exact_index(starts, seq_lens, rings, rule, rule.window)
+    return Bf16Step(
+        (query, key.bfloat16(), value.bfloat16(), cache, table, ring.bfloat16(), index),
+        (query, cache, table, starts, seq_lens, keys, values),
+    )
+
+
+@pytest.mark.skipif(_cpu_attention_isa(torch.bfloat16, 64) is None, reason="no vLLM CPU kernel")
+def test_vllm_ops_failing_mid_step_leave_the_fused_path_a_whole_output(cpu_isa, monkeypatch):
+    """vLLM's ops are its internals: when its kernel fails in a step (a schema that changed),
+    after writing vLLM's output buffer in place (a first chunk's rows), with_vllm_ops gives them
+    up and every row of the step, those included, is served by the fused kernels: the rule's
+    output within the bf16 tolerance, nothing of the failed call left (it wrote NaN)."""
+    import vllm._custom_ops as ops
+
+    from tq_vllm.kernels.context import dense
+
+    monkeypatch.setattr(dense, "_unusable", [])
+    calls = []
+
+    def failing(*, output, **kwargs):
+        calls.append(output.data_ptr())
+        output.fill_(float("nan"))
+        raise RuntimeError("cpu_attention_with_kv_cache: a schema of its own")
+
+    monkeypatch.setattr(ops, "cpu_attention_with_kv_cache", failing)
+    # CASES[1] with a 30-token prompt's first chunk (in place: it reads no compressed token).
+    case = (*CASES[1][:7], [(100, 37), (33, 5), (30, 30), (97, 1)], 0)
+    d, kb, vb, _, _, _, rule, _, _ = case
+    codec = LayerCodec(RecordLayout(d, kb, "mse", vb), seed=d + kb)
+    rule = ExactRule(*rule)
+    step = _bf16_step(codec, case)
+    query, cache, table, starts, seq_lens, keys, values = step.reference_args
+    given = torch.full_like(query, float("nan"))
+    out = windowed_attention(*step.args, codec, d**-0.5, rule, out=given)
+    # The one call was the in-place one (the first chunk's), and the ops are given up.
+    assert len(calls) == 1 and given.data_ptr() <= calls[0] < given[-1].data_ptr()
+    assert dense._unusable
+    ref = exact_window_attention_reference(
+        query.float(), cache, table, starts, seq_lens, keys, values, codec, d**-0.5, rule
+    )
+    assert out is given and torch.isfinite(out).all()
+    torch.testing.assert_close(out.float(), ref, **DENSE_TOL[torch.bfloat16])
 
 
 @pytest.mark.skipif(_cpu_attention_isa(torch.bfloat16, 64) is None, reason="no vLLM CPU kernel")
