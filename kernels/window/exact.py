@@ -32,7 +32,7 @@ here, window/exact.cpp on the CPU.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -65,6 +65,14 @@ class ExactRule:
         return max(recent, anchored)
 
 
+class FirstRow(NamedTuple):
+    """A sequence's first row this step, on the host (its prefill chunk's exact part)."""
+
+    start: int  # s(p): where its exact keys begin
+    ring_reads: int  # its exact entries read from the ring
+    ring: int  # the sequence's ring
+
+
 @dataclass
 class ExactIndex:
     """Where one step's exact keys come from, built once per step (host tensors, shared by
@@ -83,6 +91,7 @@ class ExactIndex:
     longest_segment_start: int  # max s(p): sizes the Triton decode's splits
     seq_rows: tuple[int, ...]  # host: each sequence's rows this step
     seq_lens: tuple[int, ...]  # host: each sequence's length after this step
+    first_rows: tuple[FirstRow, ...]  # host: each sequence's first row (what a chunk reads)
 
     @property
     def one_row_each(self) -> bool:
@@ -120,6 +129,7 @@ def exact_index(
     seq = torch.repeat_interleave(torch.arange(len(lens)), q_lens)
     positions = chunk[seq] + _ranks(q_lens)
     segment = rule.start(positions)
+    first_start = rule.start(chunk)
     written = torch.minimum(q_lens, torch.full_like(q_lens, ring_size))
     write_seq = torch.repeat_interleave(torch.arange(len(lens)), written)
     write_pos = lens[write_seq] - written[write_seq] + _ranks(written)
@@ -135,6 +145,13 @@ def exact_index(
         longest_segment_start=int(segment.max()) if len(segment) else 0,
         seq_rows=tuple(q_lens.tolist()),
         seq_lens=tuple(lens.tolist()),
+        # Host ints: read per chunk and layer, a tensor's item costs 10-20 us in a served step.
+        first_rows=tuple(
+            FirstRow(*row)
+            for row in zip(
+                first_start.tolist(), (chunk - first_start).clamp(min=0).tolist(), rings.tolist()
+            )
+        ),
     )
 
 
@@ -152,20 +169,20 @@ def _as_ring_holds(rows: torch.Tensor, ring: torch.Tensor) -> torch.Tensor:
 
 
 def sequence_exact(
-    key: torch.Tensor, value: torch.Tensor, ring: torch.Tensor, index: ExactIndex, lo: int, hi: int
+    key: torch.Tensor, value: torch.Tensor, ring: torch.Tensor, index: ExactIndex, b: int, lo: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One sequence's exact keys and values, each [ring_reads + hi - lo, Hk, d] in key's dtype,
-    for its rows lo .. hi - 1 of the step: positions s(first row) .. last row. With no ring
-    reads and a ring of key's dtype they are views of key and value (no copy: a prefill chunk's
+    """Sequence b's exact keys and values, each [ring_reads + rows, Hk, d] in key's dtype, for
+    its rows of the step (from row lo): positions s(first row) .. last row. With no ring reads
+    and a ring of key's dtype they are views of key and value (no copy: a prefill chunk's
     thousands of rows)."""
     d = key.shape[-1]
+    hi = lo + index.seq_rows[b]
     own = [_as_ring_holds(t[lo:hi], ring) for t in (key, value)]
-    reads = int(index.ring_reads[lo])
-    if not reads:
+    first = index.first_rows[b]
+    if not first.ring_reads:
         return own[0], own[1]
-    first = int(index.segment_starts[lo])
-    slots = (first + torch.arange(reads, device=ring.device)) % ring.shape[2]
-    stored = ring[int(index.row_ring[lo]), :, slots].transpose(0, 1).to(key.dtype)
+    slots = (first.start + torch.arange(first.ring_reads, device=ring.device)) % ring.shape[2]
+    stored = ring[first.ring, :, slots].transpose(0, 1).to(key.dtype)
     return torch.cat([stored[..., :d], own[0]]), torch.cat([stored[..., d:], own[1]])
 
 

@@ -89,7 +89,7 @@ def windowed_attention(
                            whole, starts, out) if whole else []  # fmt: skip
     for b in by_rule:
         lo, hi = starts[b], starts[b + 1]
-        exact_k, exact_v = sequence_exact(key, value, ring, index, lo, hi)
+        exact_k, exact_v = sequence_exact(key, value, ring, index, b, lo)
         first = index.seq_lens[b] - (hi - lo)
         chunk = windowed_prefill(query[lo:hi], exact_k, exact_v, kv_cache, block_table[b], first,
                                  codec, scale, rule)  # fmt: skip
@@ -140,7 +140,7 @@ def _whole_chunks(
     ran; returns those chunks. One call rather than one per chunk through windowed_prefill's pages
     (2.8 ms per 1,000-token prompt and layer; vLLM's whole attention for a step of four took
     8.4 ms; a later chunk 0.93x the time there)."""
-    reading = [b for b in chunks if int(index.segment_starts[starts[b]])]
+    reading = [b for b in chunks if index.first_rows[b].start]
     served = []
     for group in ([b for b in chunks if b not in reading], reading):
         if not group:
@@ -148,10 +148,9 @@ def _whole_chunks(
         rotate = reading is group
         keys, values = [], []
         for b in group:
-            lo, hi = starts[b], starts[b + 1]
-            k, v = sequence_exact(key, value, ring, index, lo, hi)
+            k, v = sequence_exact(key, value, ring, index, b, starts[b])
             if rotate:  # into the rotated basis, behind the compressed tokens
-                k, v = rotated_tokens(kv_cache, block_table[b], int(index.segment_starts[lo]),
+                k, v = rotated_tokens(kv_cache, block_table[b], index.first_rows[b].start,
                                       k, v, codec, query.dtype)  # fmt: skip
             keys.append(k.transpose(0, 1).to(query.dtype))
             values.append(v.transpose(0, 1).to(query.dtype))
