@@ -96,11 +96,12 @@ def windowed_attention(
         if chunk is not None:
             out[lo:hi] = chunk
             served.append(b)
-    rest = [b for b in range(len(index.seq_rows)) if b not in served]
-    if len(rest) == len(index.seq_rows):
+    if not served:
         out[:] = _merged(query, key, value, kv_cache, block_table, ring, index, starts, codec,
                          scale, rule, sparse_v)  # fmt: skip
-    elif rest:
+        return out
+    rest = [b for b, rows in enumerate(index.seq_rows) if rows and b not in served]
+    if rest:
         # Host bookkeeping, and a slice where the rows are one run (a mixed step's decode rows
         # lead it): a mask, its tests and a gather and scatter cost 0.5 ms of a served layer.
         span = _rows_of(rest, starts, query.device)

@@ -396,6 +396,32 @@ def test_a_cpu_decode_step_is_one_op(keys, dtype, cpu_isa, monkeypatch):
     torch.testing.assert_close(out.float(), ref, **DENSE_TOL[dtype])
 
 
+@pytest.mark.skipif(_cpu_attention_isa(torch.bfloat16, 64) is None, reason="no vLLM CPU kernel")
+def test_a_served_chunk_beside_a_sequence_of_no_rows_leaves_no_fused_work(cpu_isa, monkeypatch):
+    """A step whose rows vLLM's kernel serves (a first chunk) beside a sequence with no rows
+    (rows [30, 0]) leaves nothing to the fused kernels (fails if the empty sequence's zero rows
+    reach them), and the chunk is the rule's output."""
+    d, hq, hk, block_size = 64, 9, 3, 32
+    rule = ExactRule(32, 64)
+    codec = LayerCodec(RecordLayout(d, 5, "mse", 3), seed=1)
+    lens, q_lens = [30, 20], [30, 0]
+    cache, table, keys, values = make_cache(codec, lens, block_size, hk, seed=1, stored=[0, 20])
+    keys = [k.bfloat16().float() for k in keys]
+    values = [v.bfloat16().float() for v in values]
+    ring, rings = _ring_holding(keys, values, lens, q_lens, hk, d, rule.window)
+    starts = torch.tensor([0, 30, 30], dtype=torch.int32)
+    seq_lens = torch.tensor(lens, dtype=torch.int32)
+    index = exact_index(starts, seq_lens, rings, rule, rule.window)
+    query = torch.randn(30, hq, d, generator=torch.Generator().manual_seed(4)).bfloat16()
+    monkeypatch.setattr(windowed, "_merged", None)  # a call would raise
+    out = windowed_attention(query, keys[0].bfloat16(), values[0].bfloat16(), cache, table,
+                             ring.bfloat16(), index, codec, d**-0.5, rule)  # fmt: skip
+    ref = exact_window_attention_reference(
+        query.float(), cache, table, starts, seq_lens, keys, values, codec, d**-0.5, rule
+    )
+    torch.testing.assert_close(out.float(), ref, **DENSE_TOL[torch.bfloat16])
+
+
 def test_a_step_with_a_sequence_of_no_rows_takes_the_general_path(cpu_isa, monkeypatch):
     """decode_step pairs row i with block_table row i: a sequence with no rows this step (rows
     [1, 0, 1]) must leave the step to the general path, which finds each row's sequence."""
