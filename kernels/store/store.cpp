@@ -217,7 +217,7 @@ void store(const at::Tensor& key, const at::Tensor& value, at::Tensor kv_cache,
       uint8_t* rec = cache + (slot / C.block_size) * C.sb + h * C.sh + (slot % C.block_size) * C.ss;
       load_floats(values.row(t, h), values.type, d, x);
       load_floats(keys.row(t, h), keys.type, d, key);
-      if (order) {  // the key's two parts rotate together in store_split
+      if (order) {  // a split key: its two parts (48 and 16 channels) rotate in store_split
         combine_rows(value_part.rotation_t, x, d, 1.f, y);
         store_mse(value_part, x, y, L.value_norm, rec, s);
         store_split(key_part, *outlier_part, order + h * d, L, key, rec, s);
