@@ -47,9 +47,11 @@ void dequantize_into(const PagedCache& C, const int32_t* blocks, int64_t length,
                      T* out) {
   const int64_t hk = C.hk, block_size = C.block_size;
   const int64_t nb = (length + block_size - 1) / block_size;
-  const int regular = d - O.count;
-  const RowDecoder decode_k(kc, L.key_bits, regular), decode_v(vc, L.value_bits, d);
-  const RowDecoder decode_o(O.count ? O.centroids : kc, O.count ? O.bits : 1, O.count);
+  const RowDecoder decode_v(vc, L.value_bits, d);
+  std::optional<RowDecoder> decode_k;
+  std::optional<SplitRowDecoder> decode_split;
+  if (O.count) decode_split.emplace(L, d, kc, O, false);
+  else decode_k.emplace(kc, L.key_bits, d);
   const bool uniform = L.uniform_values;
   T* keys = out;
   T* values = out + hk * length * d;
@@ -63,12 +65,13 @@ void dequantize_into(const PagedCache& C, const int32_t* blocks, int64_t length,
       const int64_t t0 = i * block_size, t1 = std::min(length, t0 + block_size);
       for (int64_t t = t0; t < t1; ++t, rec += C.ss) {
         const int64_t at = (h * length + t) * d;
-        decode_k(rec + L.key_indices, row.data());
-        write_scaled(row.data(), load_half(rec + L.key_norm), 0.f, false, regular, keys + at);
-        if (O.count) {
-          decode_o(rec + O.indices, row.data());
-          write_scaled(row.data(), load_half(rec + O.norm), 0.f, false, O.count,
-                       keys + at + regular);
+        const float key_norm = load_half(rec + L.key_norm);
+        if (decode_split) {  // each part already times its norm: times 1 is exact
+          decode_split->rows(&rec, 1, d, &key_norm, row.data());
+          write_scaled(row.data(), 1.f, 0.f, false, d, keys + at);
+        } else {
+          (*decode_k)(rec + L.key_indices, row.data());
+          write_scaled(row.data(), key_norm, 0.f, false, d, keys + at);
         }
         decode_v(rec + L.value_indices, row.data());
         const float zero = uniform ? load_half(rec + L.value_zero) : 0.f;

@@ -8,44 +8,29 @@
 
 namespace tq {
 
-// x[:n] *= scale
-inline void scale_row(float* x, float scale, int n) {
-  for (int j = 0; j < n; ++j) x[j] *= scale;
-}
-
 // The float32 dots of attend_item: centroids decoded to floats, scores and value sums in
-// float32 (attention_math.h). Split keys scale each part by its own norm here.
+// float32 (attention_math.h). Split keys come out of their decoder times each part's norm.
 class FloatDots {
  public:
   FloatDots(const Layout& L, int d, const float* kc, const float* vc, const OutlierPart& O,
             int R)
-      : d_(d), regular_(d - O.count), outliers_(O),
-        value_(vc, L.value_bits, d, RowDecoder::kChosen, true),
+      : d_(d), value_(vc, L.value_bits, d, RowDecoder::kChosen, true),
         q_(static_cast<size_t>(R) * d), keys_(L.key_bits ? TILE * d : 0), values_(TILE * d) {
-    if (L.key_bits) key_.emplace(kc, L.key_bits, regular_, RowDecoder::kChosen, true);
-    if (outliers_.count)
-      outlier_.emplace(outliers_.centroids, outliers_.bits, outliers_.count, RowDecoder::kChosen,
-                       true);
+    if (O.count) split_.emplace(L, d, kc, O, true);
+    else if (L.key_bits) key_.emplace(kc, L.key_bits, d, RowDecoder::kChosen, true);
   }
   // The decoders may leave a row's values in their own order (RowDecoder::position): queries
   // are stored in the keys' order, and value sums come out in the values'.
   int dim(int j) const { return value_.position(j); }
   void set_query(int r, const float* q) {
     float* row = &q_[size_t(r) * d_];
-    if (key_)
-      for (int j = 0; j < regular_; ++j) row[j] = q[key_->position(j)];
-    for (int j = 0; j < outliers_.count; ++j)
-      row[regular_ + j] = q[regular_ + outlier_->position(j)];
+    for (int j = 0; j < d_; ++j)
+      row[j] = q[split_ ? split_->position(j) : key_ ? key_->position(j) : j];
   }
   void decode_keys(const uint8_t* const* recs, int key_indices, int n, float* knorm) {
-    key_->rows(recs, key_indices, n, d_, keys_.data());
-    if (!outliers_.count) return;
-    outlier_->rows(recs, outliers_.indices, n, d_, keys_.data() + regular_);
-    for (int u = 0; u < n; ++u) {  // the score's scale is then 1
-      scale_row(&keys_[u * d_], knorm[u], regular_);
-      scale_row(&keys_[u * d_ + regular_], load_half(recs[u] + outliers_.norm), outliers_.count);
-      knorm[u] = 1.f;
-    }
+    if (!split_) return key_->rows(recs, key_indices, n, d_, keys_.data());
+    split_->rows(recs, n, d_, knorm, keys_.data());
+    std::fill(knorm, knorm + n, 1.f);  // the norms are in the keys: the score's scale is 1
   }
   void add_scores(int r, const float* knorm, int n, float* s) const {
     tq::add_scores(&q_[size_t(r) * d_], keys_.data(), knorm, n, d_, s);
@@ -61,9 +46,9 @@ class FloatDots {
   }
 
  private:
-  int d_, regular_;
-  OutlierPart outliers_;
-  std::optional<RowDecoder> key_, outlier_;
+  int d_;
+  std::optional<RowDecoder> key_;
+  std::optional<SplitRowDecoder> split_;
   RowDecoder value_;
   std::vector<float> q_, keys_, values_;
 };

@@ -109,6 +109,7 @@ CASES = [
     (128, 3, 8, 16, 3, 16, 4, 4),
     (96, 1, 3, 24, 5, 32, 2, 1),
     (128, 4, 5, 32, 4, 16, 6, 2),  # both key parts and the values 32-aligned at 4-5 bits
+    (256, 2, 4, 40, 3, 16, 4, 2),  # AVX-512's one-pass split decode: 4 chunks, parts split a vector
 ]
 
 
