@@ -40,6 +40,25 @@ inline __m256 table_pick(const __m256* t, __m256i i, int first) {
     return _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(i, 32 - B)));
   }
 }
+
+// Lane k: w >> (k * B) (the low 32 bits).
+template <int B>
+inline __m256i spread(uint64_t w) {
+  if constexpr (B <= 4) {  // 8 indices in 32 bits
+    const __m256i shifts = _mm256_setr_epi32(0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B);
+    return _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int32_t>(w)), shifts);
+  } else {
+    const __m256i all = _mm256_set1_epi64x(static_cast<int64_t>(w));
+    const __m256 lo = _mm256_castsi256_ps(
+        _mm256_srlv_epi64(all, _mm256_setr_epi64x(0, B, 2 * B, 3 * B)));
+    const __m256 hi = _mm256_castsi256_ps(
+        _mm256_srlv_epi64(all, _mm256_setr_epi64x(4 * B, 5 * B, 6 * B, 7 * B)));
+    // Low dwords per 128-bit half: [0, 1, 4, 5 | 2, 3, 6, 7]; the permute puts them in order.
+    const __m256 mixed = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0));
+    return _mm256_permutevar8x32_epi32(_mm256_castps_si256(mixed),
+                                       _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7));
+  }
+}
 #endif
 
 // Centroid values of one row of b-bit indices: c[idx] for each of the n indices at p.
@@ -229,25 +248,6 @@ class RowDecoder {
     }
   }
 
-  // Lane k: w >> (k * B) (the low 32 bits).
-  template <int B>
-  static __m256i spread(uint64_t w) {
-    if constexpr (B <= 4) {  // 8 indices in 32 bits
-      const __m256i shifts = _mm256_setr_epi32(0, B, 2 * B, 3 * B, 4 * B, 5 * B, 6 * B, 7 * B);
-      return _mm256_srlv_epi32(_mm256_set1_epi32(static_cast<int32_t>(w)), shifts);
-    } else {
-      const __m256i all = _mm256_set1_epi64x(static_cast<int64_t>(w));
-      const __m256 lo = _mm256_castsi256_ps(
-          _mm256_srlv_epi64(all, _mm256_setr_epi64x(0, B, 2 * B, 3 * B)));
-      const __m256 hi = _mm256_castsi256_ps(
-          _mm256_srlv_epi64(all, _mm256_setr_epi64x(4 * B, 5 * B, 6 * B, 7 * B)));
-      // Low dwords per 128-bit half: [0, 1, 4, 5 | 2, 3, 6, 7]; the permute puts them in order.
-      const __m256 mixed = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0));
-      return _mm256_permutevar8x32_epi32(_mm256_castps_si256(mixed),
-                                         _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7));
-    }
-  }
-
   template <int B>
   __m256 pick(__m256i i, int first) const {
     return table_pick<B>(t_, i, first);
@@ -401,6 +401,19 @@ class SplitRowDecoder {
         C.outlier_lanes[v] = static_cast<__mmask16>(lanes);
       }
     }
+#elif defined(TQ_AVX2)
+    // Up to 4 bits a part's table fits two registers, and a group of 8 indices one 32-bit load.
+    const int rb = L.key_bits, ob = O.bits, field = regular_ * rb / 8 + outliers_ * ob / 8;
+    one_pass_ = regular_ % 8 == 0 && outliers_ % 8 == 0 && rb <= 4 && ob <= 4 &&
+                O.indices == L.key_indices + regular_ * rb / 8;
+    if (!one_pass_) return;
+    bits_ = 8 * rb + ob;
+    alignas(32) float table[32] = {};
+    for (int i = 0; i < (1 << rb); ++i) table[i] = regular_centroids[i];
+    for (int i = 0; i < (1 << ob); ++i) table[16 + i] = O.centroids[i];
+    for (int i = 0; i < 4; ++i) t_[i] = _mm256_load_ps(table + 8 * i);
+    // Groups whose 4-byte load would pass the key field's end read their bytes one by one.
+    wide_ = whole_loads(field, 4, 1);
 #endif
   }
 
@@ -421,6 +434,8 @@ class SplitRowDecoder {
         case 5: return rows_one_pass<5>(recs, n, stride, regular_norm, out);
         default: return rows_one_pass<6>(recs, n, stride, regular_norm, out);
       }
+#elif defined(TQ_AVX2)
+    if (one_pass_) return widths<1>(bits_ / 8, bits_ % 8, recs, n, stride, regular_norm, out);
 #endif
     regular_decoder_.rows(recs, key_indices_, n, stride, out);
     outlier_decoder_.rows(recs, outlier_indices_, n, stride, out + regular_);
@@ -474,6 +489,55 @@ class SplitRowDecoder {
   Chunk chunk_[MAX_CHUNKS];
   __m512 t_[4];
   int chunks_ = 0, lookup_bits_ = 0;
+#elif defined(TQ_AVX2)
+  // rows_one_pass<RB, OB> for the widths given at run time (1..4 each).
+  template <int RB>
+  void widths(int rb, int ob, const uint8_t* const* recs, int n, int stride,
+              const float* regular_norm, float* out) const {
+    if constexpr (RB < 4) {
+      if (rb > RB) return widths<RB + 1>(rb, ob, recs, n, stride, regular_norm, out);
+    }
+    switch (ob) {
+      case 1: return rows_one_pass<RB, 1>(recs, n, stride, regular_norm, out);
+      case 2: return rows_one_pass<RB, 2>(recs, n, stride, regular_norm, out);
+      case 3: return rows_one_pass<RB, 3>(recs, n, stride, regular_norm, out);
+      default: return rows_one_pass<RB, 4>(recs, n, stride, regular_norm, out);
+    }
+  }
+
+  // Group g of a part at B bits (its bytes at p), looked up in the table at t_[first], times
+  // norm, into o.
+  template <int B>
+  void group(const uint8_t* p, bool whole, int first, __m256 norm, float* o) const {
+    uint32_t w = 0;
+    if (whole) {
+      std::memcpy(&w, p, 4);
+    } else {
+#pragma GCC unroll 4
+      for (int k = 0; k < B; ++k) w |= static_cast<uint32_t>(p[k]) << (8 * k);
+    }
+    const __m256i i = _mm256_and_si256(spread<B>(w), _mm256_set1_epi32((1 << B) - 1));
+    _mm256_storeu_ps(o, _mm256_mul_ps(table_pick<B>(t_, i, first), norm));
+  }
+
+  template <int RB, int OB>
+  void rows_one_pass(const uint8_t* const* recs, int n, int stride, const float* regular_norm,
+                     float* out) const {
+    const int regular_groups = regular_ / 8, groups = regular_groups + outliers_ / 8;
+    for (int u = 0; u < n; ++u) {
+      if (u + 2 < n) __builtin_prefetch(recs[u + 2] + key_indices_);
+      const uint8_t* p = recs[u] + key_indices_;
+      float* o = out + static_cast<size_t>(u) * stride;
+      const __m256 kn = _mm256_set1_ps(regular_norm[u]);
+      const __m256 on = _mm256_set1_ps(load_half(recs[u] + outlier_norm_));
+      int g = 0, at = 0;  // at: group g's first byte
+      for (; g < regular_groups; ++g, at += RB) group<RB>(p + at, at < wide_, 0, kn, o + 8 * g);
+      for (; g < groups; ++g, at += OB) group<OB>(p + at, at < wide_, 2, on, o + 8 * g);
+    }
+  }
+
+  __m256 t_[4];  // the regular part's table in t_[0..1], the outliers' in t_[2..3]
+  int bits_ = 0, wide_ = 0;  // 8 * regular bits + outlier bits; loads whole below byte wide_
 #endif
   bool one_pass_ = false;
   int regular_, outliers_, key_indices_, outlier_indices_, outlier_norm_;
