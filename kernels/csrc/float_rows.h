@@ -22,20 +22,30 @@ inline void load_floats(const void* src, at::ScalarType type, int n, float* dst)
   }
 }
 
-// Outputs i0 .. i0 + 16K - 1 of combine_rows, held in K registers of 16 lanes (one AVX-512
-// register, two AVX2 ones) over all of M's rows.
+// The widest float vector of the build: GCC splits a wider vector type into these itself, and
+// on AVX2 it did so through the stack (a 64-byte type cost the store 20x its time).
+#if defined(TQ_AVX512)
+constexpr int VECTOR_FLOATS = 16;
+#elif defined(TQ_AVX2)
+constexpr int VECTOR_FLOATS = 8;
+#else
+constexpr int VECTOR_FLOATS = 4;  // SSE2 (every x86-64), NEON
+#endif
+typedef float FloatVector __attribute__((vector_size(4 * VECTOR_FLOATS)));
+
+// Outputs i0 .. i0 + 16K - 1 of combine_rows, held in registers over all of M's rows.
 template <int K>
 inline void combine_pass(const float* __restrict__ M, const float* __restrict__ x, int d,
                          float scale, int i0, float* __restrict__ y) {
-  typedef float lanes __attribute__((vector_size(64)));
-  lanes acc[K] = {};
+  constexpr int V = 16 * K / VECTOR_FLOATS;
+  FloatVector acc[V] = {};
   for (int j = 0; j < d; ++j) {
     const float a = scale * x[j];
     const float* __restrict__ row = M + static_cast<size_t>(j) * d + i0;
-    for (int k = 0; k < K; ++k) {
-      lanes r;
-      std::memcpy(&r, row + 16 * k, sizeof r);
-      acc[k] += a * r;
+    for (int v = 0; v < V; ++v) {
+      FloatVector r;
+      std::memcpy(&r, row + VECTOR_FLOATS * v, sizeof r);
+      acc[v] += a * r;
     }
   }
   std::memcpy(y + i0, acc, sizeof acc);
