@@ -75,6 +75,90 @@ inline void combine_rows(const float* __restrict__ M, const float* __restrict__ 
   }
 }
 
+// The +-1 entries of the n x n Sylvester Hadamard matrix, row-major, for n = 2^k <= 256: built
+// once per process (350 KB for all k), so checking a rotation costs a vectorized comparison.
+inline const float* hadamard_matrix(int n) {
+  static const std::array<std::vector<float>, 9> built = [] {
+    std::array<std::vector<float>, 9> h;
+    for (int k = 0; k < 9; ++k) {
+      const int m = 1 << k;
+      h[k].resize(static_cast<size_t>(m) * m);
+      for (int j = 0; j < m; ++j)
+        for (int i = 0; i < m; ++i)
+          h[k][static_cast<size_t>(j) * m + i] = __builtin_parity(i & j) ? -1.f : 1.f;
+    }
+    return h;
+  }();
+  return built[__builtin_ctz(n)].data();
+}
+
+// The signs s of a randomized Hadamard rotation given as M = R^T = D H c (rotation.py: R = H D
+// / sqrt(d), D = diag(s), c = |M[0][0]|), every entry checked; empty where M is any other
+// matrix or d is not a power of two in 16..256. Each store call checks its rotations (a decode
+// step's store too: about a microsecond for d = 64).
+inline std::vector<float> hadamard_signs(const float* M, int d) {
+  if (d < 16 || d > 256 || (d & (d - 1))) return {};
+  const float c = std::fabs(M[0]);
+  const float* H = hadamard_matrix(d);
+  std::vector<float> s(d);
+  bool same = true;
+  for (int j = 0; j < d; ++j) {
+    const float* m = M + static_cast<size_t>(j) * d;
+    const float* h = H + static_cast<size_t>(j) * d;
+    const float sc = (m[0] > 0 ? 1.f : -1.f) * c;
+    s[j] = m[0] > 0 ? 1.f : -1.f;
+    for (int i = 0; i < d; ++i) same &= m[i] == sc * h[i];
+  }
+  return same ? s : std::vector<float>{};
+}
+
+// y = combine_rows(M, x) for M = D H c (hadamard_signs): c H (s x) by the fast Walsh-Hadamard
+// transform, d log d additions instead of d^2 multiply-adds. The sums are the product's own
+// terms (s_j x_j, exact) in a butterfly order instead of row order, so y can differ from the
+// dense product by rounding (the store's bucket and norm bounds hold it). Every build adds in
+// the same order: the vector stages below do per lane what the scalar loop does.
+inline void hadamard_rows(const float* s, float c, const float* __restrict__ x, int d,
+                          float* __restrict__ y) {
+  for (int j = 0; j < d; ++j) y[j] = s[j] * x[j];
+  int h = 1;
+#if defined(TQ_AVX512)
+  // Butterflies within a register: lane i takes y[i] + y[i ^ h], or y[i ^ h] - y[i] where bit h
+  // of i is set.
+  for (int v = 0; v < d; v += 16) {
+    __m512 a = _mm512_loadu_ps(y + v);
+    for (int k = 1; k < 16; k *= 2) {
+      const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+      const __m512 t = _mm512_permutexvar_ps(_mm512_xor_si512(lane, _mm512_set1_epi32(k)), a);
+      const __mmask16 upper = _mm512_test_epi32_mask(lane, _mm512_set1_epi32(k));
+      a = _mm512_mask_sub_ps(_mm512_add_ps(a, t), upper, t, a);
+    }
+    _mm512_storeu_ps(y + v, a);
+  }
+  h = 16;
+#elif defined(TQ_AVX2)
+  for (int v = 0; v < d; v += 8) {
+    __m256 a = _mm256_loadu_ps(y + v);
+    for (int k = 1; k < 8; k *= 2) {
+      const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      const __m256 t = _mm256_permutevar8x32_ps(a, _mm256_xor_si256(lane, _mm256_set1_epi32(k)));
+      const __m256 upper = _mm256_castsi256_ps(
+          _mm256_cmpeq_epi32(_mm256_and_si256(lane, _mm256_set1_epi32(k)), _mm256_set1_epi32(k)));
+      a = _mm256_blendv_ps(_mm256_add_ps(a, t), _mm256_sub_ps(t, a), upper);
+    }
+    _mm256_storeu_ps(y + v, a);
+  }
+  h = 8;
+#endif
+  for (; h < d; h *= 2)  // between registers: whole runs of h lanes
+    for (int i0 = 0; i0 < d; i0 += 2 * h)
+      for (int i = i0; i < i0 + h; ++i) {
+        const float a = y[i], b = y[i + h];
+        y[i] = a + b;
+        y[i + h] = a - b;
+      }
+  for (int j = 0; j < d; ++j) y[j] *= c;
+}
+
 // combine_rows of two rows at once (y1 = M1^T x1, y2 = M2^T x2, both [d, d]), the same bits as
 // two calls. One row's 64-output pass is 4 chains of d dependent FMAs, which wait on the FMA's
 // latency (4 cycles) where the two AVX-512 FMA ports could take two a cycle; the two rows'
