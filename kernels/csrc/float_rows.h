@@ -113,17 +113,18 @@ inline std::vector<float> hadamard_signs(const float* M, int d) {
 }
 
 // y = combine_rows(M, x) for M = D H c (hadamard_signs): c H (s x) by the fast Walsh-Hadamard
-// transform, d log d additions instead of d^2 multiply-adds. The sums are the product's own
-// terms (s_j x_j, exact) in a butterfly order instead of row order, so y can differ from the
-// dense product by rounding (the store's bucket and norm bounds hold it). Every build adds in
+// transform, d log d additions instead of d^2 multiply-adds. It sums the terms s_j x_j (exact)
+// in a butterfly order and scales once by c, where the dense product sums the rounded products
+// x_j (+-c) in row order (the same terms where c is a power of two: d = 16, 64, 256), so y can
+// differ from it by rounding (the store's bucket and norm bounds hold it). Every build adds in
 // the same order: the vector stages below do per lane what the scalar loop does.
 inline void hadamard_rows(const float* s, float c, const float* __restrict__ x, int d,
                           float* __restrict__ y) {
   for (int j = 0; j < d; ++j) y[j] = s[j] * x[j];
   int h = 1;
 #if defined(TQ_AVX512)
-  // Butterflies within a register: lane i takes y[i] + y[i ^ h], or y[i ^ h] - y[i] where bit h
-  // of i is set.
+  // Butterflies within a register, distance k: lane i takes y[i] + y[i ^ k], or y[i ^ k] - y[i]
+  // where bit k of i is set.
   for (int v = 0; v < d; v += 16) {
     __m512 a = _mm512_loadu_ps(y + v);
     for (int k = 1; k < 16; k *= 2) {

@@ -342,8 +342,9 @@ class RowDecoder {
 // key bits, then the outlier channels' at theirs, each part's centroids times its norm. On
 // AVX-512 one pass over the row's bytes decodes both parts (one table holds both codebooks,
 // each lane knows its part's width and table offset, and its norm), where two decoders and a
-// scaling pass over the row cost the K2.5 V3 preset's decode a fifth of its time. Widths and
-// channel counts the pass does not take, and the other builds, decode the parts in turn.
+// scaling pass over the row cost the K2.5 V3 preset's decode a fifth of its time. AVX2 takes
+// one pass over the row's groups where both parts have at most 4 bits; other widths and channel
+// counts, and the portable build, decode the parts in turn.
 // The products are the same either way: centroid times norm, one float rounding.
 class SplitRowDecoder {
  public:
@@ -358,7 +359,7 @@ class SplitRowDecoder {
 #ifdef TQ_AVX512
     const int rb = L.key_bits, ob = O.bits, entries = (1 << rb) + (1 << ob);
     one_pass_ = regular_ % 8 == 0 && outliers_ % 8 == 0 && d % 16 == 0 && d <= 64 * MAX_CHUNKS &&
-                rb <= 6 && ob <= 6 && entries <= 64 &&
+                entries <= 64 &&  // so each part has at most 5 bits
                 O.indices == L.key_indices + regular_ * rb / 8;  // one field, as the layout has it
     if (!one_pass_) return;
     lookup_bits_ = entries <= 16 ? 4 : entries <= 32 ? 5 : 6;
@@ -392,7 +393,7 @@ class SplitRowDecoder {
       C.shift = _mm512_load_si512(shift);
       C.mask = _mm512_load_si512(mask);
       C.offset = _mm512_load_si512(offset);
-      C.load = (__mmask64{1} << bytes) - 1;  // at most 6 x 8 bytes
+      C.load = (__mmask64{1} << bytes) - 1;  // at most 5 x 8 bytes
       C.first = first;
       C.vectors = groups / 2;
       for (int v = 0; v < C.vectors; ++v) {

@@ -43,7 +43,7 @@ struct Part {
   const float* rotation_t;
   RowIndexer indexer;
   int n, indices;  // coordinates; the packed indices' offset
-  // A randomized Hadamard rotation (every power-of-two head_dim): its signs, applied by the
+  // A randomized Hadamard rotation (power-of-two head_dims 16..256): its signs, applied by the
   // fast transform. The dense products were 40% of the store's time on AVX-512; the transform
   // is about a tenth of it there, a fifth on AVX2 (2,048 tokens, 1 thread, rotations skipped
   // in a throwaway build to compare).

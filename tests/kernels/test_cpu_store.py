@@ -51,6 +51,25 @@ def test_store_matches_reference_every_width(d, mode):
         assert_records_close(codec, got, ref, key, value, slots)
 
 
+@pytest.mark.parametrize("rotation", ["Haar", "Hadamard, two rows swapped"])
+def test_store_rotates_by_the_fast_transform_only_where_the_matrix_is_hadamard(rotation):
+    """A power-of-two rotation goes through the fast Hadamard transform only where it is one,
+    entry for entry (float_rows.h, hadamard_signs); any other matrix keeps the dense product,
+    so the records still match the reference's (a transform in its place would give other
+    coordinates: with two rows swapped, two of them in each other's place)."""
+    d = 64
+    codec = LayerCodec(RecordLayout(d, 4, "mse", 4), seed=0)
+    if rotation == "Haar":
+        q, r = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(1)))
+        m = (q * torch.sign(torch.diagonal(r))).contiguous()
+    else:
+        m = codec.rotation[[0, 2, 1, *range(3, d)]].contiguous()  # entries +-c, orthogonal
+    codec.rotation = codec.key.rotation = codec.value.rotation = m
+    key, value, slots = store_inputs(37, 2, d)
+    ref, got = stores(key, value, slots, codec)
+    assert_records_close(codec, got, ref, key, value, slots)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 4])
 @pytest.mark.parametrize("tokens", [1, 200])  # 3 rows on the calling thread; 600 in parallel
 def test_store_bytes_do_not_depend_on_the_thread_count(threads, tokens):
