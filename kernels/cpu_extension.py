@@ -42,6 +42,7 @@ HEADERS = [
     HERE / "csrc" / "float_rows.h",
     HERE / "csrc" / "byte_planes.h",
     HERE / "csrc" / "row_decoder.h",
+    HERE / "csrc" / "split_row_decoder.h",
     *(HERE / "decode" / name for name in ("attention_math.h", "bf16_dots.h", "dots.h")),
     HERE / "store" / "row_indexer.h",
 ]

@@ -1,4 +1,4 @@
-#include "../csrc/row_decoder.h"
+#include "../csrc/split_row_decoder.h"
 
 namespace tq {
 namespace {

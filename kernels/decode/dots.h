@@ -4,6 +4,7 @@
 // output dimension of position j of its value sums.
 #pragma once
 
+#include "../csrc/split_row_decoder.h"
 #include "bf16_dots.h"
 
 namespace tq {
